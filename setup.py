@@ -1,0 +1,32 @@
+"""vlmsparse: prune vision-language models, restore them with SparseLoRA, run them fast."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vlmsparse",
+    version="0.1.0",
+    description="Prune vision-language models (magnitude, Wanda, SparseGPT; unstructured and N:M), "
+    "restore them with mask-preserving SparseLoRA, and run 2:4 weights fast.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vlmsparse", "vlmsparse.*"]),
+    # torch is installed first, by itself (a CPU wheel or the CUDA build the user wants):
+    # a bare "torch" here would let pip fetch a multi-GB CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "peft>=0.17",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "numpy",
+        "tqdm",
+        "rich",
+        "pillow",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "dev": ["triton>=3.0", "pytest>=8", "ruff>=0.6", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["vlmsparse=vlmsparse.cli:main"]},
+)

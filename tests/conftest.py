@@ -1,0 +1,30 @@
+"""Shared fixtures. Interpreter-tier tests (marker ``interpret``) need TRITON_INTERPRET=1 set before any
+kernel module is imported; .ci/run runs them in a separate pytest process with it set."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_interp = pytest.mark.skip(reason="Triton-interpreter tier: run with TRITON_INTERPRET=1")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "interpret" in item.keywords and not INTERPRET:
+            item.add_marker(skip_interp)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,160 @@
+"""Tiny Hugging Face models built from configs in code (nothing is downloaded).
+
+Dimensions are multiples of 16 so that N:M patterns (2:4, 4:8) and the packed 2:4 format apply to
+every linear layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    CLIPVisionConfig,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    OPTConfig,
+    OPTForCausalLM,
+)
+
+VOCAB = 128
+IMAGE_SIZE = 32
+PATCH = 8
+NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2  # 16 image tokens for LLaVA
+LLAVA_IMAGE_TOKEN = VOCAB - 1
+BLIP_IMAGE_TOKEN = VOCAB - 1
+NUM_QUERY_TOKENS = 4
+
+
+def _vision(hidden: int = 32, layers: int = 2) -> dict:
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+    )
+
+
+def tiny_llama_config(hidden: int = 32, layers: int = 2) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def tiny_opt_config(hidden: int = 32, layers: int = 2) -> OPTConfig:
+    return OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        ffn_dim=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        word_embed_proj_dim=hidden,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def tiny_llava(seed: int = 0, hidden: int = 32, layers: int = 2) -> LlavaForConditionalGeneration:
+    """LLaVA: CLIP vision tower (2 blocks) + projector + Llama (2 blocks); 16 image tokens."""
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**_vision(hidden, layers)),
+        text_config=tiny_llama_config(hidden, layers),
+        image_token_index=LLAVA_IMAGE_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def tiny_blip2(seed: int = 0, hidden: int = 32, layers: int = 2) -> Blip2ForConditionalGeneration:
+    """BLIP-2: ViT (2 blocks) + Q-Former (1 layer, 4 queries) + OPT (2 blocks)."""
+    torch.manual_seed(seed)
+    config = Blip2Config(
+        vision_config=_vision(hidden, layers),
+        qformer_config=dict(
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            encoder_hidden_size=hidden,
+            vocab_size=VOCAB,
+        ),
+        text_config=tiny_opt_config(hidden, layers).to_dict(),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=BLIP_IMAGE_TOKEN,
+    )
+    return Blip2ForConditionalGeneration(config).eval()
+
+
+def tiny_instructblip(seed: int = 0, hidden: int = 32, layers: int = 2) -> InstructBlipForConditionalGeneration:
+    """InstructBLIP: ViT (2 blocks) + instruction-aware Q-Former + Llama (2 blocks)."""
+    torch.manual_seed(seed)
+    config = InstructBlipConfig(
+        vision_config=_vision(hidden, layers),
+        qformer_config=dict(
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            encoder_hidden_size=hidden,
+            vocab_size=VOCAB,
+        ),
+        text_config=tiny_llama_config(hidden, layers).to_dict(),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=BLIP_IMAGE_TOKEN,
+    )
+    return InstructBlipForConditionalGeneration(config).eval()
+
+
+def tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(hidden, layers)).eval()
+
+
+def tiny_opt(seed: int = 0, hidden: int = 32, layers: int = 2) -> OPTForCausalLM:
+    torch.manual_seed(seed)
+    return OPTForCausalLM(tiny_opt_config(hidden, layers)).eval()
+
+
+def llava_inputs(batch: int = 2, text_len: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    """input_ids with exactly NUM_PATCHES image tokens per row, pixel_values, attention_mask."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, VOCAB - 2, (batch, text_len), generator=g)
+    image = torch.full((batch, NUM_PATCHES), LLAVA_IMAGE_TOKEN)
+    input_ids = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g),
+    }
+
+
+def blip2_inputs(batch: int = 2, text_len: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    """input_ids with NUM_QUERY_TOKENS image tokens first (BLIP-2 ignores the image without them)."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, VOCAB - 2, (batch, text_len), generator=g)
+    image = torch.full((batch, NUM_QUERY_TOKENS), BLIP_IMAGE_TOKEN)
+    input_ids = torch.cat([image, text], dim=1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g),
+    }

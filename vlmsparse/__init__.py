@@ -1,0 +1,45 @@
+"""vlmsparse: prune vision-language models, restore them with SparseLoRA, run 2:4 weights fast.
+
+``import vlmsparse`` is light: it imports neither transformers nor triton, queries no device and
+compiles nothing. The public names below load their modules on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "SparsityPattern": "vlmsparse.sparsity",
+    "parse_pattern": "vlmsparse.sparsity",
+    "MaskSet": "vlmsparse.masks",
+    "pack24": "vlmsparse.sparse24",
+    "unpack24": "vlmsparse.sparse24",
+    "prune_model": "vlmsparse.pipeline.prune",
+    "SparseLoRALinear": "vlmsparse.modules.sparse_lora",
+    "add_sparse_lora": "vlmsparse.pipeline.lora",
+    "merge_sparse_lora": "vlmsparse.pipeline.lora",
+    "SparseLinear": "vlmsparse.modules.sparse_linear",
+    "compress": "vlmsparse.pipeline.compress",
+    "save_compressed": "vlmsparse.pipeline.compress",
+    "load_compressed": "vlmsparse.pipeline.compress",
+    "finetune": "vlmsparse.training.finetune",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vlmsparse' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,1 @@
+"""modules layer (see ../shared/ARCHITECTURE.md)."""
