@@ -91,6 +91,7 @@ class MaskSet:
             "patterns": json.dumps(self.patterns),
             "method": self.method or "",
             "info": json.dumps(self.info),
+            "order": json.dumps(list(self.masks)),  # safetensors sorts keys; keep the model's order
         }
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         return path
@@ -115,7 +116,8 @@ class MaskSet:
                 raise ValueError(
                     f"{path}: mask format version {metadata.get('version')!r}; this vlmsparse reads {FORMAT_VERSION!r}"
                 )
-            masks = {name: f.get_tensor(name).bool() for name in f.keys()}
+            order = json.loads(metadata.get("order", "[]")) or sorted(f.keys())
+            masks = {name: f.get_tensor(name).bool() for name in order}
         return cls(
             masks=masks,
             patterns=json.loads(metadata.get("patterns", "{}")),

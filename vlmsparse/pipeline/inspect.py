@@ -1,0 +1,185 @@
+"""Per-module sparsity report of a checkpoint on disk (``vlmsparse inspect``).
+
+Reads a ``.safetensors`` file or a Hugging Face model folder (``model.safetensors`` or sharded with
+``model.safetensors.index.json``) one tensor at a time, so a 7B checkpoint needs one weight's memory.
+For each linear weight: shape, sparsity, whether it is 2:4 / 4:8, its model part when the architecture
+is known (``config.json``'s ``model_type``), and, for a pruned folder with ``sparsity_masks.safetensors``,
+whether the weight's non-zeros lie inside its mask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..masks import MASKS_FILENAME, MaskSet
+from ..sparsity import detect_nm
+
+__all__ = ["InspectRow", "InspectReport", "inspect_checkpoint"]
+
+# 2-D weights that are not linear layers (token / position embeddings).
+_NOT_LINEAR = ("embed", "wte.", "wpe.", "position_embedding", "word_embeddings", "shared.weight")
+
+
+@dataclass
+class InspectRow:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    zeros: int
+    nm: str | None
+    part: str | None = None
+    inside_mask: bool | None = None  # None: no mask for this weight
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass
+class InspectReport:
+    source: str
+    model_type: str | None
+    rows: list[InspectRow] = field(default_factory=list)
+
+    def totals(self) -> dict[str, dict[str, float]]:
+        """``{part: {"numel", "zeros", "sparsity", "layers"}}`` plus ``"all"``; parts only when known."""
+        groups: dict[str, list[InspectRow]] = {"all": self.rows}
+        for row in self.rows:
+            if row.part is not None:
+                groups.setdefault(row.part, []).append(row)
+        out = {}
+        for part, rows in groups.items():
+            numel = sum(r.numel for r in rows)
+            zeros = sum(r.zeros for r in rows)
+            out[part] = {"layers": len(rows), "numel": numel, "zeros": zeros, "sparsity": zeros / numel if numel else 0.0}
+        return out
+
+    def to_dict(self) -> dict:
+        rows = []
+        for row in self.rows:
+            item = asdict(row)
+            item["shape"] = list(row.shape)
+            item["sparsity"] = row.sparsity
+            rows.append(item)
+        return {"source": self.source, "model_type": self.model_type, "layers": rows, "totals": self.totals()}
+
+    def print(self) -> None:
+        """Print as a rich table (plain text when the output is not a terminal)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        has_masks = any(r.inside_mask is not None for r in self.rows)
+        table = Table(title=f"{self.source} ({self.model_type or 'unknown architecture'})")
+        for col in ["module", "part", "shape", "sparsity", "N:M"] + (["inside mask"] if has_masks else []):
+            table.add_column(col, justify="right" if col in ("sparsity",) else "left")
+        for r in self.rows:
+            cells = [r.name, r.part or "-", "x".join(map(str, r.shape)), f"{r.sparsity:.2%}", r.nm or "-"]
+            if has_masks:
+                cells.append("-" if r.inside_mask is None else ("yes" if r.inside_mask else "NO"))
+            table.add_row(*cells)
+        console = Console()
+        console.print(table)
+        totals = Table(title="totals")
+        for col in ["part", "layers", "parameters", "sparsity"]:
+            totals.add_column(col)
+        for part, t in self.totals().items():
+            totals.add_row(part, str(t["layers"]), f"{t['numel']:,}", f"{t['sparsity']:.2%}")
+        console.print(totals)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: expected a .safetensors file or a model folder")
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(p for p in path.glob("*.safetensors") if p.name != MASKS_FILENAME)
+    if not found:
+        raise FileNotFoundError(
+            f"{path} holds no model.safetensors, no model.safetensors.index.json and no *.safetensors weights"
+        )
+    return found
+
+
+def _model_type(path: Path) -> str | None:
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if not config.exists():
+        return None
+    return json.loads(config.read_text()).get("model_type")
+
+
+def _part_function(model_type: str | None):
+    if model_type is None:
+        return lambda name: None
+    try:
+        from ..models import part_of
+    except ImportError:
+        return lambda name: None
+
+    def part(name: str) -> str | None:
+        try:
+            return part_of(name, model_type)
+        except (KeyError, ValueError):
+            return None
+
+    return part
+
+
+def _canonical(name: str) -> str:
+    """A module name with its ``model`` path segments dropped. transformers 5 saves some models (LLaVA)
+    under a legacy key layout (``language_model.model.layers.0.q_proj``) while the loaded modules are
+    named ``model.language_model.layers.0.q_proj``; both have the same canonical name."""
+    return ".".join(part for part in name.split(".") if part != "model")
+
+
+def inspect_checkpoint(path: str | os.PathLike, linear_only: bool = True) -> InspectReport:
+    """Sparsity report of every linear weight (``linear_only=False``: every 2-D weight) in ``path``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = _weight_files(path)
+    model_type = _model_type(path)
+    part = _part_function(model_type)
+    masks_path = (path if path.is_dir() else path.parent) / MASKS_FILENAME
+    masks = MaskSet.load(masks_path) if masks_path.exists() and path.is_dir() else None
+    mask_by_canonical = {_canonical(name): mask for name, mask in masks.items()} if masks else {}
+    report = InspectReport(str(path), model_type)
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shape = tuple(f.get_slice(key).get_shape())
+                if len(shape) != 2 or not key.endswith(".weight"):
+                    continue
+                if linear_only and any(token in key for token in _NOT_LINEAR):
+                    continue
+                tensor = f.get_tensor(key)
+                nonzero = tensor != 0
+                mask = mask_by_canonical.get(_canonical(key[: -len(".weight")]))
+                inside = None
+                if mask is not None:
+                    inside = mask.shape == tensor.shape and not bool((nonzero & ~mask).any())
+                report.rows.append(
+                    InspectRow(
+                        name=key,
+                        shape=shape,
+                        numel=tensor.numel(),
+                        zeros=int((~nonzero).sum()),
+                        nm=detect_nm(tensor) if torch.is_floating_point(tensor) else None,
+                        part=part(key),
+                        inside_mask=inside,
+                    )
+                )
+    return report
