@@ -158,3 +158,82 @@ def blip2_inputs(batch: int = 2, text_len: int = 6, seed: int = 0) -> dict[str, 
         "attention_mask": torch.ones_like(input_ids),
         "pixel_values": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g),
     }
+
+
+# ------------------------------------------------------------------------------- finetuning helpers
+def synthetic_processor(kind: str = "llava"):
+    """The word-level processor of ``vlmsparse.data.vocab`` (LLaVA), or a Blip2Processor over the same
+    tokenizer (``kind="blip2"``, NUM_QUERY_TOKENS image tokens prepended)."""
+    from vlmsparse.data.vocab import build_processor
+
+    processor = build_processor(image_size=IMAGE_SIZE, patch_size=PATCH)
+    if kind == "llava":
+        return processor
+    from transformers import Blip2Processor
+
+    return Blip2Processor(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
+                          num_query_tokens=NUM_QUERY_TOKENS)
+
+
+def pruned_tiny(kind: str = "llava", pattern: str = "0.5", seed: int = 0, keep_dense: bool = False):
+    """A tiny LLaVA / BLIP-2 whose vision and language block linears are magnitude-pruned to ``pattern``:
+    ``(model, MaskSet)``. Pruned entries are +0.0 unless ``keep_dense`` (then the weights stay dense and
+    only the MaskSet records the pruning). The image token id is the synthetic processor's ``<image>``."""
+    from vlmsparse.masks import MaskSet
+    from vlmsparse.models import prunable_linear_names
+    from vlmsparse.sparsity import build_mask
+
+    model = tiny_llava(seed) if kind == "llava" else tiny_blip2(seed)
+    model.config.image_token_index = 4  # "<image>" of vlmsparse.data.vocab
+    masks = {}
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name in prunable_linear_names(model, ("vision", "language")):
+            weight = modules[name].weight
+            mask = build_mask(weight.abs(), pattern)
+            if not keep_dense:
+                weight.copy_(torch.where(mask, weight, torch.zeros((), dtype=weight.dtype)))
+            masks[name] = mask
+    return model, MaskSet(masks=masks, patterns={n: pattern for n in masks}, method="magnitude")
+
+
+def instructblip_inputs(batch: int = 2, text_len: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    """BLIP-2-style inputs plus the instruction for the Q-Former (qformer_input_ids, qformer_attention_mask)."""
+    inputs = blip2_inputs(batch, text_len, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    qformer_ids = torch.randint(3, VOCAB - 2, (batch, 5), generator=g)
+    inputs["qformer_input_ids"] = qformer_ids
+    inputs["qformer_attention_mask"] = torch.ones_like(qformer_ids)
+    return inputs
+
+
+def tiny_blip2_t5(seed: int = 0, hidden: int = 32, layers: int = 2) -> Blip2ForConditionalGeneration:
+    """BLIP-2 with a Flan-T5-style encoder-decoder language model (gated-GELU, 2 + 2 blocks)."""
+    from transformers import T5Config
+
+    torch.manual_seed(seed)
+    t5 = T5Config(
+        vocab_size=VOCAB, d_model=hidden, d_kv=hidden // 2, d_ff=hidden * 2, num_layers=layers,
+        num_decoder_layers=layers, num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2,
+        feed_forward_proj="gated-gelu",
+    )
+    config = Blip2Config(
+        vision_config=_vision(hidden, layers),
+        qformer_config=dict(
+            hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=1, num_attention_heads=2,
+            encoder_hidden_size=hidden, vocab_size=VOCAB,
+        ),
+        text_config=t5.to_dict(),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=BLIP_IMAGE_TOKEN,
+    )
+    return Blip2ForConditionalGeneration(config).eval()
+
+
+def blip2_t5_inputs(batch: int = 2, text_len: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    """blip2_inputs plus decoder_input_ids (start token 0, then text) for the T5 decoder."""
+    inputs = blip2_inputs(batch, text_len, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    decoder = torch.randint(3, VOCAB - 2, (batch, 4), generator=g)
+    inputs["decoder_input_ids"] = torch.cat([torch.zeros(batch, 1, dtype=torch.long), decoder], dim=1)
+    return inputs

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -43,8 +44,218 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- finetune
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="restore a pruned model with SparseLoRA / LoRA / masked full finetuning (HF Trainer)",
+        description="Finetune a pruned model folder (with its sparsity_masks.safetensors) on a data set, merge, "
+        "check that every pruned weight is still zero, and save the merged sparse model under OUTPUT/merged "
+        "with a JSON record (OUTPUT/finetune_record.json). Runs under `accelerate launch` / `torchrun` for "
+        "DDP (FSDP / DeepSpeed through accelerate configs).",
+    )
+    p.add_argument("model", help="pruned model folder (vlmsparse prune output)")
+    p.add_argument("--data", required=True, help="a .json LLaVA conversation file, a .jsonl caption file, or synthetic[:N]")
+    p.add_argument("-o", "--output", required=True, help="output folder (checkpoints, merged model, record)")
+    p.add_argument("--image-root", default=None, help="folder the data's image paths are relative to (default: the data file's)")
+    p.add_argument("--method", default="sparselora", choices=["sparselora", "lora", "lora-remask", "full"])
+    p.add_argument("--parts", default="language,vision", help="comma-separated parts that get adapters: language,vision,connector")
+    p.add_argument("--rank-language", type=int, default=8)
+    p.add_argument("--rank-vision", type=int, default=4)
+    p.add_argument("--rank-connector", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr-scheduler", default="constant", help="a transformers scheduler name (constant, linear, cosine)")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    p.add_argument("--batch-size", type=int, default=4, help="per device")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--distill", type=float, default=0.0, metavar="LAMBDA",
+                   help="loss = (1 - LAMBDA) * CE + LAMBDA * KL(teacher || student); 0 = no distillation")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--teacher", default=None, help="'self' (adapters and masks off; needs dense weights kept) or a dense model folder")
+    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
+    p.add_argument("--save-total-limit", type=int, default=None)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in OUTPUT (or the given checkpoint folder)")
+    p.add_argument("--masks-from-zeros", action="store_true", help="take the masks from the zeros of the weights")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the run record as JSON")
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from .training.config import FinetuneConfig
+    from .training.finetune import finetune
+
+    config = FinetuneConfig(
+        method=args.method, parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
+        rank_language=args.rank_language, rank_vision=args.rank_vision, rank_connector=args.rank_connector,
+        lora_alpha=args.lora_alpha, learning_rate=args.lr, weight_decay=args.weight_decay,
+        lr_scheduler=args.lr_scheduler, warmup_steps=args.warmup_steps, num_epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        distill_lambda=args.distill, temperature=args.temperature, teacher=args.teacher, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, max_length=args.max_length,
+        save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
+        num_workers=args.num_workers, progress=not args.no_progress,
+    )
+    record = finetune(args.model, args.data, args.output, config, masks_from_zeros=args.masks_from_zeros,
+                      resume=args.resume, image_root=args.image_root)
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun: print once
+        return 0
+    if args.json:
+        _print_json(record)
+    else:
+        check = record["mask_check"]
+        print(f"{record['steps']} steps in {record['train_time_s']:.1f}s, final loss {record['final_loss']}")
+        print(f"sparsity {record['sparsity_before']['all']:.4f} -> {record['sparsity_after']['all']:.4f}; "
+              f"masks kept: {check['ok']}")
+        print(f"merged model: {record['merged_model']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ prune
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="prune a Hugging Face VLM (LLaVA, BLIP-2, InstructBLIP) or causal LM folder; save it with its masks",
+        description="Prune MODEL (a local Hugging Face folder) with magnitude / Wanda / SparseGPT and write the "
+        "pruned model, its masks (sparsity_masks.safetensors) and its processor to OUTPUT. "
+        "Examples: vlmsparse prune llava-1.5-7b out --method wanda --sparsity 0.5 ; "
+        "vlmsparse prune blip2 out --method sparsegpt --vision 2:4 --language 0.7 --calibration data.jsonl",
+    )
+    p.add_argument("model", help="local model folder (config.json + weights, processor files)")
+    p.add_argument("output", help="output folder (written atomically; never the input folder)")
+    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--sparsity", default="0.5", help="pattern: 0.5, 50%%, unstructured:0.7, 2:4, 4:8 (default 0.5)")
+    p.add_argument("--allocation", default="equal", choices=["equal", "language", "vision", "owl"],
+                   help="equal: vision and language blocks; language / vision: one part only; owl: equal with "
+                   "outlier-weighted layer-wise sparsity (default equal)")
+    p.add_argument("--vision", help="explicit vision sparsity (with --language / --connector: per-part ratios)")
+    p.add_argument("--language", help="explicit language-model sparsity")
+    p.add_argument("--connector", help="also prune the projector / Q-Former to this sparsity")
+    p.add_argument("--calibration", default="synthetic",
+                   help="a .json/.jsonl file of image + text records (LLaVA conversations accepted), a folder of "
+                   "images with captions, or 'synthetic' (default)")
+    p.add_argument("--image-root", help="folder the image paths of a JSON/JSONL file are relative to")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward (default 8)")
+    p.add_argument("--max-words", type=int, default=None, help="truncate captions to this many words")
+    p.add_argument("--scope", default="auto", choices=["auto", "row", "matrix"],
+                   help="magnitude/Wanda comparison group (auto: per matrix in the vision encoder, per row elsewhere)")
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default 128)")
+    p.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
+    p.add_argument("--no-error", action="store_true", help="skip the reconstruction error of magnitude/Wanda")
+    p.add_argument("--device", default=None, help="device to prune on (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, no report table")
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .data.calibration import build_calibration_batches, load_calibration_samples
+    from .pipeline.prune import format_report, prune_model, report_of
+    from .pipeline.save import load_model, load_processor, save_pruned
+
+    if Path(args.output).resolve() == Path(args.model).resolve():
+        raise ValueError(f"refusing to overwrite the input model {args.model}; choose another output folder")
+    parts = {k: getattr(args, k) for k in ("vision", "language", "connector") if getattr(args, k) is not None}
+    allocation = parts if parts else args.allocation
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = load_model(args.model, device=device, dtype=dtype)
+    processor = load_processor(args.model)
+    calibration = None
+    if args.method != "magnitude" or allocation == "owl":
+        if processor is None:
+            raise ValueError(f"{args.model} holds no processor or tokenizer files to build calibration inputs")
+        size = getattr(getattr(model.config, "vision_config", None), "image_size", 336)
+        samples = load_calibration_samples(args.calibration, args.nsamples, args.seed, image_size=size,
+                                           image_root=args.image_root)
+        calibration = build_calibration_batches(samples, processor, args.batch_size, args.max_words)
+    masks = prune_model(
+        model, method=args.method, sparsity=args.sparsity, allocation=allocation, calibration=calibration,
+        scope=args.scope, blocksize=args.blocksize, dampening=args.dampening, report_error=not args.no_error,
+        progress=not args.quiet,
+    )
+    out = save_pruned(model, masks, args.output, processor=processor, overwrite=args.overwrite, source=args.model)
+    if args.json:
+        _print_json({"output": str(out), "sparsity": masks.sparsity(), "method": masks.method,
+                     "layers": [vars(r) for r in report_of(masks)]})
+    elif not args.quiet:
+        print(format_report(masks))
+        print(f"saved to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- compress
+def _add_compress(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="write a compact sparse checkpoint (2:4 packed, others values + bitmask), or decompress one",
+        description="Save a (merged) sparse Hugging Face model folder as a compressed checkpoint: 2:4 weights as "
+        "packed values + 2-bit indices, other sparse weights as values + bitmask, with config.json and the "
+        "tokenizer / processor files. --auto first times each 2:4 layer shape on the device against dense and "
+        "records which layers stay sparse when loaded with SparseLinear. --decompress turns a compressed "
+        "folder back into a plain Hugging Face folder.",
+    )
+    p.add_argument("model", help="model folder (or, with --decompress, a compressed folder)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--decompress", action="store_true", help="compressed folder -> dense Hugging Face folder")
+    p.add_argument("--auto", action="store_true", help="time 2:4 vs dense per layer shape; keep 2:4 where faster")
+    p.add_argument("--device", default=None, help="device for --auto timing (default: cuda if available)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 512], help="input rows timed by --auto")
+    p.add_argument("--min-sparsity", type=float, default=0.25,
+                   help="store a non-2:4 weight as values + bitmask from this fraction of zeros on")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from .pipeline.compress import compress_folder, decompress_folder
+
+    if args.decompress:
+        print(f"saved dense model to {decompress_folder(args.model, args.output)}")
+        return 0
+    device = args.device
+    if args.auto and device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = compress_folder(args.model, args.output, auto=args.auto, device=device, tokens=args.tokens,
+                             min_sparsity=args.min_sparsity)
+    if args.json:
+        _print_json(report)
+        return 0
+    if report.get("plan"):
+        for layer in report["plan"]["layers"]:
+            times = (f"dense {layer['dense_ms']:.3f} ms, 2:4 {layer['sparse_ms']:.3f} ms"
+                     if layer["dense_ms"] is not None else layer["reason"])
+            print(f"{layer['name']}: {layer['backend']} ({times})")
+    formats = ", ".join(f"{n} {k}" for k, n in sorted(report["formats"].items()))
+    print(f"{report['file_bytes'] / 2**20:.2f} MiB vs {report['dense_bytes'] / 2**20:.2f} MiB dense "
+          f"({100 * report['ratio']:.1f}%); tensors: {formats}")
+    print(f"saved to {report['path']}")
+    return 0
+
+
 _COMMANDS: list[tuple[str, Callable, Callable]] = [
     ("inspect", _add_inspect, _run_inspect),
+    ("prune", _add_prune, _run_prune),
+    ("finetune", _add_finetune, _run_finetune),
+    ("compress", _add_compress, _run_compress),
 ]
 
 

@@ -13,8 +13,9 @@ Backward (``G = dY.T @ X``, ``[out, in]``, the only full-size product):
 The packed 2:4 variants take ``values [out, in/2]`` and ``meta [out, ceil(in/8)]`` (see
 :mod:`vlmsparse.sparse24`) in place of ``W`` and ``M``; the mask is the packed pattern.
 
-These functions materialise full-size temporaries (the effective weight, G) inside one call; they keep
-nothing alive between calls. Arithmetic runs in the input dtype, as the torch reference of a kernel should.
+The SparseLoRA twins work in blocks of output rows (``BLOCK_ELEMENTS`` entries of ``W`` each), so neither
+the effective weight nor G exists full-size, even inside a call; the packed 2:4 twins unpack the weight
+(full-size, inside the call). Nothing is kept alive between calls. Arithmetic runs in the input dtype, as the torch reference of a kernel should.
 """
 
 from __future__ import annotations
@@ -37,14 +38,40 @@ def effective_weight_ref(
     weight: torch.Tensor, mask: torch.Tensor, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
     """``W*M + s*(B@A)*M`` as a dense ``[out, in]`` tensor (``W*M`` when there is no adapter)."""
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
     if lora_A is None or lora_B is None:
-        return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+        return torch.where(mask, weight, zero)
     merged = torch.addmm(weight, lora_B.to(weight.dtype), lora_A.to(weight.dtype), alpha=scaling)
-    return torch.where(mask, merged, torch.zeros((), dtype=weight.dtype, device=weight.device))
+    if merged.requires_grad:  # autograd through this function (tests): no out=
+        return torch.where(mask, merged, zero)
+    return torch.where(mask, merged, zero, out=merged)  # in place: one full-size temporary, no ~mask
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
+
+
+# Rows of W per block: the effective weight and G are formed block by block (about 1M entries each), so no
+# full-size temporary exists even inside a call; one block reproduces the unblocked computation exactly.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _row_blocks(out_features: int, in_features: int) -> list[tuple[int, int]]:
+    rows = max(1, BLOCK_ELEMENTS // max(1, in_features))
+    return [(i, min(i + rows, out_features)) for i in range(0, out_features, rows)]
+
+
+def _keep(mask: torch.Tensor, i: int, j: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``i:j`` of the mask as 0/1 in ``dtype`` (multiplying is much faster on CPU than a bool where)."""
+    return mask[i:j].view(torch.uint8).to(dtype)
+
+
+def _effective_rows(weight, keep, lora_A, lora_B, scaling, i, j) -> torch.Tensor:
+    """``(W + s*B@A)[i:j] * M[i:j]`` (pruned entries are +-0; :func:`effective_weight_ref` gives exact +0)."""
+    if lora_A is None or lora_B is None:
+        return weight[i:j] * keep
+    w = torch.addmm(weight[i:j], lora_B[i:j].to(weight.dtype), lora_A.to(weight.dtype), alpha=scaling)
+    return w.mul_(keep)
 
 
 def sparse_lora_forward_ref(
@@ -56,9 +83,20 @@ def sparse_lora_forward_ref(
     scaling: float,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y [..., out] = x @ (W*M + s*(B@A)*M).T + b`` for ``x [..., in]``."""
-    w_eff = effective_weight_ref(weight, mask, lora_A, lora_B, scaling)
-    return torch.nn.functional.linear(x, w_eff, bias)
+    """``y [..., out] = x @ (W*M + s*(B@A)*M).T + b`` for ``x [..., in]``, in blocks of output rows."""
+    out_features, in_features = weight.shape
+    blocks = _row_blocks(out_features, in_features)
+    if len(blocks) == 1:
+        w_eff = _effective_rows(weight, _keep(mask, 0, out_features, weight.dtype), lora_A, lora_B, scaling,
+                                0, out_features)
+        return torch.nn.functional.linear(x, w_eff, bias)
+    x2 = _flatten(x)
+    parts = []
+    for i, j in blocks:
+        w = _effective_rows(weight, _keep(mask, i, j, weight.dtype), lora_A, lora_B, scaling, i, j)
+        parts.append(torch.nn.functional.linear(x2, w, None if bias is None else bias[i:j]))
+        del w
+    return torch.cat(parts, dim=-1).reshape(*x.shape[:-1], out_features)
 
 
 def sparse_lora_backward_ref(
@@ -71,15 +109,34 @@ def sparse_lora_backward_ref(
     scaling: float,
     need_input_grad: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """``(dX [..., in] or None, dA [r, in], dB [out, r])`` for ``grad_out [..., out]`` and ``x [..., in]``."""
+    """``(dX [..., in] or None, dA [r, in], dB [out, r])`` for ``grad_out [..., out]`` and ``x [..., in]``.
+
+    Per block of output rows ``b``: ``dX += dY[:, b] @ W_eff[b]``, ``G_b = dY[:, b].T @ X`` masked,
+    ``dB[b] = s * G_b @ A.T``, ``dA += s * B[b].T @ G_b``.
+    """
+    out_features, in_features = weight.shape
     dy, x2 = _flatten(grad_out), _flatten(x)
-    grad_x = None
-    if need_input_grad:
-        w_eff = effective_weight_ref(weight, mask, lora_A, lora_B, scaling)
-        grad_x = (dy @ w_eff.to(dy.dtype)).reshape(*grad_out.shape[:-1], weight.shape[1])
-    g = (dy.T @ x2.to(dy.dtype)).masked_fill_(~mask, 0)  # G*M, [out, in]
-    grad_B = (g @ lora_A.to(g.dtype).T).mul_(scaling)
-    grad_A = (lora_B.to(g.dtype).T @ g).mul_(scaling)
+    x2 = x2.to(dy.dtype)
+    A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
+    grad_x = torch.zeros(dy.shape[0], in_features, dtype=dy.dtype, device=dy.device) if need_input_grad else None
+    grad_A = torch.zeros(A.shape, dtype=dy.dtype, device=dy.device)
+    grad_B = torch.empty(B.shape, dtype=dy.dtype, device=dy.device)
+    for i, j in _row_blocks(out_features, in_features):
+        keep = _keep(mask, i, j, dy.dtype)
+        dy_b = dy[:, i:j]
+        if grad_x is not None:
+            keep_w = keep if weight.dtype == dy.dtype else _keep(mask, i, j, weight.dtype)
+            w = _effective_rows(weight, keep_w, lora_A, lora_B, scaling, i, j)
+            grad_x.addmm_(dy_b, w.to(dy.dtype))
+            del w
+        g = (dy_b.T @ x2).mul_(keep)  # (G*M)[i:j]
+        torch.mm(g, A.T, out=grad_B[i:j])
+        grad_A.addmm_(B[i:j].T, g)
+        del g
+    grad_A.mul_(scaling)
+    grad_B.mul_(scaling)
+    if grad_x is not None:
+        grad_x = grad_x.reshape(*grad_out.shape[:-1], in_features)
     return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
 
 

@@ -1,1 +1,29 @@
-"""models layer (see ../shared/ARCHITECTURE.md)."""
+"""Architecture specs (layer 4): the only place naming Hugging Face classes and attribute paths."""
+
+from .specs import (
+    PARTS,
+    ArchSpec,
+    ResolvedStage,
+    StageSpec,
+    get_arch_spec,
+    linear_modules,
+    model_class_for,
+    part_of,
+    prunable_linear_names,
+    spec_for_model_type,
+    supported_model_types,
+)
+
+__all__ = [
+    "PARTS",
+    "ArchSpec",
+    "ResolvedStage",
+    "StageSpec",
+    "get_arch_spec",
+    "linear_modules",
+    "model_class_for",
+    "part_of",
+    "prunable_linear_names",
+    "spec_for_model_type",
+    "supported_model_types",
+]

@@ -1,0 +1,168 @@
+"""Data formats for finetuning: LLaVA conversations, caption JSONL, synthetic VQA; label masking; errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmsparse.data.datasets import (
+    IGNORE_INDEX,
+    CaptionDataset,
+    ConversationDataset,
+    DataFormatError,
+    SyntheticVQADataset,
+    VLMCollator,
+    load_dataset,
+)
+from vlmsparse.data.vocab import build_processor
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(image_size=32, patch_size=8)
+
+
+def _image(path, color=(255, 0, 0)):
+    Image.new("RGB", (40, 40), color).save(path)
+    return path
+
+
+def _answer_tokens(processor, item):
+    keep = item["labels"] != IGNORE_INDEX
+    return processor.tokenizer.convert_ids_to_tokens(item["input_ids"][keep].tolist())
+
+
+def test_conversation_labels_cover_answers_only(tmp_path, processor):
+    _image(tmp_path / "a.png")
+    rows = [{"image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat color is the circle?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "how many shapes are there?"},
+        {"from": "gpt", "value": "two"},
+    ]}]
+    (tmp_path / "conv.json").write_text(json.dumps(rows, indent=1))
+    ds = ConversationDataset(tmp_path / "conv.json", processor)
+    item = ds[0]
+    ids = item["input_ids"]
+    assert item["labels"].shape == ids.shape == item["attention_mask"].shape
+    assert item["pixel_values"].shape == (3, 32, 32)
+    # exactly 16 image tokens (4x4 patches), all masked; the prompt is masked; answers + EOS are kept
+    image_id = processor.image_token_id
+    assert int((ids == image_id).sum()) == 16
+    assert bool((item["labels"][ids == image_id] == IGNORE_INDEX).all())
+    assert _answer_tokens(processor, item) == ["red", "</s>", "two", "</s>"]
+    kept = item["labels"] != IGNORE_INDEX
+    assert torch.equal(item["labels"][kept], ids[kept])
+
+
+def test_caption_jsonl_and_load_dataset(tmp_path, processor):
+    _image(tmp_path / "x.png")
+    (tmp_path / "caps.jsonl").write_text(
+        json.dumps({"image": "x.png", "caption": "a red circle"}) + "\n\n" + json.dumps({"image": "x.png", "text": "a blue square"}) + "\n"
+    )
+    ds = load_dataset(str(tmp_path / "caps.jsonl"), processor)
+    assert isinstance(ds, CaptionDataset) and len(ds) == 2
+    assert _answer_tokens(processor, ds[0]) == ["a", "red", "circle", "</s>"]
+    assert _answer_tokens(processor, ds[1]) == ["a", "blue", "square", "</s>"]
+    with pytest.raises(ValueError, match="unknown format"):
+        (tmp_path / "d.csv").write_text("x")
+        load_dataset(str(tmp_path / "d.csv"), processor)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_dataset(str(tmp_path / "missing.json"), processor)
+
+
+def test_bad_rows_name_their_line(tmp_path, processor):
+    _image(tmp_path / "x.png")
+    good = json.dumps({"image": "x.png", "caption": "a red circle"})
+    (tmp_path / "bad.jsonl").write_text(good + "\n" + good + "\n{not json\n")
+    with pytest.raises(DataFormatError, match=r"bad\.jsonl:3"):
+        CaptionDataset(tmp_path / "bad.jsonl", processor)
+    (tmp_path / "nocap.jsonl").write_text(good + "\n" + json.dumps({"image": "x.png"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"nocap\.jsonl:2.*caption"):
+        CaptionDataset(tmp_path / "nocap.jsonl", processor)
+    # conversation JSON: the second row has a bad turn; the error names the line where that row starts
+    rows = [
+        {"image": "x.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"image": "x.png", "conversations": [{"from": "robot", "value": "q"}, {"from": "gpt", "value": "a"}]},
+    ]
+    text = json.dumps(rows, indent=1)
+    (tmp_path / "conv.json").write_text(text)
+    line = text.splitlines().index(" {", 2) + 1  # the second row's opening brace
+    with pytest.raises(DataFormatError, match=rf"conv\.json:{line} \(row 1\).*'from'"):
+        ConversationDataset(tmp_path / "conv.json", processor)
+    (tmp_path / "broken.json").write_text('[\n {"image": "x.png",\n  "conversations": [}\n]')
+    with pytest.raises(DataFormatError, match=r"broken\.json:3: not valid JSON"):
+        ConversationDataset(tmp_path / "broken.json", processor)
+
+
+def test_images_that_do_not_load(tmp_path, processor):
+    (tmp_path / "missing.jsonl").write_text(json.dumps({"image": "nope.png", "caption": "a"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"missing\.jsonl:1: image file .*nope\.png.* does not exist"):
+        CaptionDataset(tmp_path / "missing.jsonl", processor)
+    (tmp_path / "junk.png").write_bytes(b"this is not a png")
+    (tmp_path / "junk.jsonl").write_text(json.dumps({"image": "junk.png", "caption": "a"}) + "\n")
+    ds = CaptionDataset(tmp_path / "junk.jsonl", processor)
+    with pytest.raises(DataFormatError, match=r"junk\.jsonl:1: image .*junk\.png.* does not load"):
+        ds[0]
+
+
+def test_turns_must_alternate(tmp_path, processor):
+    _image(tmp_path / "x.png")
+    rows = [{"image": "x.png", "conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q2"}]}]
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    ds = ConversationDataset(tmp_path / "c.json", processor)
+    with pytest.raises(DataFormatError, match="turn 1 is 'human', expected 'gpt'"):
+        ds[0]
+
+
+def test_blip_style_processor_prepends_query_tokens(tmp_path, processor):
+    from transformers import Blip2Processor
+
+    blip = Blip2Processor(image_processor=processor.image_processor, tokenizer=processor.tokenizer, num_query_tokens=4)
+    _image(tmp_path / "x.png")
+    (tmp_path / "caps.jsonl").write_text(json.dumps({"image": "x.png", "caption": "a red circle"}) + "\n")
+    item = CaptionDataset(tmp_path / "caps.jsonl", blip)[0]
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert item["input_ids"][:4].tolist() == [image_id] * 4
+    assert int((item["input_ids"] == image_id).sum()) == 4
+    assert "user" not in processor.tokenizer.convert_ids_to_tokens(item["input_ids"].tolist())
+    assert _answer_tokens(processor, item) == ["a", "red", "circle", "</s>"]
+
+
+def test_synthetic_dataset_and_collator(processor):
+    ds = SyntheticVQADataset(processor, num=6, seed=1)
+    items = [ds[i] for i in range(len(ds))]
+    batch = VLMCollator(pad_token_id=processor.tokenizer.pad_token_id)(items)
+    lengths = [it["input_ids"].numel() for it in items]
+    assert batch["input_ids"].shape == (6, max(lengths))
+    assert batch["pixel_values"].shape == (6, 3, 32, 32)
+    for row, n in enumerate(lengths):
+        assert batch["attention_mask"][row].sum() == n
+        assert bool((batch["labels"][row, n:] == IGNORE_INDEX).all())
+        assert bool((batch["input_ids"][row, n:] == processor.tokenizer.pad_token_id).all())
+        assert torch.equal(batch["input_ids"][row, :n], items[row]["input_ids"])
+    # every example trains on its one-word answer + EOS
+    assert all(len(_answer_tokens(processor, it)) == 2 for it in items)
+    with pytest.raises(DataFormatError, match="no answer token left"):
+        SyntheticVQADataset(processor, num=1, max_length=10)[0]
+
+
+def test_instructblip_processor_extra_inputs_are_padded(processor):
+    """InstructBLIP's processor also returns the Q-Former's instruction tokens; they reach the batch, padded."""
+    from transformers import InstructBlipProcessor
+
+    ib = InstructBlipProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
+                               qformer_tokenizer=processor.tokenizer, num_query_tokens=4)
+    ds = SyntheticVQADataset(ib, num=3, seed=2)
+    items = [ds[i] for i in range(3)]
+    assert all("qformer_input_ids" in it and "qformer_attention_mask" in it for it in items)
+    batch = VLMCollator(pad_token_id=0)(items)
+    width = max(it["qformer_input_ids"].numel() for it in items)
+    assert batch["qformer_input_ids"].shape == (3, width)
+    for row, it in enumerate(items):
+        n = it["qformer_input_ids"].numel()
+        assert torch.equal(batch["qformer_input_ids"][row, :n], it["qformer_input_ids"])
+        assert int(batch["qformer_attention_mask"][row].sum()) == int(it["qformer_attention_mask"].sum())

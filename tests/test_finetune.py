@@ -1,0 +1,205 @@
+"""Finetuning a tiny pruned LLaVA / BLIP-2 with each method on HF Trainer: loss, masks, record, resume,
+distillation, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from factories import pruned_tiny, synthetic_processor
+from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
+
+from vlmsparse.data.datasets import SyntheticVQADataset
+from vlmsparse.masks import MASKS_FILENAME, MaskSet
+from vlmsparse.training.finetune import RECORD_FILENAME, FinetuneError, finetune
+
+FAST = dict(batch_size=4, learning_rate=2e-2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return synthetic_processor("llava")
+
+
+@pytest.fixture(scope="module")
+def data(processor):
+    return SyntheticVQADataset(processor, num=4, seed=0)
+
+
+def _pruned_zeros_exact(weights: dict[str, torch.Tensor], masks: MaskSet) -> dict[str, int]:
+    """Non-zero count at pruned entries, per module (0 everywhere when the sparsity is kept)."""
+    return {n: int((weights[n + ".weight"][~m] != 0).sum()) for n, m in masks.items()}
+
+
+def _reload(path, cls):
+    model = cls.from_pretrained(path)
+    return {n: p.detach() for n, p in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["sparselora", "lora", "lora-remask", "full"])
+def test_methods_train_and_keep_or_lose_masks(method, tmp_path, processor, data):
+    model, masks = pruned_tiny("llava", "2:4")
+    record = finetune(model, data, tmp_path, masks=masks, processor=processor, method=method, max_steps=8, **FAST)
+    losses = [entry["loss"] for entry in record["losses"]]
+    assert len(losses) == 8 and record["steps"] == 8
+    assert losses[-1] < 0.95 * losses[0], losses  # a memorisable batch: the loss goes down
+    assert record == json.loads((tmp_path / RECORD_FILENAME).read_text())
+    assert record["sparsity_before"]["all"] == pytest.approx(0.5)
+    assert set(record["sparsity_before"]) == {"all", "vision", "language"}
+    assert record["train_time_s"] > 0 and record["peak_memory"]
+    merged = tmp_path / "merged"
+    weights = _reload(merged, LlavaForConditionalGeneration)
+    nonzero = _pruned_zeros_exact(weights, masks)
+    if method == "lora":  # the dense merge loses the sparsity and the record says so
+        assert not record["mask_check"]["ok"] and not record["mask_check"]["required"]
+        assert record["mask_check"]["pruned_entries_nonzero"] == sum(nonzero.values()) > 0
+        assert record["sparsity_after"]["all"] < 0.1 and record["sparsity_lost"] > 0.4
+        assert MaskSet.load(merged).sparsity() < 0.1  # the saved masks describe the merged weights
+    else:  # every pruned weight is exactly zero in the saved merged model
+        assert record["mask_check"] == {"ok": True, "required": True, "modules_violating": 0, "pruned_entries_nonzero": 0}
+        assert sum(nonzero.values()) == 0
+        assert record["sparsity_after"] == record["sparsity_before"] and record["sparsity_lost"] == 0
+        saved = MaskSet.load(merged / MASKS_FILENAME)
+        assert all(torch.equal(saved[n], masks[n]) for n in masks)
+    # the weights did change (adapters were merged / weights trained)
+    original = pruned_tiny("llava", "2:4")[0].state_dict()
+    name = next(iter(masks)) + ".weight"
+    assert not torch.equal(weights[name], original[name])
+    if method != "full":  # only adapters trained: unmasked, untargeted weights are untouched
+        key = "model.multi_modal_projector.linear_1.weight"
+        assert torch.equal(weights[key], original[key])
+
+
+def test_resume_continues_with_the_same_losses(tmp_path, processor, data):
+    model, masks = pruned_tiny("llava")
+    full = finetune(model, data, tmp_path / "a", masks=masks, processor=processor, max_steps=4, save_steps=2, **FAST)
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert (checkpoint / "trainable.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
+    assert not (tmp_path / "a" / ".staging").exists()  # staged then renamed, staging removed
+    # a fresh model resumed from step 2 continues with the same losses as the uninterrupted run
+    model, masks = pruned_tiny("llava")
+    resumed = finetune(model, data, tmp_path / "a", masks=masks, processor=processor, max_steps=4, save_steps=2,
+                       resume=checkpoint, **FAST)
+    assert resumed["resumed_from"] == str(checkpoint)
+    steps = {e["step"]: e["loss"] for e in resumed["losses"]}
+    expected = {e["step"]: e["loss"] for e in full["losses"]}
+    assert set(steps) >= {3, 4}
+    for step in (3, 4):
+        assert steps[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
+    # checkpoints exist: a new run into the same folder must say so; another config is refused
+    model, masks = pruned_tiny("llava")
+    with pytest.raises(FileExistsError, match="holds a finished run"):
+        finetune(model, data, tmp_path / "a", masks=masks, processor=processor, max_steps=4, **FAST)
+    (tmp_path / "a" / RECORD_FILENAME).unlink()  # as if the run had been interrupted
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        finetune(model, data, tmp_path / "a", masks=masks, processor=processor, max_steps=4, **FAST)
+    with pytest.raises(ValueError, match="different config.*learning_rate"):
+        finetune(model, data, tmp_path / "a", masks=masks, processor=processor, max_steps=4, save_steps=2,
+                 resume=True, **{**FAST, "learning_rate": 1e-3})
+    other_masks = pruned_tiny("llava", "0.6")[1]
+    with pytest.raises(ValueError, match="different config.*masks"):
+        finetune(pruned_tiny("llava", "0.6")[0], data, tmp_path / "a", masks=other_masks, processor=processor,
+                 max_steps=4, save_steps=2, resume=True, **FAST)
+
+
+def test_distillation_from_self_and_from_a_dense_checkpoint(tmp_path, processor, data):
+    # teacher = the same network with adapters and masks off (dense weights kept beside the masks)
+    model, masks = pruned_tiny("llava", keep_dense=True)
+    dense = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    record = finetune(model, data, tmp_path / "self", masks=masks, processor=processor, max_steps=2,
+                      distill_lambda=0.5, temperature=2.0, **FAST)
+    assert record["teacher"] == "self" and record["mask_check"]["ok"]
+    assert all(e["kl"] > 0 for e in record["losses"])  # the pruned student differs from its dense self
+    for e in record["losses"]:
+        assert e["loss"] == pytest.approx(0.5 * e["ce"] + 0.5 * e["kl"], rel=1e-3)
+    merged = _reload(tmp_path / "self" / "merged", LlavaForConditionalGeneration)
+    assert sum(_pruned_zeros_exact(merged, masks).values()) == 0
+    name = next(iter(masks)) + ".weight"
+    assert bool((dense[name][~masks[next(iter(masks))]] != 0).any())  # it really was dense
+    # a pruned model has no dense weights to be its own teacher
+    model, masks = pruned_tiny("llava")
+    with pytest.raises(ValueError, match="needs the dense weights"):
+        finetune(model, data, tmp_path / "bad", masks=masks, processor=processor, max_steps=1, distill_lambda=0.5, **FAST)
+    # teacher = a separate dense checkpoint by path
+    dense_model, _ = pruned_tiny("llava", keep_dense=True)
+    dense_model.save_pretrained(tmp_path / "dense")
+    record = finetune(model, data, tmp_path / "path", masks=masks, processor=processor, max_steps=1,
+                      distill_lambda=0.1, teacher=str(tmp_path / "dense"), **FAST)
+    assert record["teacher"] == str(tmp_path / "dense") and record["mask_check"]["ok"]
+    assert all(e["kl"] > 0 for e in record["losses"])
+
+
+def test_tiny_blip2_finetune(tmp_path):
+    processor = synthetic_processor("blip2")
+    model, masks = pruned_tiny("blip2", "2:4")
+    data = SyntheticVQADataset(processor, num=4)
+    record = finetune(model, data, tmp_path, masks=masks, processor=processor, max_steps=4, **FAST)
+    losses = [e["loss"] for e in record["losses"]]
+    assert losses[-1] < losses[0]
+    assert record["mask_check"]["ok"] and record["sparsity_after"]["all"] == pytest.approx(0.5)
+    weights = _reload(tmp_path / "merged", Blip2ForConditionalGeneration)
+    assert sum(_pruned_zeros_exact(weights, masks).values()) == 0
+    assert record["trainable_parameters"] > 0
+
+
+def test_connector_part_and_options(tmp_path, processor, data):
+    # the connector gets (dense) adapters only when asked; gradient checkpointing runs; ranks per part apply
+    model, masks = pruned_tiny("llava")
+    record = finetune(model, data, tmp_path, masks=masks, processor=processor, max_steps=2,
+                      parts=("language", "connector"), rank_language=16, gradient_checkpointing=True, **FAST)
+    assert record["mask_check"]["ok"] and record["gradient_checkpointing"]
+    hidden, layers = 32, 2
+    # language: 7 linears per block (q k v o gate up down) at r=16; connector: 2 linears at r=8
+    per_block = 16 * (4 * (hidden + hidden) + 2 * (hidden + 2 * hidden) + (2 * hidden + hidden))
+    connector = 8 * (hidden + hidden) * 2
+    assert record["trainable_parameters"] == layers * per_block + connector
+    original = pruned_tiny("llava")[0].state_dict()
+    weights = _reload(tmp_path / "merged", LlavaForConditionalGeneration)
+    key = "model.multi_modal_projector.linear_1.weight"
+    assert not torch.equal(weights[key], original[key])
+    vision = next(n for n in masks if "vision" in n) + ".weight"
+    assert torch.equal(weights[vision], original[vision])  # vision not listed: untouched
+
+
+def test_masks_must_match_and_must_be_given(tmp_path, processor, data):
+    model, masks = pruned_tiny("llava", keep_dense=True)  # dense weights, masks that do not describe them
+    with pytest.raises(ValueError, match="outside the masks are non-zero"):
+        finetune(model, data, tmp_path, masks=masks, processor=processor, max_steps=1, **FAST)
+    model, masks = pruned_tiny("llava")
+    with pytest.raises(ValueError, match="masks_from_zeros"):
+        finetune(model, data, tmp_path, processor=processor, max_steps=1, **FAST)
+    record = finetune(model, data, tmp_path, masks_from_zeros=True, processor=processor, max_steps=1, **FAST)
+    assert record["masks"]["modules"] == len(masks) and record["mask_check"]["ok"]
+    with pytest.raises(FileExistsError, match="holds a finished run"):  # no silent overwrite of a result
+        finetune(model, data, tmp_path, masks=masks, processor=processor, max_steps=1, **FAST)
+    from factories import tiny_blip2_t5
+
+    with pytest.raises(ValueError, match="encoder-decoder language models"):
+        finetune(tiny_blip2_t5(), data, tmp_path / "t5", masks=MaskSet(), processor=processor, max_steps=1, **FAST)
+    with pytest.raises(ValueError, match="unknown finetune option"):
+        finetune(model, data, tmp_path, masks=masks, processor=processor, max_step=1)
+
+
+def test_broken_masks_fail_loudly(tmp_path, processor, data, monkeypatch):
+    """If a merge ever wrote a non-zero into a pruned entry, finetune stops and saves no merged model."""
+    import importlib
+
+    ft = importlib.import_module("vlmsparse.training.finetune")  # the module (the package exports the function)
+
+    real_merge = ft._merge
+
+    def bad_merge(model, config):
+        merged = real_merge(model, config)
+        name = next(iter(masks))
+        with torch.no_grad():
+            merged.get_submodule(name).weight[~masks[name]] = 1.0
+        return merged
+
+    model, masks = pruned_tiny("llava")
+    monkeypatch.setattr(ft, "_merge", bad_merge)
+    with pytest.raises(FinetuneError, match="must keep the masks"):
+        finetune(model, data, tmp_path, masks=masks, processor=processor, max_steps=1, **FAST)
+    assert not (tmp_path / "merged").exists()
+    record = json.loads((tmp_path / RECORD_FILENAME).read_text())
+    assert not record["mask_check"]["ok"] and record["mask_check"]["modules_violating"] == 1

@@ -1,0 +1,78 @@
+"""``vlmsparse finetune`` on a pruned model folder: a run, the errors a user meets, resume."""
+
+from __future__ import annotations
+
+import json
+
+from factories import pruned_tiny, synthetic_processor
+from PIL import Image
+
+from vlmsparse.cli import main
+from vlmsparse.masks import MaskSet
+from vlmsparse.pipeline.save import load_pruned, save_pruned
+
+ARGS = ["--max-steps", "2", "--batch-size", "2", "--lr", "1e-2", "--no-progress", "--logging-steps", "1"]
+
+
+def test_cli_finetune_on_a_pruned_folder(tmp_path, capsys):
+    model, masks = pruned_tiny("llava", "2:4")
+    folder = save_pruned(model, masks, tmp_path / "pruned", processor=synthetic_processor("llava"))
+    for color, name in [((255, 0, 0), "a.png"), ((0, 0, 255), "b.png")]:
+        Image.new("RGB", (32, 32), color).save(tmp_path / name)
+    rows = [{"image": n, "conversations": [{"from": "human", "value": "<image>\nwhat color is the object?"},
+                                          {"from": "gpt", "value": c}]} for n, c in [("a.png", "red"), ("b.png", "blue")]]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    code = main(["finetune", str(folder), "--data", str(tmp_path / "train.json"), "-o", str(out), "--save-steps", "1",
+                 "--json", *ARGS])
+    assert code == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["steps"] == 2 and record["num_examples"] == 2 and record["mask_check"]["ok"]
+    assert record["config"]["rank_language"] == 8 and record["config"]["rank_vision"] == 4
+    merged, merged_masks = load_pruned(out / "merged")  # checks the weights against the masks
+    assert all(merged_masks[n].equal(masks[n]) for n in masks)
+    # resuming with another config is refused; resuming with the same one continues from the last checkpoint
+    assert main(["finetune", str(folder), "--data", str(tmp_path / "train.json"), "-o", str(out), "--resume",
+                 "--method", "lora", *ARGS]) == 2
+    assert "different config" in capsys.readouterr().err
+    assert main(["finetune", str(folder), "--data", str(tmp_path / "train.json"), "-o", str(out), "--resume",
+                 "--save-steps", "1", *ARGS]) == 0
+    assert "masks kept: True" in capsys.readouterr().out
+
+
+def test_cli_folder_without_masks(tmp_path, capsys):
+    model, _ = pruned_tiny("llava")
+    model.save_pretrained(tmp_path / "plain")
+    synthetic_processor("llava").save_pretrained(tmp_path / "plain")
+    out = tmp_path / "out"
+    assert main(["finetune", str(tmp_path / "plain"), "--data", "synthetic:4", "-o", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "must be pruned first" in err and "--masks-from-zeros" in err
+    assert main(["finetune", str(tmp_path / "plain"), "--data", "synthetic:4", "-o", str(out), "--masks-from-zeros",
+                 "--method", "full", *ARGS]) == 0
+    assert "masks kept: True" in capsys.readouterr().out
+    assert abs(MaskSet.load(out / "merged").sparsity() - 0.5) < 1e-6
+    # a data file that does not parse: exit 2 naming the line
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    (tmp_path / "bad.jsonl").write_text('{"image": "x.png", "caption": "a"}\n{oops\n')
+    assert main(["finetune", str(tmp_path / "plain"), "--data", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "o2"),
+                 "--masks-from-zeros", *ARGS]) == 2
+    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_cli_self_distillation_from_a_folder_with_dense_weights(tmp_path, capsys):
+    """A folder holding the dense weights beside its masks: the student is masked, the teacher dense."""
+    model, masks = pruned_tiny("llava", keep_dense=True)
+    model.save_pretrained(tmp_path / "dense")
+    masks.save(tmp_path / "dense")
+    synthetic_processor("llava").save_pretrained(tmp_path / "dense")
+    out = tmp_path / "out"
+    assert main(["finetune", str(tmp_path / "dense"), "--data", "synthetic:4", "-o", str(out), "--distill", "0.2",
+                 "--json", *ARGS]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["teacher"] == "self" and all(e["kl"] > 0 for e in record["losses"])
+    assert record["sparsity_before"]["all"] == 0.5 and record["mask_check"]["ok"]
+    load_pruned(out / "merged")  # the merged model is pruned (zeros where the masks prune)
+    # without distillation the same folder is refused: its weights are not zero where the masks prune
+    assert main(["finetune", str(tmp_path / "dense"), "--data", "synthetic:4", "-o", str(tmp_path / "o2"), *ARGS]) == 2
+    assert "non-zero at positions its mask prunes" in capsys.readouterr().err

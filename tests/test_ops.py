@@ -1,0 +1,200 @@
+"""vlmsparse.ops: backend selection and the SparseLoRA autograd Functions (reference backend, CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vlmsparse import ops
+from vlmsparse.sparse24 import pack24, unpack24_mask
+from vlmsparse.sparsity import mask_nm
+
+
+def _problem(out=6, inp=8, r=3, dtype=torch.float64, batch=(2, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(out, inp, generator=g) > 0.4
+    weight = (torch.randn(out, inp, generator=g, dtype=dtype) * mask).requires_grad_(False)
+    A = torch.randn(r, inp, generator=g, dtype=dtype).requires_grad_(True)
+    B = torch.randn(out, r, generator=g, dtype=dtype).requires_grad_(True)  # non-zero: nothing passes trivially
+    x = torch.randn(*batch, inp, generator=g, dtype=dtype).requires_grad_(True)
+    bias = torch.randn(out, generator=g, dtype=dtype).requires_grad_(True)
+    return x, weight, mask, A, B, bias
+
+
+def _naive(x, weight, mask, A, B, scaling, bias):
+    """Autograd over a materialised (B@A)*M: the formula every path must match."""
+    return torch.nn.functional.linear(x, weight * mask + scaling * (B @ A) * mask, bias)
+
+
+def test_forward_and_all_gradients_match_naive_float64():
+    x, weight, mask, A, B, bias = _problem()
+    s = 1.7
+    y = ops.sparse_lora_linear(x, weight, mask, A, B, s, bias, backend="reference")
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, A, B, bias), grad)
+    y_naive = _naive(x, weight, mask, A, B, s, bias)
+    want = torch.autograd.grad(y_naive, (x, A, B, bias), grad)
+    torch.testing.assert_close(y, y_naive, rtol=0, atol=1e-12)
+    for g, w, name in zip(got, want, ("x", "A", "B", "bias")):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=f"gradient of {name}")
+    # the pruned directions get no gradient signal into A, B: dB, dA use G*M, not G
+    g_full = grad.reshape(-1, 6).T @ x.detach().reshape(-1, 8)
+    wrong_dB = s * g_full @ A.detach().T
+    assert not torch.allclose(got[2], wrong_dB)
+
+
+def test_gradcheck_small_shapes():
+    x, weight, mask, A, B, bias = _problem(out=4, inp=5, r=2, batch=(3,))
+    assert torch.autograd.gradcheck(
+        lambda x, A, B, b: ops.sparse_lora_linear(x, weight, mask, A, B, 0.5, b, backend="reference"), (x, A, B, bias)
+    )
+
+
+def test_zero_weight_adapter_only_path():
+    x, _, mask, A, B, _ = _problem()
+    zero = ops.zero_weight(6, 8, A)
+    assert zero.stride() == (0, 0)
+    y = ops.sparse_lora_linear(x, zero, mask, A, B, 2.0)
+    torch.testing.assert_close(y, x @ (2.0 * (B @ A) * mask).T)
+    assert torch.autograd.gradcheck(lambda x, A, B: ops.sparse_lora_linear(x, zero, mask, A, B, 2.0), (x, A, B))
+
+
+def _saved_tensors(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn()
+    return y, saved
+
+
+def test_saves_no_full_size_temporary_between_forward_and_backward():
+    x, weight, mask, A, B, bias = _problem(out=16, inp=24, r=2, batch=(4,))
+    full = weight.numel()
+    _, saved = _saved_tensors(lambda: ops.sparse_lora_linear(x, weight, mask, A, B, 1.0, bias))
+    big = [t for t in saved if t.numel() >= full]
+    # only the frozen weight and the mask themselves (same storage), nothing newly allocated
+    assert big and all(t.data_ptr() in (weight.data_ptr(), mask.data_ptr()) for t in big), [t.shape for t in big]
+    # the naive formula does keep a full-size temporary alive: the check can fail
+    _, saved_naive = _saved_tensors(lambda: _naive(x, weight, mask, A, B, 1.0, bias))
+    assert any(t.numel() >= full and t.data_ptr() not in (weight.data_ptr(), mask.data_ptr()) for t in saved_naive)
+
+
+def test_frozen_weight_required():
+    x, weight, mask, A, B, _ = _problem()
+    with pytest.raises(ValueError, match="frozen"):
+        ops.sparse_lora_linear(x, weight.clone().requires_grad_(True), mask, A, B, 1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mask": torch.ones(6, 7, dtype=torch.bool)}, "mask must be bool"),
+        ({"mask": torch.ones(6, 8)}, "mask must be bool"),
+        ({"A": torch.randn(3, 7, dtype=torch.float64)}, "lora_A must be"),
+        ({"B": torch.randn(6, 2, dtype=torch.float64)}, "rank mismatch"),
+        ({"x": torch.randn(2, 7, dtype=torch.float64)}, "features"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    x, weight, mask, A, B, _ = _problem()
+    args = {"x": x, "mask": mask, "A": A, "B": B} | kwargs
+    with pytest.raises(ValueError, match=match):
+        ops.sparse_lora_linear(args["x"], weight, args["mask"], args["A"], args["B"], 1.0)
+
+
+def test_packed24_lora_matches_naive_and_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    dense = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    mask = mask_nm(dense.abs(), 2, 4)
+    packed = pack24(dense * mask, mask)
+    assert torch.equal(unpack24_mask(packed), mask)
+    A = torch.randn(2, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(4, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    y = ops.packed24_lora_linear(x, packed.values, packed.meta, A, B, 1.5)
+    torch.testing.assert_close(y, _naive(x, dense * mask, mask, A, B, 1.5, None))
+    assert torch.autograd.gradcheck(
+        lambda x, A, B: ops.packed24_lora_linear(x, packed.values, packed.meta, A, B, 1.5), (x, A, B)
+    )
+    y2 = ops.packed24_linear(x.detach(), packed.values, packed.meta, backend="reference")
+    torch.testing.assert_close(y2, x.detach() @ (dense * mask).T)
+
+
+# ------------------------------------------------------------------------------------------ selection
+def test_resolution_order(monkeypatch):
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    assert ops.resolve_backend("cpu") == "reference"
+    monkeypatch.setenv(ops.ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):  # env-selected on CPU: says why
+        ops.resolve_backend("cpu")
+    with ops.use_backend("reference"):  # context beats env
+        assert ops.resolve_backend("cpu") == "reference"
+        assert ops.current_backend() == ("reference", "context")
+    monkeypatch.setenv(ops.ENV_VAR, "reference")
+    with ops.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="triton"):
+            ops.resolve_backend("cpu")
+        assert ops.resolve_backend("cpu", "reference") == "reference"  # argument beats context
+    monkeypatch.setenv(ops.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="VLMSPARSE_BACKEND"):
+        ops.resolve_backend("cpu")
+
+
+def test_unknown_and_unsupported_backends(monkeypatch):
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    with pytest.raises(ValueError, match="allowed: reference, triton, torch24"):
+        ops.resolve_backend("cpu", "cuda")
+    with pytest.raises(ValueError, match="allowed"):
+        with ops.use_backend("fast"):
+            pass
+    with pytest.raises(ValueError, match="does not implement sparse_lora"):
+        ops.resolve_backend("cpu", "torch24", op="sparse_lora")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        ops.resolve_backend("cpu", "torch24", op="packed24_matmul")
+    with ops.use_backend("torch24"):  # a model-wide torch24 choice: SparseLoRA layers fall back
+        assert ops.resolve_backend("cpu", op="sparse_lora") == "reference"
+
+
+def test_triton_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        ops.resolve_backend("cpu", "triton")
+
+
+def test_import_loads_no_triton_and_no_kernels():
+    code = (
+        "import sys, vlmsparse, vlmsparse.ops, vlmsparse.modules.sparse_lora, vlmsparse.pipeline.lora\n"
+        "bad = [m for m in sys.modules if m == 'triton' or m.startswith('triton.') or "
+        "m in ('vlmsparse.kernels.sparse_lora', 'vlmsparse.kernels.packed24')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_blocked_reference_matches_naive(monkeypatch):
+    """Large layers are processed in blocks of output rows: same values and gradients as one block."""
+    from vlmsparse.kernels import reference
+
+    x, weight, mask, A, B, bias = _problem(out=10, inp=8, r=2, batch=(7,))
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 24)  # 3 rows per block -> 4 blocks, the last short
+    assert len(reference._row_blocks(10, 8)) == 4
+    y = ops.sparse_lora_linear(x, weight, mask, A, B, 1.3, bias)
+    torch.testing.assert_close(y, _naive(x, weight, mask, A, B, 1.3, bias), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x, A, B, b: ops.sparse_lora_linear(x, weight, mask, A, B, 1.3, b), (x, A, B, bias)
+    )
+
+
+def test_public_lazy_names():
+    import vlmsparse
+
+    for name in ("SparseLoRALinear", "add_sparse_lora", "merge_sparse_lora", "remove_sparse_lora",
+                 "mask_gradients", "teacher_mode", "sparse_lora_config", "save_sparse_lora", "load_sparse_lora"):
+        assert callable(getattr(vlmsparse, name)), name

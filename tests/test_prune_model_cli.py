@@ -1,0 +1,124 @@
+"""Calibration sets from files / folders / the synthetic generator, and ``vlmsparse prune`` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from factories import _vision, tiny_llama_config
+from PIL import Image
+
+from vlmsparse.cli import main
+from vlmsparse.data.calibration import build_calibration_batches, load_calibration_samples
+from vlmsparse.masks import MaskSet
+from vlmsparse.models import prunable_linear_names
+from vlmsparse.pipeline.save import load_pruned
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from vlmsparse.data.vocab import build_processor
+
+    return build_processor(image_size=32, patch_size=8)
+
+
+@pytest.fixture
+def llava_folder(tmp_path, processor):
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    text = tiny_llama_config()
+    text.vocab_size = len(tokenizer)
+    text.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**_vision()),
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    folder = tmp_path / "llava"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _images(folder, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (40, 30), (40 * i, 100, 200)).save(folder / f"img{i}.png")
+
+
+def test_json_jsonl_llava_conversations_and_folder(tmp_path, processor):
+    _images(tmp_path / "imgs", 3)
+    records = [
+        {"image": "imgs/img0.png", "caption": "a red circle"},
+        {"image": "imgs/img1.png", "conversations": [{"from": "human", "value": "<image>\nwhat is it?"},
+                                                      {"from": "gpt", "value": "a blue square"}]},
+        {"image_path": "imgs/img2.png", "text": "two shapes"},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    for name in ("data.json", "data.jsonl"):
+        samples = load_calibration_samples(tmp_path / name, nsamples=10)
+        assert [s.text for s in samples] == ["a red circle", "what is it? a blue square", "two shapes"]
+        assert all(s.image.size == (40, 30) for s in samples)
+    assert len(load_calibration_samples(tmp_path / "data.json", nsamples=2, seed=1)) == 2
+    # a folder with sidecar captions
+    for i in range(3):
+        (tmp_path / "imgs" / f"img{i}.txt").write_text(f"caption {i}")
+    samples = load_calibration_samples(tmp_path / "imgs")
+    assert [s.text for s in samples] == ["caption 0", "caption 1", "caption 2"]
+    batches = build_calibration_batches(samples, processor, batch_size=2)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 1]
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    for b in batches:
+        assert ((b["input_ids"] == image_id).sum(dim=1) == 16).all()  # one token per patch
+        assert b["pixel_values"].shape[1:] == (3, 32, 32)
+
+
+def test_bad_calibration_sources(tmp_path):
+    _images(tmp_path, 1)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    (tmp_path / "data.json").write_text(json.dumps([{"image": "broken.png", "text": "x"}]))
+    with pytest.raises(ValueError, match="broken.png"):
+        load_calibration_samples(tmp_path / "data.json")
+    (tmp_path / "missing.json").write_text(json.dumps([{"image": "nope.png", "text": "x"}]))
+    with pytest.raises(ValueError, match="nope.png.*does not exist"):
+        load_calibration_samples(tmp_path / "missing.json")
+    (tmp_path / "notext.json").write_text(json.dumps([{"image": "img0.png"}]))
+    with pytest.raises(ValueError, match="no text"):
+        load_calibration_samples(tmp_path / "notext.json")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no samples"):
+        load_calibration_samples(tmp_path / "empty.jsonl")
+    with pytest.raises(FileNotFoundError):
+        load_calibration_samples(tmp_path / "absent.json")
+    with pytest.raises(ValueError, match="no caption"):
+        load_calibration_samples(tmp_path)
+
+
+@pytest.mark.slow
+def test_cli_prune_end_to_end(tmp_path, llava_folder, capsys):
+    out = tmp_path / "pruned"
+    code = main(["prune", str(llava_folder), str(out), "--method", "sparsegpt", "--vision", "2:4", "--language",
+                 "0.6", "--calibration", "synthetic", "--nsamples", "4", "--batch-size", "2", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "sparsegpt" and len(report["layers"]) == 26
+    model, masks = load_pruned(out)
+    assert list(masks) == prunable_linear_names(model)
+    assert {masks.patterns[n] for n in prunable_linear_names(model, parts="vision")} == {"2:4"}
+    assert {masks.patterns[n] for n in prunable_linear_names(model, parts="language")} == {"0.6"}
+    assert (out / "tokenizer_config.json").exists() or (out / "tokenizer.json").exists()
+    assert MaskSet.load(out).method == "sparsegpt"
+    # never the input folder; an existing output needs --overwrite
+    assert main(["prune", str(llava_folder), str(llava_folder), "--method", "magnitude"]) == 2
+    assert main(["prune", str(llava_folder), str(out), "--method", "magnitude", "--quiet"]) == 2
+    assert main(["prune", str(llava_folder), str(out), "--method", "magnitude", "--quiet", "--overwrite"]) == 0
+    assert "already exists" in capsys.readouterr().err
+    # bad sparsity: a clear error, exit code 2
+    assert main(["prune", str(llava_folder), str(tmp_path / "x"), "--sparsity", "4:4", "--quiet"]) == 2

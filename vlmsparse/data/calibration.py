@@ -1,0 +1,213 @@
+"""Calibration sets for pruning: image-text pairs from files, a folder, or the synthetic generator, batched
+into model inputs with the model's processor.
+
+Sources (``load_calibration_samples``):
+
+- a ``.json`` file (a list of records) or ``.jsonl`` file (one record per line). A record names its image
+  (``image`` / ``image_path`` / ``file_name``, relative to the file's folder or ``image_root``) and its text
+  (``text`` / ``caption`` / ``captions`` (first one) / LLaVA ``conversations``: the turns' ``value`` joined,
+  ``<image>`` placeholders dropped). Records without an image are used as text only;
+- a folder of images (``.jpg .jpeg .png .bmp .webp``) with captions: ``metadata.jsonl`` (``file_name`` +
+  ``text``), ``captions.json`` (``{file name: caption}``), or one ``<image stem>.txt`` beside each image;
+- ``"synthetic"``: :func:`vlmsparse.data.synthetic.synthetic_captions` (coloured shapes with captions).
+
+``nsamples`` records are drawn with ``seed`` (all of them, in order, when there are fewer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CalibrationSample", "load_calibration_samples", "build_calibration_batches", "IMAGE_EXTENSIONS"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_IMAGE_KEYS = ("image", "image_path", "file_name", "filename")
+_TEXT_KEYS = ("text", "caption", "captions", "conversations")
+
+
+@dataclass
+class CalibrationSample:
+    """One image-text pair; ``image`` is a PIL image, a path (loaded lazily), or None (text only)."""
+
+    image: Any
+    text: str
+    source: str = ""
+
+
+def _load_image(path: Path, source: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        raise ValueError(f"{source}: image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{source}: image {str(path)!r} does not load: {error}") from error
+
+
+def _record_text(record: dict, source: str) -> str:
+    for key in _TEXT_KEYS:
+        value = record.get(key)
+        if value is None:
+            continue
+        if key == "conversations":
+            if not isinstance(value, list):
+                raise ValueError(f"{source}: 'conversations' must be a list of turns")
+            parts = [str(turn.get("value", "")) for turn in value if isinstance(turn, dict)]
+            text = " ".join(p.replace("<image>", "").strip() for p in parts)
+        elif isinstance(value, list):
+            text = str(value[0]) if value else ""
+        else:
+            text = str(value)
+        text = " ".join(text.split())
+        if text:
+            return text
+    raise ValueError(f"{source}: record has no text; expected one of {', '.join(_TEXT_KEYS)}")
+
+
+def _from_records(records: list, base: Path, source: str, image_root: Path | None) -> list[CalibrationSample]:
+    out = []
+    for index, record in enumerate(records):
+        where = f"{source} record {index}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+        text = _record_text(record, where)
+        image = None
+        for key in _IMAGE_KEYS:
+            if record.get(key):
+                image = (image_root or base) / str(record[key])
+                break
+        out.append(CalibrationSample(image, text, where))
+    return out
+
+
+def _read_records(path: Path) -> list:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{line_no}: invalid JSON: {error}") from None
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON: {error}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
+    return data
+
+
+def _from_folder(folder: Path) -> list[CalibrationSample]:
+    metadata = folder / "metadata.jsonl"
+    if metadata.exists():
+        return _from_records(_read_records(metadata), folder, str(metadata), None)
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no metadata.jsonl")
+    captions_file = folder / "captions.json"
+    captions = json.loads(captions_file.read_text(encoding="utf-8")) if captions_file.exists() else {}
+    out = []
+    for image in images:
+        text = captions.get(image.name)
+        sidecar = image.with_suffix(".txt")
+        if text is None and sidecar.exists():
+            text = sidecar.read_text(encoding="utf-8").strip()
+        if not text:
+            raise ValueError(
+                f"{image}: no caption; give {image.stem}.txt beside it, an entry in captions.json or metadata.jsonl"
+            )
+        out.append(CalibrationSample(image, " ".join(str(text).split()), str(image)))
+    return out
+
+
+def load_calibration_samples(
+    source: str | os.PathLike,
+    nsamples: int = 128,
+    seed: int = 0,
+    image_size: int = 336,
+    image_root: str | os.PathLike | None = None,
+) -> list[CalibrationSample]:
+    """``nsamples`` image-text pairs from ``source`` (a JSON/JSONL file, an image folder or ``"synthetic"``),
+    images loaded (a file that fails to load raises ``ValueError`` naming it)."""
+    if not isinstance(nsamples, int) or nsamples < 1:
+        raise ValueError(f"nsamples must be a positive int, got {nsamples!r}")
+    if str(source) == "synthetic":
+        from .synthetic import synthetic_captions
+
+        return [CalibrationSample(img, text, f"synthetic {i}")
+                for i, (img, text) in enumerate(synthetic_captions(nsamples, seed=seed, image_size=image_size))]
+    path = Path(source)
+    if path.is_dir():
+        samples = _from_folder(path)
+    elif path.is_file():
+        if path.suffix not in (".json", ".jsonl"):
+            raise ValueError(f"{path}: calibration files must be .json or .jsonl (or give a folder or 'synthetic')")
+        samples = _from_records(_read_records(path), path.parent, str(path),
+                                Path(image_root) if image_root else None)
+    else:
+        raise FileNotFoundError(f"calibration source {str(source)!r} does not exist (a .json/.jsonl file, an image "
+                                "folder, or 'synthetic')")
+    if not samples:
+        raise ValueError(f"calibration source {str(source)!r} holds no samples")
+    if len(samples) > nsamples:
+        samples = [samples[i] for i in sorted(random.Random(seed).sample(range(len(samples)), nsamples))]
+    elif len(samples) < nsamples:
+        log.info("calibration source has %d samples (< nsamples=%d); using all", len(samples), nsamples)
+    for sample in samples:
+        if isinstance(sample.image, Path):
+            sample.image = _load_image(sample.image, sample.source)
+    return samples
+
+
+def _prompt(processor: Any, text: str, has_image: bool) -> str:
+    if not has_image or hasattr(processor, "num_query_tokens"):  # BLIP-2 family: the processor adds image tokens
+        return text
+    token = getattr(processor, "image_token", None) or "<image>"
+    return f"USER: {token}\n{text} ASSISTANT:"
+
+
+def build_calibration_batches(
+    samples: list[CalibrationSample], processor: Any, batch_size: int = 8, max_text_length: int | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Model-input dicts (``input_ids``, ``attention_mask``, ``pixel_values``, ...) of ``batch_size`` samples,
+    padded with the processor. ``processor`` may be a tokenizer (language-only models: images ignored).
+    ``max_text_length`` truncates the caption to that many words."""
+    if not samples:
+        raise ValueError("calibration set is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    has_images = hasattr(processor, "image_processor")
+    batches = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        texts = []
+        for s in chunk:
+            text = " ".join(s.text.split()[:max_text_length]) if max_text_length else s.text
+            texts.append(_prompt(processor, text, has_images and s.image is not None))
+        if has_images:
+            images = [s.image for s in chunk]
+            if any(img is None for img in images):
+                missing = next(s.source for s in chunk if s.image is None)
+                raise ValueError(f"{missing}: a vision-language model needs an image for every calibration sample")
+            out = processor(images=images, text=texts, padding=True, return_tensors="pt")
+        else:
+            out = processor(texts, padding=True, return_tensors="pt")
+        batches.append({k: v for k, v in dict(out).items() if isinstance(v, torch.Tensor)})
+    return batches

@@ -1,0 +1,325 @@
+"""Training data for finetuning: LLaVA-style conversations, caption JSONL, the synthetic VQA set.
+
+Every dataset yields examples encoded the same way (``encode_example``)::
+
+    input_ids       [L]  long   prompt tokens (image tokens included, as the processor expands them) + answers
+    attention_mask  [L]  long   all ones (padding comes in the collator)
+    labels          [L]  long   = input_ids on answer tokens (and the EOS closing each answer), -100 elsewhere
+    pixel_values    [3, H, W]   from the model's processor
+    (other 1-row outputs of the processor, e.g. InstructBLIP's ``qformer_input_ids``, passed through)
+
+so the loss is computed on answer tokens only: never on the prompt, the image tokens or the padding.
+
+Formats:
+
+- conversation JSON (LLaVA): a JSON list of ``{"image": "rel/path.jpg", "conversations": [{"from": "human",
+  "value": "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "A cat."}, ...]}``; turns alternate human/gpt.
+- caption JSONL: one ``{"image": "rel/path.jpg", "caption": "..."}`` per line (``"text"`` is accepted for
+  ``"caption"``); the prompt is a fixed caption instruction.
+- synthetic: scenes and questions from :mod:`vlmsparse.data.synthetic` (no files).
+
+The processor is the model's (``AutoProcessor``): called as ``processor(images=img, text=prompt,
+return_tensors="pt")`` for the first prompt segment, ``processor.tokenizer(text, add_special_tokens=False)``
+for the rest. LLaVA-style processors expand an ``<image>`` placeholder in the text; processors with a
+``num_query_tokens`` attribute (BLIP-2 / InstructBLIP) prepend the image tokens themselves, so the placeholder
+is removed from the text for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Example",
+    "DataFormatError",
+    "encode_example",
+    "ConversationDataset",
+    "CaptionDataset",
+    "ExampleDataset",
+    "SyntheticVQADataset",
+    "VLMCollator",
+    "load_dataset",
+    "load_image",
+]
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+CAPTION_PROMPT = "A short image caption:"
+
+
+class DataFormatError(ValueError):
+    """A data row that does not parse, or an image that does not load (message names the file and line)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One raw example: an image (path or PIL image) and alternating ``(role, text)`` turns,
+    role ``"human"`` or ``"gpt"``; ``source`` names where it came from for error messages."""
+
+    image: Any
+    turns: tuple[tuple[str, str], ...]
+    source: str = ""
+
+
+# ----------------------------------------------------------------------------------------------- images
+def load_image(path: str | os.PathLike, source: str = "") -> Any:
+    """Open ``path`` as an RGB PIL image; a clear :class:`DataFormatError` (naming ``source``) if it fails."""
+    from PIL import Image, UnidentifiedImageError
+
+    where = f"{source}: " if source else ""
+    if not os.path.exists(path):
+        raise DataFormatError(f"{where}image file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataFormatError(f"{where}image {str(path)!r} does not load: {error}") from error
+
+
+# --------------------------------------------------------------------------------------------- encoding
+def _template(processor: Any) -> tuple[str, str, bool]:
+    """(user prefix, assistant prefix, placeholder-in-text) for the processor's family."""
+    if hasattr(processor, "num_query_tokens"):  # BLIP-2 / InstructBLIP: image tokens prepended by the processor
+        return "Question: ", " Answer:", False
+    return "USER: ", " ASSISTANT:", True
+
+
+def _token_ids(processor: Any, text: str) -> list[int]:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def encode_example(processor: Any, example: Example, max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Tokenise ``example`` into ``input_ids``/``attention_mask``/``labels`` ``[L]`` and ``pixel_values``.
+
+    Layout: ``USER: <image>\\n{q1} ASSISTANT: {a1}</s> USER: {q2} ASSISTANT: {a2}</s>`` (LLaVA family) or
+    ``<image tokens>Question: {q1} Answer: {a1}</s> ...`` (processors with ``num_query_tokens``).
+    Labels keep the answer tokens and each answer's EOS; the prompt, image tokens are ``-100``.
+    ``max_length`` truncates from the end (the image tokens must fit, else ValueError).
+    """
+    turns = example.turns
+    if not turns or turns[0][0] != "human":
+        raise DataFormatError(f"{example.source}: a conversation must start with a 'human' turn")
+    image = example.image
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image, example.source)
+    user, assistant, placeholder_in_text = _template(processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the processor's tokenizer has no eos_token_id; answers must end with EOS")
+
+    ids: list[int] = []
+    labels: list[int] = []
+    pixel_values = None
+    extra: dict[str, torch.Tensor] = {}
+    for index, (role, text) in enumerate(turns):
+        expected = "human" if index % 2 == 0 else "gpt"
+        if role != expected:
+            raise DataFormatError(f"{example.source}: turn {index} is {role!r}, expected {expected!r} (turns alternate)")
+        if role == "human":
+            question = text.replace(IMAGE_PLACEHOLDER, "").strip()
+            if index == 0:
+                prompt = f"{user}{IMAGE_PLACEHOLDER}\n{question}{assistant}" if placeholder_in_text else f"{user}{question}{assistant}"
+                out = processor(images=image, text=prompt, return_tensors="pt")
+                segment = out["input_ids"][0].tolist()
+                pixel_values = out["pixel_values"][0]
+                # e.g. InstructBLIP's qformer_input_ids / qformer_attention_mask (the instruction for the Q-Former)
+                extra = {k: v[0] for k, v in out.items() if k not in ("input_ids", "attention_mask", "pixel_values")
+                         and isinstance(v, torch.Tensor) and v.dim() == 2}
+            else:
+                segment = _token_ids(processor, f" {user}{question}{assistant}")
+            ids += segment
+            labels += [IGNORE_INDEX] * len(segment)
+        else:
+            segment = _token_ids(processor, f" {text.strip()}") + [eos]
+            ids += segment
+            labels += segment
+    if max_length is not None and len(ids) > max_length:
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise DataFormatError(
+            f"{example.source}: no answer token left to train on (no 'gpt' turn, or max_length={max_length} cut it)"
+        )
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "pixel_values": pixel_values,
+        **extra,
+    }
+
+
+class ExampleDataset(Dataset):
+    """A list of :class:`Example` encoded on access with the model's processor."""
+
+    def __init__(self, examples: Sequence[Example], processor: Any, max_length: int | None = None) -> None:
+        if len(examples) == 0:
+            raise ValueError("dataset is empty: no example to train on")
+        self.examples = list(examples)
+        self.processor = processor
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return encode_example(self.processor, self.examples[index], self.max_length)
+
+
+# ---------------------------------------------------------------------------------------------- parsers
+def _image_path(value: Any, image_root: Path, source: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise DataFormatError(f"{source}: 'image' must be a non-empty string path, got {value!r}")
+    path = Path(value)
+    path = path if path.is_absolute() else image_root / path
+    if not path.exists():
+        raise DataFormatError(f"{source}: image file {str(path)!r} does not exist")
+    return path
+
+
+def _element_lines(text: str) -> list[int]:
+    """1-based line where each top-level element of a JSON array starts (for error messages)."""
+    decoder = json.JSONDecoder()
+    lines: list[int] = []
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return lines
+        lines.append(text.count("\n", 0, pos) + 1)
+        _, pos = decoder.raw_decode(text, pos)
+
+
+class ConversationDataset(ExampleDataset):
+    """LLaVA-style conversation JSON (see the module docstring); images relative to ``image_root``
+    (default: the JSON file's folder). Rows are checked on construction: a row that does not parse raises
+    :class:`DataFormatError` naming the file, the row and its line."""
+
+    def __init__(self, path: str | os.PathLike, processor: Any, image_root: str | os.PathLike | None = None,
+                 max_length: int | None = None) -> None:
+        path = Path(path)
+        image_root = Path(image_root) if image_root is not None else path.parent
+        text = path.read_text(encoding="utf-8")
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataFormatError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
+        if not isinstance(rows, list):
+            raise DataFormatError(f"{path}: a conversation file holds a JSON list of rows, got {type(rows).__name__}")
+        lines = _element_lines(text)
+        examples = []
+        for index, row in enumerate(rows):
+            source = f"{path}:{lines[index]} (row {index})"
+            if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
+                raise DataFormatError(f"{source}: a row needs 'image' and a 'conversations' list of {{from, value}} turns")
+            turns = []
+            for turn in row["conversations"]:
+                if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or not isinstance(turn.get("value"), str):
+                    raise DataFormatError(f"{source}: each turn needs 'from' ('human' or 'gpt') and a string 'value', got {turn!r}")
+                turns.append((turn["from"], turn["value"]))
+            if len(turns) < 2:
+                raise DataFormatError(f"{source}: a conversation needs a 'human' turn followed by a 'gpt' turn")
+            examples.append(Example(_image_path(row.get("image"), image_root, source), tuple(turns), source))
+        super().__init__(examples, processor, max_length)
+
+
+class CaptionDataset(ExampleDataset):
+    """Caption JSONL: one ``{"image": ..., "caption": ...}`` per line (blank lines skipped); the prompt is
+    ``prompt`` (a caption instruction). A line that does not parse raises :class:`DataFormatError` with its number."""
+
+    def __init__(self, path: str | os.PathLike, processor: Any, image_root: str | os.PathLike | None = None,
+                 prompt: str = CAPTION_PROMPT, max_length: int | None = None) -> None:
+        path = Path(path)
+        image_root = Path(image_root) if image_root is not None else path.parent
+        examples = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                source = f"{path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataFormatError(f"{source}: not valid JSON ({error.msg})") from error
+                caption = row.get("caption", row.get("text")) if isinstance(row, dict) else None
+                if not isinstance(caption, str) or not caption.strip():
+                    raise DataFormatError(f"{source}: a row needs 'image' and a non-empty string 'caption' (or 'text')")
+                image = _image_path(row.get("image"), image_root, source)
+                examples.append(Example(image, (("human", prompt), ("gpt", caption)), source))
+        super().__init__(examples, processor, max_length)
+
+
+class SyntheticVQADataset(ExampleDataset):
+    """``num`` synthetic scenes with one question each, from :mod:`vlmsparse.data.synthetic`."""
+
+    def __init__(self, processor: Any, num: int = 64, seed: int = 0, max_length: int | None = None) -> None:
+        from . import synthetic
+
+        samples = synthetic.make_vqa_samples(num, seed=seed)
+        examples = [Example(s.image, (("human", s.question), ("gpt", s.answer)), f"synthetic[{i}]")
+                    for i, s in enumerate(samples)]
+        super().__init__(examples, processor, max_length)
+
+
+def load_dataset(spec: str, processor: Any, image_root: str | None = None, max_length: int | None = None,
+                 num_synthetic: int = 64, seed: int = 0) -> ExampleDataset:
+    """A dataset from a spec: ``synthetic`` (or ``synthetic:N``), a ``.jsonl`` caption file, or a ``.json``
+    conversation file."""
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        num = int(spec.split(":", 1)[1]) if ":" in spec else num_synthetic
+        return SyntheticVQADataset(processor, num=num, seed=seed, max_length=max_length)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"data {spec!r}: no such file (allowed: a .json conversation file, a .jsonl "
+                                "caption file, or 'synthetic[:N]')")
+    if path.suffix == ".jsonl":
+        return CaptionDataset(path, processor, image_root, max_length=max_length)
+    if path.suffix == ".json":
+        return ConversationDataset(path, processor, image_root, max_length=max_length)
+    raise ValueError(f"data {spec!r}: unknown format {path.suffix!r} (allowed: .json conversations, .jsonl captions, synthetic[:N])")
+
+
+# -------------------------------------------------------------------------------------------- collator
+@dataclass
+class VLMCollator:
+    """Pad a list of encoded examples on the right into a batch: ``input_ids``/``attention_mask``/``labels``
+    ``[B, Lmax]`` (pad id / 0 / -100), ``pixel_values`` ``[B, 3, H, W]``, other per-token keys padded with 0."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        length = max(f["input_ids"].numel() for f in features)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            out = torch.full((len(features), length), value, dtype=torch.long)
+            for row, f in enumerate(features):
+                out[row, : f[key].numel()] = f[key]
+            return out
+
+        batch = {
+            "input_ids": pad("input_ids", self.pad_token_id),
+            "attention_mask": pad("attention_mask", 0),
+            "labels": pad("labels", IGNORE_INDEX),
+        }
+        if features[0].get("pixel_values") is not None:
+            batch["pixel_values"] = torch.stack([f["pixel_values"] for f in features])
+        for key in features[0]:  # other per-token inputs from the processor (qformer_input_ids, ...): pad with 0
+            if key not in batch and key != "pixel_values":
+                width = max(f[key].numel() for f in features)
+                batch[key] = torch.zeros((len(features), width), dtype=features[0][key].dtype)
+                for row, f in enumerate(features):
+                    batch[key][row, : f[key].numel()] = f[key]
+        return batch

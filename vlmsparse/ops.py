@@ -1,0 +1,368 @@
+"""The ONE place that chooses a compute backend, and the autograd Functions (layer 2).
+
+Backends:
+
+- ``"reference"``: the pure-torch twins in :mod:`vlmsparse.kernels.reference` (default on CPU);
+- ``"triton"``: the Triton kernels in :mod:`vlmsparse.kernels.sparse_lora` and
+  :mod:`vlmsparse.kernels.packed24` (default for CUDA inputs when triton imports; on CPU only under
+  ``TRITON_INTERPRET=1``);
+- ``"torch24"``: torch semi-structured sparse (cuSPARSELt / CUTLASS), inference only, for merged 2:4
+  weights (:func:`packed24_linear`, :func:`torch24_linear`).
+
+Selection order: the ``backend`` argument > the innermost :func:`use_backend` context > the environment
+variable ``VLMSPARSE_BACKEND`` > the device default. Kernel modules are imported lazily, on first use,
+so ``import vlmsparse.ops`` needs neither triton nor a GPU.
+
+The SparseLoRA math (``s = scaling = lora_alpha / r``, ``W`` the frozen pruned weight, ``M`` the keep-mask):
+
+- forward ``y = x @ (W*M + s*(B@A)*M).T + b``
+- backward, with ``G = dY.T @ X`` (the only full-size product):
+  ``dX = dY @ (W*M + s*(B@A)*M)``, ``dB = s * (G*M) @ A.T``, ``dA = s * B.T @ (G*M)``.
+
+The autograd Functions save only ``x``, ``A``, ``B`` and references to the frozen weight and mask (which
+exist anyway); the effective weight and ``G`` are formed inside backward and freed there, so no full-size
+tensor stays alive between forward and backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+import threading
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+from .kernels import reference as _ref
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "resolve_backend",
+    "use_backend",
+    "current_backend",
+    "triton_available",
+    "sparse_lora_linear",
+    "packed24_lora_linear",
+    "packed24_linear",
+    "torch24_linear",
+    "zero_weight",
+]
+
+BACKENDS = ("reference", "triton", "torch24")
+ENV_VAR = "VLMSPARSE_BACKEND"
+
+# Which backends implement which op. torch24 is inference-only and covers the plain 2:4 matmul.
+_OPS = {
+    "sparse_lora": ("reference", "triton"),
+    "packed24_lora": ("reference", "triton"),
+    "packed24_matmul": ("reference", "triton", "torch24"),
+}
+
+_local = threading.local()
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; allowed: {', '.join(BACKENDS)}")
+    return name
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether the ``triton`` package can be found (does not import it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Within the block, ops without an explicit ``backend`` argument use ``name`` (``None``: no override).
+
+    Nests; thread-local. Example: ``with vlmsparse.ops.use_backend("reference"): model(x)``.
+    """
+    if name is not None:
+        _check_name(name, "use_backend")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def current_backend() -> tuple[str | None, str]:
+    """``(name, source)`` of the backend override in effect: source is ``"context"``, ``"env"`` or ``"default"``
+    (then name is ``None``: the device decides)."""
+    stack = getattr(_local, "stack", None) or []
+    for name in reversed(stack):
+        if name is not None:
+            return name, "context"
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        return _check_name(env, f"environment variable {ENV_VAR}"), "env"
+    return None, "default"
+
+
+def _check_runnable(name: str, device: torch.device, source: str) -> None:
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError(f"backend 'triton' ({source}) requested but triton is not installed; use 'reference'")
+        if device.type != "cuda" and not _interpret():
+            raise RuntimeError(
+                f"backend 'triton' ({source}) cannot run on a {device.type} tensor: Triton needs a CUDA device, "
+                "or TRITON_INTERPRET=1 set before the kernels are imported to run them on CPU (slow, for tests); "
+                "use the 'reference' backend on CPU"
+            )
+    elif name == "torch24":
+        if device.type != "cuda":
+            raise RuntimeError(
+                f"backend 'torch24' ({source}) needs a CUDA tensor (torch semi-structured sparse has no "
+                f"{device.type} path); use 'reference' or 'triton'"
+            )
+
+
+def resolve_backend(device: torch.device | str, backend: str | None = None, *, op: str | None = None) -> str:
+    """The backend to use for a tensor on ``device``.
+
+    Order: ``backend`` argument > :func:`use_backend` context > ``$VLMSPARSE_BACKEND`` > device default
+    (``"triton"`` on CUDA when triton can be imported, else ``"reference"``). ``op`` (``"sparse_lora"``,
+    ``"packed24_lora"``, ``"packed24_matmul"``) checks that the backend implements that op.
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` when the backend cannot run here.
+    """
+    device = torch.device(device)
+    if backend is not None:
+        name, source = _check_name(backend, "backend argument"), "argument"
+    else:
+        name, source = current_backend()
+        if name is None:
+            name = "triton" if device.type == "cuda" and triton_available() else "reference"
+            source = "device default"
+    if op is not None:
+        if op not in _OPS:
+            raise ValueError(f"resolve_backend: unknown op {op!r}; allowed: {', '.join(_OPS)}")
+        if name not in _OPS[op]:
+            if source in ("context", "env") and name == "torch24":
+                # A model-wide torch24 choice still trains/evaluates its SparseLoRA layers: fall back.
+                name = "triton" if device.type == "cuda" and triton_available() else "reference"
+            else:
+                raise ValueError(
+                    f"backend {name!r} ({source}) does not implement {op}; allowed: {', '.join(_OPS[op])}"
+                )
+    _check_runnable(name, device, source)
+    return name
+
+
+def _kernel_module(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(f"vlmsparse.kernels.{name}")
+    except ImportError as error:
+        raise RuntimeError(
+            f"backend 'triton': cannot import vlmsparse.kernels.{name} ({error}); use the 'reference' backend"
+        ) from error
+
+
+def _impl(backend: str, kernel_module: str, name: str):
+    """The function ``name`` of a backend (reference twin ``name + '_ref'``)."""
+    if backend == "reference":
+        return getattr(_ref, f"{name}_ref")
+    return getattr(_kernel_module(kernel_module), name)
+
+
+def zero_weight(out_features: int, in_features: int, like: torch.Tensor) -> torch.Tensor:
+    """A ``[out, in]`` zero weight that takes no memory (a stride-0 view of one scalar); used for the
+    adapter-only path ``s * x @ ((B@A)*M).T`` when LoRA dropout separates it from the base matmul."""
+    return torch.zeros((), dtype=like.dtype, device=like.device).expand(out_features, in_features)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _check_lora_args(x: torch.Tensor, out_features: int, in_features: int, lora_A, lora_B, scaling) -> None:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features in its last dim, the weight expects {in_features}")
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != in_features or lora_B.shape[0] != out_features:
+        raise ValueError(
+            f"lora_A must be [r, {in_features}] and lora_B [{out_features}, r], got {tuple(lora_A.shape)} and "
+            f"{tuple(lora_B.shape)}"
+        )
+    if lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(f"rank mismatch: lora_A has r={lora_A.shape[0]}, lora_B has r={lora_B.shape[1]}")
+    if not isinstance(scaling, (int, float)):
+        raise ValueError(f"scaling must be a python number, got {type(scaling).__name__}")
+
+
+def _check_frozen(weight: torch.Tensor, what: str) -> None:
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{what}: the base weight must be frozen (requires_grad=False); only lora_A / lora_B receive gradients"
+        )
+
+
+def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The Functions compute in the weight's dtype (x is cast to it, as autocast would cast the weight): under
+    autocast they run with it off, so no full-size cast copy of the weight is made or saved."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+class _SparseLoRAFunction(torch.autograd.Function):
+    """``y = x @ (W*M + s*(B@A)*M).T + b``; saves x, A, B (and the frozen W, M), nothing full-size."""
+
+    @staticmethod
+    def forward(ctx, x, weight, mask, lora_A, lora_B, bias, scaling, backend):
+        y = _impl(backend, "sparse_lora", "sparse_lora_forward")(x, weight, mask, lora_A, lora_B, scaling, bias)
+        ctx.save_for_backward(x, weight, mask, lora_A, lora_B)
+        ctx.scaling, ctx.backend, ctx.has_bias = scaling, backend, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mask, lora_A, lora_B = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        backward = _impl(ctx.backend, "sparse_lora", "sparse_lora_backward")
+        grad_x, grad_A, grad_B = backward(
+            grad_out.contiguous(), x, weight, mask, lora_A, lora_B, ctx.scaling, need_x
+        )
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return (
+            grad_x if need_x else None,
+            None,
+            None,
+            grad_A if ctx.needs_input_grad[3] else None,
+            grad_B if ctx.needs_input_grad[4] else None,
+            grad_bias,
+            None,
+            None,
+        )
+
+
+class _Packed24LoRAFunction(torch.autograd.Function):
+    """``y = x @ (unpack24(Wp) + s*(B@A)*M24).T + b``; saves x, A, B and the packed weight."""
+
+    @staticmethod
+    def forward(ctx, x, values, meta, lora_A, lora_B, bias, scaling, backend):
+        y = _impl(backend, "packed24", "packed24_lora_forward")(x, values, meta, lora_A, lora_B, scaling, bias)
+        ctx.save_for_backward(x, values, meta, lora_A, lora_B)
+        ctx.scaling, ctx.backend, ctx.has_bias = scaling, backend, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, values, meta, lora_A, lora_B = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        backward = _impl(ctx.backend, "packed24", "packed24_lora_backward")
+        grad_x, grad_A, grad_B = backward(
+            grad_out.contiguous(), x, values, meta, lora_A, lora_B, ctx.scaling, need_x
+        )
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return (
+            grad_x if need_x else None,
+            None,
+            None,
+            grad_A if ctx.needs_input_grad[3] else None,
+            grad_B if ctx.needs_input_grad[4] else None,
+            grad_bias,
+            None,
+            None,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- public ops
+def sparse_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """SparseLoRA linear ``y [..., out] = x @ (W*M + s*(B@A)*M).T + b`` with autograd w.r.t. x, A, B, b.
+
+    ``x [..., in]``, ``weight [out, in]`` (frozen), ``mask [out, in]`` bool, ``lora_A [r, in]``,
+    ``lora_B [out, r]``, ``scaling = lora_alpha / r``. Backward follows the module docstring.
+    """
+    out_features, in_features = weight.shape
+    if mask.shape != weight.shape or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool of shape {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+    _check_lora_args(x, out_features, in_features, lora_A, lora_B, scaling)
+    _check_frozen(weight, "sparse_lora_linear")
+    name = resolve_backend(x.device, backend, op="sparse_lora")
+    with _no_autocast(x):
+        return _SparseLoRAFunction.apply(x.to(weight.dtype), weight, mask, lora_A, lora_B, bias, float(scaling), name)
+
+
+def packed24_lora_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """SparseLoRA over a packed 2:4 weight (``values [out, in/2]``, ``meta [out, ceil(in/8)]`` uint8):
+    ``y = x @ (unpack24(Wp) + s*(B@A)*M24).T + b``, autograd w.r.t. x, A, B, b (the packed weight is frozen)."""
+    out_features, in_features = values.shape[0], x.shape[-1]
+    if values.dim() != 2 or values.shape[1] * 2 != in_features:
+        raise ValueError(f"values must be [out, {in_features // 2}] for inputs of {in_features} features, got "
+                         f"{tuple(values.shape)}")
+    _check_lora_args(x, out_features, in_features, lora_A, lora_B, scaling)
+    _check_frozen(values, "packed24_lora_linear")
+    name = resolve_backend(x.device, backend, op="packed24_lora")
+    with _no_autocast(x):
+        return _Packed24LoRAFunction.apply(x.to(values.dtype), values, meta, lora_A, lora_B, bias, float(scaling),
+                                           name)
+
+
+def torch24_linear(x: torch.Tensor, weight_semi_structured: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x @ W.T + b`` with ``W`` a torch semi-structured sparse tensor (from
+    :func:`vlmsparse.sparse24.to_semi_structured`); leading dims of ``x`` are flattened as torch requires."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.nn.functional.linear(x2, weight_semi_structured, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def packed24_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``y = x @ unpack24(values, meta).T + b`` (inference; no gradient w.r.t. the packed weight).
+
+    With ``torch24`` the weight is unpacked and converted to torch semi-structured on every call; a module
+    should convert once and call :func:`torch24_linear` instead.
+    """
+    if values.dim() != 2 or values.shape[1] * 2 != x.shape[-1]:
+        raise ValueError(f"values must be [out, {x.shape[-1] // 2}] for inputs of {x.shape[-1]} features, got "
+                         f"{tuple(values.shape)}")
+    name = resolve_backend(x.device, backend, op="packed24_matmul")
+    if name == "torch24":
+        from .sparse24 import Packed24, to_semi_structured, unpack24
+
+        weight = to_semi_structured(unpack24(Packed24(values, meta, x.shape[-1])))
+        return torch24_linear(x, weight, bias)
+    return _impl(name, "packed24", "packed24_matmul")(x, values, meta, bias)

@@ -1,0 +1,457 @@
+"""Compress a (merged) sparse model: 2:4 linears to :class:`SparseLinear`, compact sparse checkpoints.
+
+- :func:`compress` swaps every eligible ``nn.Linear`` (2:4 weight, selected by ``masks`` / ``filter_fn``) for a
+  :class:`~vlmsparse.modules.sparse_linear.SparseLinear`; ``auto=True`` times each distinct layer shape on the
+  actual device at the given token counts and keeps 2:4 only where it beats the dense matmul.
+  :func:`decompress` is the inverse swap.
+- :func:`save_compressed` writes a folder: ``config.json`` (the HF config), ``model.compressed.safetensors``
+  (2:4 weights as packed ``values`` + ``meta``; other sparse 2-D weights as non-zero ``values`` + ``bitmask``;
+  the rest dense) and ``vlmsparse_compressed.json`` (format version, HF class, per-tensor format, sizes).
+  :func:`load_compressed` rebuilds the HF model from the config (no download) and loads it bit for bit,
+  dense or with ``SparseLinear`` modules.
+
+Bitmask format of a ``[out, in]`` tensor: ``bitmask [out, ceil(in/8)]`` uint8, bit ``j`` of byte ``b`` of a row
+is column ``8b + j``; ``values`` (1-D) are the entries whose bits are not ``+0.0``, in row-major order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..masks import atomic_write
+from ..modules.sparse_linear import SparseLinear, choose_backend, is_24
+from ..sparse24 import Packed24, pack24, unpack24
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LayerDecision",
+    "CompressReport",
+    "compress",
+    "decompress",
+    "save_compressed",
+    "load_compressed",
+    "pack_bitmask",
+    "unpack_bitmask",
+    "load_compressed_state_dict",
+    "compress_folder",
+    "decompress_folder",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+WEIGHTS_FILENAME = "model.compressed.safetensors"
+INDEX_FILENAME = "vlmsparse_compressed.json"
+CONFIG_FILENAME = "config.json"
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+# ---------------------------------------------------------------------------------------------- swapping
+@dataclass(frozen=True)
+class LayerDecision:
+    """What :func:`compress` did with one linear: ``backend`` is ``torch24`` / ``packed24`` (swapped) or
+    ``dense`` (left as it was); times in ms when measured (``auto``)."""
+
+    name: str
+    shape: tuple[int, int]
+    backend: str
+    reason: str
+    dense_ms: float | None = None
+    sparse_ms: float | None = None
+
+
+@dataclass
+class CompressReport:
+    layers: list[LayerDecision] = field(default_factory=list)
+
+    @property
+    def swapped(self) -> list[str]:
+        return [d.name for d in self.layers if d.backend != "dense"]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.layers:
+            out[d.backend] = out.get(d.backend, 0) + 1
+        return out
+
+    def to_dict(self) -> dict:
+        return {"counts": self.counts(), "layers": [asdict(d) for d in self.layers]}
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Median time of ``fn`` in ms: ``triton.testing.do_bench`` on CUDA, a few perf_counter runs elsewhere."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _mask_is_24(mask: torch.Tensor) -> bool:
+    return mask.dim() == 2 and mask.shape[1] % 4 == 0 and bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+def compress(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    auto: bool = False,
+    backend: str = "auto",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    tokens: Sequence[int] = (1, 512),
+    progress: bool = True,
+) -> CompressReport:
+    """Swap every eligible ``nn.Linear`` of ``model`` (in place) for a :class:`SparseLinear`.
+
+    Eligible: a 2:4 weight (:func:`~vlmsparse.modules.sparse_linear.is_24`), named in ``masks`` with a 2:4 mask
+    when ``masks`` (a ``MaskSet`` or ``{name: bool mask}``) is given, and passing ``filter_fn(module, name)``.
+    ``backend``: ``auto`` (torch semi-structured, else the packed Triton kernel on CUDA, else nothing),
+    ``torch24``, ``packed24`` (also on CPU, through the reference twin) or ``dense``. ``auto=True`` times
+    dense vs the chosen backend for each distinct (shape, dtype) at ``tokens`` rows of input and swaps only
+    where the summed time is lower. Returns a :class:`CompressReport` with one row per 2:4 linear.
+    """
+    from tqdm.auto import tqdm
+
+    if masks is not None and hasattr(masks, "masks"):
+        masks = masks.masks
+    if auto and (not tokens or any(int(t) < 1 for t in tokens)):
+        raise ValueError(f"compress: tokens must be positive counts, got {tokens!r}")
+    candidates = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        if masks is not None and (name not in masks or not _mask_is_24(masks[name])):
+            continue
+        candidates.append((name, module))
+    report = CompressReport()
+    timings: dict[tuple, tuple[float, float]] = {}
+    for name, module in tqdm(candidates, desc="compress", disable=not progress or len(candidates) < 8):
+        weight = module.weight.detach()
+        shape = tuple(weight.shape)
+        if not is_24(weight):
+            if masks is not None:
+                raise ValueError(f"compress: {name} has a 2:4 mask but its weight is not 2:4 (merge first?)")
+            continue
+        chosen, reason = choose_backend(weight, backend)
+        if chosen == "dense":
+            report.layers.append(LayerDecision(name, shape, "dense", reason))
+            continue
+        new = SparseLinear(weight, module.bias, chosen)
+        dense_ms = sparse_ms = None
+        if auto:
+            key = (shape, weight.dtype, chosen, module.bias is not None)
+            if key not in timings:
+                timings[key] = _time_layer(module, new, tokens)
+            dense_ms, sparse_ms = timings[key]
+            if sparse_ms >= dense_ms:
+                report.layers.append(LayerDecision(name, shape, "dense", f"{chosen} slower than dense here",
+                                                   dense_ms, sparse_ms))
+                continue
+        _set_module(model, name, new)
+        report.layers.append(LayerDecision(name, shape, chosen, reason, dense_ms, sparse_ms))
+    logger.info("compress: %s", report.counts())
+    return report
+
+
+@torch.no_grad()
+def _time_layer(dense: nn.Linear, sparse: SparseLinear, tokens: Iterable[int]) -> tuple[float, float]:
+    """Summed median times (ms) of the dense and the sparse layer over inputs of ``tokens`` rows."""
+    device, dtype = dense.weight.device, dense.weight.dtype
+    total_dense = total_sparse = 0.0
+    for t in tokens:
+        x = torch.randn(int(t), dense.in_features, device=device, dtype=dtype)
+        total_dense += _median_ms(lambda x=x: dense(x), device)
+        total_sparse += _median_ms(lambda x=x: sparse(x), device)
+    return total_dense, total_sparse
+
+
+def decompress(model: nn.Module) -> int:
+    """The inverse of :func:`compress`: every ``SparseLinear`` back to an ``nn.Linear``. Returns the count."""
+    names = [name for name, module in model.named_modules() if isinstance(module, SparseLinear)]
+    for name in names:
+        _set_module(model, name, model.get_submodule(name).to_linear())
+    return len(names)
+
+
+# ---------------------------------------------------------------------------------------------- formats
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` bool -> ``[out, ceil(in/8)]`` uint8, bit ``j`` of byte ``b`` = column ``8b + j``."""
+    rows, cols = mask.shape
+    padded = nn.functional.pad(mask.to(torch.uint8), (0, (-cols) % 8)).reshape(rows, -1, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (padded << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bitmask(bits: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bitmask`: ``[out, ceil(in/8)]`` uint8 -> ``[out, in]`` bool."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits[..., None] >> shifts) & 1).bool().reshape(bits.shape[0], -1)[:, :cols]
+
+
+def _set_bits(t: torch.Tensor) -> torch.Tensor:
+    """Entries whose bit pattern is not ``+0.0`` (keeps ``-0.0`` and NaN)."""
+    return t.contiguous().view(_INT_OF_SIZE[t.element_size()]) != 0
+
+
+def _dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every ``SparseLinear`` given back as a dense ``weight`` (+ ``bias``)."""
+    sparse = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    state = {}
+    for key, value in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner in sparse:
+            continue
+        state[key] = value
+    for name, module in sparse.items():
+        prefix = f"{name}." if name else ""
+        state[prefix + "weight"] = module.dense_weight()
+        if module.bias is not None:
+            state[prefix + "bias"] = module.bias
+    return state
+
+
+def save_compressed(
+    model: nn.Module, path: str | os.PathLike, min_sparsity: float = 0.25, plan: CompressReport | None = None
+) -> dict:
+    """Save ``model`` (an HF ``PreTrainedModel``, dense or compressed) as a compressed checkpoint folder.
+
+    2-D floating tensors that are 2:4 go to the packed format, other 2-D floating tensors with at least
+    ``min_sparsity`` zeros to values + bitmask (when that is smaller), the rest stay dense. Tied tensors are
+    stored once. Every file is written atomically. ``plan`` (the report of ``compress(..., auto=True)``) is
+    stored and makes ``load_compressed(as_sparse=True)`` swap only the layers it kept sparse.
+    Returns the size report (also stored in the index).
+    """
+    from safetensors.torch import save_file
+
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"save_compressed: min_sparsity must be in [0, 1], got {min_sparsity}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        raise ValueError("save_compressed needs a Hugging Face model (with .config) to rebuild it on load")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    seen: dict[tuple, str] = {}
+    dense_bytes = 0
+    for key, value in _dense_state_dict(model).items():
+        value = value.detach().cpu()
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
+                 value.dtype)
+        if value.numel() and ident in seen:
+            entries[key] = {"format": "alias", "of": seen[ident]}
+            continue
+        seen[ident] = key
+        nbytes = value.numel() * value.element_size()
+        dense_bytes += nbytes
+        entry = {"format": "dense", "shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
+        if value.dim() == 2 and value.is_floating_point() and value.numel():
+            if is_24(value):
+                packed = pack24(value)
+                tensors[f"{key}.values"], tensors[f"{key}.meta"] = packed.values, packed.meta
+                entries[key] = {**entry, "format": "packed24"}
+                continue
+            nonzero = _set_bits(value)
+            kept = int(nonzero.sum())
+            bitmask_bytes = kept * value.element_size() + value.shape[0] * ((value.shape[1] + 7) // 8)
+            if 1.0 - kept / value.numel() >= min_sparsity and bitmask_bytes < nbytes:
+                tensors[f"{key}.values"] = value[nonzero].contiguous()
+                tensors[f"{key}.bitmask"] = pack_bitmask(nonzero)
+                entries[key] = {**entry, "format": "bitmask"}
+                continue
+        tensors[key] = value.contiguous()
+        entries[key] = entry
+    weights_path = path / WEIGHTS_FILENAME
+    atomic_write(weights_path, lambda tmp: save_file(
+        tensors, tmp, metadata={"format": "vlmsparse-compressed", "format_version": FORMAT_VERSION}))
+    config_text = config.to_json_string()
+    atomic_write(path / CONFIG_FILENAME, lambda tmp: Path(tmp).write_text(config_text, encoding="utf-8"))
+    formats: dict[str, int] = {}
+    for entry in entries.values():
+        formats[entry["format"]] = formats.get(entry["format"], 0) + 1
+    file_bytes = os.path.getsize(weights_path)
+    report = {
+        "path": str(path),
+        "file_bytes": file_bytes,
+        "dense_bytes": dense_bytes,
+        "ratio": file_bytes / dense_bytes if dense_bytes else 1.0,
+        "formats": formats,
+    }
+    index = {
+        "format": "vlmsparse-compressed",
+        "format_version": FORMAT_VERSION,
+        "model_class": type(model).__name__,
+        "weights": WEIGHTS_FILENAME,
+        "size": report,
+        "plan": plan.to_dict() if plan is not None else None,
+        "tensors": entries,
+    }
+    atomic_write(path / INDEX_FILENAME,
+                 lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1), encoding="utf-8"))
+    logger.info("save_compressed: %d bytes (%.1f%% of %d dense bytes) in %s", file_bytes,
+                100 * report["ratio"], dense_bytes, path)
+    return report
+
+
+def _read_index(path: Path) -> dict:
+    index_path = path / INDEX_FILENAME
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{path} is not a compressed vlmsparse checkpoint (no {INDEX_FILENAME})")
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    version = str(index.get("format_version"))
+    if index.get("format") != "vlmsparse-compressed" or version != FORMAT_VERSION:
+        raise ValueError(f"{index_path}: format {index.get('format')!r} version {version!r} is not supported "
+                         f"(this vlmsparse reads vlmsparse-compressed version {FORMAT_VERSION})")
+    return index
+
+
+def load_compressed_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The dense state dict stored in a compressed checkpoint folder (tied tensors share storage)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = _read_index(path)
+    stored = load_file(str(path / index["weights"]))
+    state: dict[str, torch.Tensor] = {}
+    aliases = {}
+    for key, entry in index["tensors"].items():
+        fmt = entry["format"]
+        if fmt == "alias":
+            aliases[key] = entry["of"]
+        elif fmt == "dense":
+            state[key] = stored[key]
+        elif fmt == "packed24":
+            state[key] = unpack24(Packed24(stored[f"{key}.values"], stored[f"{key}.meta"], entry["shape"][1]))
+        elif fmt == "bitmask":
+            mask = unpack_bitmask(stored[f"{key}.bitmask"], entry["shape"][1])
+            dense = torch.zeros(entry["shape"], dtype=stored[f"{key}.values"].dtype)
+            dense[mask] = stored[f"{key}.values"]
+            state[key] = dense
+        else:
+            raise ValueError(f"{path}: tensor {key!r} has unknown format {fmt!r}")
+    for key, original in aliases.items():
+        state[key] = state[original]
+    return state
+
+
+def load_compressed(
+    path: str | os.PathLike,
+    as_sparse: bool = False,
+    backend: str = "auto",
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Rebuild the Hugging Face model saved by :func:`save_compressed` (from its ``config.json``; nothing is
+    downloaded) with the stored weights, bit for bit, moved to ``device``. ``as_sparse``: swap the linears
+    stored as 2:4 (only those the stored ``auto`` plan kept sparse, if there is one) for :class:`SparseLinear`
+    (``backend`` as in :func:`compress`)."""
+    import transformers
+    from transformers import AutoConfig
+
+    path = Path(path)
+    index = _read_index(path)
+    cls = getattr(transformers, index["model_class"], None)
+    if cls is None:
+        raise ValueError(f"{path}: model class {index['model_class']!r} is not in this transformers version")
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from contextlib import nullcontext as no_init_weights
+    with no_init_weights():
+        model = cls(config)
+    state = load_compressed_state_dict(path)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or missing:
+        raise ValueError(f"{path}: checkpoint does not match {index['model_class']}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.eval()
+    if device is not None:
+        model.to(device)
+    if as_sparse:
+        packed = {key[: -len(".weight")] for key, e in index["tensors"].items()
+                  if e["format"] == "packed24" and key.endswith(".weight")}
+        if index.get("plan"):
+            packed &= {layer["name"] for layer in index["plan"]["layers"] if layer["backend"] != "dense"}
+        compress(model, backend=backend, filter_fn=lambda _m, name: name in packed)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- folders
+_SIDE_FILES = ("tokenizer", "special_tokens_map", "processor_config", "preprocessor_config", "chat_template",
+               "generation_config", "added_tokens", "vocab", "merges", "sparsity_masks")
+
+
+def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer / processor / generation / mask files of a model folder (not weights or config)."""
+    import shutil
+
+    copied = []
+    for item in sorted(src.iterdir()):
+        if item.is_file() and item.name.startswith(_SIDE_FILES):
+            shutil.copy2(item, dst / item.name)
+            copied.append(item.name)
+    return copied
+
+
+def compress_folder(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    auto: bool = False,
+    device: str | torch.device | None = None,
+    tokens: Sequence[int] = (1, 512),
+    min_sparsity: float = 0.25,
+) -> dict:
+    """Compress an HF model folder into a compressed checkpoint folder (plus its tokenizer / processor / mask
+    files). ``auto``: time the 2:4 layers on ``device`` first and record which stay sparse. Returns the report."""
+    from .save import load_model
+
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"compress_folder: output {dst} must differ from the input folder")
+    plan = None
+    if auto:  # time on the device with a throw-away copy; save from an untouched load (bit for bit)
+        timed = load_model(src, device=device)
+        plan = compress(timed, auto=True, tokens=tokens)
+        del timed
+    model = load_model(src)
+    report = save_compressed(model, dst, min_sparsity=min_sparsity, plan=plan)
+    report["copied"] = _copy_side_files(src, dst)
+    if plan is not None:
+        report["plan"] = plan.to_dict()
+    return report
+
+
+def decompress_folder(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """A compressed checkpoint folder back to a plain HF folder (``save_pretrained``, dense weights)."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"decompress_folder: output {dst} must differ from the input folder")
+    model = load_compressed(src)
+    model.save_pretrained(str(dst))
+    _copy_side_files(src, dst)
+    return dst

@@ -1,0 +1,638 @@
+"""``prune_model``: prune a Hugging Face VLM (or causal LM) in place, block by block (layer 5).
+
+Flow, per stage of the model (vision blocks, connector, language blocks; see ``vlmsparse.models``):
+
+1. capture the inputs of the stage's first block (all positional and keyword arguments, caches dropped, with
+   ``use_cache=False``) by running the model on each calibration batch until it reaches that block;
+2. for each block: run the calibration batches through it with hooks on its target linears that accumulate
+   input statistics (linears reading the same input tensor share one ``InputStats``; padding skipped via the
+   attention mask); prune every target linear; run the batches through the pruned block to get the next
+   block's inputs. Only one block's activations and statistics are resident; with ``offload`` they live on
+   the CPU between uses.
+
+Before any weight changes, the configuration, every target weight (NaN/inf, N:M divisibility) and every
+calibration batch (image tokens) are checked. If anything fails during pruning (e.g. NaN activations), the
+weights changed so far are restored and the error is raised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..masks import MaskSet
+from ..models import PARTS, ArchSpec, ResolvedStage, get_arch_spec
+from ..pruning import METHODS, InputStats, check_weight, prune_layer, sparsegpt_prune
+from ..pruning.algorithms import one_thread
+from ..sparsity import SparsityPattern, parse_pattern
+
+__all__ = ["PruneConfig", "LayerReport", "prune_model", "report_of", "format_report", "ALLOCATIONS"]
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("equal", "language", "vision", "owl")
+_CACHE_KEYS = ("past_key_value", "past_key_values", "layer_past")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how.
+
+    - ``method``: ``magnitude`` | ``wanda`` | ``sparsegpt``.
+    - ``sparsity``: a pattern (``0.5``, ``"70%"``, ``"2:4"``) used by ``equal`` / ``language`` / ``vision`` / ``owl``.
+    - ``allocation``: ``equal`` (vision and language blocks at ``sparsity``), ``language`` (language blocks only),
+      ``vision`` (vision blocks only), ``owl`` (``equal`` with outlier-weighted layer-wise sparsity), or a
+      mapping part -> pattern (``{"vision": 0.5, "language": 0.7}``; ``"connector"`` prunes the projector /
+      Q-Former too; a part absent or at 0 is left dense).
+    - ``scope``: unstructured comparison group for magnitude/Wanda: ``row``, ``matrix`` or ``auto`` (per
+      matrix in the vision encoder, as the reference VLM code did, per row elsewhere).
+    - ``owl``: OWL on top of the allocation (unstructured only); ``owl_lambda`` the sparsity spread around the
+      target, ``owl_threshold`` the outlier factor M (score > M x mean).
+    - ``blocksize``, ``dampening``: SparseGPT column block and Hessian dampening (fraction of mean diagonal).
+    - ``report_error``: accumulate ``X^T X`` for every layer to report the reconstruction error (always on
+      for SparseGPT; costs about one extra forward for Wanda).
+    - ``offload``: keep calibration activations on the CPU between blocks (``None``: when the model is on an
+      accelerator).
+    - ``stack_shared``: SparseGPT prunes linears that share an input (q/k/v, gate/up) as one stacked weight.
+    - ``restore_on_error``: keep a CPU copy of each weight before it changes, to restore the model if pruning
+      fails half-way (e.g. NaN activations); costs host memory of the pruned weights until the end.
+    """
+
+    method: str = "wanda"
+    sparsity: Any = 0.5
+    allocation: Any = "equal"
+    scope: str = "auto"
+    owl: bool = False
+    owl_lambda: float = 0.08
+    owl_threshold: float = 5.0
+    blocksize: int = 128
+    dampening: float = 0.01
+    report_error: bool = True
+    offload: bool | None = None
+    stack_shared: bool = True
+    progress: bool = True
+    restore_on_error: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"PruneConfig.method: unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
+        if isinstance(self.allocation, str):
+            if self.allocation not in ALLOCATIONS:
+                raise ValueError(
+                    f"PruneConfig.allocation: unknown allocation {self.allocation!r}; allowed: "
+                    f"{', '.join(ALLOCATIONS)} or a mapping like {{'vision': 0.5, 'language': 0.7}}"
+                )
+            parse_pattern(self.sparsity)
+        elif isinstance(self.allocation, Mapping):
+            if not self.allocation:
+                raise ValueError("PruneConfig.allocation: the per-part mapping is empty")
+            for part, value in self.allocation.items():
+                if part not in PARTS:
+                    raise ValueError(f"PruneConfig.allocation: unknown part {part!r}; allowed: {', '.join(PARTS)}")
+                parse_pattern(value)
+        else:
+            raise ValueError(
+                f"PruneConfig.allocation must be one of {ALLOCATIONS} or a mapping part -> sparsity, got "
+                f"{type(self.allocation).__name__}"
+            )
+        if self.scope not in ("auto", "row", "matrix"):
+            raise ValueError(f"PruneConfig.scope: got {self.scope!r}; allowed: auto, row, matrix")
+        if not 0.0 <= self.owl_lambda < 0.5:
+            raise ValueError(f"PruneConfig.owl_lambda: got {self.owl_lambda}; allowed: [0, 0.5)")
+        if self.owl_threshold <= 0:
+            raise ValueError(f"PruneConfig.owl_threshold: got {self.owl_threshold}; allowed: > 0")
+        if not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise ValueError(f"PruneConfig.blocksize: got {self.blocksize!r}; allowed: a positive int")
+        if not 0.0 < self.dampening < 1.0:
+            raise ValueError(f"PruneConfig.dampening: got {self.dampening}; allowed: (0, 1)")
+        if self.use_owl and any(p.is_nm for p in self.part_patterns_unchecked().values()):
+            raise ValueError("PruneConfig: OWL assigns layer-wise unstructured sparsity; it does not apply to N:M")
+
+    @property
+    def use_owl(self) -> bool:
+        return self.owl or self.allocation == "owl"
+
+    def part_patterns_unchecked(self) -> dict[str, SparsityPattern]:
+        if isinstance(self.allocation, Mapping):
+            return {part: parse_pattern(v) for part, v in self.allocation.items()}
+        pattern = parse_pattern(self.sparsity)
+        parts = {"equal": ("vision", "language"), "owl": ("vision", "language"),
+                 "language": ("language",), "vision": ("vision",)}[self.allocation]
+        return {part: pattern for part in parts}
+
+
+@dataclass
+class LayerReport:
+    """One row of the per-layer report."""
+
+    name: str
+    part: str
+    shape: tuple[int, int]
+    pattern: str
+    sparsity: float
+    error: float | None
+    seconds: float
+
+
+@dataclass
+class _Target:
+    name: str
+    module: nn.Linear
+    part: str
+    pattern: SparsityPattern
+    scope: str
+
+
+@dataclass
+class _Batch:
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+    hidden_in_kwargs: bool
+    token_mask: torch.Tensor | None
+    per_block: list | None = None  # (args, kwargs) per block when kwargs cannot be reused
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _move(obj: Any, device: torch.device | None, memo: dict | None = None) -> Any:
+    """``obj`` with every tensor (in nested tuples / lists / dicts) moved to ``device``; shared tensors stay shared."""
+    if device is None:
+        return obj
+    if memo is None:
+        memo = {}
+    if isinstance(obj, torch.Tensor):
+        key = id(obj)
+        if key not in memo:
+            memo[key] = obj.to(device)
+        return memo[key]
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device, memo) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device, memo) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+def _is_cache(obj: Any) -> bool:
+    return type(obj).__name__.endswith("Cache")  # transformers' DynamicCache, EncoderDecoderCache, ...
+
+
+def _clean_args(args: tuple) -> tuple:
+    return tuple(None if _is_cache(a) else a for a in args)
+
+
+def _clean_kwargs(kwargs: dict) -> dict:
+    """Block keyword arguments without KV caches: with a cache, every batch would attend to the ones before."""
+    out = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+    for key in _CACHE_KEYS:
+        if key in out:
+            out[key] = None
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
+def _first(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    raise TypeError(f"cannot find the hidden states in a block output of type {type(output).__name__}")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _run_model(model: nn.Module, batch: Mapping, device: torch.device) -> None:
+    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    inputs.setdefault("use_cache", False)
+    model(**inputs)
+
+
+def _check_batches(spec: ArchSpec, model: nn.Module, batches: list) -> None:
+    if not batches:
+        raise ValueError("calibration set is empty; give at least one batch of model inputs")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, Mapping):
+            raise ValueError(f"calibration batch {i} is a {type(batch).__name__}; expected a dict of model inputs")
+        if "input_ids" not in batch and "pixel_values" not in batch and "inputs_embeds" not in batch:
+            raise ValueError(f"calibration batch {i} has none of input_ids / pixel_values / inputs_embeds")
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"calibration batch {i}: {key} holds NaN/inf values")
+        try:
+            spec.check_inputs(model, batch)
+        except ValueError as error:
+            raise ValueError(f"calibration batch {i}: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def _plan(
+    spec: ArchSpec, stages: list[ResolvedStage], cfg: PruneConfig
+) -> list[tuple[ResolvedStage, list[list[_Target]]]]:
+    """Per stage to visit: the target linears of each block."""
+    patterns = cfg.part_patterns_unchecked()
+    present = {s.part for s in stages}
+    if cfg.allocation in ("equal", "owl"):  # both parts where the model has them (language-only LMs too)
+        patterns = {part: p for part, p in patterns.items() if part in present}
+    for part in patterns:
+        if part not in present:
+            raise ValueError(f"{spec.name} has no {part} part to prune; its parts: {', '.join(sorted(present))}")
+    explicit_connector = isinstance(cfg.allocation, Mapping) and "connector" in cfg.allocation
+    plan = []
+    for stage in stages:
+        pattern = patterns.get(stage.part)
+        if pattern is None or (not pattern.is_nm and pattern.sparsity == 0):
+            continue
+        if not stage.spec.default and not (stage.part == "connector" and explicit_connector):
+            continue
+        scope = cfg.scope
+        if scope == "auto":
+            scope = "matrix" if stage.part == "vision" else "row"
+        per_block = []
+        for block_name, block in zip(stage.block_names, stage.blocks):
+            targets = []
+            for sub, module in block.named_modules():
+                if isinstance(module, nn.Linear):
+                    name = f"{block_name}.{sub}" if sub else block_name
+                    targets.append(_Target(name, module, stage.part, pattern, scope))
+            per_block.append(targets)
+        if any(per_block):
+            plan.append((stage, per_block))
+    if not plan:
+        raise ValueError("nothing to prune: every part's sparsity is 0 or absent")
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ calibration
+def _capture(
+    model: nn.Module, stage: ResolvedStage, batches: list, device: torch.device, store: torch.device | None
+) -> list[_Batch]:
+    """Inputs of the stage's first block (and of every block when kwargs cannot be reused), per batch."""
+    blocks = stage.blocks
+    all_blocks = not stage.spec.reuse_kwargs and len(blocks) > 1
+    captured: list[_Batch] = []
+    for batch in batches:
+        calls: list[tuple[tuple, dict]] = []
+
+        def pre_hook(module, args, kwargs, _calls=calls):
+            _calls.append((args, kwargs))
+            if not all_blocks:
+                raise _Stop
+
+        def last_hook(module, args, output):
+            raise _Stop
+
+        handles = [b.register_forward_pre_hook(pre_hook, with_kwargs=True) for b in (blocks if all_blocks else blocks[:1])]
+        if all_blocks:
+            handles.append(blocks[-1].register_forward_hook(last_hook))
+        try:
+            with torch.no_grad():
+                _run_model(model, batch, device)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if not calls:
+            raise RuntimeError(f"calibration forward never reached {stage.block_names[0]}")
+        memo: dict = {}
+        entries = []
+        for args, kwargs in calls:
+            kwargs, args = _clean_kwargs(kwargs), _clean_args(args)
+            if args:
+                hidden, rest, in_kwargs = args[0], tuple(args[1:]), False
+            else:
+                hidden, rest, in_kwargs = kwargs.pop("hidden_states"), (), True
+            entries.append((hidden, _move(rest, store, memo), _move(kwargs, store, memo), in_kwargs))
+        hidden, rest, kwargs, in_kwargs = entries[0]
+        token_mask = None
+        key = stage.spec.mask_key
+        if key and isinstance(batch.get(key), torch.Tensor) and tuple(batch[key].shape) == tuple(hidden.shape[:2]):
+            token_mask = batch[key].detach().bool().cpu()
+        captured.append(
+            _Batch(
+                hidden=_move(hidden.detach(), store),
+                args=rest,
+                kwargs=kwargs,
+                hidden_in_kwargs=in_kwargs,
+                token_mask=token_mask,
+                per_block=[(e[1], e[2]) for e in entries] if all_blocks else None,
+            )
+        )
+    return captured
+
+
+def _run_block(block: nn.Module, index: int, b: _Batch, device: torch.device) -> torch.Tensor:
+    args, kwargs = (b.per_block[index] if b.per_block is not None else (b.args, b.kwargs))
+    memo: dict = {}
+    hidden = b.hidden.to(device)
+    args, kwargs = _move(args, device, memo), _move(kwargs, device, memo)
+    if b.hidden_in_kwargs:
+        out = block(*args, hidden_states=hidden, **kwargs)
+    else:
+        out = block(hidden, *args, **kwargs)
+    return _first(out)
+
+
+def _collect_stats(
+    block: nn.Module, index: int, targets: list[_Target], batches: list[_Batch], device: torch.device,
+    hessian: bool, keep_outputs: bool, store: torch.device | None,
+) -> tuple[dict[str, InputStats], dict[str, int], list[torch.Tensor] | None]:
+    """Run every batch through ``block``; return stats per group, group index per target, and the outputs
+    (when ``keep_outputs``, used when the block is not pruned afterwards)."""
+    group_of: dict[str, int] = {}
+    stats: dict[int, InputStats] = {}
+    outputs: list[torch.Tensor] | None = [] if keep_outputs else None
+    state: dict = {}
+
+    def make_hook(target: _Target):
+        def hook(module, args):
+            x = args[0]
+            held = state["held"]
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            gid = group_of.get(target.name)
+            if gid is None:  # first batch: group linears by the identity of their input tensor
+                gid = state["ids"].get(key)
+                if gid is None:
+                    gid = len(stats)
+                    stats[gid] = InputStats(x.shape[-1], hessian=hessian)
+                    state["ids"][key] = gid
+                group_of[target.name] = gid
+            state["order"].append(target.name)
+            if gid not in state["added"]:
+                state["added"].add(gid)
+                held.append(x)
+                mask = state["mask"]
+                if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
+                    mask = None
+                stats[gid].add_batch(x.detach(), token_mask=mask)
+            if target.name == state["stop_at"]:
+                raise _Stop  # the rest of the block's forward is not needed for statistics
+
+        return hook
+
+    handles = [t.module.register_forward_pre_hook(make_hook(t)) for t in targets]
+    try:
+        stop_at = None
+        for b in batches:
+            state.update(held=[], ids={}, added=set(), mask=b.token_mask, order=[], stop_at=stop_at)
+            try:
+                out = _run_block(block, index, b, device)
+            except _Stop:
+                continue
+            if outputs is not None:
+                outputs.append(_move(out.detach(), store) if store is not None else out.detach())
+            elif len(set(state["order"])) == len(targets):
+                # after one full pass: later passes stop at the last target linear called
+                stop_at = state["order"][-1]
+    finally:
+        for h in handles:
+            h.remove()
+        state.clear()
+    return {t.name: stats[group_of[t.name]] for t in targets if t.name in group_of}, group_of, outputs
+
+
+# ------------------------------------------------------------------------------------------------- OWL
+def _owl_ratios(per_block_scores: list[float], target: float, lam: float) -> list[float]:
+    """Layer-wise sparsities around ``target``: more outliers -> less sparsity, spread ``2 lam`` wide."""
+    ratios = torch.tensor(per_block_scores, dtype=torch.float64)
+    if len(ratios) < 2 or float(ratios.max() - ratios.min()) == 0:
+        return [target] * len(per_block_scores)
+    spread = (ratios - ratios.min()) / (ratios.max() - ratios.min()) * (2 * lam)
+    sparsity = target - (spread - spread.mean())
+    return [float(min(max(s, 0.0), 0.99)) for s in sparsity]
+
+
+def _outlier_ratio(targets: list[_Target], stats: dict[str, InputStats], threshold: float) -> float:
+    above = total = 0
+    for t in targets:
+        score = t.module.weight.detach().abs().float() * stats[t.name].norm.to(t.module.weight.device).unsqueeze(0)
+        above += int((score > threshold * score.mean()).sum())
+        total += score.numel()
+    return above / max(total, 1)
+
+
+# ------------------------------------------------------------------------------------------------ pruning
+def _prune_block(
+    targets: list[_Target], stats: dict[str, InputStats], group_of: dict[str, int], cfg: PruneConfig,
+    masks: MaskSet, report: list[LayerReport],
+) -> None:
+    results: dict[str, tuple] = {}
+    if cfg.method == "sparsegpt" and cfg.stack_shared:
+        groups: dict[tuple, list[_Target]] = {}
+        for t in targets:
+            groups.setdefault((group_of.get(t.name), t.pattern), []).append(t)
+        for (gid, pattern), members in groups.items():
+            if gid is None or len(members) < 2:
+                continue
+            start = time.perf_counter()
+            st = stats[members[0].name]
+            weights = [m.module.weight.detach() for m in members]
+            stacked = torch.cat(weights, dim=0)
+            new, keep = sparsegpt_prune(stacked, st.hessian(), pattern, cfg.blocksize, cfg.dampening,
+                                        segments=[w.shape[0] for w in weights])
+            seconds = (time.perf_counter() - start) / len(members)
+            row = 0
+            for m, w in zip(members, weights):
+                rows = w.shape[0]
+                part_new, part_keep = new[row:row + rows], keep[row:row + rows]
+                row += rows
+                results[m.name] = (part_new, part_keep, st.reconstruction_error(w, part_new), seconds)
+    for t in targets:
+        if t.name in results:
+            continue
+        start = time.perf_counter()
+        st = stats.get(t.name)
+        method = cfg.method
+        if st is None and method != "magnitude":
+            log.warning("%s received no calibration inputs (unused in the forward pass); pruned by magnitude", t.name)
+            method = "magnitude"
+        res = prune_layer(
+            t.module.weight.detach(), st if method != "magnitude" else None, method, t.pattern,
+            scope=t.scope, blocksize=cfg.blocksize, dampening=cfg.dampening,
+        )
+        error = res.error
+        if method == "magnitude" and st is not None:
+            error = st.reconstruction_error(t.module.weight.detach(), res.weight)
+        results[t.name] = (res.weight, res.mask, error, time.perf_counter() - start)
+    for t in targets:  # the model's order
+        _store(t, *results[t.name], masks, report)
+
+
+def _store(t: _Target, new: torch.Tensor, keep: torch.Tensor, error: float | None, seconds: float,
+           masks: MaskSet, report: list[LayerReport]) -> None:
+    with torch.no_grad():
+        t.module.weight.copy_(new)
+    masks.masks[t.name] = keep.detach().to("cpu")
+    masks.patterns[t.name] = str(t.pattern)
+    sparsity = 1.0 - float(keep.sum()) / keep.numel()
+    report.append(LayerReport(t.name, t.part, tuple(keep.shape), str(t.pattern), sparsity, error, seconds))
+    log.debug("pruned %s to %s (sparsity %.4f, error %s)", t.name, t.pattern, sparsity, error)
+
+
+def _progress(iterable, desc: str, enabled: bool, total: int):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+# ------------------------------------------------------------------------------------------------ entry
+def prune_model(
+    model: nn.Module,
+    method: str = "wanda",
+    sparsity: Any = 0.5,
+    allocation: Any = "equal",
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    **options: Any,
+) -> MaskSet:
+    """Prune ``model`` in place and return its :class:`~vlmsparse.masks.MaskSet`.
+
+    ``calibration``: an iterable of model-input dicts (``input_ids``, ``attention_mask``, ``pixel_values``,
+    ...), each one batch; not needed for magnitude pruning without OWL. ``options``: the other fields of
+    :class:`PruneConfig` (``scope``, ``owl``, ``blocksize``, ``dampening``, ``report_error``, ``offload``...).
+    The per-layer report is in ``masks.info["report"]`` (JSON; see :func:`report_of`).
+    """
+    cfg = PruneConfig(method=method, sparsity=sparsity, allocation=allocation, **options)
+    spec = get_arch_spec(model)
+    stages = spec.resolve(model)
+    plan = _plan(spec, stages, cfg)
+    for _, per_block in plan:
+        for targets in per_block:
+            for t in targets:
+                check_weight(t.module.weight.detach(), t.pattern, t.name)
+    needs_data = cfg.method != "magnitude" or cfg.use_owl
+    batches = list(calibration) if calibration is not None else []
+    if needs_data or batches:
+        _check_batches(spec, model, batches)
+    device = _model_device(model)
+    offload = cfg.offload if cfg.offload is not None else device.type != "cpu"
+    store = torch.device("cpu") if offload else None
+    hessian = cfg.method == "sparsegpt" or (cfg.report_error and bool(batches))
+
+    masks = MaskSet(method=cfg.method)
+    report: list[LayerReport] = []
+    backups: dict[str, torch.Tensor] = {}
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            if cfg.use_owl:
+                _apply_owl(model, plan, batches, device, store, cfg)
+            for stage, per_block in plan:
+                _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups)
+    except BaseException:
+        with torch.no_grad():
+            modules = dict(model.named_modules())
+            for name, weight in backups.items():
+                modules[name].weight.copy_(weight)
+        log.error("pruning failed; restored the %d weights changed so far", len(backups))
+        raise
+    finally:
+        model.train(was_training)
+    total = time.perf_counter() - start
+    masks.info.update(
+        method=cfg.method,
+        allocation=json.dumps(cfg.allocation if isinstance(cfg.allocation, str) else dict(cfg.allocation),
+                              default=str),
+        sparsity=str(cfg.sparsity),
+        architecture=spec.name,
+        seconds=f"{total:.3f}",
+        calibration_batches=str(len(batches)),
+        report=json.dumps([asdict(r) for r in report]),
+    )
+    log.info("pruned %d linears of %s with %s in %.1f s (overall sparsity %.4f)", len(masks), spec.name,
+             cfg.method, total, masks.sparsity())
+    return masks
+
+
+def _backup(targets: list[_Target], backups: dict[str, torch.Tensor], cfg: PruneConfig) -> None:
+    if not cfg.restore_on_error:
+        return
+    with one_thread(torch.device("cpu")):
+        for t in targets:
+            backups[t.name] = t.module.weight.detach().to("cpu", copy=True)
+
+
+def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups) -> None:
+    needs_data = cfg.method != "magnitude" or (cfg.report_error and bool(batches))
+    if not needs_data:
+        for targets in _progress(per_block, f"prune {stage.part}", cfg.progress, len(per_block)):
+            _backup(targets, backups, cfg)
+            _prune_block(targets, {}, {}, cfg, masks, report)
+        return
+    captured = _capture(model, stage, batches, device, store)
+    last = len(stage.blocks) - 1
+    for index, (block, targets) in enumerate(
+        _progress(list(zip(stage.blocks, per_block)), f"prune {stage.part}", cfg.progress, len(per_block))
+    ):
+        if targets:
+            stats, group_of, _ = _collect_stats(block, index, targets, captured, device, hessian, False, store)
+            _backup(targets, backups, cfg)
+            _prune_block(targets, stats, group_of, cfg, masks, report)
+            del stats
+        if index < last:
+            for b in captured:
+                out = _run_block(block, index, b, device).detach()
+                b.hidden = out.to(store) if store is not None else out
+
+
+def _apply_owl(model, plan, batches, device, store, cfg: PruneConfig) -> None:
+    """Dense pre-pass: outlier ratio per block, then the block's targets get OWL sparsities (per part)."""
+    for stage, per_block in plan:
+        captured = _capture(model, stage, batches, device, store)
+        scores = []
+        for index, (block, targets) in enumerate(zip(stage.blocks, per_block)):
+            if not targets:
+                scores.append(0.0)
+                continue
+            stats, _, outputs = _collect_stats(block, index, targets, captured, device, False, True, store)
+            scores.append(_outlier_ratio(targets, stats, cfg.owl_threshold))
+            for b, out in zip(captured, outputs):
+                b.hidden = out
+        target = per_block[0][0].pattern.sparsity if per_block and per_block[0] else 0.0
+        for targets, s in zip(per_block, _owl_ratios(scores, target, cfg.owl_lambda)):
+            for t in targets:
+                t.pattern = SparsityPattern(round(s, 6))
+        log.info("OWL %s sparsities: %s", stage.part, [round(s, 4) for s in _owl_ratios(scores, target, cfg.owl_lambda)])
+
+
+def report_of(masks: MaskSet) -> list[LayerReport]:
+    """The per-layer report recorded by :func:`prune_model`."""
+    rows = json.loads(masks.info.get("report", "[]"))
+    return [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in rows]
+
+
+def format_report(masks: MaskSet) -> str:
+    """The per-layer report as a text table (name, part, shape, pattern, sparsity, error, seconds)."""
+    rows = report_of(masks)
+    width = max([len(r.name) for r in rows] + [5])
+    lines = [f"{'layer':<{width}}  {'part':<9} {'shape':>11} {'pattern':>8} {'sparsity':>8} {'error':>8} {'time s':>7}"]
+    for r in rows:
+        err = f"{r.error:.4f}" if r.error is not None else "-"
+        shape = f"{r.shape[0]}x{r.shape[1]}"
+        lines.append(f"{r.name:<{width}}  {r.part:<9} {shape:>11} {r.pattern:>8} {r.sparsity:>8.4f} {err:>8} "
+                     f"{r.seconds:>7.3f}")
+    lines.append(f"overall sparsity of pruned layers: {masks.sparsity():.4f}; method {masks.method}; "
+                 f"{masks.info.get('seconds', '?')} s")
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""Save a pruned model folder (HF ``save_pretrained`` files + ``sparsity_masks.safetensors`` + processor) and
+load it back.
+
+The folder is written to a temporary sibling and renamed into place, so a crash never leaves a half-written
+model; an existing folder is replaced only with ``overwrite=True``, and the folder the model was loaded
+from is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..masks import MASKS_FILENAME, MaskSet
+from ..models import model_class_for
+
+__all__ = ["save_pruned", "load_pruned", "load_model", "load_processor", "check_masks"]
+
+log = logging.getLogger(__name__)
+
+
+def _source_dirs(model: nn.Module) -> list[Path]:
+    out = []
+    for value in (getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None)):
+        if value and os.path.isdir(value):
+            out.append(Path(value).resolve())
+    return out
+
+
+def check_masks(model: nn.Module, masks: MaskSet) -> None:
+    """Raise ``ValueError`` if a mask names no linear of ``model``, has the wrong shape, or a weight is non-zero
+    where its mask prunes."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        module = modules.get(name)
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"mask {name!r} names no module with a weight in {type(model).__name__}")
+        if tuple(weight.shape) != tuple(mask.shape):
+            raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, weight has {tuple(weight.shape)}")
+        if bool((weight.detach()[~mask.to(weight.device)] != 0).any()):
+            raise ValueError(f"{name}: weight is non-zero at positions its mask prunes")
+
+
+def save_pruned(
+    model: nn.Module,
+    masks: MaskSet,
+    out_dir: str | os.PathLike,
+    processor: Any = None,
+    overwrite: bool = False,
+    source: str | os.PathLike | None = None,
+) -> Path:
+    """Write ``model`` (``save_pretrained``), ``masks`` and ``processor`` (if given) to ``out_dir`` atomically.
+
+    Refuses to write into the folder the model came from (``source`` or the model's ``name_or_path``) and,
+    unless ``overwrite``, into an existing path.
+    """
+    out = Path(out_dir).resolve()
+    sources = _source_dirs(model) + ([Path(source).resolve()] if source else [])
+    if out in sources:
+        raise ValueError(f"refusing to overwrite the input model at {out}; choose another output folder")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another folder or pass overwrite=True")
+    check_masks(model, masks)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        masks.save(tmp / MASKS_FILENAME)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved pruned model (%d masks, sparsity %.4f) to %s", len(masks), masks.sparsity(), out)
+    return out
+
+
+def load_model(
+    path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Load a Hugging Face model of a supported architecture from a local folder (by its config's model_type)."""
+    path = Path(path)
+    config = path / "config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"{path} holds no config.json; not a Hugging Face model folder")
+    model_type = json.loads(config.read_text()).get("model_type")
+    cls = model_class_for(model_type)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = cls.from_pretrained(str(path), **kwargs)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_processor(path: str | os.PathLike) -> Any:
+    """The processor saved in a model folder (``AutoProcessor``), else its tokenizer, else ``None``."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    for loader in (AutoProcessor, AutoTokenizer):
+        try:
+            return loader.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.debug("%s.from_pretrained(%s) failed: %s", loader.__name__, path, error)
+    return None
+
+
+def load_pruned(
+    path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, MaskSet]:
+    """Load a folder written by :func:`save_pruned`: ``(model, masks)``; checks masks against the weights."""
+    model = load_model(path, device, dtype)
+    masks = MaskSet.load(path)
+    check_masks(model, masks)
+    return model, masks
