@@ -351,3 +351,38 @@ def test_offloaded_activations_give_the_same_result():
     mb = prune_model(b, method="sparsegpt", sparsity=0.5, calibration=[batch], progress=False, offload=False)
     for name in ma:
         assert torch.equal(ma[name], mb[name])
+
+
+def test_t5_blocks_get_their_own_position_bias():
+    """T5 blocks pass a position bias on from block 0; the pipeline captures every block's arguments. The
+    Wanda masks of the second encoder and decoder blocks equal those from inputs captured in ordinary
+    forwards of the pruned model (with that block made dense again)."""
+    model = tiny_blip2_t5()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [blip2_t5_inputs(seed=s) for s in (10, 11)]
+    batches[0]["attention_mask"][1, -2:] = 0
+    masks = prune_model(model, method="wanda", sparsity=0.5, allocation="language", calibration=batches,
+                        progress=False)
+    modules = dict(model.named_modules())
+    for block, name, use_mask in [
+        ("language_model.encoder.block.1", "language_model.encoder.block.1.layer.0.SelfAttention.q", True),
+        ("language_model.decoder.block.1", "language_model.decoder.block.1.layer.0.SelfAttention.q", False),
+        ("language_model.decoder.block.1", "language_model.decoder.block.1.layer.2.DenseReluDense.wo", False),
+    ]:
+        pruned_state = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(block + ".")}
+        model.load_state_dict({k: dense[k] for k in pruned_state}, strict=False)
+        stats = InputStats(modules[name].in_features)
+        state = {}
+
+        def hook(module, args, _stats=stats, _state=state, _use=use_mask):
+            _stats.add_batch(args[0], token_mask=_state["mask"] if _use else None)
+
+        handle = modules[name].register_forward_pre_hook(hook)
+        with torch.no_grad():
+            for b in batches:
+                state["mask"] = b["attention_mask"]
+                model(**b, use_cache=False)
+        handle.remove()
+        model.load_state_dict(pruned_state, strict=False)
+        _, expected = wanda_prune(dense[f"{name}.weight"], stats.norm, 0.5)
+        assert torch.equal(masks[name], expected), name

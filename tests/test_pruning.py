@@ -222,3 +222,17 @@ def test_sparsegpt_equals_unblocked_obs(blocksize):
     got_w, got_keep = sparsegpt_prune(w, h, "2:4", blocksize=blocksize)
     assert torch.equal(got_keep, expected_keep)
     torch.testing.assert_close(got_w.double(), expected_w, rtol=1e-3, atol=1e-4)
+
+
+def test_lowest_selection_is_exact_with_ties():
+    from vlmsparse.pruning.algorithms import _lowest
+
+    scores = torch.tensor([[3.0, 1.0, 1.0, 0.5], [1.0, 2.0, 1.0, 4.0]])
+    # 0.5 first, then the 1.0s in flat index order: (0,1), (0,2), (1,0), (1,2)
+    assert _lowest(scores, 3).tolist() == [[False, True, True, True], [False, False, False, False]]
+    assert _lowest(scores, 4).tolist() == [[False, True, True, True], [True, False, False, False]]
+    assert _lowest(scores, 0).sum() == 0 and _lowest(scores, 8).all()
+    x = torch.randn(40, 30)
+    for k in (1, 17, 600, 1199):
+        got = _lowest(x, k)
+        assert int(got.sum()) == k and x[got].max() <= x[~got].min()
