@@ -17,7 +17,8 @@ TEXT = "a red circle at the top left and a blue square at the bottom right . " *
 def test_perplexity_matches_model_loss_in_one_window():
     model, tok = tiny_llama(), build_tokenizer()
     ids = torch.tensor([tok(TEXT)["input_ids"]])
-    expected = float(model(input_ids=ids, labels=ids).loss)
+    with torch.no_grad():
+        expected = float(model(input_ids=ids, labels=ids).loss)
     result = perplexity(model, tok, TEXT, max_length=512)
     assert result.num_tokens == ids.shape[1] - 1
     assert result.nll == pytest.approx(expected, rel=1e-5)

@@ -37,6 +37,12 @@ _LAZY = {
     "load_compressed": "vlmsparse.pipeline.compress",
     "finetune": "vlmsparse.training.finetune",
     "FinetuneConfig": "vlmsparse.training.config",
+    "evaluate_vqa": "vlmsparse.eval.vqa",
+    "vqa_accuracy": "vlmsparse.eval.vqa",
+    "normalize_answer": "vlmsparse.eval.vqa",
+    "perplexity": "vlmsparse.eval.perplexity",
+    "synthetic_captions": "vlmsparse.data.synthetic",
+    "run_demo": "vlmsparse.demo",
 }
 
 __all__ = ["__version__", *_LAZY]

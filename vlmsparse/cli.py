@@ -55,7 +55,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         "DDP (FSDP / DeepSpeed through accelerate configs).",
     )
     p.add_argument("model", help="pruned model folder (vlmsparse prune output)")
-    p.add_argument("--data", required=True, help="a .json LLaVA conversation file, a .jsonl caption file, or synthetic[:N]")
+    p.add_argument("--data", required=True, help="a .json LLaVA conversation file, a .jsonl caption file, or synthetic / synthetic:N")
     p.add_argument("-o", "--output", required=True, help="output folder (checkpoints, merged model, record)")
     p.add_argument("--image-root", default=None, help="folder the data's image paths are relative to (default: the data file's)")
     p.add_argument("--method", default="sparselora", choices=["sparselora", "lora", "lora-remask", "full"])
@@ -251,11 +251,101 @@ def _run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- eval
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="VQA accuracy of a model folder on a JSONL of image, question, answers; or perplexity on a text",
+        description="Batched greedy generation on a JSONL (one {\"image\", \"question\", \"answers\"} per line; "
+        "images relative to the file) scored with VQAv2 accuracy (normalised answers, min(matches / 3, 1)) and "
+        "exact match; or, with --text, the perplexity of the model's language model on a text file.",
+    )
+    p.add_argument("model", help="a model folder (dense, pruned or finetuned: Hugging Face files + processor)")
+    p.add_argument("--data", default=None, help="VQA JSONL file")
+    p.add_argument("--text", default=None, help="a UTF-8 text file: report perplexity instead of VQA accuracy")
+    p.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the JSONL's)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=5)
+    p.add_argument("--prompt", default=None, help="question prompt with {question} (default: by model family)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--official", action="store_true", help="VQAv2 leave-one-out average over 10 answer subsets")
+    p.add_argument("--max-length", type=int, default=512, help="perplexity window (tokens)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: the window)")
+    p.add_argument("-o", "--output", default=None, help="write the JSON report here")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .eval.vqa import evaluate_folder, load_model_folder
+
+    if (args.data is None) == (args.text is None):
+        raise ValueError("give exactly one of --data (VQA JSONL) or --text (perplexity)")
+    if args.text is not None:
+        from .eval.perplexity import perplexity_of_file
+
+        model, processor = load_model_folder(args.model)
+        if processor is None:
+            raise ValueError(f"{args.model}: no tokenizer saved in the folder; perplexity needs one")
+        tokenizer = getattr(processor, "tokenizer", processor)
+        result = perplexity_of_file(model, tokenizer, args.text, args.max_length, args.stride).to_dict()
+        report = {"model": args.model, "text": args.text, **result}
+        text = f"perplexity {result['perplexity']:.4f} over {result['num_tokens']} tokens"
+    else:
+        vqa = evaluate_folder(args.model, args.data, args.batch_size, args.max_new_tokens, args.prompt, args.limit,
+                              args.image_root, args.official, progress=True)
+        report = {"model": args.model, "data": args.data, **vqa.to_dict(with_predictions=args.output is not None)}
+        kinds = ", ".join(f"{k} {v:.3f}" for k, v in vqa.per_kind.items())
+        text = f"VQA accuracy {vqa.accuracy:.4f}, exact match {vqa.exact_match:.4f} over {vqa.num} questions" + (
+            f" ({kinds})" if kinds else "")
+    if args.output:
+        from .masks import atomic_write
+
+        atomic_write(args.output, lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(report, indent=2)))
+    if args.json:
+        report.pop("predictions", None)
+        _print_json(report)
+    else:
+        print(text)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- demo
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train a small LLaVA on synthetic VQA, prune it every way, restore it, report tables and plots",
+        description="End to end on a CPU: synthetic scenes -> a small LLaVA trained here (cached in --workdir) -> "
+        "magnitude / Wanda / SparseGPT at 50%, 70%, 2:4 for each allocation -> Wanda 70% and 2:4 restored with "
+        "lora, lora-remask, sparselora, sparselora + distillation -> tables, results.json, report.md, PNG plots.",
+    )
+    p.add_argument("--workdir", default=None, help="cache and output folder (default: ~/.cache/vlmsparse/demo)")
+    p.add_argument("--quick", action="store_true", help="the reduced grid (about 3 minutes on 2 CPU cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print results.json instead of the tables")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import demo_config, print_tables, run_demo, write_report
+
+    config = demo_config(args.workdir, quick=args.quick, seed=args.seed)
+    results = run_demo(config, progress=not args.no_progress)
+    paths = write_report(results, config.workdir)
+    if args.json:
+        _print_json(results)
+    else:
+        print_tables(results)
+        print("written: " + ", ".join(paths.values()))
+    return 0
+
+
 _COMMANDS: list[tuple[str, Callable, Callable]] = [
     ("inspect", _add_inspect, _run_inspect),
     ("prune", _add_prune, _run_prune),
     ("finetune", _add_finetune, _run_finetune),
     ("compress", _add_compress, _run_compress),
+    ("eval", _add_eval, _run_eval),
+    ("demo", _add_demo, _run_demo),
 ]
 
 

@@ -284,12 +284,12 @@ def load_dataset(spec: str, processor: Any, image_root: str | None = None, max_l
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"data {spec!r}: no such file (allowed: a .json conversation file, a .jsonl "
-                                "caption file, or 'synthetic[:N]')")
+                                "caption file, 'synthetic' or 'synthetic:N')")
     if path.suffix == ".jsonl":
         return CaptionDataset(path, processor, image_root, max_length=max_length)
     if path.suffix == ".json":
         return ConversationDataset(path, processor, image_root, max_length=max_length)
-    raise ValueError(f"data {spec!r}: unknown format {path.suffix!r} (allowed: .json conversations, .jsonl captions, synthetic[:N])")
+    raise ValueError(f"data {spec!r}: unknown format {path.suffix!r} (allowed: .json conversations, .jsonl captions, 'synthetic' or 'synthetic:N')")
 
 
 # -------------------------------------------------------------------------------------------- collator

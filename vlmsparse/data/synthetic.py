@@ -45,6 +45,7 @@ __all__ = [
     "make_vqa_samples",
     "synthetic_captions",
     "vocabulary",
+    "export_vqa_jsonl",
     "QUESTION_KINDS",
 ]
 
@@ -244,3 +245,30 @@ def vocabulary() -> list[str]:
     words |= {"yes", "no", "left", "right", "top", "bottom", "a", "at", "the", "and", "on", "or", "is", "there",
               "what", "color", "shape", "object", "how", "many", "shapes", "are", ".", ",", "?", ":"}
     return sorted(words)
+
+
+def export_vqa_jsonl(samples: list[VQASample], out_dir: str, name: str = "questions.jsonl",
+                     num_answers: int = 10) -> str:
+    """Write ``samples`` as PNG images plus a VQA JSONL (``image``, ``question``, ``answers``, ``kind``) in
+    ``out_dir``; the answer is repeated ``num_answers`` times (all annotators agree on synthetic scenes, so a
+    correct prediction scores VQA accuracy 1). Returns the JSONL path."""
+    import json
+    import os
+
+    from ..masks import atomic_write
+
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    lines = []
+    for i, s in enumerate(samples):
+        rel = os.path.join("images", f"{i:05d}.png")
+        s.image.save(os.path.join(out_dir, rel))
+        lines.append(json.dumps({"image": rel, "question": s.question, "answers": [s.answer] * num_answers,
+                                 "kind": s.kind}))
+    path = os.path.join(out_dir, name)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+    atomic_write(path, write)
+    return path

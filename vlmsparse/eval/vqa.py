@@ -287,17 +287,20 @@ def evaluate_folder(model_dir: str | os.PathLike, data: str | os.PathLike, batch
     """Load a model folder (Hugging Face files; a pruned or finetuned folder loads the same way) with its
     processor and evaluate it on a VQA JSONL file."""
     model, processor = load_model_folder(model_dir)
+    if processor is None or not hasattr(processor, "image_processor"):
+        raise ValueError(f"{model_dir}: no image processor saved in the folder (a VQA evaluation needs "
+                         "processor_config.json / preprocessor_config.json beside the model)")
     rows = load_vqa_jsonl(data, image_root, limit)
     return evaluate_vqa(model, processor, rows, batch_size, max_new_tokens, prompt, leave_one_out, progress)
 
 
 def load_model_folder(model_dir: str | os.PathLike) -> tuple[Any, Any]:
-    """``(model, processor)`` from a local folder saved with ``save_pretrained`` (eval mode, float32 on CPU)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """``(model, processor)`` from a local folder saved with ``save_pretrained`` (eval mode): the model class
+    chosen by its ``model_type`` (:func:`vlmsparse.pipeline.save.load_model`); the processor, else the
+    tokenizer, saved beside it (None when neither is there)."""
+    from ..pipeline.save import load_model, load_processor
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json)")
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    return model, processor
+    return load_model(model_dir), load_processor(model_dir)

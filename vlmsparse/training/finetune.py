@@ -314,7 +314,7 @@ def finetune(
 
     model: a pruned model folder (with ``sparsity_masks.safetensors``) or an in-memory model with ``masks``.
     data: a Dataset of encoded examples, or a spec for :func:`vlmsparse.data.datasets.load_dataset`
-        (``.json`` conversations, ``.jsonl`` captions, ``synthetic[:N]``; needs the processor).
+        (``.json`` conversations, ``.jsonl`` captions, ``synthetic`` or ``synthetic:N``; needs the processor).
     config: a :class:`FinetuneConfig`; keyword ``overrides`` replace its fields (``method="lora"``, ...).
     masks_from_zeros: take the masks from the zeros of the weights when the folder has no mask file.
     resume: True (latest ``checkpoint-N`` in ``output_dir``) or a checkpoint folder; its config must match.

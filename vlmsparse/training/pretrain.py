@@ -48,11 +48,11 @@ class PretrainConfig:
     heads: int = 4
     init_std: float = 0.1
     num_train: int = 6000
-    num_heldout: int = 500
+    num_heldout: int = 300
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 2e-3
     warmup_steps: int = 50
-    max_steps: int = 3000
+    max_steps: int = 2000
     eval_every: int = 100
     target_accuracy: float = 0.9
     seed: int = 0
@@ -239,7 +239,7 @@ def pretrain(config: PretrainConfig = PretrainConfig(), progress: bool = True) -
         optimizer.step()
         scheduler.step()
         step += 1
-        loss = float(out.loss)
+        loss = float(out.loss.detach())
         loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
         bar.update(1)
         if step % config.eval_every == 0 or step == config.max_steps:
