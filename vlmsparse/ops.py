@@ -216,24 +216,28 @@ def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 # ---------------------------------------------------------------------------------------------- autograd
-class _SparseLoRAFunction(torch.autograd.Function):
-    """``y = x @ (W*M + s*(B@A)*M).T + b``; saves x, A, B (and the frozen W, M), nothing full-size."""
+class _LoRAFunction(torch.autograd.Function):
+    """Shared autograd for the fused SparseLoRA ops: ``forward(ctx, x, w0, w1, lora_A, lora_B, bias, scaling,
+    backend)`` where ``(w0, w1)`` is the frozen weight in the op's format (``weight, mask`` or ``values, meta``).
+    Saves x, A, B and the frozen weight, which exists anyway: nothing full-size is kept for backward."""
 
-    @staticmethod
-    def forward(ctx, x, weight, mask, lora_A, lora_B, bias, scaling, backend):
-        y = _impl(backend, "sparse_lora", "sparse_lora_forward")(x, weight, mask, lora_A, lora_B, scaling, bias)
-        ctx.save_for_backward(x, weight, mask, lora_A, lora_B)
+    KERNEL_MODULE: str
+    FORWARD: str
+    BACKWARD: str
+
+    @classmethod
+    def forward(cls, ctx, x, w0, w1, lora_A, lora_B, bias, scaling, backend):
+        y = _impl(backend, cls.KERNEL_MODULE, cls.FORWARD)(x, w0, w1, lora_A, lora_B, scaling, bias)
+        ctx.save_for_backward(x, w0, w1, lora_A, lora_B)
         ctx.scaling, ctx.backend, ctx.has_bias = scaling, backend, bias is not None
         return y
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, mask, lora_A, lora_B = ctx.saved_tensors
+    @classmethod
+    def backward(cls, ctx, grad_out):
+        x, w0, w1, lora_A, lora_B = ctx.saved_tensors
         need_x = ctx.needs_input_grad[0]
-        backward = _impl(ctx.backend, "sparse_lora", "sparse_lora_backward")
-        grad_x, grad_A, grad_B = backward(
-            grad_out.contiguous(), x, weight, mask, lora_A, lora_B, ctx.scaling, need_x
-        )
+        backward = _impl(ctx.backend, cls.KERNEL_MODULE, cls.BACKWARD)
+        grad_x, grad_A, grad_B = backward(grad_out.contiguous(), x, w0, w1, lora_A, lora_B, ctx.scaling, need_x)
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
         grad_bias = None
@@ -251,39 +255,16 @@ class _SparseLoRAFunction(torch.autograd.Function):
         )
 
 
-class _Packed24LoRAFunction(torch.autograd.Function):
-    """``y = x @ (unpack24(Wp) + s*(B@A)*M24).T + b``; saves x, A, B and the packed weight."""
+class _SparseLoRAFunction(_LoRAFunction):
+    """``y = x @ (W*M + s*(B@A)*M).T + b`` with ``(w0, w1) = (W, M)``."""
 
-    @staticmethod
-    def forward(ctx, x, values, meta, lora_A, lora_B, bias, scaling, backend):
-        y = _impl(backend, "packed24", "packed24_lora_forward")(x, values, meta, lora_A, lora_B, scaling, bias)
-        ctx.save_for_backward(x, values, meta, lora_A, lora_B)
-        ctx.scaling, ctx.backend, ctx.has_bias = scaling, backend, bias is not None
-        return y
+    KERNEL_MODULE, FORWARD, BACKWARD = "sparse_lora", "sparse_lora_forward", "sparse_lora_backward"
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, values, meta, lora_A, lora_B = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[0]
-        backward = _impl(ctx.backend, "packed24", "packed24_lora_backward")
-        grad_x, grad_A, grad_B = backward(
-            grad_out.contiguous(), x, values, meta, lora_A, lora_B, ctx.scaling, need_x
-        )
-        if grad_x is not None:
-            grad_x = grad_x.to(x.dtype)
-        grad_bias = None
-        if ctx.has_bias and ctx.needs_input_grad[5]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return (
-            grad_x if need_x else None,
-            None,
-            None,
-            grad_A if ctx.needs_input_grad[3] else None,
-            grad_B if ctx.needs_input_grad[4] else None,
-            grad_bias,
-            None,
-            None,
-        )
+
+class _Packed24LoRAFunction(_LoRAFunction):
+    """``y = x @ (unpack24(Wp) + s*(B@A)*M24).T + b`` with ``(w0, w1) = (values, meta)``."""
+
+    KERNEL_MODULE, FORWARD, BACKWARD = "packed24", "packed24_lora_forward", "packed24_lora_backward"
 
 
 # ---------------------------------------------------------------------------------------------- public ops
