@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from .records import iter_jsonl
+
 __all__ = ["CalibrationSample", "load_calibration_samples", "build_calibration_batches", "IMAGE_EXTENSIONS"]
 
 log = logging.getLogger(__name__)
@@ -93,16 +95,9 @@ def _from_records(records: list, base: Path, source: str, image_root: Path | Non
 
 
 def _read_records(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON: {error}") from None
-        return records
+        return [row for _, row in iter_jsonl(path)]
+    text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .records import DataFormatError, iter_jsonl
+
 __all__ = [
     "IGNORE_INDEX",
     "Example",
@@ -54,10 +56,6 @@ __all__ = [
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 CAPTION_PROMPT = "A short image caption:"
-
-
-class DataFormatError(ValueError):
-    """A data row that does not parse, or an image that does not load (message names the file and line)."""
 
 
 @dataclass(frozen=True)
@@ -245,20 +243,12 @@ class CaptionDataset(ExampleDataset):
         path = Path(path)
         image_root = Path(image_root) if image_root is not None else path.parent
         examples = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                source = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataFormatError(f"{source}: not valid JSON ({error.msg})") from error
-                caption = row.get("caption", row.get("text")) if isinstance(row, dict) else None
-                if not isinstance(caption, str) or not caption.strip():
-                    raise DataFormatError(f"{source}: a row needs 'image' and a non-empty string 'caption' (or 'text')")
-                image = _image_path(row.get("image"), image_root, source)
-                examples.append(Example(image, (("human", prompt), ("gpt", caption)), source))
+        for source, row in iter_jsonl(path):
+            caption = row.get("caption", row.get("text")) if isinstance(row, dict) else None
+            if not isinstance(caption, str) or not caption.strip():
+                raise DataFormatError(f"{source}: a row needs 'image' and a non-empty string 'caption' (or 'text')")
+            image = _image_path(row.get("image"), image_root, source)
+            examples.append(Example(image, (("human", prompt), ("gpt", caption)), source))
         super().__init__(examples, processor, max_length)
 
 

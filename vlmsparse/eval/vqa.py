@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ..data.records import iter_jsonl
+
 __all__ = [
     "normalize_answer",
     "vqa_accuracy",
@@ -135,31 +137,23 @@ def load_vqa_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{source}: not valid JSON ({error.msg})") from error
-            if not isinstance(obj, dict):
-                raise ValueError(f"{source}: a row must be a JSON object with image, question, answers")
-            answers = obj.get("answers", [obj["answer"]] if "answer" in obj else None)
-            if isinstance(answers, str):
-                answers = [answers]
-            if answers and isinstance(answers[0], dict):  # VQAv2 style [{"answer": ...}, ...]
-                answers = [a.get("answer") for a in answers]
-            image = obj.get("image")
-            if not isinstance(image, str) or not image:
-                raise ValueError(f"{source}: 'image' must be a non-empty string path, got {image!r}")
-            image_path = Path(image) if Path(image).is_absolute() else root / image
-            if not image_path.exists():
-                raise FileNotFoundError(f"{source}: image file {str(image_path)!r} does not exist")
-            rows.append(VQARow(str(image_path), obj.get("question"), tuple(answers or ()), obj.get("kind"), source))
-            if limit is not None and len(rows) >= limit:
-                break
+    for source, obj in iter_jsonl(path):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{source}: a row must be a JSON object with image, question, answers")
+        answers = obj.get("answers", [obj["answer"]] if "answer" in obj else None)
+        if isinstance(answers, str):
+            answers = [answers]
+        if answers and isinstance(answers[0], dict):  # VQAv2 style [{"answer": ...}, ...]
+            answers = [a.get("answer") for a in answers]
+        image = obj.get("image")
+        if not isinstance(image, str) or not image:
+            raise ValueError(f"{source}: 'image' must be a non-empty string path, got {image!r}")
+        image_path = Path(image) if Path(image).is_absolute() else root / image
+        if not image_path.exists():
+            raise FileNotFoundError(f"{source}: image file {str(image_path)!r} does not exist")
+        rows.append(VQARow(str(image_path), obj.get("question"), tuple(answers or ()), obj.get("kind"), source))
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise ValueError(f"{path}: no rows (expected JSONL lines with image, question, answers)")
     return rows

@@ -1,0 +1,31 @@
+"""Reading data files row by row, with errors that name the file and line (layer 6)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["DataFormatError", "iter_jsonl"]
+
+
+class DataFormatError(ValueError):
+    """A data row that does not parse, or an image that does not load (message names the file and line)."""
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
+    """``(source, row)`` for every non-blank line of a JSONL file, ``source`` being ``"path:line"``.
+
+    A line that is not valid JSON raises :class:`DataFormatError` naming it.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            source = f"{path}:{lineno}"
+            try:
+                yield source, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataFormatError(f"{source}: not valid JSON ({error.msg})") from error
