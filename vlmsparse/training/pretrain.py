@@ -94,47 +94,26 @@ class PretrainResult:
 
 def build_demo_model(config: PretrainConfig, tokenizer: Any):
     """A randomly initialised ``LlavaForConditionalGeneration`` of ``config``'s sizes for ``tokenizer``."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from ..models.build import SmallLlavaSizes, build_small_llava
 
-    vocab = math.ceil(len(tokenizer) / 16) * 16
     num_patches = (config.image_size // config.patch_size) ** 2
-    vision = CLIPVisionConfig(
-        hidden_size=config.vision_hidden,
-        intermediate_size=config.vision_hidden * 2,
-        projection_dim=config.vision_hidden,
-        num_hidden_layers=config.vision_layers,
-        num_attention_heads=config.heads,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-    )
-    text = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=config.text_hidden,
-        intermediate_size=config.text_hidden * 2,
-        num_hidden_layers=config.text_layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.heads,
-        max_position_embeddings=max(128, 2 * (num_patches + 32)),
+    sizes = SmallLlavaSizes(
+        vocab_size=math.ceil(len(tokenizer) / 16) * 16,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-        initializer_range=config.init_std,
+        vision_hidden=config.vision_hidden,
+        vision_layers=config.vision_layers,
+        text_hidden=config.text_hidden,
+        text_layers=config.text_layers,
+        heads=config.heads,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        init_std=config.init_std,
+        max_positions=max(128, 2 * (num_patches + 32)),
     )
-    llava = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(config.seed)
-    model = LlavaForConditionalGeneration(llava)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return model
+    return build_small_llava(sizes, seed=config.seed)
 
 
 def prompt_text(question: str) -> str:
