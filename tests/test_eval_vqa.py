@@ -123,3 +123,27 @@ def test_load_vqa_jsonl(tmp_path):
     path.write_text('{"image": "a.png", "question": "q", "answers": []}\n')
     with pytest.raises(ValueError, match="answers"):
         load_vqa_jsonl(path)
+
+
+def test_eval_blip2_folder_uses_the_image_tokens(tmp_path, capsys):
+    """`vlmsparse eval` on a BLIP-2 folder: the processor inserts the query tokens, so the model sees the image;
+    a model whose image token the processor does not produce is refused rather than silently image-blind."""
+    from factories import synthetic_processor, tiny_blip2
+
+    from vlmsparse.cli import main
+    from vlmsparse.data.synthetic import export_vqa_jsonl, make_vqa_samples
+
+    data = export_vqa_jsonl(make_vqa_samples(6, seed=1, split="heldout"), str(tmp_path / "vqa"))
+    model, processor = tiny_blip2(), synthetic_processor("blip2")
+    model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
+    model.save_pretrained(tmp_path / "blip")
+    processor.save_pretrained(tmp_path / "blip")
+    assert main(["eval", str(tmp_path / "blip"), "--data", str(data), "--json", "--max-new-tokens", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num"] == 6 and 0.0 <= report["accuracy"] <= 1.0
+
+    model.config.image_token_index = model.config.image_token_index + 1  # a token the processor never writes
+    model.save_pretrained(tmp_path / "blind")
+    processor.save_pretrained(tmp_path / "blind")
+    assert main(["eval", str(tmp_path / "blind"), "--data", str(data), "--max-new-tokens", "2"]) == 2
+    assert "hold no image token" in capsys.readouterr().err

@@ -178,6 +178,24 @@ def _open_image(image: Any) -> Any:
 
 
 @torch.no_grad()
+def _check_image_tokens(model: Any, input_ids: torch.Tensor) -> None:
+    """Every row must hold the model's image token: BLIP-2 / InstructBLIP silently ignore the image
+    otherwise (and LLaVA needs one token per patch), so a processor that does not insert them is an error."""
+    config = model.config
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    if token is None:
+        return
+    missing = int((~(input_ids == token).any(dim=1)).sum())
+    if missing:
+        raise ValueError(
+            f"{missing} of {input_ids.shape[0]} prompts hold no image token (id {token}) after the processor: "
+            "the model would answer without looking at the image. Use the processor saved with the model "
+            "(its image token must match the model's config)"
+        )
+
+
 def generate_answers(model: Any, processor: Any, rows: Sequence[VQARow], batch_size: int = 32,
                      max_new_tokens: int = 5, prompt: str | None = None, progress: bool = False) -> list[str]:
     """Greedy answers to ``rows``, batched with left padding; each answer is the decoded text up to EOS."""
@@ -202,6 +220,7 @@ def generate_answers(model: Any, processor: Any, rows: Sequence[VQARow], batch_s
             inputs = processor(images=[_open_image(r.image) for r in part], text=texts, padding=True,
                                return_tensors="pt")
             inputs = {k: v.to(device) for k, v in inputs.items()}
+            _check_image_tokens(model, inputs["input_ids"])
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             new = out[:, inputs["input_ids"].shape[1]:]
