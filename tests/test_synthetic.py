@@ -149,3 +149,15 @@ def test_pretrain_config_validation():
         PretrainConfig(image_size=36, patch_size=8)
     with pytest.raises(ValueError, match="lr"):
         PretrainConfig(lr=0.0)
+
+
+def test_demo_cache_key_follows_the_data_version(monkeypatch):
+    """A changed generator (DATA_VERSION bumped) must not reuse a demo model trained on the old data."""
+    from vlmsparse import demo
+    from vlmsparse.data import synthetic
+    from vlmsparse.training.pretrain import PretrainConfig
+
+    before = demo._pretrain_key(PretrainConfig())
+    assert demo._pretrain_key(PretrainConfig()) == before
+    monkeypatch.setattr(synthetic, "DATA_VERSION", synthetic.DATA_VERSION + 1)
+    assert demo._pretrain_key(PretrainConfig()) != before

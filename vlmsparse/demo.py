@@ -101,7 +101,7 @@ def demo_config(workdir: str | os.PathLike | None = None, quick: bool = False, s
 
 # ------------------------------------------------------------------------------------------ the dense model
 def _pretrain_key(config: PretrainConfig) -> str:
-    key = {**asdict(config), "vlmsparse": vlmsparse.__version__}
+    key = {**asdict(config), "vlmsparse": vlmsparse.__version__, "data": synthetic.DATA_VERSION}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -29,6 +29,7 @@ from itertools import combinations, permutations
 from PIL import Image, ImageDraw
 
 __all__ = [
+    "DATA_VERSION",
     "COLORS",
     "SHAPES",
     "CELLS",
@@ -48,6 +49,10 @@ __all__ = [
     "export_vqa_jsonl",
     "QUESTION_KINDS",
 ]
+
+# Bump whenever the scenes, images, questions or answers this module generates change: the demo's cached
+# model is keyed on it, so a changed generator retrains instead of reusing a model trained on other data.
+DATA_VERSION = 1
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
