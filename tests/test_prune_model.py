@@ -386,3 +386,48 @@ def test_t5_blocks_get_their_own_position_bias():
         model.load_state_dict(pruned_state, strict=False)
         _, expected = wanda_prune(dense[f"{name}.weight"], stats.norm, 0.5)
         assert torch.equal(masks[name], expected), name
+
+
+def test_t5_cross_attention_statistics_skip_encoder_padding():
+    """The decoder's cross-attention k/v read the encoder output: their statistics skip the encoder's padding
+    (``attention_mask``), not the decoder's (``decoder_attention_mask``). Their Wanda masks equal those from
+    ||x_j|| over the real encoder tokens, captured in ordinary forwards of the pruned model; the decoder's own
+    linears keep the decoder mask."""
+    model = tiny_blip2_t5()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [blip2_t5_inputs(seed=s) for s in (12, 13)]
+    for b, row, pad in [(batches[0], 1, 4), (batches[1], 0, 3)]:  # right padding of the encoder text
+        b["attention_mask"][row, -pad:] = 0
+        b["input_ids"][row, -pad:] = 0
+    batches[1]["decoder_attention_mask"] = torch.ones_like(batches[1]["decoder_input_ids"])
+    batches[1]["decoder_attention_mask"][1, -2:] = 0
+    masks = prune_model(model, method="wanda", sparsity=0.5, allocation="language", calibration=batches,
+                        progress=False)
+    modules = dict(model.named_modules())
+    for i in (0, 1):
+        block = f"language_model.decoder.block.{i}"
+        checks = {f"{block}.layer.1.EncDecAttention.k": "attention_mask",
+                  f"{block}.layer.1.EncDecAttention.v": "attention_mask",
+                  f"{block}.layer.1.EncDecAttention.q": "decoder_attention_mask"}
+        pruned_state = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(block + ".")}
+        model.load_state_dict({k: dense[k] for k in pruned_state}, strict=False)
+        stats = {name: InputStats(modules[name].in_features) for name in checks}
+        state = {}
+
+        def make_hook(name, _stats=stats, _state=state, _checks=checks):
+            def hook(module, args):
+                _stats[name].add_batch(args[0], token_mask=_state["batch"].get(_checks[name]))
+
+            return hook
+
+        handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in checks]
+        with torch.no_grad():
+            for b in batches:
+                state["batch"] = b
+                model(**b, use_cache=False)
+        for h in handles:
+            h.remove()
+        model.load_state_dict(pruned_state, strict=False)
+        for name in checks:
+            _, expected = wanda_prune(dense[f"{name}.weight"], stats[name].norm, 0.5)
+            assert torch.equal(masks[name], expected), name

@@ -47,6 +47,9 @@ class StageSpec:
     when ``single`` is true. ``mask_key``: the model-input key whose ``[batch, seq]`` mask marks real tokens
     at this stage (``None``: every position is real, e.g. image patches). ``reuse_kwargs``: the keyword
     arguments block 0 receives are valid for every block (False for T5, whose blocks pass a position bias on).
+    ``context_masks``: pairs (block forward argument holding another sequence the block attends to, e.g. the
+    encoder output read by cross-attention; model-input key of that sequence's ``[batch, seq]`` mask): linears
+    whose input is that argument skip its padding with this mask instead of ``mask_key``'s.
     ``default``: pruned by default.
     """
 
@@ -55,6 +58,7 @@ class StageSpec:
     single: bool = False
     mask_key: str | None = None
     reuse_kwargs: bool = True
+    context_masks: tuple[tuple[str, str], ...] = ()
     default: bool = True
 
     def __post_init__(self) -> None:
@@ -62,6 +66,10 @@ class StageSpec:
             raise ValueError(f"StageSpec.part must be one of {PARTS}, got {self.part!r}")
         if not self.paths:
             raise ValueError("StageSpec.paths must name at least one attribute path")
+        if any(not (isinstance(c, tuple) and len(c) == 2 and all(isinstance(v, str) for v in c))
+               for c in self.context_masks):
+            raise ValueError(f"StageSpec.context_masks must hold (argument, mask key) string pairs, got "
+                             f"{self.context_masks!r}")
 
 
 @dataclass(frozen=True)
@@ -216,7 +224,8 @@ _BLIP_LANGUAGE = (
     StageSpec("language", ("language_model.encoder.block", "model.language_model.encoder.block"),
               mask_key="attention_mask", reuse_kwargs=False),
     StageSpec("language", ("language_model.decoder.block", "model.language_model.decoder.block"),
-              mask_key="decoder_attention_mask", reuse_kwargs=False),
+              mask_key="decoder_attention_mask", reuse_kwargs=False,
+              context_masks=(("encoder_hidden_states", "attention_mask"),)),  # cross-attention k / v
 )
 _BLIP_PREFIXES = {"vision": ("vision_model",), "connector": ("qformer", "query_tokens", "language_projection"),
                   "language": ("language_model",)}

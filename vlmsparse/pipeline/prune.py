@@ -6,9 +6,10 @@ Flow, per stage of the model (vision blocks, connector, language blocks; see ``v
    ``use_cache=False``) by running the model on each calibration batch until it reaches that block;
 2. for each block: run the calibration batches through it with hooks on its target linears that accumulate
    input statistics (linears reading the same input tensor share one ``InputStats``; padding skipped via the
-   attention mask); prune every target linear; run the batches through the pruned block to get the next
-   block's inputs. Only one block's activations and statistics are resident; with ``offload`` they live on
-   the CPU between uses.
+   attention mask, or for linears reading another sequence such as the encoder output in cross-attention, via
+   that sequence's mask: ``StageSpec.context_masks``); prune every target linear; run the batches through the
+   pruned block to get the next block's inputs. Only one block's activations and statistics are resident;
+   with ``offload`` they live on the CPU between uses.
 
 Before any weight changes, the configuration, every target weight (NaN/inf, N:M divisibility) and every
 calibration batch (image tokens) are checked. If anything fails during pruning (e.g. NaN activations), the
@@ -17,11 +18,12 @@ weights changed so far are restored and the error is raised.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -158,6 +160,7 @@ class _Batch:
     hidden_in_kwargs: bool
     token_mask: torch.Tensor | None
     per_block: list | None = None  # (args, kwargs) per block when kwargs cannot be reused
+    contexts: dict = field(default_factory=dict)  # block argument name -> token mask of that sequence (or None)
 
 
 class _Stop(Exception):
@@ -202,6 +205,18 @@ def _clean_kwargs(kwargs: dict) -> dict:
     if "use_cache" in out:
         out["use_cache"] = False
     return out
+
+
+def _arguments(block: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a call of ``block`` by parameter name (positional ones included)."""
+    try:
+        return dict(inspect.signature(block.forward).bind_partial(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        return dict(kwargs)
+
+
+def _tensor_key(x: torch.Tensor) -> tuple:
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -327,6 +342,15 @@ def _capture(
         key = stage.spec.mask_key
         if key and isinstance(batch.get(key), torch.Tensor) and tuple(batch[key].shape) == tuple(hidden.shape[:2]):
             token_mask = batch[key].detach().bool().cpu()
+        contexts: dict[str, torch.Tensor | None] = {}
+        if stage.spec.context_masks:
+            bound = _arguments(blocks[0], *calls[0])
+            for arg, ctx_key in stage.spec.context_masks:
+                value, ctx_mask = bound.get(arg), batch.get(ctx_key)
+                if not isinstance(value, torch.Tensor):
+                    continue
+                ok = isinstance(ctx_mask, torch.Tensor) and tuple(ctx_mask.shape) == tuple(value.shape[:2])
+                contexts[arg] = ctx_mask.detach().bool().cpu() if ok else None  # never the stage's own mask
         captured.append(
             _Batch(
                 hidden=_move(hidden.detach(), store),
@@ -335,6 +359,7 @@ def _capture(
                 hidden_in_kwargs=in_kwargs,
                 token_mask=token_mask,
                 per_block=[(e[1], e[2]) for e in entries] if all_blocks else None,
+                contexts=contexts,
             )
         )
     return captured
@@ -367,7 +392,7 @@ def _collect_stats(
         def hook(module, args):
             x = args[0]
             held = state["held"]
-            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            key = _tensor_key(x)
             gid = group_of.get(target.name)
             if gid is None:  # first batch: group linears by the identity of their input tensor
                 gid = state["ids"].get(key)
@@ -380,7 +405,8 @@ def _collect_stats(
             if gid not in state["added"]:
                 state["added"].add(gid)
                 held.append(x)
-                mask = state["mask"]
+                # a linear reading another sequence (cross-attention on the encoder output) gets that one's mask
+                mask = state["context_keys"].get(key, state["mask"])
                 if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
                     mask = None
                 stats[gid].add_batch(x.detach(), token_mask=mask)
@@ -389,11 +415,21 @@ def _collect_stats(
 
         return hook
 
+    def block_hook(module, args, kwargs):  # identify the context tensors (as moved to the device) of this call
+        if state["contexts"]:
+            bound = _arguments(module, args, kwargs)
+            for arg, mask in state["contexts"].items():
+                value = bound.get(arg)
+                if isinstance(value, torch.Tensor):
+                    state["context_keys"][_tensor_key(value)] = mask
+
     handles = [t.module.register_forward_pre_hook(make_hook(t)) for t in targets]
+    handles.append(block.register_forward_pre_hook(block_hook, with_kwargs=True))
     try:
         stop_at = None
         for b in batches:
-            state.update(held=[], ids={}, added=set(), mask=b.token_mask, order=[], stop_at=stop_at)
+            state.update(held=[], ids={}, added=set(), mask=b.token_mask, order=[], stop_at=stop_at,
+                         contexts=b.contexts, context_keys={})
             try:
                 out = _run_block(block, index, b, device)
             except _Stop:
