@@ -11,7 +11,6 @@ With no arguments it reports the configs the launchers pick for the LLaVA-7B 409
 
 from __future__ import annotations
 
-import inspect
 import os
 import subprocess
 import sys
@@ -24,7 +23,6 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from vlmsparse.kernels import _fused  # noqa: E402
 
@@ -34,27 +32,8 @@ WIDE = {"x_ptr", "w_ptr", "bias_ptr", "dy_ptr", "dx_ptr"}
 
 def report(kernel, dtype: str, packed: bool, lora: bool, bm: int, bn: int, bk: int, split: int, warps: int,
            stages: int) -> str:
-    names = list(inspect.signature(kernel.fn).parameters)
-    constexprs = dict(PACKED=packed, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32",
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16)
-    if "HAS_LORA" in names:
-        constexprs.update(HAS_LORA=lora, HAS_BIAS=True, SPLIT_K=split)
-    signature = {}
-    for name in names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name == "m_ptr":
-            signature[name] = "*u8"
-        elif name == "y_ptr":
-            signature[name] = "*fp32" if split > 1 else f"*{dtype}"
-        elif name in WIDE:
-            signature[name] = f"*{dtype}"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32"
-        else:
-            signature[name] = "fp32" if name == "scaling" else "i32"
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET,
-                              options={"num_warps": warps, "num_stages": stages})
+    cfg = _fused.TileConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages)
+    compiled = _fused.compile_for_target(kernel, dtype, cfg, packed, lora, bias=True, split=split)
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
     if not ptxas.exists():
         ptxas = ptxas.with_name("ptxas")

@@ -4,7 +4,6 @@ interpreter accepts. Also checks the decode split-K choice."""
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import pytest
@@ -14,9 +13,6 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles real GPU code: run in the plain tier", allow_module_level=True)
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from vlmsparse.kernels import _fused  # noqa: E402
 
@@ -43,29 +39,7 @@ def test_decode_splits_along_k(h100):
 
 
 def _compile(kernel, dtype: str, cfg: _fused.TileConfig, packed: bool, lora: bool = True, split: int = 1):
-    names = list(inspect.signature(kernel.fn).parameters)
-    wide = {"x_ptr", "w_ptr", "bias_ptr", "dy_ptr", "dx_ptr"}
-    constexprs = dict(PACKED=packed, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32",
-                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=16)
-    if "HAS_LORA" in names:
-        constexprs.update(HAS_LORA=lora, HAS_BIAS=split == 1, SPLIT_K=split)
-    signature = {}
-    for name in names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name == "m_ptr":
-            signature[name] = "*u8"
-        elif name == "y_ptr":
-            signature[name] = "*fp32" if split > 1 else f"*{dtype}"
-        elif name in wide:
-            signature[name] = f"*{dtype}"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32"
-        else:
-            signature[name] = "fp32" if name == "scaling" else "i32"
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    compiled = _fused.compile_for_target(kernel, dtype, cfg, packed, lora, bias=split == 1, split=split)
     assert "cubin" in compiled.asm and compiled.metadata.shared <= 227 * 1024
     return compiled
 

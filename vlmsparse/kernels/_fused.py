@@ -39,6 +39,7 @@ as fp32 and rounded in torch; tiles are >= 16 so the same configs compile on a G
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -262,6 +263,42 @@ def fused_backward(
 
 
 # ---------------------------------------------------------------------------------------------- kernels
+# Pointer arguments in the input dtype; every other pointer is fp32 (accumulators, A, B) or uint8 (m_ptr).
+_WIDE_POINTERS = {"x_ptr", "w_ptr", "bias_ptr", "dy_ptr", "dx_ptr"}
+
+
+def compile_for_target(kernel, dtype: str, cfg: TileConfig, packed: bool, lora: bool = True, bias: bool = True,
+                       split: int = 1, target=None):
+    """Compile one of this file's kernels ahead of time for a GPU target (default sm_90), without a GPU, with
+    the constexprs a launcher would pass: ``dtype`` is ``fp32`` / ``fp16`` / ``bf16``. Returns Triton's
+    compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata.shared``). For tests and tuning aids."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(kernel.fn).parameters)
+    constexprs = dict(PACKED=packed, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32",
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=16)
+    if "HAS_LORA" in names:
+        constexprs.update(HAS_LORA=lora, HAS_BIAS=bias, SPLIT_K=split)
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name == "m_ptr":
+            signature[name] = "*u8"
+        elif name == "y_ptr":
+            signature[name] = "*fp32" if split > 1 else f"*{dtype}"
+        elif name in _WIDE_POINTERS:
+            signature[name] = f"*{dtype}"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32"
+        else:
+            signature[name] = "fp32" if name == "scaling" else "i32"
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                          target=target or GPUTarget("cuda", 90, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
 @triton.jit
 def _nibbles(m_ptr, offs_n, k0, N, K, stride_mn, stride_mk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Index pairs ``(i0, i1)`` ``[BLOCK_N, BLOCK_K/4]`` of the groups of a packed tile starting at column ``k0``
