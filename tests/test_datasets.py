@@ -146,8 +146,13 @@ def test_synthetic_dataset_and_collator(processor):
         assert torch.equal(batch["input_ids"][row, :n], items[row]["input_ids"])
     # every example trains on its one-word answer + EOS
     assert all(len(_answer_tokens(processor, it)) == 2 for it in items)
+    prompt_length = lengths[0] - 2
     with pytest.raises(DataFormatError, match="no answer token left"):
-        SyntheticVQADataset(processor, num=1, max_length=10)[0]
+        SyntheticVQADataset(processor, num=1, seed=1, max_length=prompt_length)[0]
+    assert SyntheticVQADataset(processor, num=1, seed=1, max_length=prompt_length + 1)[0]["input_ids"].numel() == prompt_length + 1
+    image_tokens = int((items[0]["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum())
+    with pytest.raises(DataFormatError, match="cuts the image tokens"):
+        SyntheticVQADataset(processor, num=1, seed=1, max_length=image_tokens)[0]
 
 
 def test_instructblip_processor_extra_inputs_are_padded(processor):
@@ -166,3 +171,51 @@ def test_instructblip_processor_extra_inputs_are_padded(processor):
         n = it["qformer_input_ids"].numel()
         assert torch.equal(batch["qformer_input_ids"][row, :n], it["qformer_input_ids"])
         assert int(batch["qformer_attention_mask"][row].sum()) == int(it["qformer_attention_mask"].sum())
+
+
+def _blip(processor):
+    from transformers import Blip2Processor
+
+    return Blip2Processor(image_processor=processor.image_processor, tokenizer=processor.tokenizer, num_query_tokens=4)
+
+
+def test_encoder_decoder_layout_puts_the_answer_on_the_decoder(tmp_path, processor):
+    """Flan-T5 language models: prompt (with earlier turns) -> encoder; start + last answer + EOS -> decoder,
+    labels aligned with the decoder inputs (start masked), so logits i predict label i + 1 as for decoder-only."""
+    blip = _blip(processor)
+    tok = processor.tokenizer
+    _image(tmp_path / "x.png")
+    rows = [{"image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat color is the circle ?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "how many circles ?"}, {"from": "gpt", "value": "two circles"}]}]
+    (tmp_path / "conv.json").write_text(json.dumps(rows))
+    decoder_only = ConversationDataset(tmp_path / "conv.json", blip)[0]
+    item = ConversationDataset(tmp_path / "conv.json", blip, decoder_start_token_id=0)[0]
+    eos = tok.eos_token_id
+    answer = tok.convert_tokens_to_ids(["two", "circles"])
+    assert item["decoder_input_ids"].tolist() == [0, *answer, eos]
+    assert item["labels"].tolist() == [IGNORE_INDEX, *answer, eos]
+    assert item["decoder_attention_mask"].tolist() == [1] * 4
+    # the encoder sees everything the decoder-only layout sees before the last answer, the first answer included
+    prefix = decoder_only["input_ids"].numel() - len(answer) - 1
+    assert torch.equal(item["input_ids"], decoder_only["input_ids"][:prefix])
+    assert tok.convert_tokens_to_ids("red") in item["input_ids"].tolist()
+    assert item["attention_mask"].tolist() == [1] * prefix
+    assert torch.equal(item["pixel_values"], decoder_only["pixel_values"])
+
+    ds = SyntheticVQADataset(blip, num=3, seed=4, decoder_start_token_id=0)
+    items = [ds[i] for i in range(3)] + [item]
+    batch = VLMCollator(pad_token_id=tok.pad_token_id)(items)
+    width = max(it["decoder_input_ids"].numel() for it in items)
+    assert batch["decoder_input_ids"].shape == batch["labels"].shape == (4, width)
+    assert batch["input_ids"].shape == (4, max(it["input_ids"].numel() for it in items))
+    for row, it in enumerate(items):
+        n = it["decoder_input_ids"].numel()
+        assert torch.equal(batch["labels"][row, :n], it["labels"])
+        assert bool((batch["labels"][row, n:] == IGNORE_INDEX).all())
+        assert bool((batch["decoder_input_ids"][row, n:] == tok.pad_token_id).all())
+        assert int(batch["decoder_attention_mask"][row].sum()) == n
+    with pytest.raises(DataFormatError, match="no 'gpt' turn"):
+        from vlmsparse.data.datasets import Example, encode_example
+
+        encode_example(blip, Example(tmp_path / "x.png", (("human", "hello"),), "row"), decoder_start_token_id=0)

@@ -143,6 +143,54 @@ def test_tiny_blip2_finetune(tmp_path):
     assert record["trainable_parameters"] > 0
 
 
+def _pruned_blip2_t5(pattern: str):
+    from factories import tiny_blip2_t5
+
+    from vlmsparse.models import prunable_linear_names
+    from vlmsparse.sparsity import build_mask
+
+    model = tiny_blip2_t5(seed=1)
+    model.config.image_token_index = 4  # "<image>" of the synthetic processor
+    masks = {}
+    with torch.no_grad():
+        for name in prunable_linear_names(model, ("vision", "language")):
+            weight = model.get_submodule(name).weight
+            masks[name] = build_mask(weight.abs(), pattern)
+            weight.masked_fill_(~masks[name], 0)
+    return model, MaskSet(masks=masks, patterns={n: pattern for n in masks}, method="magnitude")
+
+
+def test_blip2_flan_t5_finetune(tmp_path):
+    """An encoder-decoder language model (Flan-T5 style): data laid out for the decoder, adapters on encoder
+    and decoder blocks, masks kept through the merge; a dataset laid out for a decoder-only model is refused."""
+    from transformers import Blip2ForConditionalGeneration
+
+    processor = synthetic_processor("blip2")
+    model, masks = _pruned_blip2_t5("2:4")
+    assert any(".decoder." in n for n in masks) and any(".encoder." in n and "language" in n for n in masks)
+    with pytest.raises(ValueError, match="decoder_start_token_id=0"):
+        finetune(model, SyntheticVQADataset(processor, num=4), tmp_path / "bad", masks=masks, processor=processor,
+                 max_steps=1, **FAST)
+    data = SyntheticVQADataset(processor, num=4, decoder_start_token_id=0)
+    record = finetune(model, data, tmp_path / "run", masks=masks, processor=processor, max_steps=6, **FAST)
+    losses = [e["loss"] for e in record["losses"]]
+    assert losses[-1] < losses[0]
+    assert record["mask_check"]["ok"] and record["sparsity_after"]["all"] == pytest.approx(0.5)
+    weights = _reload(tmp_path / "run" / "merged", Blip2ForConditionalGeneration)
+    assert sum(_pruned_zeros_exact(weights, masks).values()) == 0
+
+
+def test_blip2_flan_t5_finetune_from_a_data_spec(tmp_path):
+    """A data spec (``synthetic:N``) is laid out for the model found in the folder: no option to set."""
+    from vlmsparse.pipeline.save import save_pruned
+
+    processor = synthetic_processor("blip2")
+    model, masks = _pruned_blip2_t5("0.5")
+    save_pruned(model, masks, tmp_path / "pruned", processor=processor)
+    record = finetune(tmp_path / "pruned", "synthetic:4", tmp_path / "run", max_steps=2, **FAST)
+    assert record["steps"] == 2 and record["mask_check"]["ok"]
+
+
 def test_connector_part_and_options(tmp_path, processor, data):
     # the connector gets (dense) adapters only when asked; gradient checkpointing runs; ranks per part apply
     model, masks = pruned_tiny("llava")
@@ -173,10 +221,6 @@ def test_masks_must_match_and_must_be_given(tmp_path, processor, data):
     assert record["masks"]["modules"] == len(masks) and record["mask_check"]["ok"]
     with pytest.raises(FileExistsError, match="holds a finished run"):  # no silent overwrite of a result
         finetune(model, data, tmp_path, masks=masks, processor=processor, max_steps=1, **FAST)
-    from factories import tiny_blip2_t5
-
-    with pytest.raises(ValueError, match="encoder-decoder language models"):
-        finetune(tiny_blip2_t5(), data, tmp_path / "t5", masks=MaskSet(), processor=processor, max_steps=1, **FAST)
     with pytest.raises(ValueError, match="unknown finetune option"):
         finetune(model, data, tmp_path, masks=masks, processor=processor, max_step=1)
 

@@ -124,3 +124,32 @@ def test_progress_bar_shows_the_loss():
     bar.on_log(None, state, TrainerControl(), logs={"loss": 2.0, "ce": 1.5, "kl": 0.5})
     assert bar.training_bar.postfix == "loss=2.0000, ce=1.5000, kl=0.5000"
     bar.on_train_end(None, state, TrainerControl())
+
+
+@pytest.mark.parametrize("kind", ["llava", "blip2-t5"])
+def test_loss_equals_the_models_own_loss(kind):
+    """On real batches the answer-token CE equals the loss transformers computes from ``labels``: for a
+    decoder-only LLaVA (labels aligned with input_ids) and for BLIP-2 with a Flan-T5-style encoder-decoder
+    (decoder inputs built by the dataset, HF shifting the labels itself)."""
+    from factories import synthetic_processor, tiny_blip2_t5, tiny_llava
+
+    from vlmsparse.data.datasets import SyntheticVQADataset, VLMCollator
+
+    processor = synthetic_processor("llava" if kind == "llava" else "blip2")
+    if kind == "llava":
+        model, start = tiny_llava(seed=3), None
+    else:
+        model, start = tiny_blip2_t5(seed=3), 0
+    model.config.image_token_index = 4  # "<image>" of the synthetic processor
+    ds = SyntheticVQADataset(processor, num=3, seed=5, decoder_start_token_id=start)
+    batch = VLMCollator(pad_token_id=processor.tokenizer.pad_token_id)([ds[i] for i in range(3)])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ours, _, _ = distillation_loss(model(**inputs).logits, batch["labels"])
+        if kind == "llava":
+            theirs = model(**inputs, labels=batch["labels"]).loss
+        else:  # HF builds the decoder inputs from the labels: drop ours and the masked start column
+            plain = {k: v for k, v in inputs.items() if not k.startswith("decoder_")}
+            theirs = model(**plain, labels=batch["labels"][:, 1:].contiguous()).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    assert ours.item() > 0.5  # an untrained model: a real CE, not an empty selection

@@ -10,6 +10,18 @@ Every dataset yields examples encoded the same way (``encode_example``)::
 
 so the loss is computed on answer tokens only: never on the prompt, the image tokens or the padding.
 
+Encoder-decoder language models (BLIP-2 / InstructBLIP with Flan-T5; ``decoder_start_token_id`` given) get
+the prompt on the encoder side and the answer on the decoder side::
+
+    input_ids, attention_mask        [Le]  image tokens + every turn up to the last answer (earlier answers
+                                           are context)
+    decoder_input_ids                [Ld]  decoder start token + the last answer + EOS
+    decoder_attention_mask           [Ld]  all ones
+    labels                           [Ld]  = decoder_input_ids with the start token set to -100
+
+so position ``i`` of the decoder logits predicts label ``i + 1``, as for a decoder-only model: one loss
+(:mod:`vlmsparse.training.losses`) serves both.
+
 Formats:
 
 - conversation JSON (LLaVA): a JSON list of ``{"image": "rel/path.jpg", "conversations": [{"from": "human",
@@ -97,13 +109,17 @@ def _token_ids(processor: Any, text: str) -> list[int]:
     return list(ids[0] if ids and isinstance(ids[0], list) else ids)
 
 
-def encode_example(processor: Any, example: Example, max_length: int | None = None) -> dict[str, torch.Tensor]:
+def encode_example(processor: Any, example: Example, max_length: int | None = None,
+                   decoder_start_token_id: int | None = None) -> dict[str, torch.Tensor]:
     """Tokenise ``example`` into ``input_ids``/``attention_mask``/``labels`` ``[L]`` and ``pixel_values``.
 
     Layout: ``USER: <image>\\n{q1} ASSISTANT: {a1}</s> USER: {q2} ASSISTANT: {a2}</s>`` (LLaVA family) or
     ``<image tokens>Question: {q1} Answer: {a1}</s> ...`` (processors with ``num_query_tokens``).
     Labels keep the answer tokens and each answer's EOS; the prompt, image tokens are ``-100``.
-    ``max_length`` truncates from the end (the image tokens must fit, else ValueError).
+    ``max_length`` truncates from the end (the image tokens must fit, else :class:`DataFormatError`).
+    ``decoder_start_token_id`` (encoder-decoder language models): the last answer goes to the decoder side
+    (``decoder_input_ids``, labels aligned with them; see the module docstring); ``max_length`` then bounds
+    each side.
     """
     turns = example.turns
     if not turns or turns[0][0] != "human":
@@ -111,40 +127,14 @@ def encode_example(processor: Any, example: Example, max_length: int | None = No
     image = example.image
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image, example.source)
-    user, assistant, placeholder_in_text = _template(processor)
     tokenizer = getattr(processor, "tokenizer", processor)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the processor's tokenizer has no eos_token_id; answers must end with EOS")
-
-    ids: list[int] = []
-    labels: list[int] = []
-    pixel_values = None
-    extra: dict[str, torch.Tensor] = {}
-    for index, (role, text) in enumerate(turns):
-        expected = "human" if index % 2 == 0 else "gpt"
-        if role != expected:
-            raise DataFormatError(f"{example.source}: turn {index} is {role!r}, expected {expected!r} (turns alternate)")
-        if role == "human":
-            question = text.replace(IMAGE_PLACEHOLDER, "").strip()
-            if index == 0:
-                prompt = f"{user}{IMAGE_PLACEHOLDER}\n{question}{assistant}" if placeholder_in_text else f"{user}{question}{assistant}"
-                out = processor(images=image, text=prompt, return_tensors="pt")
-                segment = out["input_ids"][0].tolist()
-                pixel_values = out["pixel_values"][0]
-                # e.g. InstructBLIP's qformer_input_ids / qformer_attention_mask (the instruction for the Q-Former)
-                extra = {k: v[0] for k, v in out.items() if k not in ("input_ids", "attention_mask", "pixel_values")
-                         and isinstance(v, torch.Tensor) and v.dim() == 2}
-            else:
-                segment = _token_ids(processor, f" {user}{question}{assistant}")
-            ids += segment
-            labels += [IGNORE_INDEX] * len(segment)
-        else:
-            segment = _token_ids(processor, f" {text.strip()}") + [eos]
-            ids += segment
-            labels += segment
-    if max_length is not None and len(ids) > max_length:
-        ids, labels = ids[:max_length], labels[:max_length]
+    if decoder_start_token_id is not None:
+        return _encode_encoder_decoder(processor, example, image, max_length, decoder_start_token_id, eos)
+    ids, labels, inputs = _encode_turns(processor, turns, image, example.source, eos)
+    ids, labels = _truncate(processor, ids, max_length, example.source), labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
         raise DataFormatError(
             f"{example.source}: no answer token left to train on (no 'gpt' turn, or max_length={max_length} cut it)"
@@ -154,26 +144,105 @@ def encode_example(processor: Any, example: Example, max_length: int | None = No
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "labels": torch.tensor(labels, dtype=torch.long),
-        "pixel_values": pixel_values,
-        **extra,
+        **inputs,
+    }
+
+
+def _encode_turns(processor: Any, turns: tuple[tuple[str, str], ...], image: Any, source: str,
+                  eos: int) -> tuple[list[int], list[int], dict[str, torch.Tensor]]:
+    """``(ids, labels, image inputs)`` of the decoder-only layout; the image inputs are ``pixel_values`` and
+    the processor's other per-example outputs (e.g. InstructBLIP's ``qformer_input_ids``)."""
+    user, assistant, placeholder_in_text = _template(processor)
+    ids: list[int] = []
+    labels: list[int] = []
+    inputs: dict[str, torch.Tensor] = {}
+    for index, (role, text) in enumerate(turns):
+        expected = "human" if index % 2 == 0 else "gpt"
+        if role != expected:
+            raise DataFormatError(f"{source}: turn {index} is {role!r}, expected {expected!r} (turns alternate)")
+        if role == "human":
+            question = text.replace(IMAGE_PLACEHOLDER, "").strip()
+            if index == 0:
+                prompt = f"{user}{IMAGE_PLACEHOLDER}\n{question}{assistant}" if placeholder_in_text else f"{user}{question}{assistant}"
+                out = processor(images=image, text=prompt, return_tensors="pt")
+                segment = out["input_ids"][0].tolist()
+                inputs["pixel_values"] = out["pixel_values"][0]
+                # e.g. InstructBLIP's qformer_input_ids / qformer_attention_mask (the instruction for the Q-Former)
+                inputs.update({k: v[0] for k, v in out.items() if k not in ("input_ids", "attention_mask", "pixel_values")
+                               and isinstance(v, torch.Tensor) and v.dim() == 2})
+            else:
+                segment = _token_ids(processor, f" {user}{question}{assistant}")
+            ids += segment
+            labels += [IGNORE_INDEX] * len(segment)
+        else:
+            segment = _token_ids(processor, f" {text.strip()}") + [eos]
+            ids += segment
+            labels += segment
+    return ids, labels, inputs
+
+
+def _truncate(processor: Any, ids: list[int], max_length: int | None, source: str) -> list[int]:
+    """``ids[:max_length]``; DataFormatError when that cuts image tokens (the model needs all of them)."""
+    if max_length is None or len(ids) <= max_length:
+        return ids
+    tokenizer = getattr(processor, "tokenizer", processor)
+    image_token = getattr(processor, "image_token", None)
+    image_id = tokenizer.convert_tokens_to_ids(image_token) if image_token is not None else None
+    needed = max((i + 1 for i, t in enumerate(ids) if t == image_id), default=0)
+    if needed > max_length:
+        raise DataFormatError(f"{source}: max_length={max_length} cuts the image tokens (the prompt needs at least "
+                              f"{needed} tokens); raise max_length")
+    return ids[:max_length]
+
+
+def _encode_encoder_decoder(processor: Any, example: Example, image: Any, max_length: int | None,
+                            decoder_start_token_id: int, eos: int) -> dict[str, torch.Tensor]:
+    """The encoder-decoder layout of :func:`encode_example`: the turns before the last answer, encoded as the
+    decoder-only layout would (earlier answers are context), for the encoder; the last answer + EOS, after
+    the decoder start token, for the decoder."""
+    turns = example.turns
+    answered = [i for i, (role, _) in enumerate(turns) if role == "gpt"]
+    if not answered:
+        raise DataFormatError(f"{example.source}: no 'gpt' turn: nothing to train on")
+    last = answered[-1]
+    ids, _, inputs = _encode_turns(processor, turns[:last], image, example.source, eos)
+    encoder = torch.tensor(_truncate(processor, ids, max_length, example.source), dtype=torch.long)
+    decoder = torch.tensor([decoder_start_token_id] + _token_ids(processor, turns[last][1].strip()) + [eos],
+                           dtype=torch.long)
+    if max_length is not None:
+        decoder = decoder[:max_length]
+    if decoder.numel() < 2:
+        raise DataFormatError(f"{example.source}: no answer token left to train on (max_length={max_length})")
+    labels = decoder.clone()
+    labels[0] = IGNORE_INDEX
+    return {
+        "input_ids": encoder,
+        "attention_mask": torch.ones_like(encoder),
+        "decoder_input_ids": decoder,
+        "decoder_attention_mask": torch.ones_like(decoder),
+        "labels": labels,
+        **inputs,
     }
 
 
 class ExampleDataset(Dataset):
-    """A list of :class:`Example` encoded on access with the model's processor."""
+    """A list of :class:`Example` encoded on access with the model's processor (``decoder_start_token_id``:
+    the encoder-decoder layout of :func:`encode_example`, for Flan-T5 language models)."""
 
-    def __init__(self, examples: Sequence[Example], processor: Any, max_length: int | None = None) -> None:
+    def __init__(self, examples: Sequence[Example], processor: Any, max_length: int | None = None,
+                 decoder_start_token_id: int | None = None) -> None:
         if len(examples) == 0:
             raise ValueError("dataset is empty: no example to train on")
         self.examples = list(examples)
         self.processor = processor
         self.max_length = max_length
+        self.decoder_start_token_id = decoder_start_token_id
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return encode_example(self.processor, self.examples[index], self.max_length)
+        return encode_example(self.processor, self.examples[index], self.max_length, self.decoder_start_token_id)
 
 
 # ---------------------------------------------------------------------------------------------- parsers
@@ -207,7 +276,7 @@ class ConversationDataset(ExampleDataset):
     :class:`DataFormatError` naming the file, the row and its line."""
 
     def __init__(self, path: str | os.PathLike, processor: Any, image_root: str | os.PathLike | None = None,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, decoder_start_token_id: int | None = None) -> None:
         path = Path(path)
         image_root = Path(image_root) if image_root is not None else path.parent
         text = path.read_text(encoding="utf-8")
@@ -231,7 +300,7 @@ class ConversationDataset(ExampleDataset):
             if len(turns) < 2:
                 raise DataFormatError(f"{source}: a conversation needs a 'human' turn followed by a 'gpt' turn")
             examples.append(Example(_image_path(row.get("image"), image_root, source), tuple(turns), source))
-        super().__init__(examples, processor, max_length)
+        super().__init__(examples, processor, max_length, decoder_start_token_id)
 
 
 class CaptionDataset(ExampleDataset):
@@ -239,7 +308,8 @@ class CaptionDataset(ExampleDataset):
     ``prompt`` (a caption instruction). A line that does not parse raises :class:`DataFormatError` with its number."""
 
     def __init__(self, path: str | os.PathLike, processor: Any, image_root: str | os.PathLike | None = None,
-                 prompt: str = CAPTION_PROMPT, max_length: int | None = None) -> None:
+                 prompt: str = CAPTION_PROMPT, max_length: int | None = None,
+                 decoder_start_token_id: int | None = None) -> None:
         path = Path(path)
         image_root = Path(image_root) if image_root is not None else path.parent
         examples = []
@@ -249,67 +319,62 @@ class CaptionDataset(ExampleDataset):
                 raise DataFormatError(f"{source}: a row needs 'image' and a non-empty string 'caption' (or 'text')")
             image = _image_path(row.get("image"), image_root, source)
             examples.append(Example(image, (("human", prompt), ("gpt", caption)), source))
-        super().__init__(examples, processor, max_length)
+        super().__init__(examples, processor, max_length, decoder_start_token_id)
 
 
 class SyntheticVQADataset(ExampleDataset):
     """``num`` synthetic scenes with one question each, from :mod:`vlmsparse.data.synthetic`."""
 
-    def __init__(self, processor: Any, num: int = 64, seed: int = 0, max_length: int | None = None) -> None:
+    def __init__(self, processor: Any, num: int = 64, seed: int = 0, max_length: int | None = None,
+                 decoder_start_token_id: int | None = None) -> None:
         from . import synthetic
 
         samples = synthetic.make_vqa_samples(num, seed=seed)
         examples = [Example(s.image, (("human", s.question), ("gpt", s.answer)), f"synthetic[{i}]")
                     for i, s in enumerate(samples)]
-        super().__init__(examples, processor, max_length)
+        super().__init__(examples, processor, max_length, decoder_start_token_id)
 
 
 def load_dataset(spec: str, processor: Any, image_root: str | None = None, max_length: int | None = None,
-                 num_synthetic: int = 64, seed: int = 0) -> ExampleDataset:
+                 num_synthetic: int = 64, seed: int = 0, decoder_start_token_id: int | None = None) -> ExampleDataset:
     """A dataset from a spec: ``synthetic`` (or ``synthetic:N``), a ``.jsonl`` caption file, or a ``.json``
-    conversation file."""
+    conversation file; ``decoder_start_token_id`` for an encoder-decoder language model (see
+    :func:`encode_example`)."""
+    options = dict(max_length=max_length, decoder_start_token_id=decoder_start_token_id)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         num = int(spec.split(":", 1)[1]) if ":" in spec else num_synthetic
-        return SyntheticVQADataset(processor, num=num, seed=seed, max_length=max_length)
+        return SyntheticVQADataset(processor, num=num, seed=seed, **options)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"data {spec!r}: no such file (allowed: a .json conversation file, a .jsonl "
                                 "caption file, 'synthetic' or 'synthetic:N')")
     if path.suffix == ".jsonl":
-        return CaptionDataset(path, processor, image_root, max_length=max_length)
+        return CaptionDataset(path, processor, image_root, **options)
     if path.suffix == ".json":
-        return ConversationDataset(path, processor, image_root, max_length=max_length)
+        return ConversationDataset(path, processor, image_root, **options)
     raise ValueError(f"data {spec!r}: unknown format {path.suffix!r} (allowed: .json conversations, .jsonl captions, 'synthetic' or 'synthetic:N')")
 
 
 # -------------------------------------------------------------------------------------------- collator
 @dataclass
 class VLMCollator:
-    """Pad a list of encoded examples on the right into a batch: ``input_ids``/``attention_mask``/``labels``
-    ``[B, Lmax]`` (pad id / 0 / -100), ``pixel_values`` ``[B, 3, H, W]``, other per-token keys padded with 0."""
+    """Pad a list of encoded examples on the right into a batch: each per-token key to its own longest length
+    (``input_ids`` / ``decoder_input_ids`` with the pad id, ``labels`` with -100, the rest, attention masks
+    and e.g. ``qformer_input_ids``, with 0): ``[B, Lmax]``; ``pixel_values`` stacked: ``[B, 3, H, W]``."""
 
     pad_token_id: int
 
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        length = max(f["input_ids"].numel() for f in features)
-
-        def pad(key: str, value: int) -> torch.Tensor:
-            out = torch.full((len(features), length), value, dtype=torch.long)
+        pad_values = {"input_ids": self.pad_token_id, "decoder_input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
+        batch: dict[str, torch.Tensor] = {}
+        for key, first in features[0].items():
+            if first is None:
+                continue
+            if key == "pixel_values":
+                batch[key] = torch.stack([f[key] for f in features])
+                continue
+            width = max(f[key].numel() for f in features)
+            batch[key] = torch.full((len(features), width), pad_values.get(key, 0), dtype=first.dtype)
             for row, f in enumerate(features):
-                out[row, : f[key].numel()] = f[key]
-            return out
-
-        batch = {
-            "input_ids": pad("input_ids", self.pad_token_id),
-            "attention_mask": pad("attention_mask", 0),
-            "labels": pad("labels", IGNORE_INDEX),
-        }
-        if features[0].get("pixel_values") is not None:
-            batch["pixel_values"] = torch.stack([f["pixel_values"] for f in features])
-        for key in features[0]:  # other per-token inputs from the processor (qformer_input_ids, ...): pad with 0
-            if key not in batch and key != "pixel_values":
-                width = max(f[key].numel() for f in features)
-                batch[key] = torch.zeros((len(features), width), dtype=features[0][key].dtype)
-                for row, f in enumerate(features):
-                    batch[key][row, : f[key].numel()] = f[key]
+                batch[key][row, : f[key].numel()] = f[key]
         return batch

@@ -169,6 +169,31 @@ def _load_processor(model: Any, processor: Any) -> Any:
         return AutoProcessor.from_pretrained(model, use_fast=False)
 
 
+def _decoder_start_token_id(model: nn.Module) -> int | None:
+    """The decoder start token of an encoder-decoder language model (BLIP-2 / InstructBLIP with Flan-T5),
+    None for a decoder-only one."""
+    text_config = getattr(model.config, "text_config", model.config)
+    if not getattr(text_config, "is_encoder_decoder", False):
+        return None
+    start = getattr(text_config, "decoder_start_token_id", None)
+    if start is None:
+        raise ValueError(f"{type(model).__name__}: the encoder-decoder language model's config has no "
+                         "decoder_start_token_id")
+    return int(start)
+
+
+def _check_layout(dataset: Any, decoder_start: int | None, model_name: str) -> None:
+    """ValueError when the dataset's examples are laid out for the other kind of language model (an
+    encoder-decoder one needs ``decoder_input_ids``; see :func:`vlmsparse.data.datasets.encode_example`)."""
+    has_decoder = "decoder_input_ids" in dataset[0]
+    if has_decoder != (decoder_start is not None):
+        need = (f"an encoder-decoder language model: build the dataset with decoder_start_token_id={decoder_start}"
+                if decoder_start is not None else "a decoder-only language model: build the dataset without "
+                "decoder_start_token_id")
+        raise ValueError(f"the dataset's examples {'have' if has_decoder else 'lack'} decoder_input_ids but "
+                         f"{model_name} has {need}")
+
+
 # ---------------------------------------------------------------------------------------- adapters
 def _attach(model: nn.Module, masks: MaskSet, config: FinetuneConfig, keep_dense: bool) -> None:
     """Freeze the model and add adapters on ``config.parts`` (``pipeline.lora.add_sparse_lora``), or for
@@ -337,20 +362,19 @@ def finetune(
 
     processor = _load_processor(model, processor)
     student, masks, model_name = _load(model, masks, masks_from_zeros, dense_weights=config.teacher_source == "self")
-    text_config = getattr(student.config, "text_config", student.config)
-    if getattr(text_config, "is_encoder_decoder", False):
-        raise ValueError(f"{model_name}: encoder-decoder language models (e.g. FlanT5) are not supported by "
-                         "finetune yet; decoder-only language models (Llama, OPT, ...) are")
+    decoder_start = _decoder_start_token_id(student)
     run_config = {**config.identity(), "masks": _masks_fingerprint(masks)}
     checkpoint = _resolve_resume(output_dir, resume, run_config)
 
     if isinstance(data, (str, os.PathLike)):
         if processor is None:
             raise ValueError("data given as a file or spec needs the model's processor (pass processor=...)")
-        dataset = load_dataset(str(data), processor, image_root=image_root, max_length=config.max_length, seed=config.seed)
+        dataset = load_dataset(str(data), processor, image_root=image_root, max_length=config.max_length,
+                               seed=config.seed, decoder_start_token_id=decoder_start)
         data_name = str(data)
     else:
         dataset, data_name = data, type(data).__name__
+    _check_layout(dataset, decoder_start, model_name)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
