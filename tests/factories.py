@@ -237,3 +237,45 @@ def blip2_t5_inputs(batch: int = 2, text_len: int = 6, seed: int = 0) -> dict[st
     decoder = torch.randint(3, VOCAB - 2, (batch, 4), generator=g)
     inputs["decoder_input_ids"] = torch.cat([torch.zeros(batch, 1, dtype=torch.long), decoder], dim=1)
     return inputs
+
+
+# ------------------------------------------------------------------------------ encoder-decoder / InstructBLIP
+def tiny_t5_config(hidden: int = 32, layers: int = 2):
+    """A Flan-T5-style config (gated-GELU, untied head) sharing the synthetic ids: pad = decoder start = 0,
+    eos = 2."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=VOCAB, d_model=hidden, d_kv=hidden // 2, d_ff=hidden * 2, num_layers=layers,
+        num_decoder_layers=layers, num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+    )
+
+
+def tiny_instructblip_t5(seed: int = 0, hidden: int = 32, layers: int = 2) -> InstructBlipForConditionalGeneration:
+    """InstructBLIP with a Flan-T5-style encoder-decoder language model (2 + 2 blocks)."""
+    torch.manual_seed(seed)
+    config = InstructBlipConfig(
+        vision_config=_vision(hidden, layers),
+        qformer_config=dict(
+            hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=1, num_attention_heads=2,
+            encoder_hidden_size=hidden, vocab_size=VOCAB,
+        ),
+        text_config=tiny_t5_config(hidden, layers).to_dict(),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=BLIP_IMAGE_TOKEN,
+    )
+    return InstructBlipForConditionalGeneration(config).eval()
+
+
+def synthetic_instructblip_processor():
+    """An InstructBlipProcessor over the word-level tokenizer of ``vlmsparse.data.vocab`` (NUM_QUERY_TOKENS
+    ``<image>`` tokens prepended); the Q-Former tokenizer is a second copy of it (left padding, on purpose:
+    the evaluation must right-pad the Q-Former instruction itself)."""
+    from transformers import InstructBlipProcessor
+
+    from vlmsparse.data.vocab import build_processor, build_tokenizer
+
+    processor = build_processor(image_size=IMAGE_SIZE, patch_size=PATCH)
+    return InstructBlipProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
+                                 qformer_tokenizer=build_tokenizer(), num_query_tokens=NUM_QUERY_TOKENS)

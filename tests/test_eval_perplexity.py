@@ -1,4 +1,5 @@
-"""Perplexity: equals exp(HF loss) when one window holds the text; every token scored once with windows."""
+"""Perplexity: equals exp(HF loss) when one window holds the text; every token scored once with windows;
+encoder-decoder (T5) language models: context to the encoder, scored tokens to the decoder."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import pytest
 import torch
-from factories import tiny_llama, tiny_llava
+from factories import tiny_blip2_t5, tiny_instructblip_t5, tiny_llama, tiny_llava, tiny_t5_config
 
 from vlmsparse.data.vocab import build_tokenizer
 from vlmsparse.eval.perplexity import language_model_of, perplexity, perplexity_of_file
@@ -58,3 +59,75 @@ def test_bad_arguments():
         perplexity(model, tok, TEXT, max_length=8, stride=9)
     with pytest.raises(ValueError, match="empty"):
         perplexity(model, tok, "   ")
+
+
+# ------------------------------------------------------------------------------------------ encoder-decoder
+def _t5_loss(lm, context: list[int], targets: list[int]) -> tuple[float, int]:
+    """Summed NLL of ``targets`` given the encoder input ``context + [eos]``, by the model's own loss (HF shifts
+    the labels right with the decoder start token): ``(sum, count)``."""
+    enc = torch.tensor([context + [lm.config.eos_token_id]])
+    with torch.no_grad():
+        loss = lm(input_ids=enc, labels=torch.tensor([targets])).loss
+    return float(loss) * len(targets), len(targets)
+
+
+def test_t5_perplexity_matches_model_loss_in_one_window():
+    """One window: the encoder reads t_0 (+ eos), the decoder predicts t_1..t_{n-1}; equals exp(HF loss)."""
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    lm, tok = T5ForConditionalGeneration(tiny_t5_config()).eval(), build_tokenizer()
+    ids = tok(TEXT)["input_ids"]
+    total, n = _t5_loss(lm, ids[:1], ids[1:])
+    result = perplexity(lm, tok, TEXT, max_length=len(ids))
+    assert result.num_tokens == len(ids) - 1 == n
+    assert result.nll == pytest.approx(total / n, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(total / n), rel=1e-5)
+
+
+@pytest.mark.parametrize("build", [tiny_blip2_t5, tiny_instructblip_t5])
+def test_t5_windows_put_the_context_in_the_encoder(build):
+    """max_length 8, stride 4 (the default for an encoder-decoder): window 1 scores t_1..t_7 from t_0; then each
+    window scores the next 4 tokens with the 4 before them as the encoder input. Through the VLM's T5."""
+    model, tok = build(), build_tokenizer()
+    lm = language_model_of(model)
+    assert lm is model.language_model and lm.config.is_encoder_decoder
+    ids = tok(TEXT)["input_ids"]
+    parts = [_t5_loss(lm, ids[:1], ids[1:8])]
+    parts += [_t5_loss(lm, ids[s - 4:s], ids[s:s + 4]) for s in range(8, len(ids), 4)]
+    expected = sum(p[0] for p in parts) / sum(p[1] for p in parts)
+    result = perplexity(model, tok, TEXT, max_length=8)
+    assert result.num_tokens == len(ids) - 1 == sum(p[1] for p in parts)
+    assert result.nll == pytest.approx(expected, rel=1e-5)
+    assert perplexity(model, tok, TEXT, max_length=8, stride=4).nll == pytest.approx(expected, rel=1e-6)
+    # a longer context in the encoder gives a different (not a silently equal) number
+    assert perplexity(model, tok, TEXT, max_length=8, stride=8).nll != pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("max_length, stride", [(8, 8), (8, 3), (16, 1), (2, 2), (2, 1)])
+def test_t5_windows_score_every_token_once(max_length, stride):
+    model, tok = tiny_blip2_t5(), build_tokenizer()
+    n = len(tok(TEXT)["input_ids"])
+    result = perplexity(model, tok, TEXT, max_length=max_length, stride=stride)
+    assert result.num_tokens == n - 1
+    assert math.isfinite(result.perplexity) and result.perplexity > 1.0
+    assert not model.language_model.training
+
+
+def test_eval_cli_perplexity_on_a_t5_folder(tmp_path, capsys):
+    """`vlmsparse eval --text` on a saved BLIP-2-T5 folder gives the in-memory number."""
+    import json
+
+    from factories import synthetic_processor
+
+    from vlmsparse.cli import main
+
+    model, processor = tiny_blip2_t5(), synthetic_processor("blip2")
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text(TEXT)
+    assert main(["eval", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--max-length", "16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    expected = perplexity(model, processor.tokenizer, TEXT, max_length=16)
+    assert report["num_tokens"] == expected.num_tokens
+    assert report["nll"] == pytest.approx(expected.nll, rel=1e-5)

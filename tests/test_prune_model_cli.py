@@ -122,3 +122,40 @@ def test_cli_prune_end_to_end(tmp_path, llava_folder, capsys):
     assert "already exists" in capsys.readouterr().err
     # bad sparsity: a clear error, exit code 2
     assert main(["prune", str(llava_folder), str(tmp_path / "x"), "--sparsity", "4:4", "--quiet"]) == 2
+
+
+def test_cli_prune_blip2_flan_t5_with_decoder_calibration(tmp_path):
+    """An encoder-decoder language model: calibration batches carry the text on the decoder side too (start +
+    tokens + EOS), prune_model refuses batches without it, and ``vlmsparse prune`` runs end to end."""
+    from factories import synthetic_processor, tiny_blip2_t5
+
+    from vlmsparse.pipeline.prune import prune_model
+
+    blip = synthetic_processor("blip2")
+    tok = blip.tokenizer
+    samples = load_calibration_samples("synthetic", nsamples=3, seed=0, image_size=32)
+    batches = build_calibration_batches(samples, blip, batch_size=3, decoder_start_token_id=0)
+    batch = batches[0]
+    for row, sample in enumerate(samples):
+        words = tok(sample.text, add_special_tokens=False)["input_ids"]
+        n = len(words) + 2
+        assert batch["decoder_input_ids"][row, :n].tolist() == [0, *words, tok.eos_token_id]
+        assert batch["decoder_attention_mask"][row].tolist() == [1] * n + [0] * (batch["decoder_input_ids"].shape[1] - n)
+    plain = build_calibration_batches(samples, blip, batch_size=3)
+    assert "decoder_input_ids" not in plain[0]
+    assert all(torch.equal(plain[0][k], v) for k, v in batch.items() if not k.startswith("decoder_"))
+
+    model = tiny_blip2_t5()
+    model.config.image_token_index = tok.convert_tokens_to_ids("<image>")
+    with pytest.raises(ValueError, match="decoder_input_ids"):
+        prune_model(model, method="wanda", sparsity="0.5", calibration=plain)
+
+    folder = tmp_path / "t5"
+    model.save_pretrained(folder)
+    blip.save_pretrained(folder)
+    assert main(["prune", str(folder), str(tmp_path / "out"), "--method", "wanda", "--sparsity", "2:4",
+                 "--calibration", "synthetic", "--nsamples", "4", "--quiet"]) == 0
+    pruned, masks = load_pruned(tmp_path / "out")
+    decoder = [n for n in masks if ".decoder." in n]
+    assert decoder and all(masks.patterns[n] == "2:4" for n in masks)
+    assert masks.sparsity() == pytest.approx(0.5)

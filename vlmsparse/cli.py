@@ -114,7 +114,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
         _print_json(record)
     else:
         check = record["mask_check"]
-        print(f"{record['steps']} steps in {record['train_time_s']:.1f}s, final loss {record['final_loss']}")
+        loss = (f"last logged loss {record['final_loss']:.4f}" if record["final_loss"] is not None
+                else f"mean loss {record['train_loss']:.4f} (no step logged: --logging-steps)")
+        print(f"{record['steps']} steps in {record['train_time_s']:.1f}s, {loss}")
         print(f"sparsity {record['sparsity_before']['all']:.4f} -> {record['sparsity_after']['all']:.4f}; "
               f"masks kept: {check['ok']}")
         print(f"merged model: {record['merged_model']}")
@@ -185,7 +187,10 @@ def _run_prune(args: argparse.Namespace) -> int:
         size = getattr(getattr(model.config, "vision_config", None), "image_size", 336)
         samples = load_calibration_samples(args.calibration, args.nsamples, args.seed, image_size=size,
                                            image_root=args.image_root)
-        calibration = build_calibration_batches(samples, processor, args.batch_size, args.max_words)
+        text_config = getattr(model.config, "text_config", model.config)
+        start = text_config.decoder_start_token_id if getattr(text_config, "is_encoder_decoder", False) else None
+        calibration = build_calibration_batches(samples, processor, args.batch_size, args.max_words,
+                                                decoder_start_token_id=start)
     masks = prune_model(
         model, method=args.method, sparsity=args.sparsity, allocation=allocation, calibration=calibration,
         scope=args.scope, blocksize=args.blocksize, dampening=args.dampening, report_error=not args.no_error,
@@ -270,7 +275,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
     p.add_argument("--official", action="store_true", help="VQAv2 leave-one-out average over 10 answer subsets")
     p.add_argument("--max-length", type=int, default=512, help="perplexity window (tokens)")
-    p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: the window)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="perplexity window stride (default: the window; half of it for an encoder-decoder LM)")
     p.add_argument("-o", "--output", default=None, help="write the JSON report here")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 

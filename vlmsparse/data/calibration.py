@@ -12,6 +12,10 @@ Sources (``load_calibration_samples``):
 - ``"synthetic"``: :func:`vlmsparse.data.synthetic.synthetic_captions` (coloured shapes with captions).
 
 ``nsamples`` records are drawn with ``seed`` (all of them, in order, when there are fewer).
+
+Encoder-decoder language models (Flan-T5 in BLIP-2 / InstructBLIP): the text goes to the encoder as for any
+model, and the decoder reads it too (``decoder_input_ids`` = start token + the text's tokens + EOS), so both
+halves see real text while their statistics are collected.
 """
 
 from __future__ import annotations
@@ -179,11 +183,14 @@ def _prompt(processor: Any, text: str, has_image: bool) -> str:
 
 
 def build_calibration_batches(
-    samples: list[CalibrationSample], processor: Any, batch_size: int = 8, max_text_length: int | None = None
+    samples: list[CalibrationSample], processor: Any, batch_size: int = 8, max_text_length: int | None = None,
+    decoder_start_token_id: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Model-input dicts (``input_ids``, ``attention_mask``, ``pixel_values``, ...) of ``batch_size`` samples,
     padded with the processor. ``processor`` may be a tokenizer (language-only models: images ignored).
-    ``max_text_length`` truncates the caption to that many words."""
+    ``max_text_length`` truncates the caption to that many words. ``decoder_start_token_id`` (encoder-decoder
+    language models) adds ``decoder_input_ids`` / ``decoder_attention_mask`` ``[B, Ld]`` (see the module
+    docstring), padded on the right."""
     if not samples:
         raise ValueError("calibration set is empty")
     if batch_size < 1:
@@ -192,9 +199,10 @@ def build_calibration_batches(
     batches = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        texts = []
+        texts, raw = [], []
         for s in chunk:
             text = " ".join(s.text.split()[:max_text_length]) if max_text_length else s.text
+            raw.append(text)
             texts.append(_prompt(processor, text, has_images and s.image is not None))
         if has_images:
             images = [s.image for s in chunk]
@@ -204,5 +212,22 @@ def build_calibration_batches(
             out = processor(images=images, text=texts, padding=True, return_tensors="pt")
         else:
             out = processor(texts, padding=True, return_tensors="pt")
-        batches.append({k: v for k, v in dict(out).items() if isinstance(v, torch.Tensor)})
+        batch = {k: v for k, v in dict(out).items() if isinstance(v, torch.Tensor)}
+        if decoder_start_token_id is not None:
+            batch.update(_decoder_inputs(processor, raw, decoder_start_token_id))
+        batches.append(batch)
     return batches
+
+
+def _decoder_inputs(processor: Any, texts: list[str], start: int) -> dict[str, torch.Tensor]:
+    """``decoder_input_ids`` (start + tokens + EOS, right-padded) and ``decoder_attention_mask`` ``[B, Ld]``."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    rows = [[start, *tokenizer(t, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id] for t in texts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return {"decoder_input_ids": ids, "decoder_attention_mask": mask}

@@ -1,8 +1,21 @@
 """Perplexity of a model's language model on a text: ``exp(mean NLL per predicted token)``.
 
-The text is tokenised once; windows of ``max_length`` tokens slide by ``stride``; each window scores only
-the tokens not scored by the previous window (with up to ``max_length - stride`` tokens of context before
-them), so every token after the first is predicted exactly once.
+The text is tokenised once (ids ``t_0 .. t_{n-1}``); windows of ``max_length`` tokens slide by ``stride``; each
+window scores only the tokens not scored by the previous window, with the window's earlier tokens (up to
+``max_length - stride`` of them) as context, so every token after the first is predicted exactly once and
+``num_tokens = n - 1``.
+
+Causal language model (LLaVA, or the OPT / Llama inside BLIP-2 / InstructBLIP): the window is the input and
+token ``t_i`` is scored by the logits at position ``i - 1``. ``stride`` defaults to ``max_length``.
+
+Encoder-decoder language model (Flan-T5 inside BLIP-2 / InstructBLIP, or a T5 model): the window's context
+``t_a .. t_{b-1}`` followed by the language model's EOS (as T5 tokenizers end every input) is the encoder
+input, and the decoder, teacher-forced from its start token, predicts the scored tokens ``t_b .. t_{e-1}``:
+``NLL = -sum_i log p(t_i | encoder(t_a..t_{b-1}, eos), t_b..t_{i-1})``. The first window's context is ``t_0``.
+``stride`` defaults to ``max_length // 2``, so that the encoder reads half a window of text (with
+``stride = max_length`` it would read one token, and pruning damage to the encoder would barely show).
+The numbers are comparable between a dense model and its pruned / finetuned versions with the same
+settings, not with a causal model's perplexity.
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PerplexityResult", "perplexity", "language_model_of"]
+__all__ = ["PerplexityResult", "perplexity", "perplexity_of_file", "language_model_of"]
 
 
 @dataclass(frozen=True)
@@ -28,43 +41,67 @@ class PerplexityResult:
 
 
 def language_model_of(model: Any) -> Any:
-    """The module that maps ``input_ids`` to next-token logits: a separate causal LM inside a VLM (BLIP-2 /
-    InstructBLIP ``language_model`` with an LM head), else the model itself (LLaVA accepts text alone)."""
+    """The module that maps ``input_ids`` to next-token logits: a separate language model inside a VLM (BLIP-2 /
+    InstructBLIP ``language_model`` with an LM head: causal, or T5 encoder-decoder), else the model itself (LLaVA
+    accepts text alone)."""
     inner = getattr(model, "language_model", None)
     if inner is not None and hasattr(inner, "get_output_embeddings") and inner.get_output_embeddings() is not None:
         return inner
     return model
 
 
+def _is_encoder_decoder(lm: Any) -> bool:
+    return bool(getattr(lm.config, "is_encoder_decoder", False))
+
+
+def _window_nll(lm: Any, window: torch.Tensor, first: int) -> torch.Tensor:
+    """NLL (nats) of ``window[first:]`` given ``window[:first]`` (1-D ids, ``first >= 1``): a vector of
+    ``len(window) - first`` values (see the module docstring for the two kinds of language model)."""
+    targets = window[first:]
+    if not _is_encoder_decoder(lm):
+        logits = lm(input_ids=window.unsqueeze(0)).logits[0, first - 1:-1].float()
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    config = lm.config
+    if config.decoder_start_token_id is None:
+        raise ValueError(f"perplexity: the encoder-decoder {type(lm).__name__} has no decoder_start_token_id in its "
+                         "config; set it (T5: the pad id, 0)")
+    context = window[:first]
+    if config.eos_token_id is not None:
+        context = torch.cat([context, context.new_tensor([config.eos_token_id])])
+    decoder = torch.cat([targets.new_tensor([config.decoder_start_token_id]), targets[:-1]])
+    logits = lm(input_ids=context.unsqueeze(0), decoder_input_ids=decoder.unsqueeze(0)).logits[0].float()
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
 @torch.no_grad()
 def perplexity(model: Any, tokenizer: Any, text: str, max_length: int = 128, stride: int | None = None) -> PerplexityResult:
-    """Perplexity of ``model`` on ``text`` (see the module docstring); ``stride`` defaults to ``max_length``."""
-    stride = max_length if stride is None else stride
+    """Perplexity of ``model``'s language model on ``text`` (see the module docstring); ``stride`` defaults to
+    ``max_length`` for a causal language model and ``max_length // 2`` for an encoder-decoder one."""
+    lm = language_model_of(model)
+    if stride is None:
+        stride = max(1, max_length // 2) if _is_encoder_decoder(lm) else max_length
     if max_length < 2 or not 1 <= stride <= max_length:
         raise ValueError(f"need max_length >= 2 and 1 <= stride <= max_length, got max_length={max_length}, stride={stride}")
     if not text.strip():
         raise ValueError("perplexity: the text is empty")
-    lm = language_model_of(model)
-    was_training = lm.training
-    lm.eval()
-    device = next(lm.parameters()).device
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     if ids.numel() < 2:
         raise ValueError(f"perplexity: the text has {ids.numel()} token(s); at least 2 are needed")
+    was_training = lm.training
+    lm.eval()
+    device = next(lm.parameters()).device
     total_nll, counted, scored_until = 0.0, 0, 1  # token 0 is never predicted
     start = 0
-    while scored_until < ids.numel():
-        end = min(start + max_length, ids.numel())
-        window = ids[start:end].unsqueeze(0).to(device)
-        logits = lm(input_ids=window).logits[0, :-1].float()
-        targets = window[0, 1:]
-        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-        first = scored_until - start - 1  # index into targets of the first token not yet scored
-        total_nll += float(nll[first:].sum())
-        counted += nll.numel() - first
-        scored_until = end
-        start = min(start + stride, end - 1)  # the next window must predict token `end`
-    lm.train(was_training)
+    try:
+        while scored_until < ids.numel():
+            end = min(start + max_length, ids.numel())
+            nll = _window_nll(lm, ids[start:end].to(device), scored_until - start)
+            total_nll += float(nll.sum())
+            counted += nll.numel()
+            scored_until = end
+            start = min(start + stride, end - 1)  # the next window must predict token `end`
+    finally:
+        lm.train(was_training)
     mean = total_nll / counted
     return PerplexityResult(perplexity=math.exp(mean), nll=mean, num_tokens=counted)
 

@@ -152,6 +152,12 @@ class ArchSpec:
         missing = [key for key in self.required_inputs if key not in batch]
         if missing:
             raise ValueError(f"{self.name} calibration inputs need {', '.join(missing)} (build them with its processor)")
+        text_config = getattr(model.config, "text_config", model.config)
+        if getattr(text_config, "is_encoder_decoder", False) and "decoder_input_ids" not in batch:
+            raise ValueError(
+                f"{self.name} has an encoder-decoder language model: calibration inputs need decoder_input_ids "
+                "(build_calibration_batches(..., decoder_start_token_id=text_config.decoder_start_token_id))"
+            )
         if self.image_tokens is None or "pixel_values" not in batch:
             return
         config = model.config

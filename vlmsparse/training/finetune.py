@@ -360,8 +360,8 @@ def finetune(
     config = replace(config or FinetuneConfig(), **overrides)
     output_dir = Path(output_dir)
 
-    processor = _load_processor(model, processor)
     student, masks, model_name = _load(model, masks, masks_from_zeros, dense_weights=config.teacher_source == "self")
+    processor = _load_processor(model, processor)  # after _load: a missing folder is reported as such
     decoder_start = _decoder_start_token_id(student)
     run_config = {**config.identity(), "masks": _masks_fingerprint(masks)}
     checkpoint = _resolve_resume(output_dir, resume, run_config)
