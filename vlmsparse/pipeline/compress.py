@@ -21,7 +21,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +43,7 @@ __all__ = [
     "pack_bitmask",
     "unpack_bitmask",
     "load_compressed_state_dict",
+    "iter_compressed_tensors",
     "compress_folder",
     "decompress_folder",
 ]
@@ -328,30 +329,55 @@ def _read_index(path: Path) -> dict:
     return index
 
 
-def load_compressed_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The dense state dict stored in a compressed checkpoint folder (tied tensors share storage)."""
-    from safetensors.torch import load_file
+def iter_compressed_tensors(path: str | os.PathLike, aliases: bool = True,
+                            ) -> Iterator[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
+    """``(key, shape, load)`` for every tensor stored in a compressed checkpoint folder, in stored order;
+    ``load()`` reads and decodes that tensor alone (dense, bit for bit), so a caller holds one at a time.
+    Aliases (tied tensors) are yielded under their own key and load the tensor they alias; ``aliases=False``
+    leaves them out (each stored tensor once, as ``save_pretrained`` stores tied weights)."""
+    from safetensors import safe_open
 
     path = Path(path)
     index = _read_index(path)
-    stored = load_file(str(path / index["weights"]))
+    entries = index["tensors"]
+    with safe_open(str(path / index["weights"]), framework="pt") as stored:
+
+        def load(key: str) -> torch.Tensor:
+            entry = entries[key]
+            fmt = entry["format"]
+            if fmt == "alias":
+                return load(entry["of"])
+            if fmt == "dense":
+                return stored.get_tensor(key)
+            if fmt == "packed24":
+                return unpack24(Packed24(stored.get_tensor(f"{key}.values"), stored.get_tensor(f"{key}.meta"),
+                                         entry["shape"][1]))
+            if fmt == "bitmask":
+                mask = unpack_bitmask(stored.get_tensor(f"{key}.bitmask"), entry["shape"][1])
+                values = stored.get_tensor(f"{key}.values")
+                dense = torch.zeros(entry["shape"], dtype=values.dtype)
+                dense[mask] = values
+                return dense
+            raise ValueError(f"{path}: tensor {key!r} has unknown format {fmt!r}")
+
+        for key, entry in entries.items():
+            if entry["format"] == "alias" and not aliases:
+                continue
+            shape = tuple(entries[entry["of"]]["shape"] if entry["format"] == "alias" else entry["shape"])
+            yield key, shape, lambda key=key: load(key)
+
+
+def load_compressed_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The dense state dict stored in a compressed checkpoint folder (tied tensors share storage)."""
     state: dict[str, torch.Tensor] = {}
     aliases = {}
-    for key, entry in index["tensors"].items():
-        fmt = entry["format"]
-        if fmt == "alias":
+    index = _read_index(Path(path))
+    for key, _, load in iter_compressed_tensors(path):
+        entry = index["tensors"][key]
+        if entry["format"] == "alias":
             aliases[key] = entry["of"]
-        elif fmt == "dense":
-            state[key] = stored[key]
-        elif fmt == "packed24":
-            state[key] = unpack24(Packed24(stored[f"{key}.values"], stored[f"{key}.meta"], entry["shape"][1]))
-        elif fmt == "bitmask":
-            mask = unpack_bitmask(stored[f"{key}.bitmask"], entry["shape"][1])
-            dense = torch.zeros(entry["shape"], dtype=stored[f"{key}.values"].dtype)
-            dense[mask] = stored[f"{key}.values"]
-            state[key] = dense
         else:
-            raise ValueError(f"{path}: tensor {key!r} has unknown format {fmt!r}")
+            state[key] = load()
     for key, original in aliases.items():
         state[key] = state[original]
     return state

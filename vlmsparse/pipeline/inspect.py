@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -145,41 +146,56 @@ def _canonical(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "model")
 
 
-def inspect_checkpoint(path: str | os.PathLike, linear_only: bool = True) -> InspectReport:
-    """Sparsity report of every linear weight (``linear_only=False``: every 2-D weight) in ``path``."""
+def _stored_tensors(path: Path, files: list[Path]) -> Iterator[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
+    """``(key, shape, load)`` for every tensor of the weight files, read one at a time; a compressed vlmsparse
+    folder's tensors are decoded (packed 2:4, bitmask) to the dense weights they stand for."""
     from safetensors import safe_open
 
+    from .compress import INDEX_FILENAME, iter_compressed_tensors
+
+    if path.is_dir() and (path / INDEX_FILENAME).exists():
+        yield from iter_compressed_tensors(path, aliases=False)
+        return
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, tuple(f.get_slice(key).get_shape()), lambda f=f, key=key: f.get_tensor(key)
+
+
+def inspect_checkpoint(path: str | os.PathLike, linear_only: bool = True) -> InspectReport:
+    """Sparsity report of every linear weight (``linear_only=False``: every 2-D weight) in ``path``: a
+    ``.safetensors`` file, a model folder, or a compressed vlmsparse folder (decoded tensor by tensor)."""
+    from .compress import INDEX_FILENAME
+
     path = Path(path)
-    files = _weight_files(path)
+    compressed = path.is_dir() and (path / INDEX_FILENAME).exists()
+    files = [] if compressed else _weight_files(path)
     model_type = _model_type(path)
     part = _part_function(model_type)
     masks_path = (path if path.is_dir() else path.parent) / MASKS_FILENAME
     masks = MaskSet.load(masks_path) if masks_path.exists() and path.is_dir() else None
     mask_by_canonical = {_canonical(name): mask for name, mask in masks.items()} if masks else {}
     report = InspectReport(str(path), model_type)
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                shape = tuple(f.get_slice(key).get_shape())
-                if len(shape) != 2 or not key.endswith(".weight"):
-                    continue
-                if linear_only and any(token in key for token in _NOT_LINEAR):
-                    continue
-                tensor = f.get_tensor(key)
-                nonzero = tensor != 0
-                mask = mask_by_canonical.get(_canonical(key[: -len(".weight")]))
-                inside = None
-                if mask is not None:
-                    inside = mask.shape == tensor.shape and not bool((nonzero & ~mask).any())
-                report.rows.append(
-                    InspectRow(
-                        name=key,
-                        shape=shape,
-                        numel=tensor.numel(),
-                        zeros=int((~nonzero).sum()),
-                        nm=detect_nm(tensor) if torch.is_floating_point(tensor) else None,
-                        part=part(key),
-                        inside_mask=inside,
-                    )
-                )
+    for key, shape, load in _stored_tensors(path, files):
+        if len(shape) != 2 or not key.endswith(".weight"):
+            continue
+        if linear_only and any(token in key for token in _NOT_LINEAR):
+            continue
+        tensor = load()
+        nonzero = tensor != 0
+        mask = mask_by_canonical.get(_canonical(key[: -len(".weight")]))
+        inside = None
+        if mask is not None:
+            inside = mask.shape == tensor.shape and not bool((nonzero & ~mask).any())
+        report.rows.append(
+            InspectRow(
+                name=key,
+                shape=shape,
+                numel=tensor.numel(),
+                zeros=int((~nonzero).sum()),
+                nm=detect_nm(tensor) if torch.is_floating_point(tensor) else None,
+                part=part(key),
+                inside_mask=inside,
+            )
+        )
     return report

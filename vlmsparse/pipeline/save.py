@@ -94,15 +94,25 @@ def save_pruned(
 def load_model(
     path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> nn.Module:
-    """Load a Hugging Face model of a supported architecture from a local folder (by its config's model_type)."""
+    """Load a Hugging Face model of a supported architecture from a local folder (by its config's model_type);
+    a folder written by :func:`vlmsparse.pipeline.compress.save_compressed` is loaded dense with its
+    stored weights."""
+    from .compress import INDEX_FILENAME, load_compressed
+
     path = Path(path)
     config = path / "config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
     if not config.exists():
         raise FileNotFoundError(f"{path} holds no config.json; not a Hugging Face model folder")
-    model_type = json.loads(config.read_text()).get("model_type")
-    cls = model_class_for(model_type)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = cls.from_pretrained(str(path), **kwargs)
+    if (path / INDEX_FILENAME).exists():
+        model = load_compressed(path)
+        if dtype is not None:
+            model = model.to(dtype)
+    else:
+        model_type = json.loads(config.read_text()).get("model_type")
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        model = model_class_for(model_type).from_pretrained(str(path), **kwargs)
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -146,13 +146,9 @@ def _load(model: str | os.PathLike | nn.Module, masks: MaskSet | None, masks_fro
         loaded, loaded_masks = load_pruned(path)  # checks the weights against the masks
         masks = masks if masks is not None else loaded_masks
         return loaded, masks, str(path)
-    from ..models import model_class_for
+    from ..pipeline.save import load_model
 
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{path} holds no config.json; not a saved model folder")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    loaded = model_class_for(model_type).from_pretrained(str(path))
+    loaded = load_model(path)
     if masks is None:
         masks = MaskSet.load(path) if (path / MASKS_FILENAME).exists() else _masks_from_zeros(loaded)
     return loaded, masks, str(path)
