@@ -111,6 +111,36 @@ def test_connector_by_option():
     assert abs(masks.sparsity() - 0.5) < 1e-9
 
 
+def test_instructblip_qformer_skips_instruction_padding():
+    """InstructBLIP's Q-Former reads [queries; instruction]: Wanda statistics of its linears (self-attention,
+    text FFN) from one right-padded batch equal those from the same rows unpadded, one per batch."""
+    inputs = instructblip_inputs(batch=2)
+    padded = dict(inputs)
+    qmask = torch.ones(2, 5, dtype=torch.long)
+    qmask[1, 3:] = 0
+    padded["qformer_input_ids"] = inputs["qformer_input_ids"].masked_fill(qmask == 0, 0)
+    padded["qformer_attention_mask"] = qmask
+    rows = []
+    for row, length in ((0, 5), (1, 3)):
+        single = {k: v[row:row + 1] for k, v in padded.items()}
+        single["qformer_input_ids"] = single["qformer_input_ids"][:, :length]
+        single["qformer_attention_mask"] = single["qformer_attention_mask"][:, :length]
+        rows.append(single)
+
+    def prune(calibration):
+        return prune_model(tiny_instructblip(), method="wanda", allocation={"connector": 0.5},
+                           calibration=calibration, progress=False)
+
+    one_batch, per_row = prune([padded]), prune(rows)
+    names = list(one_batch)
+    assert any(n.endswith("attention.attention.query") for n in names)
+    assert any(n.endswith(".intermediate.dense") for n in names) and any(n.endswith("layer.0.output.dense") for n in names)
+    assert any(n.endswith("crossattention.attention.key") for n in names)
+    assert list(per_row) == names
+    differ = [n for n in names if not torch.equal(one_batch[n], per_row[n])]
+    assert differ == []
+
+
 @pytest.mark.parametrize("arch", ["llava", "llama"])
 def test_sequential_calibration_matches_full_model_reference(arch):
     """Each block is calibrated on the outputs of the already-pruned blocks before it, batches are

@@ -48,8 +48,12 @@ class StageSpec:
     at this stage (``None``: every position is real, e.g. image patches). ``reuse_kwargs``: the keyword
     arguments block 0 receives are valid for every block (False for T5, whose blocks pass a position bias on).
     ``context_masks``: pairs (block forward argument holding another sequence the block attends to, e.g. the
-    encoder output read by cross-attention; model-input key of that sequence's ``[batch, seq]`` mask): linears
-    whose input is that argument skip its padding with this mask instead of ``mask_key``'s.
+    encoder output read by cross-attention; model-input key of that sequence's ``[batch, seq]`` mask, or None
+    when it has no padding): linears whose input is that argument skip its padding with this mask instead of
+    ``mask_key``'s.
+    ``masked_tail``: None when ``mask_key``'s mask covers the whole sequence. A tuple when the stage's sequence
+    is positions without padding (InstructBLIP's query tokens) followed by the sequence ``mask_key`` describes
+    (the instruction); the block-relative linear names in the tuple read only that tail (the text FFN).
     ``default``: pruned by default.
     """
 
@@ -58,7 +62,8 @@ class StageSpec:
     single: bool = False
     mask_key: str | None = None
     reuse_kwargs: bool = True
-    context_masks: tuple[tuple[str, str], ...] = ()
+    context_masks: tuple[tuple[str, str | None], ...] = ()
+    masked_tail: tuple[str, ...] | None = None
     default: bool = True
 
     def __post_init__(self) -> None:
@@ -66,10 +71,12 @@ class StageSpec:
             raise ValueError(f"StageSpec.part must be one of {PARTS}, got {self.part!r}")
         if not self.paths:
             raise ValueError("StageSpec.paths must name at least one attribute path")
-        if any(not (isinstance(c, tuple) and len(c) == 2 and all(isinstance(v, str) for v in c))
+        if any(not (isinstance(c, tuple) and len(c) == 2 and isinstance(c[0], str) and isinstance(c[1], (str, type(None))))
                for c in self.context_masks):
-            raise ValueError(f"StageSpec.context_masks must hold (argument, mask key) string pairs, got "
+            raise ValueError(f"StageSpec.context_masks must hold (argument, mask key or None) pairs, got "
                              f"{self.context_masks!r}")
+        if self.masked_tail is not None and not self.mask_key:
+            raise ValueError("StageSpec.masked_tail needs a mask_key (the mask of the tail sequence)")
 
 
 @dataclass(frozen=True)
@@ -245,11 +252,19 @@ _BLIP2 = ArchSpec(
     image_tokens="query",
 )
 
+# InstructBLIP's Q-Former reads [query tokens; instruction tokens]: the instruction's padding is skipped, the
+# text FFN (intermediate / output) reads the instruction alone, cross-attention k / v the (unpadded) image.
+_INSTRUCTBLIP_QFORMER = StageSpec(
+    "connector", ("qformer.encoder.layer", "model.qformer.encoder.layer"), default=False,
+    mask_key="qformer_attention_mask", masked_tail=("intermediate.dense", "output.dense"),
+    context_masks=(("encoder_hidden_states", None),),
+)
+
 _INSTRUCTBLIP = ArchSpec(
     name="InstructBLIP",
     model_types=("instructblip",),
     model_class="InstructBlipForConditionalGeneration",
-    stages=(_BLIP_VISION, *_BLIP_CONNECTOR, *_BLIP_LANGUAGE),
+    stages=(_BLIP_VISION, _INSTRUCTBLIP_QFORMER, _BLIP_CONNECTOR[1], *_BLIP_LANGUAGE),
     part_prefixes=_BLIP_PREFIXES,
     image_tokens="query",
     required_inputs=("qformer_input_ids",),

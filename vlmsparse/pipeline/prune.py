@@ -150,6 +150,7 @@ class _Target:
     part: str
     pattern: SparsityPattern
     scope: str
+    reads_tail: bool = False  # reads only the masked tail of the stage's sequence (StageSpec.masked_tail)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class _Batch:
     hidden_in_kwargs: bool
     token_mask: torch.Tensor | None
     per_block: list | None = None  # (args, kwargs) per block when kwargs cannot be reused
+    tail_mask: torch.Tensor | None = None  # the mask of the stage sequence's tail (StageSpec.masked_tail)
     contexts: dict = field(default_factory=dict)  # block argument name -> token mask of that sequence (or None)
 
 
@@ -287,7 +289,8 @@ def _plan(
             for sub, module in block.named_modules():
                 if isinstance(module, nn.Linear):
                     name = f"{block_name}.{sub}" if sub else block_name
-                    targets.append(_Target(name, module, stage.part, pattern, scope))
+                    reads_tail = sub in (stage.spec.masked_tail or ())
+                    targets.append(_Target(name, module, stage.part, pattern, scope, reads_tail))
             per_block.append(targets)
         if any(per_block):
             plan.append((stage, per_block))
@@ -338,10 +341,16 @@ def _capture(
                 hidden, rest, in_kwargs = kwargs.pop("hidden_states"), (), True
             entries.append((hidden, _move(rest, store, memo), _move(kwargs, store, memo), in_kwargs))
         hidden, rest, kwargs, in_kwargs = entries[0]
-        token_mask = None
+        token_mask = tail_mask = None
         key = stage.spec.mask_key
-        if key and isinstance(batch.get(key), torch.Tensor) and tuple(batch[key].shape) == tuple(hidden.shape[:2]):
-            token_mask = batch[key].detach().bool().cpu()
+        given = batch.get(key) if key else None
+        if isinstance(given, torch.Tensor) and tuple(given.shape) == tuple(hidden.shape[:2]):
+            token_mask = given.detach().bool().cpu()
+        elif (isinstance(given, torch.Tensor) and stage.spec.masked_tail is not None and given.dim() == 2
+              and given.shape[0] == hidden.shape[0] and given.shape[1] < hidden.shape[1]):
+            tail_mask = given.detach().bool().cpu()
+            lead = torch.ones(hidden.shape[0], hidden.shape[1] - given.shape[1], dtype=torch.bool)
+            token_mask = torch.cat([lead, tail_mask], dim=1)
         contexts: dict[str, torch.Tensor | None] = {}
         if stage.spec.context_masks:
             bound = _arguments(blocks[0], *calls[0])
@@ -358,6 +367,7 @@ def _capture(
                 kwargs=kwargs,
                 hidden_in_kwargs=in_kwargs,
                 token_mask=token_mask,
+                tail_mask=tail_mask,
                 per_block=[(e[1], e[2]) for e in entries] if all_blocks else None,
                 contexts=contexts,
             )
@@ -406,7 +416,7 @@ def _collect_stats(
                 state["added"].add(gid)
                 held.append(x)
                 # a linear reading another sequence (cross-attention on the encoder output) gets that one's mask
-                mask = state["context_keys"].get(key, state["mask"])
+                mask = state["tail_mask"] if target.reads_tail else state["context_keys"].get(key, state["mask"])
                 if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
                     mask = None
                 stats[gid].add_batch(x.detach(), token_mask=mask)
@@ -428,8 +438,8 @@ def _collect_stats(
     try:
         stop_at = None
         for b in batches:
-            state.update(held=[], ids={}, added=set(), mask=b.token_mask, order=[], stop_at=stop_at,
-                         contexts=b.contexts, context_keys={})
+            state.update(held=[], ids={}, added=set(), mask=b.token_mask, tail_mask=b.tail_mask, order=[],
+                         stop_at=stop_at, contexts=b.contexts, context_keys={})
             try:
                 out = _run_block(block, index, b, device)
             except _Stop:
