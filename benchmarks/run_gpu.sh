@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
+# Checked (on CPU, without a GPU) against the lent H100's stack: python3, torch 2.11.0+cu130, triton 3.6.0,
+# transformers 5.17.0, accelerate 1.15.0, numpy 2.5 (no pip there); and against CI's torch 2.13 / triton 3.9 /
+# transformers 5.24. Every launcher config compiles for sm_90 with both Tritons.
 # The whole GPU tier in one call (for a session with a lent GPU):
 #   1. the GPU tests (pytest -m gpu),
 #   2. every benchmark (benchmarks/bench_*.py, each called with --out FILE),
 #   3. a short table of the key ratios, printed last.
 # Rows and logs go under $OUT (default: benchmarks/results/gpu-run-<date>); copy the .jsonl rows into
 # benchmarks/results/ afterwards. Runs from a plain checkout (PYTHONPATH, no install needed).
-# Options: QUICK=1 (fewer shapes / token counts), PYTHON=..., BENCH_ARGS="..." (extra bench_linear args),
+# Options: QUICK=1 (fewer shapes / token counts), PYTHON=... (default python3, else python),
+# BENCH_ARGS="..." (extra bench_linear args),
 # BENCH_BUDGET=seconds for bench_linear (default 420: the whole script fits a 10-minute call; it prints
 # which combinations it did not reach, to be run in a second call with BENCH_ARGS="--shapes ...").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT:-$ROOT/benchmarks/results/gpu-run-$(date -u +%Y%m%dT%H%M%S)}
 mkdir -p "$OUT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -20,6 +24,9 @@ status=0
 echo "== environment" | tee "$OUT/env.txt"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.is_available())" 2>&1
+  for pkg in transformers peft accelerate safetensors numpy pytest; do
+    "$PY" -c "import $pkg; print('$pkg', $pkg.__version__)" 2>&1 | tail -1
+  done
 } | tee -a "$OUT/env.txt"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "no CUDA device visible to $PY: nothing to run" | tee -a "$OUT/env.txt"
@@ -36,10 +43,15 @@ QUICK_ARG=""
 for bench in benchmarks/bench_*.py; do
   name=$(basename "$bench" .py)
   echo "== $name"
+  # bench_linear appends to a file; bench_prune / bench_train_step write <kind>-<device>.jsonl into a folder
+  out="$OUT"
   extra=""
-  [ "$name" = "bench_linear" ] && extra="$QUICK_ARG --time-budget ${BENCH_BUDGET:-420} ${BENCH_ARGS:-}"
+  if [ "$name" = "bench_linear" ]; then
+    out="$OUT/$name.jsonl"
+    extra="$QUICK_ARG --time-budget ${BENCH_BUDGET:-420} ${BENCH_ARGS:-}"
+  fi
   # shellcheck disable=SC2086
-  BENCH_ALLOW_ERRORS=1 "$PY" "$bench" --out "$OUT/$name.jsonl" $extra 2>&1 | tee "$OUT/$name.log"
+  BENCH_ALLOW_ERRORS=1 "$PY" "$bench" --out "$out" $extra 2>&1 | tee "$OUT/$name.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
 
@@ -48,7 +60,7 @@ echo "== summary (speedup = dense ms / provider ms, same run)"
 import json, sys
 from pathlib import Path
 rows = []
-for f in sorted(Path(sys.argv[1]).glob("*.jsonl")):
+for f in sorted(p for p in Path(sys.argv[1]).glob("*.jsonl") if p.is_file()):
     rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 lin = [r for r in rows if r.get("bench") == "linear" and r.get("ms")]
 if not lin:

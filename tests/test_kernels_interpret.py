@@ -77,6 +77,27 @@ def test_packed24_matmul(dtype, m, n, k):
         assert torch.equal(packed24_matmul(eye, p.values, p.meta).T, c["w24"])
 
 
+def test_packed24_matmul_old_triton_select(monkeypatch):
+    """The select the forward adds for Triton < 3.7 (``OLD_TRITON_TRANS_FIX``) changes no bit of the result
+    (partial N and K tiles, fp32 and fp16), whichever Triton is installed."""
+    import triton.language as tl
+
+    from vlmsparse.kernels import _fused
+    from vlmsparse.kernels.packed24 import packed24_matmul
+
+    for dtype in (torch.float32, torch.float16):
+        c = _case(7, 80, 144, 4, dtype)
+        p = c["packed"]
+        results = []
+        for flag in (False, True):
+            monkeypatch.setattr(_fused, "OLD_TRITON_TRANS_FIX", tl.constexpr(flag))
+            results.append(packed24_matmul(c["x"], p.values, p.meta, c["bias"]))
+        assert torch.equal(results[0], results[1])
+        _check(results[1], ref.packed24_matmul_ref, (c["x"], p.values, p.meta, c["bias"]))
+    eye = torch.eye(144)
+    assert torch.equal(packed24_matmul(eye, p.values.float(), p.meta).T, c["w24"].float())
+
+
 @pytest.mark.parametrize("split_k", [3, 4])
 def test_packed24_matmul_split_k(split_k):
     """Decode-shaped launch: split along K into fp32 partial sums (4 splits of 2 tiles: some splits are empty)."""

@@ -113,6 +113,21 @@ def test_semi_structured_support_rules():
         semi_structured_support(weight, capability=(8, 0), backend="cublas")
 
 
+def test_semi_structured_minima_match_the_installed_torch():
+    """The shape minima of semi_structured_support are torch's own (the classes exist on a CPU-only build)."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    from vlmsparse import sparse24
+
+    for table, cls in [(sparse24._CUSPARSELT_MIN, SparseSemiStructuredTensorCUSPARSELT),
+                       (sparse24._CUTLASS_MIN, SparseSemiStructuredTensorCUTLASS)]:
+        for dtype, (rows, cols) in table.items():
+            limits = cls._DTYPE_SHAPE_CONSTRAINTS[dtype]
+            assert (limits.sparse_min_rows, limits.sparse_min_cols) == (rows, cols), (cls.__name__, dtype)
+    for dtype in sparse24.SEMI_STRUCTURED_DTYPES:
+        assert dtype in SparseSemiStructuredTensorCUTLASS._DTYPE_SHAPE_CONSTRAINTS
+
+
 def test_to_semi_structured_refuses_cpu_with_reason():
     weight, _ = _weight24(64, 128, torch.float16)
     with pytest.raises(ValueError, match="CUDA tensor"):

@@ -122,7 +122,9 @@ def unpack24_mask(packed: Packed24) -> torch.Tensor:
 
 
 # torch.sparse semi-structured: sparse-operand minimum shape (rows, cols), which must also divide the shape.
-# Read off torch 2.13's SparseSemiStructuredTensorCUSPARSELT / ...CUTLASS._DTYPE_SHAPE_CONSTRAINTS.
+# Read off torch 2.13's SparseSemiStructuredTensorCUSPARSELT / ...CUTLASS._DTYPE_SHAPE_CONSTRAINTS; torch 2.11 has
+# the same tables, names (to_sparse_semi_structured, _FORCE_CUTLASS, torch.backends.cusparselt.is_available) and
+# dtypes (cuSPARSELt also lists float8_e4m3fn, without a matmul). tests/test_sparse24.py checks the installed torch.
 _CUSPARSELT_MIN = {torch.float16: (16, 16), torch.bfloat16: (16, 16), torch.int8: (32, 32)}
 _CUTLASS_MIN = {torch.float16: (32, 64), torch.bfloat16: (32, 64), torch.int8: (16, 128), torch.float32: (32, 32)}
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16, torch.int8)

@@ -35,12 +35,16 @@ fp16 / bf16 inputs use tensor-core dots with fp32 accumulation, the fp32 side pr
 Interpreter notes (``TRITON_INTERPRET=1``): bf16 arithmetic is wrong there, so bf16 tiles are upcast to
 fp32 right after loading (``UPCAST``), and its fp32 -> bf16 conversion truncates, so bf16 results are stored
 as fp32 and rounded in torch; tiles are >= 16 so the same configs compile on a GPU.
+
+Triton versions: 3.6 to 3.9 (every launcher config compiles for sm_90 with 3.6 and 3.9); two shims below
+cover 3.6 (:func:`fix_interpreter_index`, ``OLD_TRITON_TRANS_FIX``).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +55,55 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 # Every buffer a kernel fills completely is allocated through this name (tests poison it with NaN).
 _empty = torch.empty
+
+
+def fix_interpreter_index(interpreter) -> bool:
+    """Make ``range(tensor)`` work in an old Triton interpreter under NumPy >= 2.4.
+
+    Triton <= 3.6's interpreter (``triton.runtime.interpreter``) converts a scalar tensor to an int with
+    ``int(data)`` on its 1-element array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
+    converted to Python scalars", triton-lang/triton#9171), so every loop with a runtime bound fails. This wraps
+    the interpreter's tensor patching to use ``int(data.squeeze())``, as later Triton does. It changes nothing
+    when the interpreter already does that. Returns whether it wrapped. Applied on import under
+    ``TRITON_INTERPRET=1`` only (compiled kernels never call ``__index__``).
+    """
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_vlmsparse_index_fix", False):
+        return False
+    try:
+        source = inspect.getsource(original)
+    except (OSError, TypeError):
+        return False
+    if "int(self.handle.data))" not in source:
+        return False
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._vlmsparse_index_fix = True
+    interpreter._patch_lang_tensor = patched
+    return True
+
+
+if _INTERPRET:
+    from triton.runtime import interpreter as _interpreter
+
+    fix_interpreter_index(_interpreter)
+
+
+def _triton_version() -> tuple[int, int]:
+    """``(major, minor)`` of the installed Triton (``"3.7rc1"`` and ``"3.9.0+git..."`` included)."""
+    major, minor = re.match(r"(\d+)\.(\d+)", triton.__version__).groups()
+    return int(major), int(minor)
+
+
+# Triton < 3.7 on sm_90 aborts in TritonGPUOptimizeDotOperands ("Illegal shared layout") when a dot operand is
+# ``tl.trans`` of a ``tl.reshape(tl.join(...))`` tile, which is the packed forward without LoRA at
+# BLOCK_M >= 64 (the LoRA and dense-stored paths end in a select and compile). With this flag the forward puts
+# a select (``tl.where(valid, w, 0)``, a no-op on values) between the expansion and the transpose. Newer
+# Triton gets the code as tuned, unchanged.
+OLD_TRITON_TRANS_FIX = tl.constexpr(_triton_version() < (3, 7))
 
 
 @dataclass(frozen=True)
@@ -454,6 +507,8 @@ def _forward_kernel(
         w, keep = _expand_weight(raw_w, raw_m, offs_n, t * BLOCK_K, N, K, PACKED, BLOCK_N, BLOCK_K)
         w = _effective_tile(w, keep, b_tile, a_ptr, offs_r, offs_k, R, K, stride_ar, stride_ak, scaling, HAS_LORA,
                            PRECISION)
+        if OLD_TRITON_TRANS_FIX and PACKED and not HAS_LORA:  # see OLD_TRITON_TRANS_FIX
+            w = tl.where((offs_n[:, None] < N) & (offs_k[None, :] < K), w, tl.zeros_like(w))
         if UPCAST:
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
         else:
