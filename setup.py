@@ -13,11 +13,12 @@ setup(
     packages=find_packages(include=["vlmsparse", "vlmsparse.*"]),
     # torch is installed first, by itself (a CPU wheel or the CUDA build the user wants):
     # a bare "torch" here would let pip fetch a multi-GB CUDA build.
+    # Lower bounds: the oldest versions CI tests (.ci/constraints-oldest.txt; torch 2.11 is the lent GPU's).
     install_requires=[
-        "torch>=2.4",
-        "transformers>=5.0",
-        "peft>=0.17",
-        "accelerate>=1.0",
+        "torch>=2.11",
+        "transformers>=5.17",
+        "peft>=0.21",
+        "accelerate>=1.15",
         "safetensors>=0.4",
         "numpy",
         "tqdm",
@@ -25,8 +26,8 @@ setup(
         "pillow",
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
-        "dev": ["triton>=3.0", "pytest>=8", "ruff>=0.6", "matplotlib"],
+        "triton": ["triton>=3.6"],
+        "dev": ["triton>=3.6", "pytest>=8", "ruff>=0.6", "matplotlib"],
     },
     entry_points={"console_scripts": ["vlmsparse=vlmsparse.cli:main"]},
 )

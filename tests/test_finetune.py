@@ -103,6 +103,20 @@ def test_resume_continues_with_the_same_losses(tmp_path, processor, data):
                  max_steps=4, save_steps=2, resume=True, **FAST)
 
 
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, processor, data):
+    """2 micro-batches of 2 with accumulation train like one batch of 4 (every answer has 2 tokens, so the
+    mean of the micro-batch means is the batch mean): the logged loss is not a sum over micro-batches."""
+    runs = []
+    for name, batch, accum in (("big", 4, 1), ("accum", 2, 2)):
+        model, masks = pruned_tiny("llava")
+        runs.append(finetune(model, data, tmp_path / name, masks=masks, processor=processor, max_steps=2,
+                             logging_steps=1, **{**FAST, "batch_size": batch, "grad_accum": accum}))
+    big, accum = ([(e["step"], e["loss"], e["grad_norm"]) for e in r["losses"]] for r in runs)
+    assert [s for s, _, _ in accum] == [1, 2]
+    for (_, loss_a, norm_a), (_, loss_b, norm_b) in zip(big, accum, strict=True):
+        assert loss_b == pytest.approx(loss_a, rel=1e-5) and norm_b == pytest.approx(norm_a, rel=1e-4)
+
+
 def test_distillation_from_self_and_from_a_dense_checkpoint(tmp_path, processor, data):
     # teacher = the same network with adapters and masks off (dense weights kept beside the masks)
     model, masks = pruned_tiny("llava", keep_dense=True)

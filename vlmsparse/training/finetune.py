@@ -6,9 +6,12 @@ Flow: load the pruned model and its MaskSet -> measure sparsity -> swap in adapt
 weight is still zero (``W' = W*M + s*(B@A)*M``: zeros of W' == zeros of M) -> save the merged model with its
 masks -> JSON record of the run.
 
-The Trainer does the distribution: run the same script under ``accelerate launch`` or ``torchrun`` for DDP
-(FSDP / DeepSpeed through accelerate configs). Checkpoints: ``output_dir/checkpoint-N`` (trainable tensors +
-optimizer state, atomic); ``resume=True`` continues from the latest one, refusing one written by another config.
+The Trainer does the distribution: run the same script under ``accelerate launch`` or ``torchrun`` for DDP,
+or ``accelerate launch`` with an FSDP2 config (``fsdp_version: 2``, ``fsdp_state_dict_type: FULL_STATE_DICT``):
+after training the main process gathers the full state dict into a meta-device copy of the model and merges,
+checks and saves that (DeepSpeed and FSDP1: not verified). Checkpoints: ``output_dir/checkpoint-N``
+(trainable tensors + optimizer state, atomic; under FSDP the Trainer adds its own full-model file);
+``resume=True`` continues from the latest one, refusing one written by another config.
 
 Output folder::
 
@@ -20,6 +23,7 @@ Output folder::
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -412,8 +416,7 @@ def finetune(
         save_steps=config.save_steps or 500,
         save_total_limit=config.save_total_limit,
         bf16=config.bf16,
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        **_checkpointing_args(TrainingArguments, config.gradient_checkpointing),
         seed=config.seed,
         data_seed=config.seed,
         report_to=[],
@@ -436,6 +439,8 @@ def finetune(
         trainer.remove_callback(PrinterCallback)  # the losses go to the record
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    fsdp = trainer.is_fsdp_enabled  # the model is sharded when training starts: keep a frame to gather it into
+    frame = _meta_frame(student) if fsdp and args.should_save else None
 
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -443,10 +448,22 @@ def finetune(
     peak = _peak_memory()
 
     model_out = trainer.accelerator.unwrap_model(trainer.model)
-    model_out.eval()
-    merged = _merge(model_out, config)
-    violations = mask_violations(merged, masks)
-    sparsity_after = _sparsity_by_part(merged, masks)
+    checkpointing = _checkpointing_on(model_out)
+    if fsdp:  # collective; the full tensors land on the main process, which merges, checks and saves
+        full = trainer.accelerator.get_state_dict(trainer.model)
+        if frame is not None:
+            frame.load_state_dict(full, strict=True, assign=True)
+        model_out = frame
+    merged, violations, sparsity_after = None, None, None
+    if model_out is not None:
+        model_out.eval()
+        merged = _merge(model_out, config)
+        violations = mask_violations(merged, masks)
+        sparsity_after = _sparsity_by_part(merged, masks)
+    if fsdp:
+        from accelerate.utils import broadcast_object_list
+
+        violations, sparsity_after = broadcast_object_list([violations, sparsity_after], from_process=0)
     keeps_masks = config.method != "lora"
     losses = [
         {k: entry[k] for k in ("step", "loss", "ce", "kl", "learning_rate", "grad_norm") if k in entry}
@@ -460,7 +477,7 @@ def finetune(
         "teacher": config.teacher_source,
         "resumed_from": str(checkpoint) if checkpoint else None,
         "world_size": trainer.args.world_size,
-        "gradient_checkpointing": _checkpointing_on(model_out),
+        "gradient_checkpointing": checkpointing,
         "steps": trainer.state.global_step,
         "trainable_parameters": trainable,
         "losses": losses,
@@ -504,9 +521,25 @@ def finetune(
     return record
 
 
+def _meta_frame(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters are on the meta device (no memory; buffers such as the masks are
+    copied): under FSDP the gathered full state dict is loaded into it (``assign=True``) to merge and save."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
 def _masks_from_zeros_or_none(model: nn.Module, masks: MaskSet) -> MaskSet:
     """For ``lora``: the masks of the merged (dense-updated) weights, as they are now."""
     return MaskSet(masks={n: (_weight_of(model, n) != 0).cpu() for n in masks}, method="lora-merged")
+
+
+def _checkpointing_args(arguments_class: type, enabled: bool) -> dict[str, Any]:
+    """The activation-checkpointing fields of ``TrainingArguments`` under the installed transformers:
+    ``activation_checkpointing[_kwargs]`` (5.2x) or the older ``gradient_checkpointing[_kwargs]`` (5.17)."""
+    names = {f.name for f in fields(arguments_class)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: enabled, f"{key}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def _checkpointing_on(model: nn.Module) -> bool:

@@ -10,7 +10,8 @@ What it changes from the stock Trainer (everything else, including DDP / FSDP / 
   (``vlmsparse_finetune.json``); each is written into a staging folder and renamed into place, so a
   ``checkpoint-N`` folder is complete or absent;
 - resume loads ``trainable.safetensors`` back (the Trainer restores optimizer, scheduler, RNG, step);
-- logs add the mean CE and KL since the last log; the progress bar shows loss and speed.
+- logs add the mean CE and KL since the last log (over all processes, like the loss); the progress bar
+  shows loss and speed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -72,11 +74,21 @@ class SparseTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if distill_lambda > 0 and teacher_fn is None:
             raise ValueError("distill_lambda > 0 needs a teacher_fn")
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if self.is_fsdp_enabled and self.args.save_strategy != "no" and "FULL" not in str(plugin.state_dict_type):
+            raise ValueError(
+                f"FSDP checkpoints of SparseTrainer need fsdp_state_dict_type: FULL_STATE_DICT (got "
+                f"{plugin.state_dict_type}): a checkpoint holds the full trainable tensors, gathered on the main "
+                "process; set it in the accelerate config, or turn checkpoints off (save_steps=0)"
+            )
         self.teacher_fn = teacher_fn
         self.distill_lambda = distill_lambda
         self.temperature = temperature
         self.run_config = run_config or {}
-        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
+        # compute_loss returns a per-micro-batch mean, for the Trainer to divide by the accumulation steps:
+        # transformers >= 5.2x reads loss_is_scaled_for_ga, 5.17 divides only when the model takes no loss kwargs
+        self.loss_is_scaled_for_ga = False
+        self.model_accepts_loss_kwargs = False
         self._parts_sum = {"ce": 0.0, "kl": 0.0}
         self._parts_count = 0
 
@@ -97,10 +109,15 @@ class SparseTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._parts_count:
-            logs["ce"] = round(float(self._parts_sum["ce"]) / self._parts_count, 6)
+        if "loss" in logs and self._parts_count:  # every process logs: the means are over all processes, as "loss"
+            parts = torch.stack([torch.as_tensor(self._parts_sum[k], dtype=torch.float32, device=self.args.device)
+                                 for k in ("ce", "kl")]).detach() / self._parts_count
+            if self.accelerator.num_processes > 1:
+                parts = self.accelerator.reduce(parts, reduction="mean")
+            ce, kl = parts.tolist()
+            logs["ce"] = round(ce, 6)
             if self.teacher_fn is not None:
-                logs["kl"] = round(float(self._parts_sum["kl"]) / self._parts_count, 6)
+                logs["kl"] = round(kl, 6)
             self._parts_sum = {"ce": 0.0, "kl": 0.0}
             self._parts_count = 0
         super().log(logs, start_time)
@@ -110,11 +127,20 @@ class SparseTrainer(Trainer):
         """Write the trainable parameters (not the frozen model) and the run config into ``output_dir``."""
         from safetensors.torch import save_file
 
+        if not self.args.should_save:  # under FSDP every rank joins the gather; the main process writes
+            return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        tensors = trainable_state_dict(self.accelerator.unwrap_model(self.model))
-        if state_dict:  # gathered by the Trainer (FSDP full state dict, DeepSpeed): take the trainable entries
-            tensors = {n: state_dict[n].detach().to("cpu").contiguous() if n in state_dict else t for n, t in tensors.items()}
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict is None:
+            tensors = trainable_state_dict(model)
+        else:  # gathered by the Trainer (FSDP full state dict: the local parameters are shards)
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            missing = [n for n in names if n not in state_dict]
+            if missing:
+                raise ValueError(f"the gathered state dict lacks {len(missing)} trainable tensors (e.g. {missing[0]!r}); "
+                                 "use a full state dict (fsdp_state_dict_type: FULL_STATE_DICT)")
+            tensors = {n: state_dict[n].detach().to("cpu").contiguous() for n in names}
         atomic_write(os.path.join(output_dir, TRAINABLE_FILENAME), lambda tmp: save_file(tensors, tmp))
         text = json.dumps(self.run_config, indent=2, sort_keys=True)
         atomic_write(os.path.join(output_dir, RUN_CONFIG_FILENAME), lambda tmp: open(tmp, "w").write(text))
@@ -171,7 +197,10 @@ class SparseTrainer(Trainer):
                 if saved[name].shape != param.shape:
                     raise ValueError(f"checkpoint {resume_from_checkpoint}: {name} has shape {tuple(saved[name].shape)}, "
                                      f"model has {tuple(param.shape)}")
-                param.copy_(saved[name].to(param.device, param.dtype))
+                value = saved[name].to(param.device, param.dtype)
+                if isinstance(param, DTensor):  # FSDP2 shard: every rank read the full tensor, keeps its part
+                    value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+                param.copy_(value)
         logger.info("resumed %d trainable tensors from %s", len(params), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:  # pragma: no cover - no evaluation-driven best model here
