@@ -22,7 +22,7 @@ from torch import nn
 from ..masks import MASKS_FILENAME, MaskSet
 from ..models import model_class_for
 
-__all__ = ["save_pruned", "load_pruned", "load_model", "load_processor", "check_masks"]
+__all__ = ["save_pruned", "load_pruned", "load_model", "load_processor", "check_masks", "check_output_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,22 @@ def _source_dirs(model: nn.Module) -> list[Path]:
     for value in (getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None)):
         if value and os.path.isdir(value):
             out.append(Path(value).resolve())
+    return out
+
+
+def check_output_folder(out_dir: str | os.PathLike, inputs: list[str | os.PathLike], overwrite: bool,
+                        option: str = "overwrite=True (--overwrite)") -> Path:
+    """The resolved output folder, after refusing what would lose data: an output equal to, inside or
+    containing an input folder (replacing it would delete the input), and an existing path unless ``overwrite``.
+    Call it before long work, so a bad output is reported before the work is done."""
+    out = Path(out_dir).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if out == source or out in source.parents or source in out.parents:
+            raise ValueError(f"refusing to write {out}: it is, contains or lies inside the input model {source}; "
+                             "choose a folder outside the input")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another folder or pass {option} to replace it")
     return out
 
 
@@ -63,12 +79,8 @@ def save_pruned(
     Refuses to write into the folder the model came from (``source`` or the model's ``name_or_path``) and,
     unless ``overwrite``, into an existing path.
     """
-    out = Path(out_dir).resolve()
     sources = _source_dirs(model) + ([Path(source).resolve()] if source else [])
-    if out in sources:
-        raise ValueError(f"refusing to overwrite the input model at {out}; choose another output folder")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another folder or pass overwrite=True")
+    out = check_output_folder(out_dir, sources, overwrite)
     check_masks(model, masks)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
