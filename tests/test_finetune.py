@@ -261,3 +261,30 @@ def test_broken_masks_fail_loudly(tmp_path, processor, data, monkeypatch):
     assert not (tmp_path / "merged").exists()
     record = json.loads((tmp_path / RECORD_FILENAME).read_text())
     assert not record["mask_check"]["ok"] and record["mask_check"]["modules_violating"] == 1
+
+
+def test_same_seed_same_run_and_clear_refusals(tmp_path, processor, data):
+    """The adapters' initialisation follows the seed (two runs are bit for bit equal, another seed differs);
+    a missing or foreign teacher and a language model alone are refused with a clear message."""
+    runs = []
+    for index, (name, seed) in enumerate((("a", 0), ("b", 0), ("c", 1))):
+        model, masks = pruned_tiny("llava")
+        torch.manual_seed(100 + index)  # whatever the global RNG holds before the call
+        finetune(model, data, tmp_path / name, masks=masks, processor=processor, max_steps=2, seed=seed, **FAST)
+        runs.append(_reload(tmp_path / name / "merged", LlavaForConditionalGeneration))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+    model, masks = pruned_tiny("llava")
+    with pytest.raises(FileNotFoundError, match="teacher folder .* does not exist"):
+        finetune(model, data, tmp_path / "t1", masks=masks, processor=processor, max_steps=1,
+                 distill_lambda=0.5, teacher=str(tmp_path / "nothere"), **FAST)
+    blip, _ = pruned_tiny("blip2")
+    blip.save_pretrained(tmp_path / "blip")
+    with pytest.raises(ValueError, match="the teacher .* is a Blip2ForConditionalGeneration"):
+        finetune(model, data, tmp_path / "t2", masks=masks, processor=processor, max_steps=1,
+                 distill_lambda=0.5, teacher=str(tmp_path / "blip"), **FAST)
+    from factories import tiny_llama
+
+    with pytest.raises(ValueError, match="language model alone"):
+        finetune(tiny_llama(), data, tmp_path / "t3", masks=MaskSet(), processor=processor, max_steps=1, **FAST)

@@ -240,7 +240,15 @@ def _teacher_fn(config: FinetuneConfig, student: nn.Module):
                 return model(**inputs).logits
 
         return run_self
-    teacher = type(student).from_pretrained(source).eval()
+    from ..pipeline.save import load_model
+
+    if not Path(source).is_dir():
+        raise FileNotFoundError(f"teacher folder {str(source)!r} does not exist (the teacher is a local folder of "
+                                "the dense model, or 'self')")
+    teacher = load_model(source)
+    if type(teacher) is not type(student):
+        raise ValueError(f"the teacher {source} is a {type(teacher).__name__}, the student a "
+                         f"{type(student).__name__}: distillation needs the dense version of the same model")
     for p in teacher.parameters():
         p.requires_grad_(False)
     holder: dict[str, nn.Module] = {"teacher": teacher}
@@ -362,6 +370,12 @@ def finetune(
 
     student, masks, model_name = _load(model, masks, masks_from_zeros, dense_weights=config.teacher_source == "self")
     processor = _load_processor(model, processor)  # after _load: a missing folder is reported as such
+    from ..models import get_arch_spec
+
+    if get_arch_spec(student).image_tokens is None:
+        raise ValueError(f"{model_name} is a language model alone: finetune restores vision-language models "
+                         "(LLaVA, BLIP-2, InstructBLIP) on image-text data; a pruned Llama / OPT can be "
+                         "evaluated (vlmsparse eval --text) but not finetuned here yet")
     decoder_start = _decoder_start_token_id(student)
     run_config = {**config.identity(), "masks": _masks_fingerprint(masks)}
     checkpoint = _resolve_resume(output_dir, resume, run_config)
@@ -390,6 +404,7 @@ def finetune(
             + ("this model's weights are already pruned; " if not dense_kept else "")
             + "pass teacher=<path of the dense checkpoint> instead"
         )
+    torch.manual_seed(config.seed)  # the adapters' initialisation: the same seed gives the same run
     _attach(student, masks, config, keep_dense=self_teacher)
     if self_teacher:
         _prune_unadapted(student, masks)
