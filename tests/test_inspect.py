@@ -135,3 +135,15 @@ def test_compressed_folder_reads_like_the_dense_one(saved_llava, tmp_path):
     reloaded = load_model(out)
     for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_masks_file_or_a_file_without_weights_is_refused(saved_llava, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    with pytest.raises(ValueError, match="holds pruning masks, not weights"):
+        inspect_checkpoint(saved_llava / "sparsity_masks.safetensors")
+    save_file({"scale": torch.ones(3)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="no linear weight found"):
+        inspect_checkpoint(tmp_path / "other.safetensors")
+    assert main(["inspect", str(saved_llava / "sparsity_masks.safetensors")]) == 2
+    assert "holds pruning masks" in capsys.readouterr().err

@@ -168,6 +168,9 @@ def inspect_checkpoint(path: str | os.PathLike, linear_only: bool = True) -> Ins
     from .compress import INDEX_FILENAME
 
     path = Path(path)
+    if path.is_file() and path.name == MASKS_FILENAME:
+        raise ValueError(f"{path} holds pruning masks, not weights; inspect the model folder beside it "
+                         f"({path.parent}), which checks the weights against these masks")
     compressed = path.is_dir() and (path / INDEX_FILENAME).exists()
     files = [] if compressed else _weight_files(path)
     model_type = _model_type(path)
@@ -198,4 +201,8 @@ def inspect_checkpoint(path: str | os.PathLike, linear_only: bool = True) -> Ins
                 inside_mask=inside,
             )
         )
+    if not report.rows:
+        kind = "linear weight" if linear_only else "2-D weight"
+        raise ValueError(f"no {kind} found in {path}" + (" (--all also reports embeddings and other 2-D weights)"
+                                                         if linear_only else ""))
     return report
