@@ -288,3 +288,23 @@ def test_same_seed_same_run_and_clear_refusals(tmp_path, processor, data):
 
     with pytest.raises(ValueError, match="language model alone"):
         finetune(tiny_llama(), data, tmp_path / "t3", masks=MaskSet(), processor=processor, max_steps=1, **FAST)
+
+
+def test_a_finished_run_can_be_extended(tmp_path, processor, data):
+    """Resume may change the run's length: 2 steps, then resumed to 4, equals 4 steps in one go (constant
+    learning rate), and the merged model and the record are replaced by the longer run's."""
+    model, masks = pruned_tiny("llava")
+    full = finetune(model, data, tmp_path / "full", masks=masks, processor=processor, max_steps=4, save_steps=2, **FAST)
+    model, masks = pruned_tiny("llava")
+    finetune(model, data, tmp_path / "short", masks=masks, processor=processor, max_steps=2, save_steps=2, **FAST)
+    model, masks = pruned_tiny("llava")
+    longer = finetune(model, data, tmp_path / "short", masks=masks, processor=processor, max_steps=4, save_steps=2,
+                      resume=True, **FAST)
+    assert longer["steps"] == 4 and longer["resumed_from"].endswith("checkpoint-2")
+    expected = {e["step"]: e["loss"] for e in full["losses"]}
+    for e in longer["losses"]:
+        assert e["loss"] == pytest.approx(expected[e["step"]], rel=1e-5, abs=1e-6)
+    assert json.loads((tmp_path / "short" / RECORD_FILENAME).read_text())["steps"] == 4
+    a = _reload(tmp_path / "full" / "merged", LlavaForConditionalGeneration)
+    b = _reload(tmp_path / "short" / "merged", LlavaForConditionalGeneration)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)

@@ -9,8 +9,10 @@ __all__ = ["FinetuneConfig", "METHODS", "PARTS"]
 METHODS = ("sparselora", "lora", "lora-remask", "full")
 PARTS = ("language", "vision", "connector")
 
-# fields that do not change what is trained: a resume may differ in them
-_RUN_ONLY_FIELDS = ("save_steps", "save_total_limit", "logging_steps", "num_workers", "progress")
+# fields a resume may change: bookkeeping, and the length of the run (max_steps / num_epochs: a finished run
+# can be extended from its last checkpoint, as with the Trainer; the learning-rate schedule follows the new length)
+_RUN_ONLY_FIELDS = ("save_steps", "save_total_limit", "logging_steps", "num_workers", "progress", "max_steps",
+                    "num_epochs")
 
 
 @dataclass(frozen=True)
