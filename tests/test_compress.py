@@ -1,18 +1,25 @@
-"""compress / decompress swaps and the compressed checkpoint format (round trip bit for bit, tiny LLaVA)."""
+"""compress / decompress swaps, the compressed checkpoint format (round trip bit for bit, tiny LLaVA), and the
+folders compress_folder / decompress_folder write (size report from the files, overwrite guard, permissions)."""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from vlmsparse.masks import MASKS_FILENAME, MaskSet
 from vlmsparse.modules.sparse_linear import SparseLinear
 from vlmsparse.pipeline.compress import (
     INDEX_FILENAME,
     compress,
+    compress_folder,
     decompress,
+    decompress_folder,
     load_compressed,
     pack_bitmask,
     save_compressed,
@@ -174,3 +181,122 @@ def test_cli_compress_and_decompress(tmp_path, capsys):
 
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "d")(input_ids=ids).logits, want)
+
+
+def _pruned_folder(path: Path) -> Path:
+    """A tiny LLaMA folder with its language linears pruned 2:4 and their masks (sparsity_masks.safetensors)."""
+    from factories import tiny_llama
+
+    model = tiny_llama(0).eval()
+    masks = _prune24(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "layers" in n])
+    model.save_pretrained(str(path))
+    MaskSet(masks, {name: "2:4" for name in masks}).save(path)
+    return path
+
+
+def test_size_reports_count_the_files_on_disk(tmp_path):
+    from safetensors import safe_open
+
+    src = _pruned_folder(tmp_path / "src")
+    report = compress_folder(src, tmp_path / "c")
+    out = tmp_path / "c"
+    compressed = {n: (out / n).stat().st_size for n in ("model.compressed.safetensors", MASKS_FILENAME)}
+    dense = {n: (src / n).stat().st_size for n in ("model.safetensors", MASKS_FILENAME)}
+    assert report["compressed_files"] == compressed and report["dense_files"] == dense
+    assert report["file_bytes"] == sum(compressed.values()) and report["dense_bytes"] == sum(dense.values())
+    assert report["ratio"] == report["file_bytes"] / report["dense_bytes"] < 1.0
+    assert "model.compressed.safetensors + sparsity_masks.safetensors" in report["compares"]
+    assert "model.safetensors + sparsity_masks.safetensors" in report["compares"]
+    assert report["path"] == str(out.resolve()) and MASKS_FILENAME in report["copied"]
+    # save_compressed: tensor bytes in the file vs the same tensors dense (headers out on both sides)
+    tensors = report["tensors"]
+    with safe_open(str(out / "model.compressed.safetensors"), framework="pt") as f:
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    with safe_open(str(src / "model.safetensors"), framework="pt") as f:
+        dense_tensors = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert tensors["stored_bytes"] == stored and tensors["dense_bytes"] == dense_tensors
+    assert tensors["ratio"] == stored / dense_tensors
+    assert tensors["file_bytes"] == compressed["model.compressed.safetensors"]
+    index = json.loads((out / INDEX_FILENAME).read_text())
+    assert index["size"]["stored_bytes"] == stored and "path" not in index["size"]  # no temporary folder name
+
+
+def test_folders_refuse_an_existing_output_unless_overwrite(tmp_path):
+    src = _pruned_folder(tmp_path / "src")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "model.safetensors").write_text("stale")
+    (victim / "notes.txt").write_text("important")
+    for run in (lambda **kw: compress_folder(src, victim, **kw), lambda **kw: decompress_folder(src, victim, **kw)):
+        with pytest.raises(FileExistsError, match=r"already exists; .* pass overwrite=True \(--overwrite\)"):
+            run()
+        assert sorted(p.name for p in victim.iterdir()) == ["model.safetensors", "notes.txt"]
+    with pytest.raises(ValueError, match="lies inside the input model"):
+        compress_folder(src, src / "inner")
+    with pytest.raises(ValueError, match="lies inside the input model"):
+        compress_folder(src, src)
+    compress_folder(src, victim, overwrite=True)  # replaced as a whole: no stale dense weights beside
+    assert sorted(p.name for p in victim.iterdir()) == [
+        "config.json", "generation_config.json", "model.compressed.safetensors", MASKS_FILENAME, INDEX_FILENAME]
+    dense = decompress_folder(victim, tmp_path / "dense")
+    assert not (dense / INDEX_FILENAME).exists() and (dense / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_cli_compress_refuses_existing_output_without_overwrite(tmp_path, capsys):
+    from vlmsparse.cli import main
+
+    src = _pruned_folder(tmp_path / "src")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("important")
+    assert main(["compress", str(src), "-o", str(victim)]) == 2
+    assert "already exists" in capsys.readouterr().err and (victim / "notes.txt").exists()
+    assert main(["compress", str(src), "-o", str(victim), "--overwrite"]) == 0
+    assert (victim / INDEX_FILENAME).exists() and not (victim / "notes.txt").exists()
+    (tmp_path / "d").mkdir()
+    assert main(["compress", str(victim), "-o", str(tmp_path / "d"), "--decompress"]) == 2
+    assert main(["compress", str(victim), "-o", str(tmp_path / "d"), "--decompress", "--overwrite"]) == 0
+    assert (tmp_path / "d" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_folders_follow_the_umask(tmp_path, umask):
+    src = _pruned_folder(tmp_path / "src")
+    old = os.umask(umask)
+    try:
+        compress_folder(src, tmp_path / "c")
+        decompress_folder(tmp_path / "c", tmp_path / "d")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "c", tmp_path / "d"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask, folder
+        for path in folder.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def test_write_folder_atomically_modes_and_failure(tmp_path):
+    from vlmsparse.pipeline.save import write_folder_atomically
+
+    def write(tmp: Path) -> str:
+        (tmp / "sub").mkdir(mode=0o700)
+        os.close(os.open(tmp / "sub" / "private.bin", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors 0.8 does
+        return "done"
+
+    old = os.umask(0o027)
+    try:
+        assert write_folder_atomically(tmp_path / "out", write) == "done"
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "out" / "sub").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "out" / "sub" / "private.bin").stat().st_mode) == 0o640
+
+    def failing(tmp: Path) -> None:
+        (tmp / "half").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_folder_atomically(tmp_path / "out", failing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # old folder kept, no staging folder left
+    assert (tmp_path / "out" / "sub" / "private.bin").exists()

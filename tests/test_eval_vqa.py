@@ -283,3 +283,68 @@ def test_eval_t5_folders_end_to_end(tmp_path, capsys):
         assert report["num"] == 6
         assert [p["prediction"] for p in report["predictions"]] == expected
         assert sum(map(bool, expected)) >= len(expected) - 1
+
+
+def test_score_predictions_warns_once_about_rows_with_few_answers(caplog):
+    rows = [VQARow("a.png", "q?", ("red",)), VQARow("b.png", "q?", ("red", "red")), VQARow("c.png", "q?", ("x",)),
+            VQARow("d.png", "q?", ("red",) * 3)]
+    with caplog.at_level("WARNING", logger="vlmsparse.eval.vqa"):
+        report = score_predictions(rows, ["red", "red", "red", "red"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["3 of 4 rows have fewer than 3 answers (2 with 1 answer, 1 with 2 answers): VQA accuracy "
+                        "caps at n/3 for a row with n answers"]
+    assert [p["accuracy"] for p in report.predictions] == pytest.approx([1 / 3, 2 / 3, 0.0, 1.0])
+    assert [p["image"] for p in report.predictions] == ["a.png", "b.png", "c.png", "d.png"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlmsparse.eval.vqa"):
+        score_predictions(rows[3:], ["red"])
+    assert not caplog.records
+
+
+def test_eval_cli_errors_and_report_file(tmp_path, capsys, caplog):
+    """`vlmsparse eval`: --limit < 1, a folder or an existing file as -o (without --overwrite), a folder without
+    weights are refused with exit 2; -o holds each prediction's image; --max-length above OPT's 128 positions is
+    capped (logged, recorded in the report) instead of an IndexError."""
+    from factories import synthetic_processor, tiny_blip2
+
+    from vlmsparse.cli import main
+    from vlmsparse.data.synthetic import export_vqa_jsonl, make_vqa_samples
+
+    data = export_vqa_jsonl(make_vqa_samples(3, seed=1, split="heldout"), str(tmp_path / "vqa"))
+    model, processor = tiny_blip2(), synthetic_processor("blip2")
+    model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
+    model.save_pretrained(tmp_path / "blip")
+    processor.save_pretrained(tmp_path / "blip")
+    base = ["eval", str(tmp_path / "blip"), "--data", str(data), "--max-new-tokens", "2"]
+    for limit in ("0", "-1"):
+        assert main([*base, "--limit", limit]) == 2
+        assert f"--limit must be >= 1 (rows to evaluate), got {limit}" in capsys.readouterr().err
+    assert main([*base, "-o", str(tmp_path)]) == 2
+    assert "is a folder; give the path of the JSON file" in capsys.readouterr().err
+    assert main([*base, "-o", str(data), "--overwrite"]) == 2
+    assert "is the input file" in capsys.readouterr().err
+    out = tmp_path / "report.json"
+    assert main([*base, "-o", str(out), "--limit", "2"]) == 0
+    predictions = json.loads(out.read_text())["predictions"]
+    assert [p["image"] for p in predictions] == [r.image for r in load_vqa_jsonl(data, limit=2)]
+    assert main([*base, "-o", str(out)]) == 2
+    assert "the file already exists; pass --overwrite" in capsys.readouterr().err
+    assert len(json.loads(out.read_text())["predictions"]) == 2
+    assert main([*base, "-o", str(out), "--overwrite"]) == 0
+    assert len(json.loads(out.read_text())["predictions"]) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    (tmp_path / "text.txt").write_text("a red circle at the top left and a blue square . " * 20)
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="vlmsparse.eval.perplexity"):
+        assert main(["eval", str(tmp_path / "blip"), "--text", str(tmp_path / "text.txt"), "--max-length", "512",
+                     "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_length"] == 128 and report["stride"] == 128 and report["num_tokens"] > 128
+    assert "max_length 512 is above the language model's 128 positions; using 128" in caplog.text
+
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text((tmp_path / "blip" / "config.json").read_text())
+    for args in (["--data", str(data)], ["--text", str(tmp_path / "text.txt")]):
+        assert main(["eval", str(tmp_path / "noweights"), *args]) == 2
+        assert "holds config.json but no model weights" in capsys.readouterr().err

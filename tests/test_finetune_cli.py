@@ -68,7 +68,7 @@ def test_cli_self_distillation_from_a_folder_with_dense_weights(tmp_path, capsys
     synthetic_processor("llava").save_pretrained(tmp_path / "dense")
     out = tmp_path / "out"
     assert main(["finetune", str(tmp_path / "dense"), "--data", "synthetic:4", "-o", str(out), "--distill", "0.2",
-                 "--json", *ARGS]) == 0
+                 "--teacher", "self", "--json", *ARGS]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["teacher"] == "self" and all(e["kl"] > 0 for e in record["losses"])
     assert record["sparsity_before"]["all"] == 0.5 and record["mask_check"]["ok"]
@@ -76,3 +76,22 @@ def test_cli_self_distillation_from_a_folder_with_dense_weights(tmp_path, capsys
     # without distillation the same folder is refused: its weights are not zero where the masks prune
     assert main(["finetune", str(tmp_path / "dense"), "--data", "synthetic:4", "-o", str(tmp_path / "o2"), *ARGS]) == 2
     assert "non-zero at positions its mask prunes" in capsys.readouterr().err
+
+
+def test_cli_distill_teacher_and_data_errors(tmp_path, capsys):
+    """--distill needs --teacher (no vlmsparse prune output keeps the dense weights 'self' needs), --teacher needs
+    --distill; a 'self' teacher on a pruned folder and a bad synthetic:N are refused in CLI wording."""
+    model, masks = pruned_tiny("llava", "2:4")
+    folder = save_pruned(model, masks, tmp_path / "pruned", processor=synthetic_processor("llava"))
+    base = ["finetune", str(folder), "--data", "synthetic:4", "-o", str(tmp_path / "out"), *ARGS]
+    assert main([*base, "--distill", "0.2"]) == 2
+    assert "--distill needs --teacher: the dense model folder" in capsys.readouterr().err
+    assert main([*base, "--teacher", str(tmp_path)]) == 2
+    assert "given without --distill: set --distill LAMBDA > 0" in capsys.readouterr().err
+    assert main([*base, "--distill", "0.2", "--teacher", "self"]) == 2
+    err = capsys.readouterr().err
+    assert "(--teacher self)" in err and "(--teacher DENSE_FOLDER)" in err
+    for spec in ("synthetic:abc", "synthetic:0"):
+        assert main(["finetune", str(folder), "--data", spec, "-o", str(tmp_path / "out"), *ARGS]) == 2
+        assert f"data {spec!r}: synthetic:N needs an integer N >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -159,3 +159,84 @@ def test_cli_prune_blip2_flan_t5_with_decoder_calibration(tmp_path):
     decoder = [n for n in masks if ".decoder." in n]
     assert decoder and all(masks.patterns[n] == "2:4" for n in masks)
     assert masks.sparsity() == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------- per-part flags on top of --allocation
+@pytest.fixture(scope="module")
+def blip2_folder(tmp_path_factory):
+    from factories import synthetic_processor, tiny_blip2
+
+    folder = tmp_path_factory.mktemp("blip2") / "blip2"
+    model, processor = tiny_blip2(), synthetic_processor("blip2")
+    model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ([], {"vision": "0.5", "language": "0.5"}),
+        (["--sparsity", "2:4", "--connector", "0.5"], {"vision": "2:4", "language": "2:4", "connector": "0.5"}),
+        (["--vision", "2:4", "--language", "0.6"], {"vision": "2:4", "language": "0.6"}),
+        (["--sparsity", "2:4", "--vision", "0"], {"language": "2:4"}),
+        (["--allocation", "language", "--sparsity", "4:8"], {"language": "4:8"}),
+        (["--allocation", "language", "--sparsity", "0.6", "--vision", "2:4"], {"language": "0.6", "vision": "2:4"}),
+        (["--allocation", "vision", "--sparsity", "2:4", "--connector", "0.7"], {"vision": "2:4", "connector": "0.7"}),
+    ],
+)
+def test_cli_part_flags_start_from_allocation_and_sparsity(tmp_path, blip2_folder, flags, expected):
+    """--vision / --language / --connector set or add one part's pattern; the other parts keep --allocation at
+    --sparsity: the masks cover exactly the expected parts, each with its pattern."""
+    out = tmp_path / "out"
+    assert main(["prune", str(blip2_folder), str(out), "--method", "magnitude", "--quiet", *flags]) == 0
+    model, masks = load_pruned(out)
+    names = {part: prunable_linear_names(model, parts=part, include_non_default=True)
+             for part in ("vision", "connector", "language")}
+    assert all(names.values())
+    assert set(masks) == {n for part in expected for n in names[part]}
+    for part, pattern in expected.items():
+        assert {masks.patterns[n] for n in names[part]} == {pattern}
+
+
+def test_cli_part_flags_on_a_language_model_and_owl(tmp_path, blip2_folder, capsys):
+    from factories import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    assert main(["prune", str(tmp_path / "llama"), str(tmp_path / "out"), "--method", "magnitude", "--quiet",
+                 "--sparsity", "2:4", "--language", "0.7"]) == 0
+    model, masks = load_pruned(tmp_path / "out")
+    assert list(masks) == prunable_linear_names(model) and set(masks.patterns.values()) == {"0.7"}
+    assert main(["prune", str(blip2_folder), str(tmp_path / "owl"), "--allocation", "owl", "--connector", "0.5"]) == 2
+    assert "--allocation owl cannot be combined with --vision / --language / --connector" in capsys.readouterr().err
+    assert not (tmp_path / "owl").exists()
+
+
+def test_cli_prune_checks_before_loading(tmp_path, blip2_folder, monkeypatch, capsys):
+    """A bad output folder, --device, --max-words or a folder without weights is refused before any model is
+    loaded or pruned, with CLI wording."""
+    import vlmsparse.pipeline.save as save
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(save, "load_model", no_load)
+    (tmp_path / "exists").mkdir()
+    assert main(["prune", str(blip2_folder), str(tmp_path / "exists"), "--method", "magnitude"]) == 2
+    assert "already exists; choose another folder or pass --overwrite" in capsys.readouterr().err
+    for inside in (blip2_folder, blip2_folder / "pruned", blip2_folder.parent):
+        assert main(["prune", str(blip2_folder), str(inside), "--method", "magnitude", "--overwrite"]) == 2
+        assert "choose a folder outside the input" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["prune", str(blip2_folder), str(tmp_path / "a"), "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert main(["compress", str(blip2_folder), "-o", str(tmp_path / "c"), "--auto", "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert main(["prune", str(blip2_folder), str(tmp_path / "a"), "--max-words", "0"]) == 2
+    assert "--max-words must be >= 1" in capsys.readouterr().err
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text((blip2_folder / "config.json").read_text())
+    assert main(["prune", str(tmp_path / "noweights"), str(tmp_path / "a")]) == 2
+    assert "holds config.json but no model weights (model.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

@@ -73,9 +73,12 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="per device")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--distill", type=float, default=0.0, metavar="LAMBDA",
-                   help="loss = (1 - LAMBDA) * CE + LAMBDA * KL(teacher || student); 0 = no distillation")
+                   help="loss = (1 - LAMBDA) * CE + LAMBDA * KL(teacher || student); 0 = no distillation; "
+                   "> 0 needs --teacher")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--teacher", default=None, help="'self' (adapters and masks off; needs dense weights kept) or a dense model folder")
+    p.add_argument("--teacher", default=None,
+                   help="with --distill: the dense model folder (the model before vlmsparse prune), or 'self' for a "
+                   "folder that keeps its dense weights beside its masks (adapters and masks off)")
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
     p.add_argument("--save-total-limit", type=int, default=None)
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
@@ -95,6 +98,11 @@ def _run_finetune(args: argparse.Namespace) -> int:
     from .training.config import FinetuneConfig
     from .training.finetune import finetune
 
+    if args.distill > 0 and args.teacher is None:
+        raise ValueError("--distill needs --teacher: the dense model folder the pruned model came from (--teacher "
+                         "DENSE_FOLDER), or --teacher self for a folder that keeps dense weights beside its masks")
+    if args.teacher is not None and args.distill == 0:
+        raise ValueError(f"--teacher {args.teacher} given without --distill: set --distill LAMBDA > 0 to distil")
     config = FinetuneConfig(
         method=args.method, parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
         rank_language=args.rank_language, rank_vision=args.rank_vision, rank_connector=args.rank_connector,
@@ -131,18 +139,27 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         description="Prune MODEL (a local Hugging Face folder) with magnitude / Wanda / SparseGPT and write the "
         "pruned model, its masks (sparsity_masks.safetensors) and its processor to OUTPUT. "
         "Examples: vlmsparse prune llava-1.5-7b out --method wanda --sparsity 0.5 ; "
-        "vlmsparse prune blip2 out --method sparsegpt --vision 2:4 --language 0.7 --calibration data.jsonl",
+        "vlmsparse prune blip2 out --method sparsegpt --vision 2:4 --language 0.7 --calibration data.jsonl ; "
+        "vlmsparse prune blip2 out --sparsity 2:4 --connector 0.5 (vision and language 2:4, Q-Former 50%%)",
     )
     p.add_argument("model", help="local model folder (config.json + weights, processor files)")
     p.add_argument("output", help="output folder (written atomically; never the input folder)")
     p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
-    p.add_argument("--sparsity", default="0.5", help="pattern: 0.5, 50%%, unstructured:0.7, 2:4, 4:8 (default 0.5)")
+    p.add_argument("--sparsity", default="0.5",
+                   help="pattern of the parts --allocation names: 0.5, 50%%, unstructured:0.7, 2:4, 4:8 (default 0.5)")
     p.add_argument("--allocation", default="equal", choices=["equal", "language", "vision", "owl"],
-                   help="equal: vision and language blocks; language / vision: one part only; owl: equal with "
-                   "outlier-weighted layer-wise sparsity (default equal)")
-    p.add_argument("--vision", help="explicit vision sparsity (with --language / --connector: per-part ratios)")
-    p.add_argument("--language", help="explicit language-model sparsity")
-    p.add_argument("--connector", help="also prune the projector / Q-Former to this sparsity")
+                   help="which parts get --sparsity: equal: vision and language blocks (language alone for a "
+                   "language model); language / vision: that part only; owl: equal with outlier-weighted "
+                   "layer-wise sparsity, not combinable with --vision / --language / --connector (default equal)")
+    p.add_argument("--vision", metavar="PATTERN",
+                   help="vision blocks' pattern: replaces --sparsity for them, or adds them to --allocation "
+                   "language; 0 leaves them dense")
+    p.add_argument("--language", metavar="PATTERN",
+                   help="language blocks' pattern: replaces --sparsity for them, or adds them to --allocation "
+                   "vision; 0 leaves them dense")
+    p.add_argument("--connector", metavar="PATTERN",
+                   help="also prune the projector / Q-Former with this pattern (it is left dense otherwise); "
+                   "the other parts keep --allocation / --sparsity")
     p.add_argument("--calibration", default="synthetic",
                    help="a .json/.jsonl file of image + text records (LLaVA conversations accepted), a folder of "
                    "images with captions, or 'synthetic' (default)")
@@ -163,22 +180,68 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars, no report table")
 
 
-def _run_prune(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _check_device(name: str | None) -> str:
+    """The device to run on: ``name`` checked (``cuda`` needs CUDA), or cuda when available, else cpu."""
+    import torch
 
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; allowed: cpu, cuda, cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu "
+                             "(or leave --device out to use cuda only when available)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return name
+
+
+def _part_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The per-part patterns given with --vision / --language / --connector (absent ones left out)."""
+    flags = {part: getattr(args, part) for part in ("vision", "language", "connector")}
+    return {part: value for part, value in flags.items() if value is not None}
+
+
+def part_allocation(allocation: str, sparsity: str, flags: dict[str, str], present: set[str]) -> str | dict[str, str]:
+    """What ``prune_model`` gets as ``allocation``: ``allocation`` itself without per-part ``flags``; else the
+    per-part patterns of ``allocation`` at ``sparsity`` (``equal``: vision and language, the parts of them in
+    ``present``; ``language`` / ``vision``: that part), updated with ``flags`` (part -> pattern; a new part is
+    added, ``"0"`` leaves a part dense). ``owl`` with flags is a ValueError."""
+    if not flags:
+        return allocation
+    if allocation == "owl":
+        raise ValueError("--allocation owl cannot be combined with --vision / --language / --connector (OWL spreads "
+                         "one --sparsity over the layers); use --allocation equal, language or vision with them")
+    base = {"equal": ("vision", "language"), "language": ("language",), "vision": ("vision",)}[allocation]
+    parts = {part: sparsity for part in base if allocation != "equal" or part in present}
+    parts.update(flags)
+    return parts
+
+
+def _run_prune(args: argparse.Namespace) -> int:
     import torch
 
     from .data.calibration import build_calibration_batches, load_calibration_samples
+    from .eval.vqa import check_model_folder
+    from .models import get_arch_spec
     from .pipeline.prune import format_report, prune_model, report_of
-    from .pipeline.save import load_model, load_processor, save_pruned
+    from .pipeline.save import check_output_folder, load_model, load_processor, save_pruned
 
-    if Path(args.output).resolve() == Path(args.model).resolve():
-        raise ValueError(f"refusing to overwrite the input model {args.model}; choose another output folder")
-    parts = {k: getattr(args, k) for k in ("vision", "language", "connector") if getattr(args, k) is not None}
-    allocation = parts if parts else args.allocation
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_output_folder(args.output, [args.model], args.overwrite, option="--overwrite")
+    check_model_folder(args.model)
+    if args.max_words is not None and args.max_words < 1:
+        raise ValueError(f"--max-words must be >= 1 (words kept per caption), got {args.max_words}")
+    flags = _part_flags(args)
+    part_allocation(args.allocation, args.sparsity, flags, set())  # refuses owl + per-part flags before loading
+    device = _check_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_model(args.model, device=device, dtype=dtype)
+    present = {stage.part for stage in get_arch_spec(model).resolve(model)}
+    allocation = part_allocation(args.allocation, args.sparsity, flags, present)
     processor = load_processor(args.model)
     calibration = None
     if args.method != "magnitude" or allocation == "owl":
@@ -220,6 +283,7 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model folder (or, with --decompress, a compressed folder)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--decompress", action="store_true", help="compressed folder -> dense Hugging Face folder")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
     p.add_argument("--auto", action="store_true", help="time 2:4 vs dense per layer shape; keep 2:4 where faster")
     p.add_argument("--device", default=None, help="device for --auto timing (default: cuda if available)")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 512], help="input rows timed by --auto")
@@ -232,15 +296,11 @@ def _run_compress(args: argparse.Namespace) -> int:
     from .pipeline.compress import compress_folder, decompress_folder
 
     if args.decompress:
-        print(f"saved dense model to {decompress_folder(args.model, args.output)}")
+        print(f"saved dense model to {decompress_folder(args.model, args.output, overwrite=args.overwrite)}")
         return 0
-    device = args.device
-    if args.auto and device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _check_device(args.device) if args.auto else args.device
     report = compress_folder(args.model, args.output, auto=args.auto, device=device, tokens=args.tokens,
-                             min_sparsity=args.min_sparsity)
+                             min_sparsity=args.min_sparsity, overwrite=args.overwrite)
     if args.json:
         _print_json(report)
         return 0
@@ -252,6 +312,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     formats = ", ".join(f"{n} {k}" for k, n in sorted(report["formats"].items()))
     print(f"{report['file_bytes'] / 2**20:.2f} MiB vs {report['dense_bytes'] / 2**20:.2f} MiB dense "
           f"({100 * report['ratio']:.1f}%); tensors: {formats}")
+    print(f"(compares {report['compares']})")
     print(f"saved to {report['path']}")
     return 0
 
@@ -272,13 +333,31 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=5)
     p.add_argument("--prompt", default=None, help="question prompt with {question} (default: by model family)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows (N >= 1)")
     p.add_argument("--official", action="store_true", help="VQAv2 leave-one-out average over 10 answer subsets")
-    p.add_argument("--max-length", type=int, default=512, help="perplexity window (tokens)")
+    p.add_argument("--max-length", type=int, default=512,
+                   help="perplexity window (tokens); capped at the language model's position limit (default 512)")
     p.add_argument("--stride", type=int, default=None,
                    help="perplexity window stride (default: the window; half of it for an encoder-decoder LM)")
-    p.add_argument("-o", "--output", default=None, help="write the JSON report here")
+    p.add_argument("-o", "--output", default=None,
+                   help="write the JSON report (with every prediction and its image) to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _check_report_file(output: str, inputs: list[str | None], overwrite: bool) -> None:
+    """Refuse an ``-o`` path that is a folder, one of the ``inputs`` files, or an existing file without
+    --overwrite (checked before the evaluation runs)."""
+    from pathlib import Path
+
+    path = Path(output)
+    if path.is_dir():
+        raise ValueError(f"-o {output}: is a folder; give the path of the JSON file to write")
+    for given in inputs:
+        if given is not None and path.resolve() == Path(given).resolve():
+            raise ValueError(f"-o {output}: is the input file {given}; choose another report file")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"-o {output}: the file already exists; pass --overwrite to replace it")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -286,6 +365,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if (args.data is None) == (args.text is None):
         raise ValueError("give exactly one of --data (VQA JSONL) or --text (perplexity)")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1 (rows to evaluate), got {args.limit}")
+    if args.output:
+        _check_report_file(args.output, [args.data, args.text], args.overwrite)
     if args.text is not None:
         from .eval.perplexity import perplexity_of_file
 
@@ -306,7 +389,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.output:
         from .masks import atomic_write
 
-        atomic_write(args.output, lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(report, indent=2)))
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+
+        atomic_write(args.output, write)
     if args.json:
         report.pop("predictions", None)
         _print_json(report)
@@ -325,7 +412,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "lora, lora-remask, sparselora, sparselora + distillation -> tables, results.json, report.md, PNG plots.",
     )
     p.add_argument("--workdir", default=None, help="cache and output folder (default: ~/.cache/vlmsparse/demo)")
-    p.add_argument("--quick", action="store_true", help="the reduced grid (about 3 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="the reduced grid (about a minute on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print results.json instead of the tables")

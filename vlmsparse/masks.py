@@ -2,7 +2,12 @@
 
 ``MaskSet.masks`` maps a module name (as in ``model.named_modules()``) to a bool keep-mask ``[out, in]``
 (``True`` = kept). ``patterns`` records the pattern each module was pruned to (``"0.5"``, ``"2:4"``),
-``method`` the algorithm. Saved as one safetensors file (masks as uint8) with the metadata in its header.
+``method`` the algorithm. Saved as one safetensors file with the metadata in its header; format version 2
+stores each mask bit-packed (:func:`pack_bitmask`, 8 columns per byte), version 1 (still read) one uint8 per
+entry.
+
+Files are written with :func:`atomic_write` (a temporary file renamed into place) with the permissions a
+plain ``open()`` would give (``0o666 & ~umask``), not ``mkstemp``'s private ``0o600``.
 """
 
 from __future__ import annotations
@@ -16,21 +21,59 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MaskSet", "MASKS_FILENAME", "atomic_write"]
+__all__ = ["MaskSet", "MASKS_FILENAME", "atomic_write", "pack_bitmask", "unpack_bitmask", "current_umask"]
 
 MASKS_FILENAME = "sparsity_masks.safetensors"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # bit-packed masks; "1" (one uint8 per entry) is still read
+_READABLE_VERSIONS = ("1", "2")
+
+
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` bool -> ``[out, ceil(in/8)]`` uint8, bit ``j`` of byte ``b`` = column ``8b + j``
+    (the last byte of a row is padded with zero bits)."""
+    if mask.dim() != 2:
+        raise ValueError(f"pack_bitmask: mask must be 2-D [out, in], got shape {tuple(mask.shape)}")
+    rows, cols = mask.shape
+    nbytes = (cols + 7) // 8
+    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, nbytes * 8 - cols)).reshape(rows, nbytes, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (padded << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bitmask(bits: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bitmask`: ``[out, ceil(in/8)]`` uint8 -> ``[out, in]`` bool with ``in = cols``."""
+    if bits.dtype != torch.uint8 or bits.dim() != 2 or bits.shape[1] != (cols + 7) // 8:
+        raise ValueError(f"unpack_bitmask: expected uint8 [out, {(cols + 7) // 8}] for {cols} columns, "
+                         f"got {bits.dtype} {tuple(bits.shape)}")
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits[..., None] >> shifts) & 1).bool().reshape(bits.shape[0], bits.shape[1] * 8)[:, :cols]
+
+
+def current_umask() -> int:
+    """The process umask (read from ``/proc/self/status`` where there is one, so it is never changed; else
+    set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` to write a temporary file beside ``path``, then rename it onto ``path``,
-    so that ``path`` is never left half-written."""
+    so that ``path`` is never left half-written. The file gets mode ``0o666 & ~umask``, as with ``open()``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -84,10 +127,11 @@ class MaskSet:
         path = Path(path)
         if path.is_dir() or path.suffix != ".safetensors":
             path = path / MASKS_FILENAME
-        tensors = {name: mask.detach().to("cpu", torch.uint8).contiguous() for name, mask in self.masks.items()}
+        tensors = {name: pack_bitmask(mask.detach()).cpu() for name, mask in self.masks.items()}
         metadata = {
             "format": "vlmsparse.masks",
             "version": FORMAT_VERSION,
+            "columns": json.dumps({name: mask.shape[1] for name, mask in self.masks.items()}),
             "patterns": json.dumps(self.patterns),
             "method": self.method or "",
             "info": json.dumps(self.info),
@@ -112,12 +156,19 @@ class MaskSet:
             metadata = f.metadata() or {}
             if metadata.get("format") != "vlmsparse.masks":
                 raise ValueError(f"{path} is not a vlmsparse mask file (format={metadata.get('format')!r})")
-            if metadata.get("version") != FORMAT_VERSION:
-                raise ValueError(
-                    f"{path}: mask format version {metadata.get('version')!r}; this vlmsparse reads {FORMAT_VERSION!r}"
-                )
+            version = metadata.get("version")
+            if version not in _READABLE_VERSIONS:
+                raise ValueError(f"{path}: mask format version {version!r}; this vlmsparse reads versions "
+                                 f"{', '.join(_READABLE_VERSIONS)}")
             order = json.loads(metadata.get("order", "[]")) or sorted(f.keys())
-            masks = {name: f.get_tensor(name).bool() for name in order}
+            if version == "1":  # one uint8 per entry
+                masks = {name: f.get_tensor(name).bool() for name in order}
+            else:  # bit-packed, the number of columns in the header
+                columns = json.loads(metadata.get("columns", "{}"))
+                missing = [name for name in order if name not in columns]
+                if missing:
+                    raise ValueError(f"{path}: no column count in the header for masks {missing[:5]}")
+                masks = {name: unpack_bitmask(f.get_tensor(name), int(columns[name])) for name in order}
         return cls(
             masks=masks,
             patterns=json.loads(metadata.get("patterns", "{}")),

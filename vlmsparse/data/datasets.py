@@ -342,7 +342,10 @@ def load_dataset(spec: str, processor: Any, image_root: str | None = None, max_l
     :func:`encode_example`)."""
     options = dict(max_length=max_length, decoder_start_token_id=decoder_start_token_id)
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        num = int(spec.split(":", 1)[1]) if ":" in spec else num_synthetic
+        count = spec.split(":", 1)[1].strip() if ":" in spec else str(num_synthetic)
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"data {spec!r}: synthetic:N needs an integer N >= 1 (the number of examples)")
+        num = int(count)
         return SyntheticVQADataset(processor, num=num, seed=seed, **options)
     path = Path(spec)
     if not path.exists():

@@ -16,10 +16,15 @@ input, and the decoder, teacher-forced from its start token, predicts the scored
 ``stride = max_length`` it would read one token, and pruning damage to the encoder would barely show).
 The numbers are comparable between a dense model and its pruned / finetuned versions with the same
 settings, not with a causal model's perplexity.
+
+``max_length`` above the language model's position limit (``max_position_embeddings`` or ``n_positions`` of its
+config; OPT's learned positions fail past it) is capped to that limit with a logged warning; the result records
+the window and stride used.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -27,7 +32,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["PerplexityResult", "perplexity", "perplexity_of_file", "language_model_of"]
+__all__ = ["PerplexityResult", "perplexity", "perplexity_of_file", "language_model_of", "max_positions"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,9 +42,12 @@ class PerplexityResult:
     perplexity: float
     nll: float
     num_tokens: int
+    max_length: int | None = None
+    stride: int | None = None
 
     def to_dict(self) -> dict:
-        return {"perplexity": self.perplexity, "nll": self.nll, "num_tokens": self.num_tokens}
+        return {"perplexity": self.perplexity, "nll": self.nll, "num_tokens": self.num_tokens,
+                "max_length": self.max_length, "stride": self.stride}
 
 
 def language_model_of(model: Any) -> Any:
@@ -48,6 +58,19 @@ def language_model_of(model: Any) -> Any:
     if inner is not None and hasattr(inner, "get_output_embeddings") and inner.get_output_embeddings() is not None:
         return inner
     return model
+
+
+def max_positions(lm: Any) -> int | None:
+    """The most tokens the language model ``lm`` reads at once (``max_position_embeddings`` or ``n_positions``
+    of its text config); ``None`` for an encoder-decoder (T5: relative positions) or when the config has none."""
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _is_encoder_decoder(lm: Any) -> bool:
@@ -78,6 +101,13 @@ def perplexity(model: Any, tokenizer: Any, text: str, max_length: int = 128, str
     """Perplexity of ``model``'s language model on ``text`` (see the module docstring); ``stride`` defaults to
     ``max_length`` for a causal language model and ``max_length // 2`` for an encoder-decoder one."""
     lm = language_model_of(model)
+    limit = max_positions(lm)
+    if limit is not None and max_length > limit:
+        logger.warning("perplexity: max_length %d is above the language model's %d positions; using %d",
+                       max_length, limit, limit)
+        max_length = limit
+        if stride is not None and stride > limit:
+            stride = limit
     if stride is None:
         stride = max(1, max_length // 2) if _is_encoder_decoder(lm) else max_length
     if max_length < 2 or not 1 <= stride <= max_length:
@@ -103,7 +133,8 @@ def perplexity(model: Any, tokenizer: Any, text: str, max_length: int = 128, str
     finally:
         lm.train(was_training)
     mean = total_nll / counted
-    return PerplexityResult(perplexity=math.exp(mean), nll=mean, num_tokens=counted)
+    return PerplexityResult(perplexity=math.exp(mean), nll=mean, num_tokens=counted, max_length=max_length,
+                            stride=stride)
 
 
 def perplexity_of_file(model: Any, tokenizer: Any, path: str | os.PathLike, max_length: int = 128,

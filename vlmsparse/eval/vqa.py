@@ -37,6 +37,7 @@ __all__ = [
     "generate_answers",
     "evaluate_vqa",
     "default_prompt",
+    "check_model_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,8 @@ def load_vqa_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None
     """Rows of a JSONL file: ``{"image": "rel/path.png", "question": "...", "answers": ["...", ...]}``
     (``"answer": "..."`` is accepted for one answer; ``"kind"`` optional). Images relative to ``image_root``
     (default: the file's folder); a row that does not parse raises ValueError naming file and line."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (rows to read), got {limit}")
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     rows = []
@@ -301,15 +304,22 @@ class VQAReport:
 
 
 def score_predictions(rows: Sequence[VQARow], predictions: Sequence[str], leave_one_out: bool = False) -> VQAReport:
-    """Score ``predictions`` (one per row) into a :class:`VQAReport`."""
+    """Score ``predictions`` (one per row) into a :class:`VQAReport`; logs one warning counting the rows with
+    fewer than 3 answers (their accuracy cannot exceed ``n / 3``)."""
     if len(rows) != len(predictions):
         raise ValueError(f"got {len(predictions)} predictions for {len(rows)} rows")
     if not rows:
         raise ValueError("nothing to score: no rows")
+    few = Counter(len(row.answers) for row in rows if len(row.answers) < 3)
+    if few:
+        counts = ", ".join(f"{num} with {n} answer{'s' * (n != 1)}" for n, num in sorted(few.items()))
+        logger.warning("%d of %d rows have fewer than 3 answers (%s): VQA accuracy caps at n/3 for a row with n "
+                       "answers", sum(few.values()), len(rows), counts)
     records, by_kind = [], {}
     for row, pred in zip(rows, predictions):
         acc = vqa_accuracy(pred, row.answers, leave_one_out)
-        records.append({"question": row.question, "prediction": pred, "answers": list(row.answers),
+        image = str(row.image) if isinstance(row.image, (str, os.PathLike)) else None
+        records.append({"image": image, "question": row.question, "prediction": pred, "answers": list(row.answers),
                         "accuracy": acc, "exact_match": exact_match(pred, row.answers), "kind": row.kind})
         if row.kind is not None:
             by_kind.setdefault(row.kind, []).append(acc)
@@ -353,7 +363,28 @@ def load_model_folder(model_dir: str | os.PathLike) -> tuple[Any, Any]:
     tokenizer, saved beside it (None when neither is there)."""
     from ..pipeline.save import load_model, load_processor
 
+    model_dir = check_model_folder(model_dir)
+    return load_model(model_dir), load_processor(model_dir)
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def check_model_folder(model_dir: str | os.PathLike) -> Path:
+    """``model_dir`` as a Path after checking that it is a folder with ``config.json`` and model weights
+    (``model.safetensors``, shards with their index, ``pytorch_model.bin`` or a vlmsparse compressed checkpoint;
+    the masks file alone is not weights); FileNotFoundError naming what is missing."""
+    from ..masks import MASKS_FILENAME
+    from ..pipeline.compress import INDEX_FILENAME
+
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {str(model_dir)!r} does not exist")
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json)")
-    return load_model(model_dir), load_processor(model_dir)
+    names = [p.name for p in model_dir.iterdir() if p.is_file()]
+    skip = {MASKS_FILENAME, "trainable.safetensors"}
+    if INDEX_FILENAME not in names and not any(n.endswith(_WEIGHT_SUFFIXES) and n not in skip for n in names):
+        raise FileNotFoundError(f"{model_dir} holds config.json but no model weights (model.safetensors, "
+                                "model-*-of-*.safetensors with model.safetensors.index.json, or pytorch_model.bin)")
+    return model_dir

@@ -10,8 +10,9 @@
   :func:`load_compressed` rebuilds the HF model from the config (no download) and loads it bit for bit,
   dense or with ``SparseLinear`` modules.
 
-Bitmask format of a ``[out, in]`` tensor: ``bitmask [out, ceil(in/8)]`` uint8, bit ``j`` of byte ``b`` of a row
-is column ``8b + j``; ``values`` (1-D) are the entries whose bits are not ``+0.0``, in row-major order.
+Bitmask format of a ``[out, in]`` tensor (:func:`vlmsparse.masks.pack_bitmask`, as in the mask file):
+``bitmask [out, ceil(in/8)]`` uint8, bit ``j`` of byte ``b`` of a row is column ``8b + j``; ``values`` (1-D)
+are the entries whose bits are not ``+0.0``, in row-major order.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..masks import atomic_write
+from ..masks import atomic_write, pack_bitmask, unpack_bitmask
 from ..modules.sparse_linear import SparseLinear, choose_backend, is_24
 from ..sparse24 import Packed24, pack24, unpack24
 
@@ -198,20 +199,6 @@ def decompress(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- formats
-def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
-    """``[out, in]`` bool -> ``[out, ceil(in/8)]`` uint8, bit ``j`` of byte ``b`` = column ``8b + j``."""
-    rows, cols = mask.shape
-    padded = nn.functional.pad(mask.to(torch.uint8), (0, (-cols) % 8)).reshape(rows, -1, 8)
-    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
-    return (padded << shifts).sum(-1, dtype=torch.uint8)
-
-
-def unpack_bitmask(bits: torch.Tensor, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bitmask`: ``[out, ceil(in/8)]`` uint8 -> ``[out, in]`` bool."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    return ((bits[..., None] >> shifts) & 1).bool().reshape(bits.shape[0], -1)[:, :cols]
-
-
 def _set_bits(t: torch.Tensor) -> torch.Tensor:
     """Entries whose bit pattern is not ``+0.0`` (keeps ``-0.0`` and NaN)."""
     return t.contiguous().view(_INT_OF_SIZE[t.element_size()]) != 0
@@ -243,7 +230,10 @@ def save_compressed(
     ``min_sparsity`` zeros to values + bitmask (when that is smaller), the rest stay dense. Tied tensors are
     stored once. Every file is written atomically. ``plan`` (the report of ``compress(..., auto=True)``) is
     stored and makes ``load_compressed(as_sparse=True)`` swap only the layers it kept sparse.
-    Returns the size report (also stored in the index).
+    Returns the size report (also stored in the index): ``stored_bytes`` (tensor bytes written) over
+    ``dense_bytes`` (the same tensors dense) is ``ratio``; ``file_bytes`` is the weights file on disk.
+    Writes into ``path`` as it is (files of the same name replaced, others left): for a whole folder that is
+    refused if it exists and replaced atomically, use :func:`compress_folder`.
     """
     from safetensors.torch import save_file
 
@@ -293,12 +283,15 @@ def save_compressed(
     formats: dict[str, int] = {}
     for entry in entries.values():
         formats[entry["format"]] = formats.get(entry["format"], 0) + 1
-    file_bytes = os.path.getsize(weights_path)
+    stored_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     report = {
         "path": str(path),
-        "file_bytes": file_bytes,
+        "compares": f"tensor bytes stored in {WEIGHTS_FILENAME} vs the same tensors dense (file headers and "
+                    "other files left out)",
+        "stored_bytes": stored_bytes,
         "dense_bytes": dense_bytes,
-        "ratio": file_bytes / dense_bytes if dense_bytes else 1.0,
+        "ratio": stored_bytes / dense_bytes if dense_bytes else 1.0,
+        "file_bytes": os.path.getsize(weights_path),
         "formats": formats,
     }
     index = {
@@ -306,13 +299,13 @@ def save_compressed(
         "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
         "weights": WEIGHTS_FILENAME,
-        "size": report,
+        "size": {k: v for k, v in report.items() if k != "path"},
         "plan": plan.to_dict() if plan is not None else None,
         "tensors": entries,
     }
     atomic_write(path / INDEX_FILENAME,
                  lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1), encoding="utf-8"))
-    logger.info("save_compressed: %d bytes (%.1f%% of %d dense bytes) in %s", file_bytes,
+    logger.info("save_compressed: %d tensor bytes, %.1f%% of %d dense tensor bytes, in %s", stored_bytes,
                 100 * report["ratio"], dense_bytes, path)
     return report
 
@@ -444,6 +437,15 @@ def _copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def _weight_and_mask_files(folder: Path) -> dict[str, int]:
+    """``{file name: bytes on disk}`` of the weight and mask files of a model folder: every ``*.safetensors``
+    (weights, shards, ``model.compressed.safetensors``, ``sparsity_masks.safetensors``) and
+    ``pytorch_model*.bin``."""
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+            if p.is_file() and (p.suffix == ".safetensors" or (p.name.startswith("pytorch_model")
+                                                                and p.suffix == ".bin"))}
+
+
 def compress_folder(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -451,33 +453,67 @@ def compress_folder(
     device: str | torch.device | None = None,
     tokens: Sequence[int] = (1, 512),
     min_sparsity: float = 0.25,
+    overwrite: bool = False,
 ) -> dict:
     """Compress an HF model folder into a compressed checkpoint folder (plus its tokenizer / processor / mask
-    files). ``auto``: time the 2:4 layers on ``device`` first and record which stay sparse. Returns the report."""
-    from .save import load_model
+    files). ``auto``: time the 2:4 layers on ``device`` first and record which stay sparse.
 
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise ValueError(f"compress_folder: output {dst} must differ from the input folder")
+    ``dst`` is written as a temporary sibling and renamed into place; an existing ``dst`` is refused unless
+    ``overwrite`` (then replaced as a whole), and ``dst`` may not be, contain or lie inside ``src``.
+    Returns the report: ``file_bytes`` (on-disk bytes of the weight + mask files of ``dst``, listed in
+    ``compressed_files``) over ``dense_bytes`` (the same for ``src``, in ``dense_files``) is ``ratio``;
+    ``tensors`` holds :func:`save_compressed`'s tensor-level report."""
+    from .save import check_output_folder, load_model, write_folder_atomically
+
+    src = Path(src)
+    out = check_output_folder(dst, [src], overwrite, option="overwrite=True (--overwrite)")
     plan = None
     if auto:  # time on the device with a throw-away copy; save from an untouched load (bit for bit)
         timed = load_model(src, device=device)
         plan = compress(timed, auto=True, tokens=tokens)
         del timed
     model = load_model(src)
-    report = save_compressed(model, dst, min_sparsity=min_sparsity, plan=plan)
-    report["copied"] = _copy_side_files(src, dst)
+
+    def write(tmp: Path) -> tuple[dict, list[str]]:
+        tensors = save_compressed(model, tmp, min_sparsity=min_sparsity, plan=plan)
+        return tensors, _copy_side_files(src, tmp)
+
+    tensors, copied = write_folder_atomically(out, write)
+    tensors["path"] = str(out)
+    compressed_files, dense_files = _weight_and_mask_files(out), _weight_and_mask_files(src)
+    file_bytes, dense_bytes = sum(compressed_files.values()), sum(dense_files.values())
+    report = {
+        "path": str(out),
+        "compares": f"bytes on disk of the weight + mask files of the compressed folder "
+                    f"({' + '.join(compressed_files)}) vs those of the input folder ({' + '.join(dense_files)})",
+        "file_bytes": file_bytes,
+        "dense_bytes": dense_bytes,
+        "ratio": file_bytes / dense_bytes if dense_bytes else 1.0,
+        "compressed_files": compressed_files,
+        "dense_files": dense_files,
+        "formats": tensors["formats"],
+        "tensors": tensors,
+        "copied": copied,
+    }
     if plan is not None:
         report["plan"] = plan.to_dict()
+    logger.info("compress_folder: %s: %d vs %d bytes (%.1f%%)", report["compares"], file_bytes, dense_bytes,
+                100 * report["ratio"])
     return report
 
 
-def decompress_folder(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """A compressed checkpoint folder back to a plain HF folder (``save_pretrained``, dense weights)."""
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise ValueError(f"decompress_folder: output {dst} must differ from the input folder")
+def decompress_folder(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False) -> Path:
+    """A compressed checkpoint folder back to a plain HF folder (``save_pretrained``, dense weights, plus the
+    tokenizer / processor / mask files). ``dst`` is written and guarded as in :func:`compress_folder`."""
+    from .save import check_output_folder, write_folder_atomically
+
+    src = Path(src)
+    out = check_output_folder(dst, [src], overwrite, option="overwrite=True (--overwrite)")
     model = load_compressed(src)
-    model.save_pretrained(str(dst))
-    _copy_side_files(src, dst)
-    return dst
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        _copy_side_files(src, tmp)
+
+    write_folder_atomically(out, write)
+    return out

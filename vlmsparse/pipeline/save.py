@@ -13,18 +13,29 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from ..masks import MASKS_FILENAME, MaskSet
+from ..masks import MASKS_FILENAME, MaskSet, current_umask
 from ..models import model_class_for
 
-__all__ = ["save_pruned", "load_pruned", "load_model", "load_processor", "check_masks", "check_output_folder"]
+__all__ = [
+    "save_pruned",
+    "load_pruned",
+    "load_model",
+    "load_processor",
+    "check_masks",
+    "check_output_folder",
+    "write_folder_atomically",
+]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _source_dirs(model: nn.Module) -> list[Path]:
@@ -49,6 +60,54 @@ def check_output_folder(out_dir: str | os.PathLike, inputs: list[str | os.PathLi
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another folder or pass {option} to replace it")
     return out
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give ``folder``, its subfolders and files the modes a fresh ``mkdir`` / ``open()`` would (links left)."""
+    umask = current_umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for names, mode in ((dirs, 0o777), (files, 0o666)):
+            for name in names:
+                path = os.path.join(root, name)
+                if not os.path.islink(path):
+                    os.chmod(path, mode & ~umask)
+
+
+def write_folder_atomically(out: str | os.PathLike, write: Callable[[Path], T]) -> T:
+    """Call ``write(tmp)`` to fill a new temporary sibling folder of ``out``, then rename it onto ``out``
+    (replacing what is there: check with :func:`check_output_folder` first). Returns what ``write`` returns.
+
+    Before the rename every folder in it gets mode ``0o777 & ~umask`` and every file ``0o666 & ~umask``, as
+    ``mkdir`` / ``open()`` give, not the private ``0o700`` / ``0o600`` of ``mkdtemp`` and of safetensors >= 0.8
+    (which ``save_pretrained`` writes through). On an error the temporary folder is removed and an existing
+    ``out`` is left as it was.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        result = write(tmp)
+        _follow_umask(tmp)
+        old = None
+        if out.exists() or out.is_symlink():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    return result
 
 
 def check_masks(model: nn.Module, masks: MaskSet) -> None:
@@ -82,23 +141,14 @@ def save_pruned(
     sources = _source_dirs(model) + ([Path(source).resolve()] if source else [])
     out = check_output_folder(out_dir, sources, overwrite)
     check_masks(model, masks)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         masks.save(tmp / MASKS_FILENAME)
         if processor is not None:
             processor.save_pretrained(tmp)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder_atomically(out, write)
     log.info("saved pruned model (%d masks, sparsity %.4f) to %s", len(masks), masks.sparsity(), out)
     return out
 

@@ -222,7 +222,8 @@ def _check_weights(model: nn.Module, masks: MaskSet, dense_teacher: bool) -> boo
     if outside and not dense_teacher:
         raise ValueError(
             f"{outside} weights outside the masks are non-zero: the masks do not describe these weights (prune "
-            "the model first), unless the dense weights were kept on purpose for teacher='self' distillation"
+            "the model first), unless the dense weights were kept on purpose for teacher='self' (--teacher self) "
+            "distillation"
         )
     return outside > 0
 
@@ -399,10 +400,10 @@ def finetune(
     dense_kept = _check_weights(student, masks, self_teacher)
     if self_teacher and (not dense_kept or config.method == "full"):
         raise ValueError(
-            "teacher='self' runs the network with adapters and masks off, so it needs the dense weights kept "
-            "beside the masks (and a method with adapters, not 'full'); "
+            "teacher='self' (--teacher self) runs the network with adapters and masks off, so it needs the dense "
+            "weights kept beside the masks (and a method with adapters, not 'full'); "
             + ("this model's weights are already pruned; " if not dense_kept else "")
-            + "pass teacher=<path of the dense checkpoint> instead"
+            + "pass teacher=<path of the dense checkpoint> (--teacher DENSE_FOLDER) instead"
         )
     torch.manual_seed(config.seed)  # the adapters' initialisation: the same seed gives the same run
     _attach(student, masks, config, keep_dense=self_teacher)
