@@ -219,3 +219,104 @@ def test_encoder_decoder_layout_puts_the_answer_on_the_decoder(tmp_path, process
         from vlmsparse.data.datasets import Example, encode_example
 
         encode_example(blip, Example(tmp_path / "x.png", (("human", "hello"),), "row"), decoder_start_token_id=0)
+
+
+# ------------------------------------------------------------------------------------- text-only rows
+def _mixed_rows(tmp_path):
+    _image(tmp_path / "a.png")
+    return [
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat color is the circle?"},
+                                             {"from": "gpt", "value": "red"}]},
+        {"conversations": [{"from": "human", "value": "what color is the circle?"}, {"from": "gpt", "value": "red"},
+                           {"from": "human", "value": "how many shapes?"}, {"from": "gpt", "value": "two"}]},
+        {"image": None, "conversations": [{"from": "human", "value": "one word"}, {"from": "gpt", "value": "blue"}]},
+    ]
+
+
+def test_text_only_rows_encode_without_image(tmp_path, processor):
+    """Rows without 'image' (absent or null): the LLaVA template without <image>, BOS first, no pixel_values,
+    labels on the answers (+ EOS) only; a plain tokenizer (a language model alone) encodes them identically."""
+    (tmp_path / "conv.json").write_text(json.dumps(_mixed_rows(tmp_path)))
+    ds = ConversationDataset(tmp_path / "conv.json", processor)
+    tok = processor.tokenizer
+    assert ds.examples[1].image is None and ds.examples[2].image is None
+    assert "pixel_values" in ds[0]
+    item = ds[1]
+    assert set(item) == {"input_ids", "attention_mask", "labels"}
+    tokens = tok.convert_ids_to_tokens(item["input_ids"].tolist())
+    assert tokens == ["<s>", "user", ":", "what", "color", "is", "the", "circle", "?", "assistant", ":", "red", "</s>",
+                      "user", ":", "how", "many", "shapes", "?", "assistant", ":", "two", "</s>"]
+    labels = item["labels"].tolist()
+    kept = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert [tokens[i] for i in kept] == ["red", "</s>", "two", "</s>"]
+    assert all(labels[i] == item["input_ids"][i] for i in kept)
+    assert item["attention_mask"].tolist() == [1] * len(tokens)
+    assert _answer_tokens(processor, ds[2]) == ["blue", "</s>"]
+    # the same rows through the tokenizer alone, as for a Llama / OPT language model
+    (tmp_path / "text.json").write_text(json.dumps(_mixed_rows(tmp_path)[1:]))
+    text = load_dataset(str(tmp_path / "text.json"), tok)
+    for index in (0, 1):
+        plain, llava = text[index], ds[index + 1]
+        assert set(plain) == set(llava) and all(torch.equal(plain[k], llava[k]) for k in plain)
+
+
+def test_text_only_refusals(tmp_path, processor):
+    """A present but unusable image is still an error; a tokenizer alone refuses images (rows, captions, the
+    synthetic set); BLIP-2 refuses text-only rows; <image> in a row without image is an error."""
+    rows = _mixed_rows(tmp_path)
+    for bad in ("", 5):
+        (tmp_path / "bad.json").write_text(json.dumps([{**rows[1], "image": bad}]))
+        with pytest.raises(DataFormatError, match=r"bad\.json:1 \(row 0\): 'image' must be a non-empty string path"):
+            ConversationDataset(tmp_path / "bad.json", processor)
+    (tmp_path / "conv.json").write_text(json.dumps(rows, indent=1))
+    with pytest.raises(DataFormatError, match=r"\(row 0\): the example has an image, but the processor is a tokenizer"):
+        ConversationDataset(tmp_path / "conv.json", processor.tokenizer)
+    (tmp_path / "caps.jsonl").write_text(json.dumps({"image": "a.png", "caption": "a red circle"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"caps\.jsonl:1: the example has an image"):
+        load_dataset(str(tmp_path / "caps.jsonl"), processor.tokenizer)
+    with pytest.raises(ValueError, match="synthetic data set is image-text"):
+        load_dataset("synthetic:2", processor.tokenizer)
+    with pytest.raises(DataFormatError, match=r"\(row 1\): the example has no image, but a BLIP-2"):
+        ConversationDataset(tmp_path / "conv.json", _blip(processor))
+    placeholder = [{"conversations": [{"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "ph.json").write_text(json.dumps(placeholder))
+    with pytest.raises(DataFormatError, match=r"ph\.json:1 \(row 0\): a turn has the <image> placeholder"):
+        ConversationDataset(tmp_path / "ph.json", processor)
+    with pytest.raises(DataFormatError, match="the example has an image"):
+        from vlmsparse.data.datasets import Example, encode_example
+
+        encode_example(processor.tokenizer, Example(tmp_path / "a.png", (("human", "q"), ("gpt", "red")), "row"))
+
+
+def test_collator_mixes_images_for_llava_only(tmp_path, processor):
+    """pixel_values stacks the images present, in row order; a text-only batch has no pixel_values; a text-only
+    row with image tokens, a BLIP-style or Q-Former image example beside a text-only one are refused by row."""
+    from vlmsparse.data.datasets import image_token_id
+
+    (tmp_path / "conv.json").write_text(json.dumps(_mixed_rows(tmp_path)))
+    ds = ConversationDataset(tmp_path / "conv.json", processor)
+    image_id = image_token_id(processor)
+    assert image_id == processor.image_token_id == 4 and image_token_id(processor.tokenizer) is None
+    assert image_token_id(_blip(processor)) == 4
+    collate = VLMCollator(pad_token_id=0, image_token_id=image_id)
+    text, picture = ds[1], ds[0]
+    batch = collate([text, picture, ds[2]])
+    assert batch["pixel_values"].shape == (1, 3, 32, 32)
+    assert torch.equal(batch["pixel_values"][0], picture["pixel_values"])
+    assert batch["input_ids"].shape == (3, max(text["input_ids"].numel(), picture["input_ids"].numel()))
+    assert int((batch["input_ids"] == image_id).sum()) == 16
+    assert torch.equal(batch["input_ids"][1, : picture["input_ids"].numel()], picture["input_ids"])
+    assert "pixel_values" not in collate([text, ds[2]])
+    two = collate([picture, text, picture])["pixel_values"]
+    assert two.shape == (2, 3, 32, 32) and torch.equal(two[1], picture["pixel_values"])
+    smuggled = {**text, "input_ids": torch.cat([text["input_ids"], torch.tensor([image_id])])}
+    with pytest.raises(ValueError, match="row 1 has no image but 1 image tokens"):
+        collate([picture, smuggled])
+    blip_item = SyntheticVQADataset(_blip(processor), num=1, seed=0)[0]
+    with pytest.raises(ValueError, match="row 1 has no image, but the batch's image examples are laid out for BLIP-2"):
+        collate([blip_item, text])
+    qformer = {**picture, "qformer_input_ids": torch.tensor([5, 6]), "qformer_attention_mask": torch.ones(2)}
+    with pytest.raises(ValueError, match="row 0 has no image, but .* BLIP-2 / InstructBLIP"):
+        VLMCollator(pad_token_id=0)([text, qformer])
+    with pytest.raises(ValueError, match="row 1 has no 'qformer_input_ids', another row has"):
+        VLMCollator(pad_token_id=0)([qformer, picture])

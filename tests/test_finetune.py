@@ -1,5 +1,5 @@
 """Finetuning a tiny pruned LLaVA / BLIP-2 with each method on HF Trainer: loss, masks, record, resume,
-distillation, checkpoints."""
+distillation, checkpoints; LLaVA on batches mixing text-only and image examples; a language model alone."""
 
 from __future__ import annotations
 
@@ -286,8 +286,14 @@ def test_same_seed_same_run_and_clear_refusals(tmp_path, processor, data):
                  distill_lambda=0.5, teacher=str(tmp_path / "blip"), **FAST)
     from factories import tiny_llama
 
-    with pytest.raises(ValueError, match="language model alone"):
+    # a language model alone trains on text: image-text data is refused, as a dataset or as the synthetic spec
+    with pytest.raises(ValueError, match="have pixel_values, but LlamaForCausalLM is a language model alone"):
         finetune(tiny_llama(), data, tmp_path / "t3", masks=MaskSet(), processor=processor, max_steps=1, **FAST)
+    with pytest.raises(ValueError, match="'synthetic:4': the synthetic data set is image-text, but "
+                                         "LlamaForCausalLM is a language model alone"):
+        finetune(tiny_llama(), "synthetic:4", tmp_path / "t4", masks=MaskSet(), processor=processor.tokenizer,
+                 max_steps=1, **FAST)
+    assert not (tmp_path / "t3").exists() and not (tmp_path / "t4").exists()
 
 
 def test_a_finished_run_can_be_extended(tmp_path, processor, data):
@@ -308,3 +314,84 @@ def test_a_finished_run_can_be_extended(tmp_path, processor, data):
     a = _reload(tmp_path / "full" / "merged", LlavaForConditionalGeneration)
     b = _reload(tmp_path / "short" / "merged", LlavaForConditionalGeneration)
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def _mixed_conversations(tmp_path):
+    """A conversation JSON of 2 image rows and 2 text-only rows (short answers, memorisable)."""
+    from PIL import Image
+
+    for color, name in [((255, 0, 0), "a.png"), ((0, 0, 255), "b.png")]:
+        Image.new("RGB", (32, 32), color).save(tmp_path / name)
+    rows = [{"image": n, "conversations": [{"from": "human", "value": "<image>\nwhat color is the object?"},
+                                          {"from": "gpt", "value": c}]} for n, c in [("a.png", "red"), ("b.png", "blue")]]
+    rows += [{"conversations": [{"from": "human", "value": "how many circles?"}, {"from": "gpt", "value": "two"}]},
+             {"image": None, "conversations": [{"from": "human", "value": "describe this in one word"},
+                                               {"from": "gpt", "value": "square"}]}]
+    (tmp_path / "mixed.json").write_text(json.dumps(rows))
+    return tmp_path / "mixed.json"
+
+
+def test_mixed_llava_batch_loss_and_training(tmp_path, processor):
+    """A batch mixing image and text-only examples: our answer-token CE equals LLaVA's own loss from labels
+    (the images go to the rows with image tokens); finetune on such data trains and keeps the masks."""
+    from factories import tiny_llava
+
+    from vlmsparse.data.datasets import ConversationDataset, VLMCollator, image_token_id
+    from vlmsparse.training.losses import distillation_loss
+
+    dataset = ConversationDataset(_mixed_conversations(tmp_path), processor)
+    items = [dataset[i] for i in (2, 0, 3, 1)]  # text, image, text, image
+    batch = VLMCollator(processor.tokenizer.pad_token_id, image_token_id(processor))(items)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["input_ids"].shape[0] == 4
+    model = tiny_llava(seed=3)
+    model.config.image_token_index = 4  # "<image>" of the synthetic processor
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ours, _, _ = distillation_loss(model(**inputs).logits, batch["labels"])
+        theirs = model(**inputs, labels=batch["labels"]).loss
+        # the image rows do see their image: their logits differ from the same rows without it
+        alone = model(**{k: v[1:2] for k, v in inputs.items() if k != "pixel_values"} | {
+            "pixel_values": inputs["pixel_values"][:1]}).logits
+        mixed = model(**inputs).logits[1:2, : alone.shape[1]]
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5) and ours.item() > 0.5
+    torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-5)
+
+    model, masks = pruned_tiny("llava", "2:4")
+    record = finetune(model, dataset, tmp_path / "run", masks=masks, processor=processor, max_steps=8, **FAST)
+    losses = [e["loss"] for e in record["losses"]]
+    assert record["num_examples"] == 4 and len(losses) == 8
+    assert losses[-1] < 0.95 * losses[0], losses
+    assert record["mask_check"]["ok"] and record["sparsity_after"] == record["sparsity_before"]
+    weights = _reload(tmp_path / "run" / "merged", LlavaForConditionalGeneration)
+    assert sum(_pruned_zeros_exact(weights, masks).values()) == 0
+
+
+def test_opt_language_model_alone_finetunes_in_memory(tmp_path, processor):
+    """A pruned OPT with its tokenizer as the processor, on text-only conversation rows: the loss goes down
+    and every pruned weight stays zero (the Llama folder through the CLI: tests/test_finetune_cli.py)."""
+    from factories import tiny_opt
+    from transformers import OPTForCausalLM
+
+    from vlmsparse.data.datasets import ConversationDataset
+    from vlmsparse.models import prunable_linear_names
+    from vlmsparse.sparsity import build_mask
+
+    model = tiny_opt(seed=1)
+    masks = {}
+    with torch.no_grad():
+        for name in prunable_linear_names(model, ("language",)):
+            weight = model.get_submodule(name).weight
+            masks[name] = build_mask(weight.abs(), "0.5")
+            weight.masked_fill_(~masks[name], 0)
+    masks = MaskSet(masks=masks, method="magnitude")
+    rows = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+            for q, a in [("what color is the circle?", "red"), ("how many shapes?", "two")]]
+    (tmp_path / "text.json").write_text(json.dumps(rows))
+    data = ConversationDataset(tmp_path / "text.json", processor.tokenizer)
+    record = finetune(model, data, tmp_path / "run", masks=masks, processor=processor.tokenizer, max_steps=8,
+                      **{**FAST, "batch_size": 2})
+    losses = [e["loss"] for e in record["losses"]]
+    assert len(losses) == 8 and losses[-1] < 0.95 * losses[0], losses
+    assert record["mask_check"]["ok"] and record["sparsity_after"]["all"] == pytest.approx(0.5)
+    weights = _reload(tmp_path / "run" / "merged", OPTForCausalLM)
+    assert sum(_pruned_zeros_exact(weights, masks).values()) == 0

@@ -95,3 +95,62 @@ def test_cli_distill_teacher_and_data_errors(tmp_path, capsys):
         assert main(["finetune", str(folder), "--data", spec, "-o", str(tmp_path / "out"), *ARGS]) == 2
         assert f"data {spec!r}: synthetic:N needs an integer N >= 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _pruned_llama_folder(tmp_path, pattern="2:4"):
+    """A tiny Llama with magnitude-pruned language linears, saved with the word-level tokenizer."""
+    import torch
+    from factories import tiny_llama
+
+    from vlmsparse.data.vocab import build_tokenizer
+    from vlmsparse.models import prunable_linear_names
+    from vlmsparse.sparsity import build_mask
+
+    model = tiny_llama(seed=2)
+    masks = {}
+    with torch.no_grad():
+        for name in prunable_linear_names(model, ("language",)):
+            weight = model.get_submodule(name).weight
+            masks[name] = build_mask(weight.abs(), pattern)
+            weight.masked_fill_(~masks[name], 0)
+    masks = MaskSet(masks=masks, patterns={n: pattern for n in masks}, method="magnitude")
+    return save_pruned(model, masks, tmp_path / "llama", processor=build_tokenizer()), masks
+
+
+def test_cli_finetune_a_language_model_alone(tmp_path, capsys):
+    """A pruned Llama folder (tokenizer as its processor) finetunes with SparseLoRA on text-only conversation
+    rows: the loss goes down, every pruned weight stays zero; image data is refused."""
+    from transformers import LlamaForCausalLM
+
+    folder, masks = _pruned_llama_folder(tmp_path)
+    rows = [{"conversations": [{"from": "human", "value": "what color is the circle?"}, {"from": "gpt", "value": "red"}]},
+            {"image": None, "conversations": [{"from": "human", "value": "how many shapes?"},
+                                              {"from": "gpt", "value": "two"}]}]
+    (tmp_path / "text.json").write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    args = ["--max-steps", "8", "--batch-size", "2", "--lr", "2e-2", "--no-progress", "--logging-steps", "1"]
+    assert main(["finetune", str(folder), "--data", str(tmp_path / "text.json"), "-o", str(out), "--method",
+                 "sparselora", "--json", *args]) == 0
+    record = json.loads(capsys.readouterr().out)
+    losses = [e["loss"] for e in record["losses"]]
+    assert record["steps"] == 8 and record["num_examples"] == 2 and len(losses) == 8
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert record["mask_check"]["ok"] and record["sparsity_after"]["all"] == 0.5
+    assert record["trainable_parameters"] > 0 and record["config"]["method"] == "sparselora"
+    merged, merged_masks = load_pruned(out / "merged")  # checks the weights against the masks
+    assert isinstance(merged, LlamaForCausalLM)
+    assert set(merged_masks) == set(masks) and all(merged_masks[n].equal(masks[n]) for n in masks)
+    original = LlamaForCausalLM.from_pretrained(folder).state_dict()
+    name = next(iter(masks)) + ".weight"
+    assert not merged.state_dict()[name].equal(original[name])  # the adapters were merged in
+    assert (out / "merged" / "tokenizer.json").is_file()  # the tokenizer travels with the merged model
+    # image data for a language model alone: the synthetic set and rows with images are refused
+    assert main(["finetune", str(folder), "--data", "synthetic:4", "-o", str(tmp_path / "o2"), *ARGS]) == 2
+    assert "synthetic data set is image-text, but" in capsys.readouterr().err
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    rows.append({"image": "x.png", "conversations": rows[0]["conversations"]})
+    (tmp_path / "with_image.json").write_text(json.dumps(rows, indent=1))
+    assert main(["finetune", str(folder), "--data", str(tmp_path / "with_image.json"), "-o", str(tmp_path / "o3"),
+                 *ARGS]) == 2
+    assert "(row 2): the example has an image, but the processor is a tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

@@ -5,10 +5,17 @@ Every dataset yields examples encoded the same way (``encode_example``)::
     input_ids       [L]  long   prompt tokens (image tokens included, as the processor expands them) + answers
     attention_mask  [L]  long   all ones (padding comes in the collator)
     labels          [L]  long   = input_ids on answer tokens (and the EOS closing each answer), -100 elsewhere
-    pixel_values    [3, H, W]   from the model's processor
+    pixel_values    [3, H, W]   from the model's processor; absent for a text-only example
     (other 1-row outputs of the processor, e.g. InstructBLIP's ``qformer_input_ids``, passed through)
 
 so the loss is computed on answer tokens only: never on the prompt, the image tokens or the padding.
+
+Text-only examples (``Example.image is None``: conversation rows without ``"image"``) are encoded with the
+same template without the ``<image>`` placeholder, through the tokenizer (BOS as it adds it), and have no
+``pixel_values``. A LLaVA model trains on batches mixing them with image examples (its forward matches the
+image tokens to the images given); BLIP-2 / InstructBLIP put query tokens in every row, so they need an image
+in every example. A language model alone (Llama / OPT) takes its tokenizer as the "processor": all its data
+must be text (rows with images, caption JSONL and the synthetic set are refused).
 
 Encoder-decoder language models (BLIP-2 / InstructBLIP with Flan-T5; ``decoder_start_token_id`` given) get
 the prompt on the encoder side and the answer on the decoder side::
@@ -25,7 +32,8 @@ so position ``i`` of the decoder logits predicts label ``i + 1``, as for a decod
 Formats:
 
 - conversation JSON (LLaVA): a JSON list of ``{"image": "rel/path.jpg", "conversations": [{"from": "human",
-  "value": "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "A cat."}, ...]}``; turns alternate human/gpt.
+  "value": "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "A cat."}, ...]}``; turns alternate human/gpt;
+  a row without ``"image"`` (absent or null) is text-only.
 - caption JSONL: one ``{"image": "rel/path.jpg", "caption": "..."}`` per line (``"text"`` is accepted for
   ``"caption"``); the prompt is a fixed caption instruction.
 - synthetic: scenes and questions from :mod:`vlmsparse.data.synthetic` (no files).
@@ -34,7 +42,7 @@ The processor is the model's (``AutoProcessor``): called as ``processor(images=i
 return_tensors="pt")`` for the first prompt segment, ``processor.tokenizer(text, add_special_tokens=False)``
 for the rest. LLaVA-style processors expand an ``<image>`` placeholder in the text; processors with a
 ``num_query_tokens`` attribute (BLIP-2 / InstructBLIP) prepend the image tokens themselves, so the placeholder
-is removed from the text for them.
+is removed from the text for them. A plain tokenizer (no ``image_processor``) stands for a language model alone.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ __all__ = [
     "VLMCollator",
     "load_dataset",
     "load_image",
+    "image_token_id",
 ]
 
 IGNORE_INDEX = -100
@@ -72,8 +81,8 @@ CAPTION_PROMPT = "A short image caption:"
 
 @dataclass(frozen=True)
 class Example:
-    """One raw example: an image (path or PIL image) and alternating ``(role, text)`` turns,
-    role ``"human"`` or ``"gpt"``; ``source`` names where it came from for error messages."""
+    """One raw example: an image (path or PIL image; None for a text-only example) and alternating
+    ``(role, text)`` turns, role ``"human"`` or ``"gpt"``; ``source`` names where it came from for error messages."""
 
     image: Any
     turns: tuple[tuple[str, str], ...]
@@ -103,6 +112,34 @@ def _template(processor: Any) -> tuple[str, str, bool]:
     return "USER: ", " ASSISTANT:", True
 
 
+def _takes_images(processor: Any) -> bool:
+    """False for a plain tokenizer standing for a language model alone (no ``image_processor``)."""
+    return hasattr(processor, "image_processor")
+
+
+def image_token_id(processor: Any) -> int | None:
+    """The id of the processor's image token (``<image>``), None for a plain tokenizer or a processor without one."""
+    if not _takes_images(processor):
+        return None
+    found = getattr(processor, "image_token_id", None)
+    if found is not None:
+        return int(found)
+    token = getattr(processor, "image_token", None)
+    return None if token is None else int(processor.tokenizer.convert_tokens_to_ids(str(token)))
+
+
+def _check_image(processor: Any, has_image: bool, source: str) -> None:
+    """DataFormatError when the example's image (or its absence) does not suit the processor."""
+    if has_image and not _takes_images(processor):
+        raise DataFormatError(f"{source}: the example has an image, but the processor is a tokenizer alone (a "
+                              "language model alone trains on text): give text-only rows (no 'image'), or "
+                              "finetune a vision-language model")
+    if not has_image and hasattr(processor, "num_query_tokens"):
+        raise DataFormatError(f"{source}: the example has no image, but a BLIP-2 / InstructBLIP processor puts "
+                              "query tokens in every row: every example needs an image (text-only rows are for "
+                              "LLaVA or a language model alone)")
+
+
 def _token_ids(processor: Any, text: str) -> list[int]:
     tokenizer = getattr(processor, "tokenizer", processor)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -114,7 +151,10 @@ def encode_example(processor: Any, example: Example, max_length: int | None = No
     """Tokenise ``example`` into ``input_ids``/``attention_mask``/``labels`` ``[L]`` and ``pixel_values``.
 
     Layout: ``USER: <image>\\n{q1} ASSISTANT: {a1}</s> USER: {q2} ASSISTANT: {a2}</s>`` (LLaVA family) or
-    ``<image tokens>Question: {q1} Answer: {a1}</s> ...`` (processors with ``num_query_tokens``).
+    ``<image tokens>Question: {q1} Answer: {a1}</s> ...`` (processors with ``num_query_tokens``). A text-only
+    example (``image`` None; LLaVA processor or a plain tokenizer) is ``<s>USER: {q1} ASSISTANT: {a1}</s> ...``
+    with no ``pixel_values``; an image with a plain tokenizer, or no image with a BLIP-2 / InstructBLIP
+    processor, is a :class:`DataFormatError`.
     Labels keep the answer tokens and each answer's EOS; the prompt, image tokens are ``-100``.
     ``max_length`` truncates from the end (the image tokens must fit, else :class:`DataFormatError`).
     ``decoder_start_token_id`` (encoder-decoder language models): the last answer goes to the decoder side
@@ -125,6 +165,7 @@ def encode_example(processor: Any, example: Example, max_length: int | None = No
     if not turns or turns[0][0] != "human":
         raise DataFormatError(f"{example.source}: a conversation must start with a 'human' turn")
     image = example.image
+    _check_image(processor, image is not None, example.source)
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image, example.source)
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -151,7 +192,8 @@ def encode_example(processor: Any, example: Example, max_length: int | None = No
 def _encode_turns(processor: Any, turns: tuple[tuple[str, str], ...], image: Any, source: str,
                   eos: int) -> tuple[list[int], list[int], dict[str, torch.Tensor]]:
     """``(ids, labels, image inputs)`` of the decoder-only layout; the image inputs are ``pixel_values`` and
-    the processor's other per-example outputs (e.g. InstructBLIP's ``qformer_input_ids``)."""
+    the processor's other per-example outputs (e.g. InstructBLIP's ``qformer_input_ids``), none when ``image``
+    is None (the first prompt then goes through the tokenizer with its special tokens: BOS)."""
     user, assistant, placeholder_in_text = _template(processor)
     ids: list[int] = []
     labels: list[int] = []
@@ -162,7 +204,10 @@ def _encode_turns(processor: Any, turns: tuple[tuple[str, str], ...], image: Any
             raise DataFormatError(f"{source}: turn {index} is {role!r}, expected {expected!r} (turns alternate)")
         if role == "human":
             question = text.replace(IMAGE_PLACEHOLDER, "").strip()
-            if index == 0:
+            if index == 0 and image is None:
+                tokenizer = getattr(processor, "tokenizer", processor)
+                segment = list(tokenizer(f"{user}{question}{assistant}")["input_ids"])
+            elif index == 0:
                 prompt = f"{user}{IMAGE_PLACEHOLDER}\n{question}{assistant}" if placeholder_in_text else f"{user}{question}{assistant}"
                 out = processor(images=image, text=prompt, return_tensors="pt")
                 segment = out["input_ids"][0].tolist()
@@ -246,6 +291,18 @@ class ExampleDataset(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------- parsers
+def _optional_image_path(row: dict, image_root: Path, source: str, processor: Any) -> Path | None:
+    """The row's image path, None for a text-only row (``"image"`` absent or null); DataFormatError for an
+    image a tokenizer alone cannot take, or a ``<image>`` placeholder in a row without an image."""
+    if row.get("image") is None:
+        if any(IMAGE_PLACEHOLDER in turn["value"] for turn in row["conversations"]):
+            raise DataFormatError(f"{source}: a turn has the {IMAGE_PLACEHOLDER} placeholder but the row has no "
+                                  "'image'; give the image path, or remove the placeholder for a text-only row")
+        return None
+    _check_image(processor, True, source)
+    return _image_path(row["image"], image_root, source)
+
+
 def _image_path(value: Any, image_root: Path, source: str) -> Path:
     if not isinstance(value, str) or not value:
         raise DataFormatError(f"{source}: 'image' must be a non-empty string path, got {value!r}")
@@ -272,8 +329,10 @@ def _element_lines(text: str) -> list[int]:
 
 class ConversationDataset(ExampleDataset):
     """LLaVA-style conversation JSON (see the module docstring); images relative to ``image_root``
-    (default: the JSON file's folder). Rows are checked on construction: a row that does not parse raises
-    :class:`DataFormatError` naming the file, the row and its line."""
+    (default: the JSON file's folder); rows without ``"image"`` are text-only. Rows are checked on
+    construction: a row that does not parse, or whose image (or its absence) does not suit the processor
+    (a tokenizer alone takes text only; BLIP-2 / InstructBLIP need images), raises :class:`DataFormatError`
+    naming the file, the row and its line."""
 
     def __init__(self, path: str | os.PathLike, processor: Any, image_root: str | os.PathLike | None = None,
                  max_length: int | None = None, decoder_start_token_id: int | None = None) -> None:
@@ -291,7 +350,8 @@ class ConversationDataset(ExampleDataset):
         for index, row in enumerate(rows):
             source = f"{path}:{lines[index]} (row {index})"
             if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
-                raise DataFormatError(f"{source}: a row needs 'image' and a 'conversations' list of {{from, value}} turns")
+                raise DataFormatError(f"{source}: a row needs a 'conversations' list of {{from, value}} turns "
+                                      "(and 'image' unless it is text-only)")
             turns = []
             for turn in row["conversations"]:
                 if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or not isinstance(turn.get("value"), str):
@@ -299,13 +359,17 @@ class ConversationDataset(ExampleDataset):
                 turns.append((turn["from"], turn["value"]))
             if len(turns) < 2:
                 raise DataFormatError(f"{source}: a conversation needs a 'human' turn followed by a 'gpt' turn")
-            examples.append(Example(_image_path(row.get("image"), image_root, source), tuple(turns), source))
+            image = _optional_image_path(row, image_root, source, processor)
+            if image is None:
+                _check_image(processor, False, source)
+            examples.append(Example(image, tuple(turns), source))
         super().__init__(examples, processor, max_length, decoder_start_token_id)
 
 
 class CaptionDataset(ExampleDataset):
     """Caption JSONL: one ``{"image": ..., "caption": ...}`` per line (blank lines skipped); the prompt is
-    ``prompt`` (a caption instruction). A line that does not parse raises :class:`DataFormatError` with its number."""
+    ``prompt`` (a caption instruction). Every line needs an image (a tokenizer alone is refused). A line that
+    does not parse raises :class:`DataFormatError` with its number."""
 
     def __init__(self, path: str | os.PathLike, processor: Any, image_root: str | os.PathLike | None = None,
                  prompt: str = CAPTION_PROMPT, max_length: int | None = None,
@@ -317,18 +381,23 @@ class CaptionDataset(ExampleDataset):
             caption = row.get("caption", row.get("text")) if isinstance(row, dict) else None
             if not isinstance(caption, str) or not caption.strip():
                 raise DataFormatError(f"{source}: a row needs 'image' and a non-empty string 'caption' (or 'text')")
+            _check_image(processor, True, source)
             image = _image_path(row.get("image"), image_root, source)
             examples.append(Example(image, (("human", prompt), ("gpt", caption)), source))
         super().__init__(examples, processor, max_length, decoder_start_token_id)
 
 
 class SyntheticVQADataset(ExampleDataset):
-    """``num`` synthetic scenes with one question each, from :mod:`vlmsparse.data.synthetic`."""
+    """``num`` synthetic scenes with one question each, from :mod:`vlmsparse.data.synthetic` (every example
+    has an image: a tokenizer alone is refused)."""
 
     def __init__(self, processor: Any, num: int = 64, seed: int = 0, max_length: int | None = None,
                  decoder_start_token_id: int | None = None) -> None:
         from . import synthetic
 
+        if not _takes_images(processor):
+            raise ValueError("the synthetic data set is image-text; the processor is a tokenizer alone (a language "
+                             "model alone trains on text): give a conversation JSON of text-only rows")
         samples = synthetic.make_vqa_samples(num, seed=seed)
         examples = [Example(s.image, (("human", s.question), ("gpt", s.answer)), f"synthetic[{i}]")
                     for i, s in enumerate(samples)]
@@ -363,21 +432,54 @@ def load_dataset(spec: str, processor: Any, image_root: str | None = None, max_l
 class VLMCollator:
     """Pad a list of encoded examples on the right into a batch: each per-token key to its own longest length
     (``input_ids`` / ``decoder_input_ids`` with the pad id, ``labels`` with -100, the rest, attention masks
-    and e.g. ``qformer_input_ids``, with 0): ``[B, Lmax]``; ``pixel_values`` stacked: ``[B, 3, H, W]``."""
+    and e.g. ``qformer_input_ids``, with 0): ``[B, Lmax]``; ``pixel_values`` of the examples that have one
+    stacked in row order: ``[B_img, 3, H, W]`` (no key when no example has an image).
+
+    A batch may mix examples with and without an image, as LLaVA takes it (its forward matches the image
+    tokens to the images given). Refused, naming the row (ValueError): a mixed batch whose image examples are
+    laid out for BLIP-2 / InstructBLIP (query tokens first, or Q-Former inputs: every row needs an image); an
+    example without an image that holds image tokens (``image_token_id``, when given); a key that some rows
+    lack.
+    """
 
     pad_token_id: int
+    image_token_id: int | None = None
 
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         pad_values = {"input_ids": self.pad_token_id, "decoder_input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
+        self._check_images(features)
         batch: dict[str, torch.Tensor] = {}
-        for key, first in features[0].items():
-            if first is None:
-                continue
-            if key == "pixel_values":
-                batch[key] = torch.stack([f[key] for f in features])
-                continue
+        images = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
+        if images:
+            batch["pixel_values"] = torch.stack(images)
+        keys = [k for k in dict.fromkeys(k for f in features for k, v in f.items() if v is not None)
+                if k != "pixel_values"]
+        for key in keys:
+            for row, f in enumerate(features):
+                if f.get(key) is None:
+                    raise ValueError(f"collate: row {row} has no {key!r}, another row has; every example of a batch "
+                                     "needs the same keys (apart from pixel_values)")
+            first = features[0][key]
             width = max(f[key].numel() for f in features)
             batch[key] = torch.full((len(features), width), pad_values.get(key, 0), dtype=first.dtype)
             for row, f in enumerate(features):
                 batch[key][row, : f[key].numel()] = f[key]
         return batch
+
+    def _check_images(self, features: list[dict[str, torch.Tensor]]) -> None:
+        has_image = [f.get("pixel_values") is not None for f in features]
+        if self.image_token_id is not None:
+            for row, (f, image) in enumerate(zip(features, has_image, strict=True)):
+                count = int((f["input_ids"] == self.image_token_id).sum())
+                if not image and count:
+                    raise ValueError(f"collate: row {row} has no image but {count} image tokens (id "
+                                     f"{self.image_token_id}); an example without an image must be text only")
+        if all(has_image) or not any(has_image):
+            return
+        text_row = has_image.index(False)
+        for f in (f for f, image in zip(features, has_image, strict=True) if image):
+            query_first = self.image_token_id is not None and int(f["input_ids"][0]) == self.image_token_id
+            if query_first or any(key.startswith("qformer_") for key in f):
+                raise ValueError(f"collate: row {text_row} has no image, but the batch's image examples are laid "
+                                 "out for BLIP-2 / InstructBLIP (query tokens in every row): every example needs "
+                                 "an image; mixing text-only and image examples works for LLaVA only")

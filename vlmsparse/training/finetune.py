@@ -1,5 +1,9 @@
 """``finetune``: restore a pruned VLM with SparseLoRA (or LoRA / full masked finetuning) on HF Trainer.
 
+Models: LLaVA, BLIP-2, InstructBLIP (image-text data; LLaVA also takes text-only conversation rows) and a
+language model alone, Llama / OPT (its folder's tokenizer is the processor; data: a conversation JSON of
+text-only rows, see :mod:`vlmsparse.data.datasets`; data with images is refused).
+
 Flow: load the pruned model and its MaskSet -> measure sparsity -> swap in adapters for the chosen parts
 (``pipeline.lora.add_sparse_lora``) or, for ``full``, unfreeze the part's linears with masked gradients ->
 ``SparseTrainer`` (CE, optionally distilled from the dense teacher) -> merge -> verify that every pruned
@@ -159,14 +163,20 @@ def _load(model: str | os.PathLike | nn.Module, masks: MaskSet | None, masks_fro
 
 
 def _load_processor(model: Any, processor: Any) -> Any:
+    """The processor saved in the model folder (``AutoProcessor``; for a language model alone that is its
+    tokenizer), else its tokenizer (:func:`vlmsparse.pipeline.save.load_processor`), else None."""
     if processor is not None or not isinstance(model, (str, os.PathLike)):
         return processor
     from transformers import AutoProcessor
+
+    from ..pipeline.save import load_processor
 
     try:
         return AutoProcessor.from_pretrained(model)
     except (ImportError, ValueError):  # no torchvision: the PIL image processors
         return AutoProcessor.from_pretrained(model, use_fast=False)
+    except (OSError, KeyError, TypeError):  # no processor files: the tokenizer, if any
+        return load_processor(model)
 
 
 def _decoder_start_token_id(model: nn.Module) -> int | None:
@@ -358,7 +368,7 @@ def finetune(
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from ..data.datasets import VLMCollator, load_dataset
+    from ..data.datasets import VLMCollator, image_token_id, load_dataset
     from ..pipeline.save import save_pruned
     from .trainer import LossBarCallback, SparseTrainer
 
@@ -373,23 +383,27 @@ def finetune(
     processor = _load_processor(model, processor)  # after _load: a missing folder is reported as such
     from ..models import get_arch_spec
 
-    if get_arch_spec(student).image_tokens is None:
-        raise ValueError(f"{model_name} is a language model alone: finetune restores vision-language models "
-                         "(LLaVA, BLIP-2, InstructBLIP) on image-text data; a pruned Llama / OPT can be "
-                         "evaluated (vlmsparse eval --text) but not finetuned here yet")
+    text_only = get_arch_spec(student).image_tokens is None  # a language model alone (Llama / OPT)
+    if text_only and isinstance(data, (str, os.PathLike)) and str(data).split(":", 1)[0] == "synthetic":
+        raise ValueError(f"data {str(data)!r}: the synthetic data set is image-text, but {model_name} is a language "
+                         "model alone; give a conversation JSON of text-only rows (no 'image')")
     decoder_start = _decoder_start_token_id(student)
     run_config = {**config.identity(), "masks": _masks_fingerprint(masks)}
     checkpoint = _resolve_resume(output_dir, resume, run_config)
 
     if isinstance(data, (str, os.PathLike)):
         if processor is None:
-            raise ValueError("data given as a file or spec needs the model's processor (pass processor=...)")
+            raise ValueError("data given as a file or spec needs the model's processor: pass processor=..., or save "
+                             "the processor (or, for a language model alone, the tokenizer) in the model folder")
         dataset = load_dataset(str(data), processor, image_root=image_root, max_length=config.max_length,
                                seed=config.seed, decoder_start_token_id=decoder_start)
         data_name = str(data)
     else:
         dataset, data_name = data, type(data).__name__
     _check_layout(dataset, decoder_start, model_name)
+    if text_only and "pixel_values" in dataset[0]:
+        raise ValueError(f"the dataset's examples have pixel_values, but {model_name} is a language model alone: "
+                         "it trains on text-only examples (conversation rows without 'image')")
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
@@ -444,7 +458,7 @@ def finetune(
         save_only_model=False,
     )
     trainer = SparseTrainer(
-        model=student, args=args, train_dataset=dataset, data_collator=VLMCollator(pad_id),
+        model=student, args=args, train_dataset=dataset, data_collator=VLMCollator(pad_id, image_token_id(processor)),
         callbacks=callbacks, teacher_fn=teacher_fn, distill_lambda=config.distill_lambda,
         temperature=config.temperature, run_config=run_config,
     )
