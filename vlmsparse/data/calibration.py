@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .records import iter_jsonl
+from .records import iter_jsonl, load_image
 
 __all__ = ["CalibrationSample", "load_calibration_samples", "build_calibration_batches", "IMAGE_EXTENSIONS"]
 
@@ -48,18 +48,6 @@ class CalibrationSample:
     image: Any
     text: str
     source: str = ""
-
-
-def _load_image(path: Path, source: str):
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.exists():
-        raise ValueError(f"{source}: image {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{source}: image {str(path)!r} does not load: {error}") from error
 
 
 def _record_text(record: dict, source: str) -> str:
@@ -171,7 +159,7 @@ def load_calibration_samples(
         log.info("calibration source has %d samples (< nsamples=%d); using all", len(samples), nsamples)
     for sample in samples:
         if isinstance(sample.image, Path):
-            sample.image = _load_image(sample.image, sample.source)
+            sample.image = load_image(sample.image, sample.source)
     return samples
 
 

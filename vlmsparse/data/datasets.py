@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .records import DataFormatError, iter_jsonl
+from .records import DataFormatError, iter_jsonl, load_image
 
 __all__ = [
     "IGNORE_INDEX",
@@ -87,21 +87,6 @@ class Example:
     image: Any
     turns: tuple[tuple[str, str], ...]
     source: str = ""
-
-
-# ----------------------------------------------------------------------------------------------- images
-def load_image(path: str | os.PathLike, source: str = "") -> Any:
-    """Open ``path`` as an RGB PIL image; a clear :class:`DataFormatError` (naming ``source``) if it fails."""
-    from PIL import Image, UnidentifiedImageError
-
-    where = f"{source}: " if source else ""
-    if not os.path.exists(path):
-        raise DataFormatError(f"{where}image file {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise DataFormatError(f"{where}image {str(path)!r} does not load: {error}") from error
 
 
 # --------------------------------------------------------------------------------------------- encoding

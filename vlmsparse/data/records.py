@@ -1,4 +1,4 @@
-"""Reading data files row by row, with errors that name the file and line (layer 6)."""
+"""Reading data files row by row and their images, with errors that name the file and line (layer 6)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["DataFormatError", "iter_jsonl"]
+__all__ = ["DataFormatError", "iter_jsonl", "load_image"]
 
 
 class DataFormatError(ValueError):
@@ -29,3 +30,17 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
                 yield source, json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataFormatError(f"{source}: not valid JSON ({error.msg})") from error
+
+
+def load_image(path: str | os.PathLike, source: str = "") -> Any:
+    """Open ``path`` as an RGB PIL image; a clear :class:`DataFormatError` (naming ``source``) if it fails."""
+    from PIL import Image, UnidentifiedImageError
+
+    where = f"{source}: " if source else ""
+    if not os.path.exists(path):
+        raise DataFormatError(f"{where}image file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataFormatError(f"{where}image {str(path)!r} does not load: {error}") from error

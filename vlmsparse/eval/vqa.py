@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..data.records import iter_jsonl
+from ..data.records import iter_jsonl, load_image
 
 __all__ = [
     "normalize_answer",
@@ -172,12 +172,7 @@ def default_prompt(processor: Any) -> str:
 
 
 def _open_image(image: Any) -> Any:
-    if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
-
-        with Image.open(image) as img:
-            return img.convert("RGB")
-    return image
+    return load_image(image) if isinstance(image, (str, os.PathLike)) else image
 
 
 @torch.no_grad()
