@@ -207,6 +207,16 @@ def check_inputs(x: torch.Tensor, weight_dtype: torch.dtype, lora_A, lora_B, n: 
             raise ValueError(f"{what}: rank mismatch, lora_A has r={lora_A.shape[0]}, lora_B has r={lora_B.shape[1]}")
 
 
+def check_backward_inputs(grad_out: torch.Tensor, x: torch.Tensor, weight_dtype: torch.dtype, lora_A, lora_B,
+                          n: int, k: int, what: str) -> None:
+    """:func:`check_inputs` for ``x [..., k]`` and for ``grad_out [..., n]`` (same dtype, same leading dims)."""
+    check_inputs(x, weight_dtype, lora_A, lora_B, n, k, what)
+    if grad_out.dtype != x.dtype:
+        raise ValueError(f"{what}: grad_out dtype {grad_out.dtype} differs from the input dtype {x.dtype}")
+    if grad_out.shape[-1] != n or grad_out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"{what}: grad_out {tuple(grad_out.shape)} does not match x {tuple(x.shape)} and {n} outputs")
+
+
 def _lora_args(lora_A, lora_B, device):
     """Pointers, strides and the padded rank for the kernels (dummy 1-element tensors without LoRA)."""
     if lora_A is None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._fused import TileConfig, check_inputs, fused_backward, fused_forward
+from ._fused import TileConfig, check_backward_inputs, check_inputs, fused_backward, fused_forward
 
 __all__ = ["packed24_matmul", "packed24_lora_forward", "packed24_lora_backward"]
 
@@ -87,8 +87,5 @@ def packed24_lora_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``(dX [..., K] or None, dA [r, K], dB [N, r])`` of :func:`packed24_lora_forward` for ``grad_out [..., N]``."""
     n, k = _check_packed(x, values, meta, "packed24_lora_backward")
-    check_inputs(grad_out.new_empty(0, k), values.dtype, lora_A, lora_B, n, k, "packed24_lora_backward")
-    if grad_out.shape[-1] != n or grad_out.shape[:-1] != x.shape[:-1]:
-        raise ValueError(f"packed24_lora_backward: grad_out {tuple(grad_out.shape)} does not match x "
-                         f"{tuple(x.shape)} and {n} outputs")
+    check_backward_inputs(grad_out, x, values.dtype, lora_A, lora_B, n, k, "packed24_lora_backward")
     return fused_backward(grad_out, x, values, meta, True, lora_A, lora_B, scaling, need_input_grad, config)

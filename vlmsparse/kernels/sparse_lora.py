@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._fused import TileConfig, check_inputs, fused_backward, fused_forward
+from ._fused import TileConfig, check_backward_inputs, check_inputs, fused_backward, fused_forward
 
 __all__ = ["sparse_lora_forward", "sparse_lora_backward"]
 
@@ -64,8 +64,5 @@ def sparse_lora_backward(
     """``(dX [..., K] or None, dA [r, K], dB [N, r])`` for ``grad_out [..., N]`` and ``x [..., K]``."""
     m = _check_mask(weight, mask, "sparse_lora_backward")
     n, k = weight.shape
-    check_inputs(grad_out.new_empty(0, k), weight.dtype, lora_A, lora_B, n, k, "sparse_lora_backward")
-    if grad_out.shape[-1] != n or grad_out.shape[:-1] != x.shape[:-1]:
-        raise ValueError(f"sparse_lora_backward: grad_out {tuple(grad_out.shape)} does not match x "
-                         f"{tuple(x.shape)} and {n} outputs")
+    check_backward_inputs(grad_out, x, weight.dtype, lora_A, lora_B, n, k, "sparse_lora_backward")
     return fused_backward(grad_out, x, weight, m, False, lora_A, lora_B, scaling, need_input_grad, config)
