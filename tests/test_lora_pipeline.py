@@ -20,14 +20,7 @@ from vlmsparse.pipeline.lora import (
 )
 from vlmsparse.sparsity import build_mask, satisfies_nm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: on a shared 2-core machine a second thread only adds waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pruned(pattern="2:4", keep_dense=False):
