@@ -226,13 +226,18 @@ def _run_prune(args: argparse.Namespace) -> int:
     import torch
 
     from .data.calibration import build_calibration_batches, load_calibration_samples
-    from .eval.vqa import check_model_folder
     from .models import get_arch_spec
     from .pipeline.prune import format_report, prune_model, report_of
-    from .pipeline.save import check_output_folder, load_model, load_processor, save_pruned
+    from .pipeline.save import (
+        check_model_folder,
+        check_output_folder,
+        load_model,
+        load_processor,
+        save_pruned,
+    )
 
     check_output_folder(args.output, [args.model], args.overwrite, option="--overwrite")
-    check_model_folder(args.model)
+    check_model_folder(args.model)  # before any other work; load_model checks it again (a directory listing)
     if args.max_words is not None and args.max_words < 1:
         raise ValueError(f"--max-words must be >= 1 (words kept per caption), got {args.max_words}")
     flags = _part_flags(args)

@@ -37,7 +37,6 @@ __all__ = [
     "generate_answers",
     "evaluate_vqa",
     "default_prompt",
-    "check_model_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -358,28 +357,4 @@ def load_model_folder(model_dir: str | os.PathLike) -> tuple[Any, Any]:
     tokenizer, saved beside it (None when neither is there)."""
     from ..pipeline.save import load_model, load_processor
 
-    model_dir = check_model_folder(model_dir)
     return load_model(model_dir), load_processor(model_dir)
-
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
-
-
-def check_model_folder(model_dir: str | os.PathLike) -> Path:
-    """``model_dir`` as a Path after checking that it is a folder with ``config.json`` and model weights
-    (``model.safetensors``, shards with their index, ``pytorch_model.bin`` or a vlmsparse compressed checkpoint;
-    the masks file alone is not weights); FileNotFoundError naming what is missing."""
-    from ..masks import MASKS_FILENAME
-    from ..pipeline.compress import INDEX_FILENAME
-
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model folder {str(model_dir)!r} does not exist")
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json)")
-    names = [p.name for p in model_dir.iterdir() if p.is_file()]
-    skip = {MASKS_FILENAME, "trainable.safetensors"}
-    if INDEX_FILENAME not in names and not any(n.endswith(_WEIGHT_SUFFIXES) and n not in skip for n in names):
-        raise FileNotFoundError(f"{model_dir} holds config.json but no model weights (model.safetensors, "
-                                "model-*-of-*.safetensors with model.safetensors.index.json, or pytorch_model.bin)")
-    return model_dir

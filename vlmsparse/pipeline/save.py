@@ -153,6 +153,28 @@ def save_pruned(
     return out
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def check_model_folder(model_dir: str | os.PathLike) -> Path:
+    """``model_dir`` as a Path after checking that it is a folder with ``config.json`` and model weights
+    (``model.safetensors``, shards with their index, ``pytorch_model.bin`` or a vlmsparse compressed checkpoint;
+    the masks file alone is not weights); FileNotFoundError naming what is missing."""
+    from .compress import INDEX_FILENAME
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {str(model_dir)!r} does not exist")
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir} holds no config.json; not a Hugging Face model folder")
+    names = [p.name for p in model_dir.iterdir() if p.is_file()]
+    skip = {MASKS_FILENAME, "trainable.safetensors"}
+    if INDEX_FILENAME not in names and not any(n.endswith(_WEIGHT_SUFFIXES) and n not in skip for n in names):
+        raise FileNotFoundError(f"{model_dir} holds config.json but no model weights (model.safetensors, "
+                                "model-*-of-*.safetensors with model.safetensors.index.json, or pytorch_model.bin)")
+    return model_dir
+
+
 def load_model(
     path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> nn.Module:
@@ -161,12 +183,8 @@ def load_model(
     stored weights."""
     from .compress import INDEX_FILENAME, load_compressed
 
-    path = Path(path)
+    path = check_model_folder(path)
     config = path / "config.json"
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
-    if not config.exists():
-        raise FileNotFoundError(f"{path} holds no config.json; not a Hugging Face model folder")
     if (path / INDEX_FILENAME).exists():
         model = load_compressed(path)
         if dtype is not None:
