@@ -192,16 +192,20 @@ def _decoder_start_token_id(model: nn.Module) -> int | None:
     return int(start)
 
 
-def _check_layout(dataset: Any, decoder_start: int | None, model_name: str) -> None:
-    """ValueError when the dataset's examples are laid out for the other kind of language model (an
-    encoder-decoder one needs ``decoder_input_ids``; see :func:`vlmsparse.data.datasets.encode_example`)."""
-    has_decoder = "decoder_input_ids" in dataset[0]
+def _check_layout(example: dict, decoder_start: int | None, text_only: bool, model_name: str) -> None:
+    """ValueError when an encoded example is laid out for another kind of model: an encoder-decoder language
+    model needs ``decoder_input_ids`` (see :func:`vlmsparse.data.datasets.encode_example`), a decoder-only one
+    must not have them, and a language model alone takes no ``pixel_values``."""
+    has_decoder = "decoder_input_ids" in example
     if has_decoder != (decoder_start is not None):
         need = (f"an encoder-decoder language model: build the dataset with decoder_start_token_id={decoder_start}"
                 if decoder_start is not None else "a decoder-only language model: build the dataset without "
                 "decoder_start_token_id")
         raise ValueError(f"the dataset's examples {'have' if has_decoder else 'lack'} decoder_input_ids but "
                          f"{model_name} has {need}")
+    if text_only and "pixel_values" in example:
+        raise ValueError(f"the dataset's examples have pixel_values, but {model_name} is a language model alone: "
+                         "it trains on text-only examples (conversation rows without 'image')")
 
 
 # ---------------------------------------------------------------------------------------- adapters
@@ -400,10 +404,7 @@ def finetune(
         data_name = str(data)
     else:
         dataset, data_name = data, type(data).__name__
-    _check_layout(dataset, decoder_start, model_name)
-    if text_only and "pixel_values" in dataset[0]:
-        raise ValueError(f"the dataset's examples have pixel_values, but {model_name} is a language model alone: "
-                         "it trains on text-only examples (conversation rows without 'image')")
+    _check_layout(dataset[0], decoder_start, text_only, model_name)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
