@@ -226,7 +226,7 @@ def _run_prune(args: argparse.Namespace) -> int:
     import torch
 
     from .data.calibration import build_calibration_batches, load_calibration_samples
-    from .models import get_arch_spec
+    from .models import decoder_start_token_id, get_arch_spec
     from .pipeline.prune import format_report, prune_model, report_of
     from .pipeline.save import (
         check_model_folder,
@@ -255,10 +255,8 @@ def _run_prune(args: argparse.Namespace) -> int:
         size = getattr(getattr(model.config, "vision_config", None), "image_size", 336)
         samples = load_calibration_samples(args.calibration, args.nsamples, args.seed, image_size=size,
                                            image_root=args.image_root)
-        text_config = getattr(model.config, "text_config", model.config)
-        start = text_config.decoder_start_token_id if getattr(text_config, "is_encoder_decoder", False) else None
         calibration = build_calibration_batches(samples, processor, args.batch_size, args.max_words,
-                                                decoder_start_token_id=start)
+                                                decoder_start_token_id=decoder_start_token_id(model))
     masks = prune_model(
         model, method=args.method, sparsity=args.sparsity, allocation=allocation, calibration=calibration,
         scope=args.scope, blocksize=args.blocksize, dampening=args.dampening, report_error=not args.no_error,

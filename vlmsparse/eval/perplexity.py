@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ..models import decoder_start_token_id
+
 __all__ = ["PerplexityResult", "perplexity", "perplexity_of_file", "language_model_of", "max_positions"]
 
 logger = logging.getLogger(__name__)
@@ -73,25 +75,19 @@ def max_positions(lm: Any) -> int | None:
     return None
 
 
-def _is_encoder_decoder(lm: Any) -> bool:
-    return bool(getattr(lm.config, "is_encoder_decoder", False))
-
-
 def _window_nll(lm: Any, window: torch.Tensor, first: int) -> torch.Tensor:
     """NLL (nats) of ``window[first:]`` given ``window[:first]`` (1-D ids, ``first >= 1``): a vector of
     ``len(window) - first`` values (see the module docstring for the two kinds of language model)."""
     targets = window[first:]
-    if not _is_encoder_decoder(lm):
+    start = decoder_start_token_id(lm)
+    if start is None:
         logits = lm(input_ids=window.unsqueeze(0)).logits[0, first - 1:-1].float()
         return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
     config = lm.config
-    if config.decoder_start_token_id is None:
-        raise ValueError(f"perplexity: the encoder-decoder {type(lm).__name__} has no decoder_start_token_id in its "
-                         "config; set it (T5: the pad id, 0)")
     context = window[:first]
     if config.eos_token_id is not None:
         context = torch.cat([context, context.new_tensor([config.eos_token_id])])
-    decoder = torch.cat([targets.new_tensor([config.decoder_start_token_id]), targets[:-1]])
+    decoder = torch.cat([targets.new_tensor([start]), targets[:-1]])
     logits = lm(input_ids=context.unsqueeze(0), decoder_input_ids=decoder.unsqueeze(0)).logits[0].float()
     return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
 
@@ -109,7 +105,7 @@ def perplexity(model: Any, tokenizer: Any, text: str, max_length: int = 128, str
         if stride is not None and stride > limit:
             stride = limit
     if stride is None:
-        stride = max(1, max_length // 2) if _is_encoder_decoder(lm) else max_length
+        stride = max(1, max_length // 2) if decoder_start_token_id(lm) is not None else max_length
     if max_length < 2 or not 1 <= stride <= max_length:
         raise ValueError(f"need max_length >= 2 and 1 <= stride <= max_length, got max_length={max_length}, stride={stride}")
     if not text.strip():

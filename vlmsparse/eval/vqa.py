@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..data.records import iter_jsonl, load_image
+from ..models import decoder_start_token_id
 
 __all__ = [
     "normalize_answer",
@@ -193,11 +194,6 @@ def _check_image_tokens(model: Any, input_ids: torch.Tensor) -> None:
         )
 
 
-def _is_encoder_decoder(model: Any) -> bool:
-    """True when the (language) model is an encoder-decoder, e.g. BLIP-2 / InstructBLIP with Flan-T5."""
-    return bool(getattr(model.config.get_text_config(), "is_encoder_decoder", False))
-
-
 def _right_pad(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each row's padding (``mask == 0``) to its end, keeping the order of the real tokens: (B, L) each."""
     order = torch.argsort((mask == 0).to(torch.int8), dim=1, stable=True)
@@ -209,9 +205,9 @@ def _answer_tokens(model: Any, out: torch.Tensor, input_ids: torch.Tensor) -> to
     5.x returns: a decoder-only language model (LLaVA; BLIP-2 / InstructBLIP with OPT / Llama) gives the prompt
     followed by the new tokens (T = L + n); an encoder-decoder one (Flan-T5) gives only the decoder's tokens,
     the decoder start token first (T = 1 + n)."""
-    if _is_encoder_decoder(model):
-        start = getattr(model.config.get_text_config(), "decoder_start_token_id", None)
-        if start is not None and not bool((out[:, 0] == start).all()):
+    start = decoder_start_token_id(model)
+    if start is not None:
+        if not bool((out[:, 0] == start).all()):
             raise RuntimeError(f"encoder-decoder generate did not start with the decoder start token {start}: "
                                f"got {out[:, 0].tolist()}")
         return out[:, 1:]
@@ -241,7 +237,7 @@ def generate_answers(model: Any, processor: Any, rows: Sequence[VQARow], batch_s
         raise ValueError(f"prompt must contain '{{question}}', got {template!r}")
     tokenizer = processor.tokenizer
     old_side = tokenizer.padding_side
-    tokenizer.padding_side = "right" if _is_encoder_decoder(model) else "left"
+    tokenizer.padding_side = "right" if decoder_start_token_id(model) is not None else "left"
     was_training = model.training
     model.eval()
     param = next(model.parameters())

@@ -159,8 +159,7 @@ class ArchSpec:
         missing = [key for key in self.required_inputs if key not in batch]
         if missing:
             raise ValueError(f"{self.name} calibration inputs need {', '.join(missing)} (build them with its processor)")
-        text_config = getattr(model.config, "text_config", model.config)
-        if getattr(text_config, "is_encoder_decoder", False) and "decoder_input_ids" not in batch:
+        if decoder_start_token_id(model) is not None and "decoder_input_ids" not in batch:
             raise ValueError(
                 f"{self.name} has an encoder-decoder language model: calibration inputs need decoder_input_ids "
                 "(build_calibration_batches(..., decoder_start_token_id=text_config.decoder_start_token_id))"
@@ -288,6 +287,19 @@ _OPT = ArchSpec(
 
 _SPECS = (_LLAVA, _BLIP2, _INSTRUCTBLIP, _LLAMA, _OPT)
 _BY_TYPE = {t: spec for spec in _SPECS for t in spec.model_types}
+
+
+def decoder_start_token_id(model: nn.Module) -> int | None:
+    """The decoder start token when the model's language model is an encoder-decoder (Flan-T5 in BLIP-2 /
+    InstructBLIP, or a T5 alone), None for a decoder-only one; ValueError when the config lacks it."""
+    text_config = getattr(model.config, "text_config", model.config)
+    if not getattr(text_config, "is_encoder_decoder", False):
+        return None
+    start = getattr(text_config, "decoder_start_token_id", None)
+    if start is None:
+        raise ValueError(f"{type(model).__name__}: the encoder-decoder language model's config has no "
+                         "decoder_start_token_id; set it (T5: the pad id, 0)")
+    return int(start)
 
 
 def supported_model_types() -> tuple[str, ...]:

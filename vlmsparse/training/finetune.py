@@ -179,19 +179,6 @@ def _load_processor(model: Any, processor: Any) -> Any:
         return load_processor(model)
 
 
-def _decoder_start_token_id(model: nn.Module) -> int | None:
-    """The decoder start token of an encoder-decoder language model (BLIP-2 / InstructBLIP with Flan-T5),
-    None for a decoder-only one."""
-    text_config = getattr(model.config, "text_config", model.config)
-    if not getattr(text_config, "is_encoder_decoder", False):
-        return None
-    start = getattr(text_config, "decoder_start_token_id", None)
-    if start is None:
-        raise ValueError(f"{type(model).__name__}: the encoder-decoder language model's config has no "
-                         "decoder_start_token_id")
-    return int(start)
-
-
 def _check_layout(example: dict, decoder_start: int | None, text_only: bool, model_name: str) -> None:
     """ValueError when an encoded example is laid out for another kind of model: an encoder-decoder language
     model needs ``decoder_input_ids`` (see :func:`vlmsparse.data.datasets.encode_example`), a decoder-only one
@@ -385,13 +372,13 @@ def finetune(
 
     student, masks, model_name = _load(model, masks, masks_from_zeros, dense_weights=config.teacher_source == "self")
     processor = _load_processor(model, processor)  # after _load: a missing folder is reported as such
-    from ..models import get_arch_spec
+    from ..models import decoder_start_token_id, get_arch_spec
 
     text_only = get_arch_spec(student).image_tokens is None  # a language model alone (Llama / OPT)
     if text_only and isinstance(data, (str, os.PathLike)) and str(data).split(":", 1)[0] == "synthetic":
         raise ValueError(f"data {str(data)!r}: the synthetic data set is image-text, but {model_name} is a language "
                          "model alone; give a conversation JSON of text-only rows (no 'image')")
-    decoder_start = _decoder_start_token_id(student)
+    decoder_start = decoder_start_token_id(student)
     run_config = {**config.identity(), "masks": _masks_fingerprint(masks)}
     checkpoint = _resolve_resume(output_dir, resume, run_config)
 
