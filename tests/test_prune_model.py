@@ -141,6 +141,30 @@ def test_instructblip_qformer_skips_instruction_padding():
     assert differ == []
 
 
+def _dense_block_input_norm(model, dense, block, module, batches, use_mask):
+    """Wanda's input norm of ``module`` from ordinary full-model forwards of the pruned ``model`` with ``block``
+    made dense again (the pipeline collects a block's statistics while the block is still dense), padding
+    skipped with the batch's attention_mask when ``use_mask``; the model is left as it was."""
+    pruned_state = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(block + ".")}
+    model.load_state_dict({k: dense[k] for k in pruned_state}, strict=False)
+    stats = InputStats(module.in_features)
+    state = {}
+
+    def hook(_module, args):
+        stats.add_batch(args[0], token_mask=state["mask"] if use_mask else None)
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                state["mask"] = b["attention_mask"]
+                model(**b, use_cache=False)
+    finally:
+        handle.remove()
+        model.load_state_dict(pruned_state, strict=False)
+    return stats.norm
+
+
 @pytest.mark.parametrize("arch", ["llava", "llama"])
 def test_sequential_calibration_matches_full_model_reference(arch):
     """Each block is calibrated on the outputs of the already-pruned blocks before it, batches are
@@ -164,22 +188,8 @@ def test_sequential_calibration_matches_full_model_reference(arch):
         # the pipeline computed all statistics of a block in one pass with the block still dense:
         # reproduce that by making the block of ``name`` dense again (earlier blocks stay pruned)
         block = ".".join(name.split(".")[: name.split(".").index("1") + 1])
-        pruned_state = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(block + ".")}
-        model.load_state_dict({k: dense[k] for k in pruned_state}, strict=False)
-        stats = InputStats(modules[name].in_features)
-        state = {}
-
-        def hook(module, args, _stats=stats, _vision="vision" in name, _state=state):
-            _stats.add_batch(args[0], token_mask=None if _vision else _state["mask"])
-
-        handle = modules[name].register_forward_pre_hook(hook)
-        with torch.no_grad():
-            for b in batches:
-                state["mask"] = b["attention_mask"]
-                model(**b, use_cache=False)
-        handle.remove()
-        model.load_state_dict(pruned_state, strict=False)
-        _, expected = wanda_prune(dense[f"{name}.weight"], stats.norm, 0.5, scope=scope or "row")
+        norm = _dense_block_input_norm(model, dense, block, modules[name], batches, use_mask="vision" not in name)
+        _, expected = wanda_prune(dense[f"{name}.weight"], norm, 0.5, scope=scope or "row")
         assert torch.equal(masks[name], expected), name
 
 
@@ -399,22 +409,8 @@ def test_t5_blocks_get_their_own_position_bias():
         ("language_model.decoder.block.1", "language_model.decoder.block.1.layer.0.SelfAttention.q", False),
         ("language_model.decoder.block.1", "language_model.decoder.block.1.layer.2.DenseReluDense.wo", False),
     ]:
-        pruned_state = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(block + ".")}
-        model.load_state_dict({k: dense[k] for k in pruned_state}, strict=False)
-        stats = InputStats(modules[name].in_features)
-        state = {}
-
-        def hook(module, args, _stats=stats, _state=state, _use=use_mask):
-            _stats.add_batch(args[0], token_mask=_state["mask"] if _use else None)
-
-        handle = modules[name].register_forward_pre_hook(hook)
-        with torch.no_grad():
-            for b in batches:
-                state["mask"] = b["attention_mask"]
-                model(**b, use_cache=False)
-        handle.remove()
-        model.load_state_dict(pruned_state, strict=False)
-        _, expected = wanda_prune(dense[f"{name}.weight"], stats.norm, 0.5)
+        norm = _dense_block_input_norm(model, dense, block, modules[name], batches, use_mask)
+        _, expected = wanda_prune(dense[f"{name}.weight"], norm, 0.5)
         assert torch.equal(masks[name], expected), name
 
 
