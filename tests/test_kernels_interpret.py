@@ -112,6 +112,17 @@ def test_packed24_matmul_split_k(split_k):
            (c["x"], p.values, p.meta, c["bias"]))
 
 
+def test_strided_bias():
+    """A bias that is a strided view (every other entry of a longer vector) gives the reference's result."""
+    from vlmsparse.kernels.sparse_lora import sparse_lora_forward
+
+    c = _case(7, 16, 64, 4, torch.float32)
+    bias = torch.randn(32, generator=torch.Generator().manual_seed(5))[::2]
+    assert not bias.is_contiguous()
+    args = (c["x"], c["weight"], c["mask"], c["A"], c["B"], 2.0, bias)
+    _check(sparse_lora_forward(*args), ref.sparse_lora_forward_ref, args)
+
+
 def test_packed24_odd_groups_and_leading_dims():
     """in = 36 (9 groups: the last meta byte is half used), x [2, 3, in] and non-contiguous."""
     from vlmsparse.kernels.packed24 import packed24_lora_backward, packed24_lora_forward
@@ -205,16 +216,42 @@ def test_bad_inputs_raise():
 
     c = _case(2, 16, 32, 2, torch.float32)
     p = c["packed"]
-    with pytest.raises(ValueError, match="meta must be uint8"):
+    with pytest.raises(ValueError, match=r"^packed24_matmul: meta must be uint8 of shape \(16, 4\)"):
         packed24_matmul(c["x"], p.values, p.meta[:, :1])
-    with pytest.raises(ValueError, match="differs from the weight dtype"):
+    with pytest.raises(ValueError, match=r"^packed24_matmul: values must be \[out, in/2\]"):
+        packed24_matmul(c["x"][:, :30], p.values[:, :15], p.meta)
+    with pytest.raises(ValueError, match="^packed24_matmul: input dtype torch.float16 differs from the weight dtype"):
         packed24_matmul(c["x"].half(), p.values, p.meta)
-    with pytest.raises(ValueError, match="lora_A must be"):
+    with pytest.raises(ValueError, match=r"^packed24_lora_forward: lora_A must be \[r, 32\] and lora_B \[16, r\]"):
         packed24_lora_forward(c["x"], p.values, p.meta, c["A"].T, c["B"], 1.0)
-    with pytest.raises(ValueError, match="mask must be bool"):
+    with pytest.raises(ValueError, match="^sparse_lora_forward: mask must be bool"):
         sparse_lora_forward(c["x"], c["weight"], c["mask"].float(), c["A"], c["B"], 1.0)
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(ValueError, match=r"^sparse_lora_forward: input has shape \(2, 16\), the weight expects 32"):
+        sparse_lora_forward(c["x"][:, :16], c["weight"], c["mask"], c["A"], c["B"], 1.0)
+    with pytest.raises(ValueError, match=r"^sparse_lora_forward: give both lora_A and lora_B, or neither"):
+        sparse_lora_forward(c["x"], c["weight"], c["mask"], c["A"], None, 1.0)
+    with pytest.raises(ValueError, match=r"^sparse_lora_forward: bias must be None or of shape \(16,\)"):
+        sparse_lora_forward(c["x"], c["weight"], c["mask"], c["A"], c["B"], 1.0, c["bias"][:8])
+    with pytest.raises(ValueError, match="^sparse_lora_forward: all tensors must be on one device, .*bias on meta"):
+        sparse_lora_forward(c["x"], c["weight"], c["mask"], c["A"], c["B"], 1.0, c["bias"].to("meta"))
+    with pytest.raises(ValueError, match=r"^packed24_matmul: dtype torch.float64 is not supported \(allowed"):
         packed24_matmul(c["x"].double(), p.values.double(), p.meta)
+
+
+def test_bad_backward_inputs_raise():
+    from vlmsparse.kernels.packed24 import packed24_lora_backward
+    from vlmsparse.kernels.sparse_lora import sparse_lora_backward
+
+    c = _case(2, 16, 32, 2, torch.float32)
+    p = c["packed"]
+    with pytest.raises(ValueError, match=r"^packed24_lora_backward: grad_out has shape \(2, 8\), must be \(2, 16\)"):
+        packed24_lora_backward(c["dy"][:, :8], c["x"], p.values, p.meta, c["A"], c["B"], 1.0)
+    with pytest.raises(ValueError, match="^packed24_lora_backward: grad_out dtype torch.float16 differs"):
+        packed24_lora_backward(c["dy"].half(), c["x"], p.values, p.meta, c["A"], c["B"], 1.0)
+    with pytest.raises(ValueError, match="^sparse_lora_backward: give both lora_A and lora_B; got lora_A None"):
+        sparse_lora_backward(c["dy"], c["x"], c["weight"], c["mask"], None, None, 1.0)
+    with pytest.raises(ValueError, match="^sparse_lora_backward: rank mismatch, lora_A has r=2, lora_B has r=1"):
+        sparse_lora_backward(c["dy"], c["x"], c["weight"], c["mask"], c["A"], c["B"][:, :1], 1.0)
 
 
 # ---------------------------------------------------------------------------------------------- through ops

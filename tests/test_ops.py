@@ -95,18 +95,122 @@ def test_frozen_weight_required():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"mask": torch.ones(6, 7, dtype=torch.bool)}, "mask must be bool"),
-        ({"mask": torch.ones(6, 8)}, "mask must be bool"),
-        ({"A": torch.randn(3, 7, dtype=torch.float64)}, "lora_A must be"),
-        ({"B": torch.randn(6, 2, dtype=torch.float64)}, "rank mismatch"),
-        ({"x": torch.randn(2, 7, dtype=torch.float64)}, "features"),
+        ({"mask": torch.ones(6, 7, dtype=torch.bool)}, r"mask must be bool of shape \(6, 8\)"),
+        ({"mask": torch.ones(6, 8)}, r"mask must be bool .*got torch.float32"),
+        ({"weight": torch.zeros(8, dtype=torch.float64)}, r"weight must be 2-D \[out, in\], got shape \(8,\)"),
+        ({"A": torch.randn(3, 7, dtype=torch.float64)}, r"lora_A must be \[r, 8\] and lora_B \[6, r\]"),
+        ({"A": None}, "give both lora_A and lora_B; got lora_A None"),
+        ({"B": torch.randn(6, 2, dtype=torch.float64)}, "rank mismatch, lora_A has r=3, lora_B has r=2"),
+        ({"x": torch.randn(2, 7, dtype=torch.float64)}, r"input has shape \(2, 7\), the weight expects 8 features"),
+        ({"scaling": torch.tensor(1.0)}, "scaling must be a python number .*got Tensor"),
+        ({"bias": torch.zeros(5, dtype=torch.float64)}, r"bias must be None or of shape \(6,\), got \(5,\)"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     x, weight, mask, A, B, _ = _problem()
-    args = {"x": x, "mask": mask, "A": A, "B": B} | kwargs
-    with pytest.raises(ValueError, match=match):
-        ops.sparse_lora_linear(args["x"], weight, args["mask"], args["A"], args["B"], 1.0)
+    args = {"x": x, "weight": weight, "mask": mask, "A": A, "B": B, "scaling": 1.0, "bias": None} | kwargs
+    with pytest.raises(ValueError, match="^sparse_lora_linear: " + match):
+        ops.sparse_lora_linear(args["x"], args["weight"], args["mask"], args["A"], args["B"], args["scaling"],
+                               args["bias"])
+
+
+def _packed_problem():
+    g = torch.Generator().manual_seed(2)
+    dense = torch.randn(4, 16, generator=g, dtype=torch.float64)
+    packed = pack24(dense * mask_nm(dense.abs(), 2, 4))
+    A = torch.randn(2, 16, generator=g, dtype=torch.float64)
+    B = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    return x, packed.values, packed.meta, A, B
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"values": torch.zeros(4, 7, dtype=torch.float64)},
+         r"values must be \[out, in/2\] with in divisible by 4; got values \(4, 7\) for inputs of 16 features"),
+        ({"x": torch.zeros(3, 14, dtype=torch.float64), "values": torch.zeros(4, 7, dtype=torch.float64)},
+         r"values must be \[out, in/2\] with in divisible by 4; got values \(4, 7\) for inputs of 14 features"),
+        ({"meta": torch.zeros(4, 2, dtype=torch.int8)}, r"meta must be uint8 of shape \(4, 2\), got torch.int8"),
+        ({"meta": torch.zeros(4, 3, dtype=torch.uint8)}, r"meta must be uint8 of shape \(4, 2\), got .* \(4, 3\)"),
+        ({"A": torch.zeros(2, 8, dtype=torch.float64)}, r"lora_A must be \[r, 16\] and lora_B \[4, r\]"),
+        ({"B": torch.zeros(4, 3, dtype=torch.float64)}, "rank mismatch, lora_A has r=2, lora_B has r=3"),
+        ({"bias": torch.zeros(16, dtype=torch.float64)}, r"bias must be None or of shape \(4,\), got \(16,\)"),
+    ],
+)
+def test_packed24_bad_arguments(kwargs, match):
+    """The packed ops refuse a bad packed weight / adapter / bias with the shared checks' messages; the reference
+    twins check the packed weight themselves."""
+    x, values, meta, A, B = _packed_problem()
+    a = {"x": x, "values": values, "meta": meta, "A": A, "B": B, "bias": None} | kwargs
+    with pytest.raises(ValueError, match="^packed24_lora_linear: " + match):
+        ops.packed24_lora_linear(a["x"], a["values"], a["meta"], a["A"], a["B"], 1.0, a["bias"])
+    if "A" not in kwargs and "B" not in kwargs:
+        with pytest.raises(ValueError, match="^packed24_linear: " + match):
+            ops.packed24_linear(a["x"], a["values"], a["meta"], a["bias"], backend="reference")
+    if "values" in kwargs or "meta" in kwargs:
+        from vlmsparse.kernels import reference
+
+        with pytest.raises(ValueError, match="^packed24_matmul_ref: " + match):
+            reference.packed24_matmul_ref(a["x"], a["values"], a["meta"])
+        with pytest.raises(ValueError, match="^packed24_lora_forward_ref: " + match):
+            reference.packed24_lora_forward_ref(a["x"], a["values"], a["meta"], A, B, 1.0)
+        with pytest.raises(ValueError, match="^packed24_lora_backward_ref: " + match):
+            reference.packed24_lora_backward_ref(x @ torch.zeros(16, 4, dtype=x.dtype), a["x"], a["values"],
+                                                 a["meta"], A, B, 1.0)
+
+
+# ------------------------------------------------------------------------------------------ shared checks
+def test_checks_return_the_sizes_of_valid_arguments():
+    from vlmsparse.kernels import checks
+
+    x, weight, mask, A, B, bias = _problem()
+    assert checks.check_mask(weight, mask, "f") == (6, 8)
+    assert checks.check_lora(A, B, 6, 8, "f") == 3
+    assert checks.check_lora(None, None, 6, 8, "f", optional=True) == 0
+    _, values, meta, _, _ = _packed_problem()
+    assert checks.check_packed(values, meta, 16, "f") == 4
+    for check in (checks.check_features(x, 8, "f"), checks.check_bias(bias, 6, "f"), checks.check_bias(None, 6, "f"),
+                  checks.check_scaling(2, "f"), checks.check_kernel_dtype(x.float(), torch.float32, "f"),
+                  checks.check_grad_out(torch.zeros(2, 5, 6), x.float(), 6, "f"),
+                  checks.check_same_device("f", x=x, weight=weight, bias=None)):
+        assert check is None
+
+
+def _kernel_inputs(**kwargs):
+    """Arguments of ``check_kernel_inputs`` for a valid float32 problem, with ``kwargs`` replaced."""
+    x, weight, mask, A, B, bias = _problem(dtype=torch.float32)
+    args = dict(x=x, weight=weight, mask=mask, out_features=6, in_features=8, lora_A=A, lora_B=B, bias=bias,
+                grad_out=torch.zeros(2, 5, 6), lora_optional=True) | kwargs
+    return args
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"x": torch.zeros(2, 5, 8, dtype=torch.float64), "grad_out": None},
+         r"dtype torch.float64 is not supported \(allowed: float32, float16, bfloat16\)"),
+        ({"x": torch.zeros(2, 5, 8, dtype=torch.float16), "grad_out": None},
+         "input dtype torch.float16 differs from the weight dtype torch.float32; they must match"),
+        ({"x": torch.zeros(2, 5, 7)}, r"input has shape \(2, 5, 7\), the weight expects 8 features"),
+        ({"lora_A": None}, r"give both lora_A and lora_B, or neither; got lora_A None and lora_B \(6, 3\)"),
+        ({"lora_A": None, "lora_B": None, "lora_optional": False}, "give both lora_A and lora_B; got lora_A None"),
+        ({"lora_B": torch.zeros(6, 2)}, "rank mismatch"),
+        ({"bias": torch.zeros(1, 6)}, r"bias must be None or of shape \(6,\), got \(1, 6\)"),
+        ({"grad_out": torch.zeros(2, 5, 6, dtype=torch.float16)},
+         "grad_out dtype torch.float16 differs from the input dtype torch.float32; they must match"),
+        ({"grad_out": torch.zeros(10, 6)}, r"grad_out has shape \(10, 6\), must be \(2, 5, 6\)"),
+        ({"grad_out": torch.zeros(2, 5, 7)}, r"grad_out has shape \(2, 5, 7\), must be \(2, 5, 6\)"),
+        ({"bias": torch.zeros(6, device="meta")}, "all tensors must be on one device, got x on cpu, .*bias on meta"),
+    ],
+)
+def test_kernel_input_checks(kwargs, match):
+    """The checks every Triton launcher makes (the launchers themselves run in the interpreter tier)."""
+    from vlmsparse.kernels.checks import check_kernel_inputs
+
+    check_kernel_inputs("launcher", **_kernel_inputs())  # the valid problem passes
+    with pytest.raises(ValueError, match="^launcher: " + match):
+        check_kernel_inputs("launcher", **_kernel_inputs(**kwargs))
 
 
 def test_packed24_lora_matches_naive_and_gradcheck():
@@ -170,7 +274,8 @@ def test_triton_missing_is_a_clear_error(monkeypatch):
 
 def test_import_loads_no_triton_and_no_kernels():
     code = (
-        "import sys, vlmsparse, vlmsparse.ops, vlmsparse.modules.sparse_lora, vlmsparse.pipeline.lora\n"
+        "import sys, vlmsparse, vlmsparse.ops, vlmsparse.kernels.checks, vlmsparse.modules.sparse_lora, "
+        "vlmsparse.pipeline.lora\n"
         "bad = [m for m in sys.modules if m == 'triton' or m.startswith('triton.') or "
         "m in ('vlmsparse.kernels.sparse_lora', 'vlmsparse.kernels.packed24')]\n"
         "assert not bad, bad\n"

@@ -38,6 +38,7 @@ from types import ModuleType
 import torch
 
 from .kernels import reference as _ref
+from .kernels.checks import check_bias, check_features, check_lora, check_mask, check_packed, check_scaling
 
 __all__ = [
     "BACKENDS",
@@ -186,18 +187,13 @@ def zero_weight(out_features: int, in_features: int, like: torch.Tensor) -> torc
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def _check_lora_args(x: torch.Tensor, out_features: int, in_features: int, lora_A, lora_B, scaling) -> None:
-    if x.shape[-1] != in_features:
-        raise ValueError(f"input has {x.shape[-1]} features in its last dim, the weight expects {in_features}")
-    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != in_features or lora_B.shape[0] != out_features:
-        raise ValueError(
-            f"lora_A must be [r, {in_features}] and lora_B [{out_features}, r], got {tuple(lora_A.shape)} and "
-            f"{tuple(lora_B.shape)}"
-        )
-    if lora_A.shape[0] != lora_B.shape[1]:
-        raise ValueError(f"rank mismatch: lora_A has r={lora_A.shape[0]}, lora_B has r={lora_B.shape[1]}")
-    if not isinstance(scaling, (int, float)):
-        raise ValueError(f"scaling must be a python number, got {type(scaling).__name__}")
+def _check_lora_args(what: str, x: torch.Tensor, out_features: int, in_features: int, lora_A, lora_B, scaling,
+                     bias) -> None:
+    """The checks of both fused ops after the weight-format check (see :mod:`vlmsparse.kernels.checks`)."""
+    check_features(x, in_features, what)
+    check_lora(lora_A, lora_B, out_features, in_features, what)
+    check_scaling(scaling, what)
+    check_bias(bias, out_features, what)
 
 
 def _check_frozen(weight: torch.Tensor, what: str) -> None:
@@ -283,10 +279,8 @@ def sparse_lora_linear(
     ``x [..., in]``, ``weight [out, in]`` (frozen), ``mask [out, in]`` bool, ``lora_A [r, in]``,
     ``lora_B [out, r]``, ``scaling = lora_alpha / r``. Backward follows the module docstring.
     """
-    out_features, in_features = weight.shape
-    if mask.shape != weight.shape or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool of shape {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}")
-    _check_lora_args(x, out_features, in_features, lora_A, lora_B, scaling)
+    out_features, in_features = check_mask(weight, mask, "sparse_lora_linear")
+    _check_lora_args("sparse_lora_linear", x, out_features, in_features, lora_A, lora_B, scaling, bias)
     _check_frozen(weight, "sparse_lora_linear")
     name = resolve_backend(x.device, backend, op="sparse_lora")
     with _no_autocast(x):
@@ -305,11 +299,9 @@ def packed24_lora_linear(
 ) -> torch.Tensor:
     """SparseLoRA over a packed 2:4 weight (``values [out, in/2]``, ``meta [out, ceil(in/8)]`` uint8):
     ``y = x @ (unpack24(Wp) + s*(B@A)*M24).T + b``, autograd w.r.t. x, A, B, b (the packed weight is frozen)."""
-    out_features, in_features = values.shape[0], x.shape[-1]
-    if values.dim() != 2 or values.shape[1] * 2 != in_features:
-        raise ValueError(f"values must be [out, {in_features // 2}] for inputs of {in_features} features, got "
-                         f"{tuple(values.shape)}")
-    _check_lora_args(x, out_features, in_features, lora_A, lora_B, scaling)
+    in_features = x.shape[-1]
+    out_features = check_packed(values, meta, in_features, "packed24_lora_linear")
+    _check_lora_args("packed24_lora_linear", x, out_features, in_features, lora_A, lora_B, scaling, bias)
     _check_frozen(values, "packed24_lora_linear")
     name = resolve_backend(x.device, backend, op="packed24_lora")
     with _no_autocast(x):
@@ -337,9 +329,8 @@ def packed24_linear(
     With ``torch24`` the weight is unpacked and converted to torch semi-structured on every call; a module
     should convert once and call :func:`torch24_linear` instead.
     """
-    if values.dim() != 2 or values.shape[1] * 2 != x.shape[-1]:
-        raise ValueError(f"values must be [out, {x.shape[-1] // 2}] for inputs of {x.shape[-1]} features, got "
-                         f"{tuple(values.shape)}")
+    out_features = check_packed(values, meta, x.shape[-1], "packed24_linear")
+    check_bias(bias, out_features, "packed24_linear")
     name = resolve_backend(x.device, backend, op="packed24_matmul")
     if name == "torch24":
         from .sparse24 import Packed24, to_semi_structured, unpack24

@@ -27,7 +27,8 @@ sums, reduced in torch); each program streams its rows of ``values`` + ``meta`` 
 once. The packed tile is loaded compactly (``[BLOCK_N, BLOCK_K/2]`` values, ``[BLOCK_N, BLOCK_K/8]`` meta
 bytes) and expanded in registers with ``tl.join`` / ``tl.reshape``. The compiler does not pipeline loads that
 feed register math, so the forward prefetches the raw tiles of step ``t + 1`` before computing step ``t``
-(two tiles in flight per program). The default tiles compile without register spills for sm_90 (ptxas).
+(two tiles in flight per program). The default tiles compile without register spills for sm_90 (ptxas,
+Triton 3.6 and 3.9; ``benchmarks/kernel_regs.py``).
 
 Precision: fp32 inputs use full-precision dots (``input_precision="ieee"``, like torch's matmul without TF32);
 fp16 / bf16 inputs use tensor-core dots with fp32 accumulation, the fp32 side products in TF32.
@@ -52,7 +53,6 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 # Every buffer a kernel fills completely is allocated through this name (tests poison it with NaN).
 _empty = torch.empty
 
@@ -182,39 +182,16 @@ def backward_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.de
     """Tiles of the two backward kernels (``dX`` over tiles of ``[m, k]``; ``G`` over tiles of ``[n, k]``)."""
     if _INTERPRET or device.type != "cuda":
         return TileConfig(min(_pow2_at_least(m), 64), 64, 64)
-    if dtype == torch.float32:
-        return TileConfig(32, 32, 32, num_warps=4, num_stages=3)
+    if dtype == torch.float32:  # 4 warps: the dX kernel needs 255 registers and spills with Triton 3.6 (ptxas,
+        # sm_90); 8 warps: 182-194, no spills with 3.6 or 3.9 (benchmarks/kernel_regs.py)
+        return TileConfig(32, 32, 32, num_warps=8, num_stages=3)
     return TileConfig(64 if m > 32 else _pow2_at_least(m), 64, 64, num_warps=4 if packed else 8, num_stages=3)
 
 
-def check_inputs(x: torch.Tensor, weight_dtype: torch.dtype, lora_A, lora_B, n: int, k: int, what: str) -> None:
-    """Validate dtypes and shapes shared by every launcher (``ValueError`` naming what was wrong)."""
-    if x.shape[-1] != k:
-        raise ValueError(f"{what}: input has {x.shape[-1]} features in its last dim, the weight expects {k}")
-    if x.dtype not in _SUPPORTED:
-        raise ValueError(f"{what}: dtype {x.dtype} is not supported (allowed: float32, float16, bfloat16)")
-    if weight_dtype != x.dtype:
-        raise ValueError(f"{what}: input dtype {x.dtype} differs from the weight dtype {weight_dtype}")
-    if (lora_A is None) != (lora_B is None):
-        raise ValueError(f"{what}: give both lora_A and lora_B, or neither")
-    if lora_A is not None:
-        if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != k or lora_B.shape[0] != n:
-            raise ValueError(
-                f"{what}: lora_A must be [r, {k}] and lora_B [{n}, r], got {tuple(lora_A.shape)} and "
-                f"{tuple(lora_B.shape)}"
-            )
-        if lora_A.shape[0] != lora_B.shape[1]:
-            raise ValueError(f"{what}: rank mismatch, lora_A has r={lora_A.shape[0]}, lora_B has r={lora_B.shape[1]}")
-
-
-def check_backward_inputs(grad_out: torch.Tensor, x: torch.Tensor, weight_dtype: torch.dtype, lora_A, lora_B,
-                          n: int, k: int, what: str) -> None:
-    """:func:`check_inputs` for ``x [..., k]`` and for ``grad_out [..., n]`` (same dtype, same leading dims)."""
-    check_inputs(x, weight_dtype, lora_A, lora_B, n, k, what)
-    if grad_out.dtype != x.dtype:
-        raise ValueError(f"{what}: grad_out dtype {grad_out.dtype} differs from the input dtype {x.dtype}")
-    if grad_out.shape[-1] != n or grad_out.shape[:-1] != x.shape[:-1]:
-        raise ValueError(f"{what}: grad_out {tuple(grad_out.shape)} does not match x {tuple(x.shape)} and {n} outputs")
+def _constexprs(cfg: TileConfig, packed: bool, upcast: bool, precision: str, block_r: int) -> dict:
+    """The constexprs common to the three kernels (each launcher and :func:`compile_for_target` pass these)."""
+    return dict(PACKED=packed, UPCAST=upcast, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_K=cfg.block_k, BLOCK_R=block_r)
 
 
 def _lora_args(lora_A, lora_B, device):
@@ -255,14 +232,13 @@ def fused_forward(
     s_split, s_m, s_n = target.stride()
     grid = (triton.cdiv(tokens, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
     _forward_kernel[grid](
-        x2, w, m, a, b, bias if bias is not None else x2, target,
+        x2, w, m, a, b, bias.contiguous() if bias is not None else x2, target,  # the kernel reads bias[n]
         tokens, n, k, rank, float(scaling),
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), m.stride(0), m.stride(1),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), s_split, s_m, s_n,
-        PACKED=packed, HAS_LORA=lora_A is not None, HAS_BIAS=bias is not None,
-        SPLIT_K=split, UPCAST=upcast, PRECISION=_precision(x.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_LORA=lora_A is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
+        **_constexprs(cfg, packed, upcast, _precision(x.dtype), block_r), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     out = target.sum(0) if split > 1 else target[0]  # the bias was added by split 0
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
@@ -286,10 +262,10 @@ def fused_backward(
     if dy.dtype != x2.dtype:
         x2 = x2.to(dy.dtype)
     tokens = dy.shape[0]
-    rank = lora_A.shape[0]
-    block_r = _pow2_at_least(rank)
+    _, _, rank, block_r = _lora_args(lora_A, lora_B, dy.device)
     cfg = config or backward_config(tokens, n, k, dy.dtype, dy.device, packed)
     upcast = _INTERPRET and dy.dtype == torch.bfloat16
+    consts = _constexprs(cfg, packed, upcast, _precision(dy.dtype), block_r)
     grad_x = None
     if need_input_grad:
         grad_x = _empty(tokens, k, dtype=torch.float32 if upcast else dy.dtype, device=dy.device)
@@ -301,9 +277,7 @@ def fused_backward(
                 dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), m.stride(0), m.stride(1),
                 lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
                 grad_x.stride(0), grad_x.stride(1),
-                PACKED=packed, UPCAST=upcast, PRECISION=_precision(dy.dtype),
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         grad_x = grad_x.to(dy.dtype).reshape(*grad_out.shape[:-1], k)
     n_tiles, k_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k)
@@ -316,9 +290,7 @@ def fused_backward(
             dy.stride(0), dy.stride(1), x2.stride(0), x2.stride(1), m.stride(0), m.stride(1),
             lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
             acc_a.stride(0), acc_a.stride(1), acc_b.stride(0), acc_b.stride(1),
-            PACKED=packed, UPCAST=upcast, PRECISION=_precision(dy.dtype),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     grad_A = (acc_a * scaling).to(lora_A.dtype)
     grad_B = (acc_b * scaling).to(lora_B.dtype)
@@ -339,8 +311,7 @@ def compile_for_target(kernel, dtype: str, cfg: TileConfig, packed: bool, lora: 
     from triton.compiler import ASTSource
 
     names = list(inspect.signature(kernel.fn).parameters)
-    constexprs = dict(PACKED=packed, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32",
-                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=16)
+    constexprs = _constexprs(cfg, packed, False, "ieee" if dtype == "fp32" else "tf32", 16)
     if "HAS_LORA" in names:
         constexprs.update(HAS_LORA=lora, HAS_BIAS=bias, SPLIT_K=split)
     signature = {}
@@ -360,6 +331,14 @@ def compile_for_target(kernel, dtype: str, cfg: TileConfig, packed: bool, lora: 
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                           target=target or GPUTarget("cuda", 90, 32),
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+@triton.jit
+def _load_tile(ptr, rows, cols, n_rows, n_cols, stride_r, stride_c):
+    """``ptr[rows, cols]`` as a ``[len(rows), len(cols)]`` tile in the stored dtype, zero outside
+    ``[n_rows, n_cols]`` (``rows`` / ``cols`` are ``tl.arange`` offsets)."""
+    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
 
 
 @triton.jit
@@ -461,8 +440,7 @@ def _effective_tile(w, keep, b_tile, a_ptr, offs_r, offs_k, R, K, stride_ar, str
                     HAS_LORA: tl.constexpr, PRECISION: tl.constexpr):
     """``(W + s*(B@A)) * M`` for one tile, in fp32 when there is an adapter (else ``w`` as loaded)."""
     if HAS_LORA:
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+        a = _load_tile(a_ptr, offs_r, offs_k, R, K, stride_ar, stride_ak).to(tl.float32)
         ba = tl.dot(b_tile, a, input_precision=PRECISION)  # [BLOCK_N, BLOCK_R] @ [BLOCK_R, BLOCK_K]
         return tl.where(keep, w.to(tl.float32) + scaling * ba, 0.0)
     else:
@@ -488,8 +466,7 @@ def _forward_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     b_tile = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     if HAS_LORA:
-        b_tile = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                         mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
+        b_tile = _load_tile(b_ptr, offs_n, offs_r, N, R, stride_bn, stride_br).to(tl.float32)
     k_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     start = pid_s * per_split
@@ -499,8 +476,7 @@ def _forward_kernel(
     # two tiles per program are in flight (the compiler does not pipeline loads that feed register math).
     k_lim = tl.where(start < end, K, 0)
     offs_k = start * BLOCK_K + tl.arange(0, BLOCK_K)
-    x_next = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_lim), other=0.0)
+    x_next = _load_tile(x_ptr, offs_m, offs_k, M, k_lim, stride_xm, stride_xk)
     w_next, m_next = _load_weight_raw(w_ptr, m_ptr, offs_n, start * BLOCK_K, N, k_lim, stride_wn, stride_wk,
                                       stride_mn, stride_mk, PACKED, BLOCK_N, BLOCK_K)
     for t in range(start, end):
@@ -509,8 +485,7 @@ def _forward_kernel(
         raw_m = m_next
         k_lim = tl.where(t + 1 < end, K, 0)
         offs_k = (t + 1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        x_next = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                         mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_lim), other=0.0)
+        x_next = _load_tile(x_ptr, offs_m, offs_k, M, k_lim, stride_xm, stride_xk)
         w_next, m_next = _load_weight_raw(w_ptr, m_ptr, offs_n, (t + 1) * BLOCK_K, N, k_lim, stride_wn, stride_wk,
                                           stride_mn, stride_mk, PACKED, BLOCK_N, BLOCK_K)
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -549,12 +524,10 @@ def _grad_input_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for t in range(0, tl.cdiv(N, BLOCK_N)):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn,
-                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        dy = _load_tile(dy_ptr, offs_m, offs_n, M, N, stride_dm, stride_dn)
         w, keep = _weight_tile(w_ptr, m_ptr, offs_n, pid_k * BLOCK_K, N, K, stride_wn, stride_wk, stride_mn,
                                stride_mk, PACKED, BLOCK_N, BLOCK_K)
-        b_tile = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                         mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
+        b_tile = _load_tile(b_ptr, offs_n, offs_r, N, R, stride_bn, stride_br).to(tl.float32)
         w = _effective_tile(w, keep, b_tile, a_ptr, offs_r, offs_k, R, K, stride_ar, stride_ak, scaling, True,
                            PRECISION)
         if UPCAST:
@@ -586,6 +559,8 @@ def _grad_lora_kernel(
     g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for t in range(0, tl.cdiv(M, BLOCK_M)):
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        # Written out, not through _load_tile: with Triton 3.6 the inlined helper's debug labels cost this loop
+        # 14 registers in ptxas (219 -> 233 for fp16 packed 64x64x64); the code is otherwise the same.
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn,
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
@@ -596,10 +571,8 @@ def _grad_lora_kernel(
             g += tl.dot(tl.trans(dy), x, input_precision=PRECISION)
     keep = _keep_tile(m_ptr, offs_n, pid_k * BLOCK_K, N, K, stride_mn, stride_mk, PACKED, BLOCK_N, BLOCK_K)
     g = tl.where(keep, g, 0.0)
-    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
+    a = _load_tile(a_ptr, offs_r, offs_k, R, K, stride_ar, stride_ak).to(tl.float32)
+    b = _load_tile(b_ptr, offs_n, offs_r, N, R, stride_bn, stride_br).to(tl.float32)
     part_b = tl.dot(g, tl.trans(a), input_precision=PRECISION)  # [BLOCK_N, BLOCK_R]
     part_a = tl.dot(tl.trans(b), g, input_precision=PRECISION)  # [BLOCK_R, BLOCK_K]
     pb = pb_ptr + offs_n[:, None] * stride_pb_n + offs_r[None, :] * stride_pb_r

@@ -25,27 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from ._fused import TileConfig, check_backward_inputs, check_inputs, fused_backward, fused_forward
+from ._fused import TileConfig, fused_backward, fused_forward
+from .checks import check_kernel_inputs, check_packed
 
 __all__ = ["packed24_matmul", "packed24_lora_forward", "packed24_lora_backward"]
-
-
-def _check_packed(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, what: str) -> tuple[int, int]:
-    k = x.shape[-1]
-    if values.dim() != 2 or values.shape[1] * 2 != k or k % 4:
-        raise ValueError(
-            f"{what}: values must be [out, in/2] with in divisible by 4; got values {tuple(values.shape)} "
-            f"for inputs of {k} features"
-        )
-    n = values.shape[0]
-    if meta.dtype != torch.uint8 or tuple(meta.shape) != (n, (k // 4 + 1) // 2):
-        raise ValueError(
-            f"{what}: meta must be uint8 of shape {(n, (k // 4 + 1) // 2)}, got {meta.dtype} {tuple(meta.shape)}"
-        )
-    if values.device != x.device or meta.device != x.device:
-        raise ValueError(f"{what}: x, values and meta must be on one device, got {x.device}, {values.device}, "
-                         f"{meta.device}")
-    return n, k
 
 
 def packed24_matmul(
@@ -53,8 +36,9 @@ def packed24_matmul(
     config: TileConfig | None = None,
 ) -> torch.Tensor:
     """``y [..., N] = x @ unpack24(values, meta).T + b`` for ``x [..., K]``. ``config`` overrides the tiles."""
-    n, k = _check_packed(x, values, meta, "packed24_matmul")
-    check_inputs(x, values.dtype, None, None, n, k, "packed24_matmul")
+    k = x.shape[-1]
+    n = check_packed(values, meta, k, "packed24_matmul")
+    check_kernel_inputs("packed24_matmul", x, values, meta, n, k, None, None, bias)
     return fused_forward(x, values, meta, n, True, None, None, 0.0, bias, config)
 
 
@@ -69,8 +53,9 @@ def packed24_lora_forward(
     config: TileConfig | None = None,
 ) -> torch.Tensor:
     """``y [..., N] = x @ (unpack24(Wp) + s*(B@A)*M24).T + b`` for ``x [..., K]``, ``A [r, K]``, ``B [N, r]``."""
-    n, k = _check_packed(x, values, meta, "packed24_lora_forward")
-    check_inputs(x, values.dtype, lora_A, lora_B, n, k, "packed24_lora_forward")
+    k = x.shape[-1]
+    n = check_packed(values, meta, k, "packed24_lora_forward")
+    check_kernel_inputs("packed24_lora_forward", x, values, meta, n, k, lora_A, lora_B, bias)
     return fused_forward(x, values, meta, n, True, lora_A, lora_B, scaling, bias, config)
 
 
@@ -86,6 +71,8 @@ def packed24_lora_backward(
     config: TileConfig | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``(dX [..., K] or None, dA [r, K], dB [N, r])`` of :func:`packed24_lora_forward` for ``grad_out [..., N]``."""
-    n, k = _check_packed(x, values, meta, "packed24_lora_backward")
-    check_backward_inputs(grad_out, x, values.dtype, lora_A, lora_B, n, k, "packed24_lora_backward")
+    k = x.shape[-1]
+    n = check_packed(values, meta, k, "packed24_lora_backward")
+    check_kernel_inputs("packed24_lora_backward", x, values, meta, n, k, lora_A, lora_B, grad_out=grad_out,
+                        lora_optional=False)
     return fused_backward(grad_out, x, values, meta, True, lora_A, lora_B, scaling, need_input_grad, config)

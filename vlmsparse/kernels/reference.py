@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..sparse24 import Packed24, unpack24, unpack24_mask
+from .checks import check_packed
 
 __all__ = [
     "effective_weight_ref",
@@ -140,9 +141,15 @@ def sparse_lora_backward_ref(
     return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
 
 
+def _packed(values: torch.Tensor, meta: torch.Tensor, in_features: int, what: str) -> Packed24:
+    """The checked :class:`Packed24` of ``values [out, in/2]``, ``meta [out, ceil(in/8)]``."""
+    check_packed(values, meta, in_features, what)
+    return Packed24(values, meta, in_features)
+
+
 def packed24_matmul_ref(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x @ unpack24(values, meta).T + b``."""
-    weight = unpack24(Packed24(values, meta, x.shape[-1]))
+    weight = unpack24(_packed(values, meta, x.shape[-1], "packed24_matmul_ref"))
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -156,7 +163,7 @@ def packed24_lora_forward_ref(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x @ (unpack24(Wp) + s*(B@A)*M24).T + b``, ``M24`` the packed 2:4 pattern."""
-    packed = Packed24(values, meta, x.shape[-1])
+    packed = _packed(values, meta, x.shape[-1], "packed24_lora_forward_ref")
     return sparse_lora_forward_ref(x, unpack24(packed), unpack24_mask(packed), lora_A, lora_B, scaling, bias)
 
 
@@ -171,7 +178,7 @@ def packed24_lora_backward_ref(
     need_input_grad: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``(dX, dA, dB)`` of :func:`packed24_lora_forward_ref`."""
-    packed = Packed24(values, meta, x.shape[-1])
+    packed = _packed(values, meta, x.shape[-1], "packed24_lora_backward_ref")
     return sparse_lora_backward_ref(
         grad_out, x, unpack24(packed), unpack24_mask(packed), lora_A, lora_B, scaling, need_input_grad
     )

@@ -19,18 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from ._fused import TileConfig, check_backward_inputs, check_inputs, fused_backward, fused_forward
+from ._fused import TileConfig, fused_backward, fused_forward
+from .checks import check_kernel_inputs, check_mask
 
 __all__ = ["sparse_lora_forward", "sparse_lora_backward"]
-
-
-def _check_mask(weight: torch.Tensor, mask: torch.Tensor, what: str) -> torch.Tensor:
-    if weight.dim() != 2:
-        raise ValueError(f"{what}: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    if mask.shape != weight.shape or mask.dtype != torch.bool:
-        raise ValueError(f"{what}: mask must be bool of shape {tuple(weight.shape)}, got {mask.dtype} "
-                         f"{tuple(mask.shape)}")
-    return mask.view(torch.uint8)
 
 
 def sparse_lora_forward(
@@ -44,10 +36,9 @@ def sparse_lora_forward(
     config: TileConfig | None = None,
 ) -> torch.Tensor:
     """``y [..., N] = x @ (W*M + s*(B@A)*M).T + b`` for ``x [..., K]`` (``W*M`` when there is no adapter)."""
-    m = _check_mask(weight, mask, "sparse_lora_forward")
-    n, k = weight.shape
-    check_inputs(x, weight.dtype, lora_A, lora_B, n, k, "sparse_lora_forward")
-    return fused_forward(x, weight, m, n, False, lora_A, lora_B, scaling, bias, config)
+    n, k = check_mask(weight, mask, "sparse_lora_forward")
+    check_kernel_inputs("sparse_lora_forward", x, weight, mask, n, k, lora_A, lora_B, bias)
+    return fused_forward(x, weight, mask.view(torch.uint8), n, False, lora_A, lora_B, scaling, bias, config)
 
 
 def sparse_lora_backward(
@@ -62,7 +53,8 @@ def sparse_lora_backward(
     config: TileConfig | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``(dX [..., K] or None, dA [r, K], dB [N, r])`` for ``grad_out [..., N]`` and ``x [..., K]``."""
-    m = _check_mask(weight, mask, "sparse_lora_backward")
-    n, k = weight.shape
-    check_backward_inputs(grad_out, x, weight.dtype, lora_A, lora_B, n, k, "sparse_lora_backward")
-    return fused_backward(grad_out, x, weight, m, False, lora_A, lora_B, scaling, need_input_grad, config)
+    n, k = check_mask(weight, mask, "sparse_lora_backward")
+    check_kernel_inputs("sparse_lora_backward", x, weight, mask, n, k, lora_A, lora_B, grad_out=grad_out,
+                        lora_optional=False)
+    return fused_backward(grad_out, x, weight, mask.view(torch.uint8), False, lora_A, lora_B, scaling,
+                          need_input_grad, config)
