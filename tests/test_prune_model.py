@@ -314,6 +314,13 @@ def test_bad_input_changes_nothing():
         prune_model(model, method="obs", sparsity=0.5, calibration=[batch])
     with pytest.raises(ValueError, match="unknown part"):
         prune_model(model, allocation={"audio": 0.5}, calibration=[batch])
+    with pytest.raises(TypeError, match=r"unknown option\(s\) nsamples; allowed: .*blocksize"):
+        prune_model(model, method="wanda", sparsity=0.5, calibration=[batch], nsamples=4)
+    with pytest.raises(TypeError, match=r"calibration is one batch .*e.g. \[batch\]"):
+        prune_model(model, method="wanda", sparsity=0.5, calibration=batch)
+    no_pixels = {k: v for k, v in batch.items() if k != "pixel_values"}
+    with pytest.raises(ValueError, match="image tokens .* but the batch has no pixel_values"):
+        prune_model(model, method="wanda", sparsity=0.5, calibration=[no_pixels])
     wrong = dict(batch, input_ids=batch["input_ids"][:, 2:])  # image tokens cut: 16 expected per image
     with pytest.raises(ValueError, match="image tokens"):
         prune_model(model, method="wanda", sparsity=0.5, calibration=[wrong])

@@ -235,6 +235,8 @@ def test_cli_prune_checks_before_loading(tmp_path, blip2_folder, monkeypatch, ca
     assert "--device cuda: CUDA is not available" in capsys.readouterr().err
     assert main(["prune", str(blip2_folder), str(tmp_path / "a"), "--max-words", "0"]) == 2
     assert "--max-words must be >= 1" in capsys.readouterr().err
+    assert main(["prune", str(blip2_folder), str(tmp_path / "a"), "--method", "sparsegpt", "--scope", "row"]) == 2
+    assert "scope" in (err := capsys.readouterr().err) and "sparsegpt" in err and "allowed: auto" in err
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text((blip2_folder / "config.json").read_text())
     assert main(["prune", str(tmp_path / "noweights"), str(tmp_path / "a")]) == 2

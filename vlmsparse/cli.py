@@ -169,7 +169,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward (default 8)")
     p.add_argument("--max-words", type=int, default=None, help="truncate captions to this many words")
     p.add_argument("--scope", default="auto", choices=["auto", "row", "matrix"],
-                   help="magnitude/Wanda comparison group (auto: per matrix in the vision encoder, per row elsewhere)")
+                   help="magnitude/Wanda comparison group (auto: per matrix in the vision encoder, per row "
+                   "elsewhere); sparsegpt selects per column block and accepts only auto")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default 128)")
     p.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
     p.add_argument("--no-error", action="store_true", help="skip the reconstruction error of magnitude/Wanda")
@@ -227,7 +228,7 @@ def _run_prune(args: argparse.Namespace) -> int:
 
     from .data.calibration import build_calibration_batches, load_calibration_samples
     from .models import decoder_start_token_id, get_arch_spec
-    from .pipeline.prune import format_report, prune_model, report_of
+    from .pipeline.prune import PruneConfig, format_report, prune_model, report_of
     from .pipeline.save import (
         check_model_folder,
         check_output_folder,
@@ -242,6 +243,8 @@ def _run_prune(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-words must be >= 1 (words kept per caption), got {args.max_words}")
     flags = _part_flags(args)
     part_allocation(args.allocation, args.sparsity, flags, set())  # refuses owl + per-part flags before loading
+    PruneConfig(method=args.method, sparsity=args.sparsity, scope=args.scope, blocksize=args.blocksize,
+                dampening=args.dampening)  # refuses bad options (e.g. sparsegpt with --scope) before loading
     device = _check_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_model(args.model, device=device, dtype=dtype)

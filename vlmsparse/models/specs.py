@@ -164,7 +164,7 @@ class ArchSpec:
                 f"{self.name} has an encoder-decoder language model: calibration inputs need decoder_input_ids "
                 "(build_calibration_batches(..., decoder_start_token_id=text_config.decoder_start_token_id))"
             )
-        if self.image_tokens is None or "pixel_values" not in batch:
+        if self.image_tokens is None:
             return
         config = model.config
         token = getattr(config, "image_token_index", None)
@@ -174,6 +174,12 @@ class ArchSpec:
         if ids is None or token is None:
             return
         count = int((ids == token).sum())
+        if "pixel_values" not in batch:
+            if count:
+                raise ValueError(f"{self.name}: calibration input_ids hold {count} image tokens (id {token}) but the "
+                                 "batch has no pixel_values; pass the images' pixel_values, or text without image "
+                                 "tokens")
+            return
         images = int(batch["pixel_values"].shape[0])
         if self.image_tokens == "query":
             if count == 0:

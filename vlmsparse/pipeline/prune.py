@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -31,7 +31,15 @@ from torch import nn
 
 from ..masks import MaskSet
 from ..models import PARTS, ArchSpec, ResolvedStage, get_arch_spec
-from ..pruning import METHODS, InputStats, check_weight, prune_layer, sparsegpt_prune
+from ..pruning import (
+    METHODS,
+    InputStats,
+    check_weight,
+    outlier_ratio,
+    owl_sparsities,
+    prune_layer,
+    sparsegpt_prune,
+)
 from ..pruning.algorithms import one_thread
 from ..sparsity import SparsityPattern, parse_pattern
 
@@ -54,7 +62,8 @@ class PruneConfig:
       mapping part -> pattern (``{"vision": 0.5, "language": 0.7}``; ``"connector"`` prunes the projector /
       Q-Former too; a part absent or at 0 is left dense).
     - ``scope``: unstructured comparison group for magnitude/Wanda: ``row``, ``matrix`` or ``auto`` (per
-      matrix in the vision encoder, as the reference VLM code did, per row elsewhere).
+      matrix in the vision encoder, as the reference VLM code did, per row elsewhere). SparseGPT selects per
+      column block and accepts only ``auto``.
     - ``owl``: OWL on top of the allocation (unstructured only); ``owl_lambda`` the sparsity spread around the
       target, ``owl_threshold`` the outlier factor M (score > M x mean).
     - ``blocksize``, ``dampening``: SparseGPT column block and Hessian dampening (fraction of mean diagonal).
@@ -106,6 +115,11 @@ class PruneConfig:
             )
         if self.scope not in ("auto", "row", "matrix"):
             raise ValueError(f"PruneConfig.scope: got {self.scope!r}; allowed: auto, row, matrix")
+        if self.method == "sparsegpt" and self.scope != "auto":
+            raise ValueError(
+                f"PruneConfig.scope: got {self.scope!r} with method 'sparsegpt', which chooses its mask per column "
+                "block as the reference does (no row / matrix comparison group); allowed: auto"
+            )
         if not 0.0 <= self.owl_lambda < 0.5:
             raise ValueError(f"PruneConfig.owl_lambda: got {self.owl_lambda}; allowed: [0, 0.5)")
         if self.owl_threshold <= 0:
@@ -457,23 +471,11 @@ def _collect_stats(
 
 
 # ------------------------------------------------------------------------------------------------- OWL
-def _owl_ratios(per_block_scores: list[float], target: float, lam: float) -> list[float]:
-    """Layer-wise sparsities around ``target``: more outliers -> less sparsity, spread ``2 lam`` wide."""
-    ratios = torch.tensor(per_block_scores, dtype=torch.float64)
-    if len(ratios) < 2 or float(ratios.max() - ratios.min()) == 0:
-        return [target] * len(per_block_scores)
-    spread = (ratios - ratios.min()) / (ratios.max() - ratios.min()) * (2 * lam)
-    sparsity = target - (spread - spread.mean())
-    return [float(min(max(s, 0.0), 0.99)) for s in sparsity]
-
-
 def _outlier_ratio(targets: list[_Target], stats: dict[str, InputStats], threshold: float) -> float:
-    above = total = 0
-    for t in targets:
-        score = t.module.weight.detach().abs().float() * stats[t.name].norm.to(t.module.weight.device).unsqueeze(0)
-        above += int((score > threshold * score.mean()).sum())
-        total += score.numel()
-    return above / max(total, 1)
+    """OWL's outlier ratio of one block: the Wanda scores of all its linears together, one mean (as the reference)."""
+    scores = [t.module.weight.detach().abs().float() * stats[t.name].norm.to(t.module.weight.device).unsqueeze(0)
+              for t in targets]
+    return outlier_ratio(scores, threshold)
 
 
 # ------------------------------------------------------------------------------------------------ pruning
@@ -558,6 +560,13 @@ def prune_model(
     :class:`PruneConfig` (``scope``, ``owl``, ``blocksize``, ``dampening``, ``report_error``, ``offload``...).
     The per-layer report is in ``masks.info["report"]`` (JSON; see :func:`report_of`).
     """
+    known = {f.name for f in fields(PruneConfig)} - {"method", "sparsity", "allocation"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"prune_model: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    if isinstance(calibration, Mapping):
+        raise TypeError("prune_model: calibration is one batch (a dict of model inputs); pass an iterable of "
+                        "batches, e.g. [batch]")
     cfg = PruneConfig(method=method, sparsity=sparsity, allocation=allocation, **options)
     spec = get_arch_spec(model)
     stages = spec.resolve(model)
@@ -657,10 +666,11 @@ def _apply_owl(model, plan, batches, device, store, cfg: PruneConfig) -> None:
             for b, out in zip(captured, outputs):
                 b.hidden = out
         target = per_block[0][0].pattern.sparsity if per_block and per_block[0] else 0.0
-        for targets, s in zip(per_block, _owl_ratios(scores, target, cfg.owl_lambda)):
+        sparsities = owl_sparsities(scores, target, cfg.owl_lambda)
+        for targets, s in zip(per_block, sparsities):
             for t in targets:
                 t.pattern = SparsityPattern(round(s, 6))
-        log.info("OWL %s sparsities: %s", stage.part, [round(s, 4) for s in _owl_ratios(scores, target, cfg.owl_lambda)])
+        log.info("OWL %s sparsities: %s", stage.part, [round(s, 4) for s in sparsities])
 
 
 def report_of(masks: MaskSet) -> list[LayerReport]:
