@@ -300,3 +300,99 @@ def test_write_folder_atomically_modes_and_failure(tmp_path):
         write_folder_atomically(tmp_path / "out", failing)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # old folder kept, no staging folder left
     assert (tmp_path / "out" / "sub" / "private.bin").exists()
+
+
+def test_save_compressed_and_save_pruned_share_the_folder_guard(tmp_path):
+    """The Python API: an existing non-empty folder is refused unless overwrite=True (then replaced as a whole:
+    no stale weights beside the new ones), an empty folder is written into, the input folder is refused, and
+    nothing is left staged. save_pruned has the same keyword and guard."""
+    from factories import tiny_llama
+
+    from vlmsparse.pipeline.save import save_pruned
+
+    model = tiny_llama(0).eval()
+    masks = MaskSet(_prune24(model, ["model.layers.0.self_attn.q_proj"]))
+    for save, files in ((lambda out, **kw: save_compressed(model, out, **kw),
+                         ["config.json", "model.compressed.safetensors", INDEX_FILENAME]),
+                        (lambda out, **kw: save_pruned(model, masks, out, **kw),
+                         ["config.json", "generation_config.json", "model.safetensors", MASKS_FILENAME])):
+        victim = tmp_path / "victim"
+        victim.mkdir()
+        (victim / "model.safetensors").write_text("stale")
+        (victim / "notes.txt").write_text("important")
+        with pytest.raises(FileExistsError, match=rf"{victim}.* already exists; .* pass overwrite=True to"):
+            save(victim)
+        assert sorted(p.name for p in victim.iterdir()) == ["model.safetensors", "notes.txt"]
+        save(victim, overwrite=True)
+        assert sorted(p.name for p in victim.iterdir()) == sorted(files)
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        save(empty)  # an empty folder, as save_pretrained users make one beforehand
+        assert sorted(p.name for p in empty.iterdir()) == sorted(files)
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+        for folder in (victim, empty):
+            for p in folder.iterdir():
+                p.unlink()
+            folder.rmdir()
+    report = save_compressed(model, tmp_path / "ckpt")
+    assert report["path"] == str((tmp_path / "ckpt").resolve())
+    loaded = load_compressed(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="input model"):
+        save_compressed(loaded, tmp_path / "ckpt", overwrite=True)
+    with pytest.raises(ValueError, match=r"min_sparsity must be in \[0, 1\], got 2"):
+        save_compressed(model, tmp_path / "bad", min_sparsity=2)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_save_compressed_follows_the_umask(tmp_path):
+    from factories import tiny_llama
+
+    old = os.umask(0o022)
+    try:
+        save_compressed(tiny_llama(0), tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    for path in (tmp_path / "ckpt").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_save_compressed_writes_processor_and_masks(tmp_path):
+    """With processor and masks the compressed folder is complete: processor, masks and model load from it."""
+    from factories import pruned_tiny, synthetic_processor
+    from transformers import AutoProcessor
+
+    from vlmsparse.pipeline.save import load_pruned
+
+    model, masks = pruned_tiny("llava", "2:4")
+    processor = synthetic_processor("llava")
+    save_compressed(model, tmp_path / "ckpt", processor=processor, masks=masks)
+    loaded, loaded_masks = load_pruned(tmp_path / "ckpt")
+    assert loaded_masks.masks.keys() == masks.masks.keys()
+    assert all(torch.equal(loaded_masks[n], masks[n]) for n in masks.masks)
+    for key, value in model.state_dict().items():
+        assert _bits_equal(value, loaded.state_dict()[key]), key
+    again = AutoProcessor.from_pretrained(tmp_path / "ckpt")
+    assert again.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    # masks that do not match the weights are refused before anything is written
+    wrong = MaskSet({n: ~m for n, m in masks.masks.items()}, masks.patterns)
+    with pytest.raises(ValueError):
+        save_compressed(model, tmp_path / "bad", masks=wrong)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_load_compressed_as_sparse_warns_when_nothing_is_swapped(tmp_path, caplog):
+    """On CPU backend 'auto' keeps 2:4 layers dense: as_sparse=True says so (and how to get them swapped)."""
+    from factories import tiny_llama
+
+    model = tiny_llama(0).eval()
+    _prune24(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "layers" in n])
+    save_compressed(model, tmp_path / "ckpt")
+    with caplog.at_level("WARNING", logger="vlmsparse.pipeline.compress"):
+        dense = load_compressed(tmp_path / "ckpt", as_sparse=True)
+    assert not any(isinstance(m, SparseLinear) for m in dense.modules())
+    assert "none of the" in caplog.text and "backend='packed24'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlmsparse.pipeline.compress"):
+        sparse = load_compressed(tmp_path / "ckpt", as_sparse=True, backend="packed24")
+    assert any(isinstance(m, SparseLinear) for m in sparse.modules()) and "none of the" not in caplog.text

@@ -12,14 +12,13 @@ from factories import tiny_llava
 
 from vlmsparse.cli import main
 from vlmsparse.masks import MaskSet
-from vlmsparse.pipeline.inspect import _canonical, inspect_checkpoint
+from vlmsparse.pipeline.inspect import inspect_checkpoint
 from vlmsparse.sparsity import mask_nm, mask_per_row
 
+# Rows are named by module, as the masks are, although transformers 5 saves LLaVA under its legacy keys
+# (language_model.model.layers.0.self_attn.q_proj.weight, vision_tower.encoder.layers.1.mlp.fc1.weight).
 Q_PROJ = "model.language_model.layers.0.self_attn.q_proj"
 FC1 = "model.vision_tower.encoder.layers.1.mlp.fc1"
-# transformers 5 saves LLaVA under its legacy checkpoint keys; masks use the module names above.
-Q_KEY = "language_model.model.layers.0.self_attn.q_proj.weight"
-FC1_KEY = "vision_tower.encoder.layers.1.mlp.fc1.weight"
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +45,13 @@ def test_report_rows_and_totals(saved_llava):
     report = inspect_checkpoint(saved_llava)
     rows = {r.name: r for r in report.rows}
     assert report.model_type == "llava"
-    q = rows[Q_KEY]
+    q = rows[Q_PROJ]
     assert q.nm == "2:4" and q.sparsity == pytest.approx(0.5) and q.shape == (32, 32)
     assert q.inside_mask is True
-    fc1 = rows[FC1_KEY]
+    fc1 = rows[FC1]
     assert fc1.sparsity == pytest.approx(22 / 32)  # round(32 * 0.7) = 22 pruned per row
     assert fc1.nm is None and fc1.inside_mask is False
-    assert rows["language_model.lm_head.weight"].inside_mask is None
+    assert rows["lm_head"].inside_mask is None
     assert not any("embed" in name for name in rows)  # embeddings are not linear layers
     totals = report.totals()
     assert totals["all"]["zeros"] == sum(r.zeros for r in report.rows)
@@ -61,22 +60,22 @@ def test_report_rows_and_totals(saved_llava):
 
 def test_report_parts_when_architecture_known(saved_llava):
     rows = {r.name: r for r in inspect_checkpoint(saved_llava).rows}
-    assert rows[Q_KEY].part == "language"
-    assert rows[FC1_KEY].part == "vision"
-    assert rows["multi_modal_projector.linear_1.weight"].part == "connector"
+    assert rows[Q_PROJ].part == "language"
+    assert rows[FC1].part == "vision"
+    assert rows["model.multi_modal_projector.linear_1"].part == "connector"
     totals = inspect_checkpoint(saved_llava).totals()
     assert {"language", "vision", "connector"} <= set(totals)
 
 
 def test_all_flag_includes_embeddings(saved_llava):
     names = [r.name for r in inspect_checkpoint(saved_llava, linear_only=False).rows]
-    assert "language_model.model.embed_tokens.weight" in names
+    assert "model.language_model.embed_tokens" in names
 
 
 def test_cli_json_and_table(saved_llava, capsys):
     assert main(["inspect", str(saved_llava), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    layer = next(x for x in data["layers"] if x["name"] == Q_KEY)
+    layer = next(x for x in data["layers"] if x["name"] == Q_PROJ)
     assert layer["nm"] == "2:4" and layer["shape"] == [32, 32]
     assert main(["inspect", str(saved_llava / "model.safetensors")]) == 0
     out = capsys.readouterr().out
@@ -121,17 +120,11 @@ def test_compressed_folder_reads_like_the_dense_one(saved_llava, tmp_path):
     index = json.loads((out / "vlmsparse_compressed.json").read_text())
     assert {e["format"] for e in index["tensors"].values()} >= {"packed24", "bitmask", "dense"}
     dense, compressed = inspect_checkpoint(saved_llava), inspect_checkpoint(out)
-    # the HF folder holds transformers 5's legacy keys (language_model.lm_head too), the compressed one the
-    # module names: compare canonically
-
-    def key(name):
-        return _canonical(name).removeprefix("language_model.")
-
-    by_name = {key(r.name): r for r in compressed.rows}
-    assert set(by_name) == {key(r.name) for r in dense.rows} and len(by_name) == len(compressed.rows)
-    for row in dense.rows:
-        assert {**vars(by_name[key(row.name)]), "name": row.name} == vars(row), row.name
-    assert by_name[key(Q_KEY)].nm == "2:4" and by_name[key(FC1_KEY)].inside_mask is False
+    # both named by module although the HF folder holds transformers 5's legacy keys: the same rows
+    dense_rows = {r.name: vars(r) for r in dense.rows}
+    assert {r.name: vars(r) for r in compressed.rows} == dense_rows and len(dense_rows) == len(compressed.rows)
+    by_name = {r.name: r for r in compressed.rows}
+    assert by_name[Q_PROJ].nm == "2:4" and by_name[FC1].inside_mask is False
     reloaded = load_model(out)
     for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
@@ -147,3 +140,43 @@ def test_a_masks_file_or_a_file_without_weights_is_refused(saved_llava, tmp_path
         inspect_checkpoint(tmp_path / "other.safetensors")
     assert main(["inspect", str(saved_llava / "sparsity_masks.safetensors")]) == 2
     assert "holds pruning masks" in capsys.readouterr().err
+
+
+def test_rows_are_named_like_the_loaded_modules_the_masks_and_the_prune_report(tmp_path):
+    """transformers 5 stores a LLaVA under legacy keys; inspect names every row by the module of the model
+    load_pruned gives back, the name the masks file and the prune report use."""
+    from safetensors import safe_open
+    from torch import nn
+
+    from vlmsparse.pipeline.prune import prune_model, report_of
+    from vlmsparse.pipeline.save import load_pruned, save_pruned
+
+    model = tiny_llava()
+    masks = prune_model(model, method="magnitude", sparsity=0.5, progress=False)
+    folder = save_pruned(model, masks, tmp_path / "pruned")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert "language_model.model.layers.0.self_attn.q_proj.weight" in set(f.keys())  # legacy layout on disk
+    loaded, saved_masks = load_pruned(folder)
+    linears = {name for name, module in loaded.named_modules() if isinstance(module, nn.Linear)}
+    rows = inspect_checkpoint(folder).rows
+    assert sorted(r.name for r in rows) == sorted(linears)
+    checked = sorted(r.name for r in rows if r.inside_mask is not None)
+    assert checked == sorted(saved_masks) == sorted(r.name for r in report_of(saved_masks)) and checked
+    assert all(r.inside_mask for r in rows if r.inside_mask is not None)
+    assert {r.name: r.part for r in rows if r.name in masks} == {r.name: r.part for r in report_of(masks)}
+
+
+@pytest.mark.parametrize("family", ["blip2", "instructblip", "blip2_t5", "llama"])
+def test_rows_are_module_names_for_every_family(tmp_path, family):
+    import factories
+    from torch import nn
+
+    from vlmsparse.models import prunable_linear_names
+    from vlmsparse.pipeline.save import load_model
+
+    getattr(factories, f"tiny_{family}")().save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    linears = {name for name, module in loaded.named_modules() if isinstance(module, nn.Linear)}
+    names = [r.name for r in inspect_checkpoint(tmp_path).rows]
+    assert len(names) == len(set(names)) and set(names) <= linears
+    assert set(prunable_linear_names(loaded)) <= set(names)

@@ -162,3 +162,28 @@ def test_load_trainable_adapter(tmp_path):
     loss.backward()
     layer = next(m for m in loaded.modules() if isinstance(m, PeftSparseLoRALinear))
     assert layer.lora_A["default"].weight.grad is not None
+
+
+def test_saved_adapter_files_follow_the_umask(tmp_path):
+    """peft writes the adapter weights through safetensors (0600 since 0.8): save_sparse_lora gives every file
+    it creates the mode open() gives (umask 022: 0644), and leaves the modes of other files in the folder."""
+    import os
+    import stat
+
+    model, masks = _pruned()
+    pm = _peft_model(model, masks)
+    path = tmp_path / "adapter"
+    path.mkdir()
+    private = path / "secret.txt"
+    private.write_text("keep me private")
+    private.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        save_sparse_lora(pm, path)
+    finally:
+        os.umask(old)
+    written = sorted(p.name for p in path.iterdir() if p != private)
+    assert {"adapter_model.safetensors", "adapter_config.json", MASKS_FILENAME} <= set(written)
+    for name in written:
+        assert stat.S_IMODE((path / name).stat().st_mode) == 0o644, name
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600

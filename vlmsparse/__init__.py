@@ -35,6 +35,8 @@ _LAZY = {
     "compress": "vlmsparse.pipeline.compress",
     "save_compressed": "vlmsparse.pipeline.compress",
     "load_compressed": "vlmsparse.pipeline.compress",
+    "compress_folder": "vlmsparse.pipeline.compress",
+    "decompress_folder": "vlmsparse.pipeline.compress",
     "finetune": "vlmsparse.training.finetune",
     "FinetuneConfig": "vlmsparse.training.config",
     "evaluate_vqa": "vlmsparse.eval.vqa",

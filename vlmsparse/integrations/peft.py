@@ -35,6 +35,7 @@ from torch import nn
 from ..masks import MaskSet
 from ..modules.sparse_lora import _check_mask
 from ..ops import sparse_lora_linear, zero_weight
+from ..pipeline.save import _follow_umask
 
 __all__ = [
     "PeftSparseLoRALinear",
@@ -146,14 +147,32 @@ def peft_sparse_masks(peft_model: nn.Module) -> MaskSet:
                    method="sparselora-adapter")
 
 
+def _file_ids(folder: Path) -> dict[Path, tuple[int, int]]:
+    """``{file: (device, inode)}`` of every file under ``folder`` (empty if it does not exist)."""
+    out = {}
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            stat = path.lstat()
+            out[path] = (stat.st_dev, stat.st_ino)
+    return out
+
+
 def save_sparse_lora(peft_model: PeftModel, path: str | os.PathLike, **save_kwargs: Any) -> Path:
-    """``peft_model.save_pretrained(path)`` plus the masks beside the adapter (``sparsity_masks.safetensors``)."""
+    """``peft_model.save_pretrained(path)`` plus the masks beside the adapter (``sparsity_masks.safetensors``).
+
+    Every file the save creates gets mode ``0o666 & ~umask``, as ``open()`` gives, not the ``0o600`` of
+    safetensors >= 0.8 (safetensors#782) that peft writes the adapter weights with. Files already in ``path``
+    that the save leaves or rewrites in place keep their modes.
+    """
     masks = peft_sparse_masks(peft_model)
     if not masks.masks:
         raise ValueError("save_sparse_lora: the model has no SparseLoRA layers (was the mapping registered?)")
     path = Path(path)
+    before = _file_ids(path)
     peft_model.save_pretrained(str(path), **save_kwargs)
     masks.save(path)
+    _follow_umask(path, only=[file for file, ident in _file_ids(path).items() if before.get(file) != ident])
     return path
 
 

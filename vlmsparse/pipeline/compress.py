@@ -25,11 +25,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..masks import atomic_write, pack_bitmask, unpack_bitmask
+from ..masks import MASKS_FILENAME, MaskSet, pack_bitmask, unpack_bitmask
 from ..modules.sparse_linear import SparseLinear, choose_backend, is_24
 from ..sparse24 import Packed24, pack24, unpack24
 
@@ -221,29 +222,68 @@ def _dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_min_sparsity(caller: str, min_sparsity: float) -> None:
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"{caller}: min_sparsity must be in [0, 1], got {min_sparsity}")
+
+
 def save_compressed(
-    model: nn.Module, path: str | os.PathLike, min_sparsity: float = 0.25, plan: CompressReport | None = None
+    model: nn.Module,
+    path: str | os.PathLike,
+    min_sparsity: float = 0.25,
+    plan: CompressReport | None = None,
+    overwrite: bool = False,
+    processor: Any = None,
+    masks: MaskSet | None = None,
 ) -> dict:
-    """Save ``model`` (an HF ``PreTrainedModel``, dense or compressed) as a compressed checkpoint folder.
+    """Save ``model`` (an HF ``PreTrainedModel``, dense or compressed) as a compressed checkpoint folder, with
+    ``processor`` (``save_pretrained``) and ``masks`` (``sparsity_masks.safetensors``) when given, as
+    :func:`~vlmsparse.pipeline.save.save_pruned` does: without them the folder cannot be finetuned, evaluated
+    or checked by ``inspect``. From a saved folder, :func:`compress_folder` copies both itself.
 
     2-D floating tensors that are 2:4 go to the packed format, other 2-D floating tensors with at least
     ``min_sparsity`` zeros to values + bitmask (when that is smaller), the rest stay dense. Tied tensors are
-    stored once. Every file is written atomically. ``plan`` (the report of ``compress(..., auto=True)``) is
-    stored and makes ``load_compressed(as_sparse=True)`` swap only the layers it kept sparse.
+    stored once. ``plan`` (the report of ``compress(..., auto=True)``) is stored and makes
+    ``load_compressed(as_sparse=True)`` swap only the layers it kept sparse.
+
+    The folder is written as a temporary sibling and renamed into place (files follow the umask); an existing
+    ``path`` other than an empty folder is refused unless ``overwrite`` (then replaced as a whole, no stale
+    files left beside), and so is the folder the model was loaded from: the guard of
+    :func:`vlmsparse.pipeline.save.save_pruned`.
     Returns the size report (also stored in the index): ``stored_bytes`` (tensor bytes written) over
     ``dense_bytes`` (the same tensors dense) is ``ratio``; ``file_bytes`` is the weights file on disk.
-    Writes into ``path`` as it is (files of the same name replaced, others left): for a whole folder that is
-    refused if it exists and replaced atomically, use :func:`compress_folder`.
     """
-    from safetensors.torch import save_file
+    from .save import _source_dirs, check_masks, check_output_folder, write_folder_atomically
 
-    if not 0.0 <= min_sparsity <= 1.0:
-        raise ValueError(f"save_compressed: min_sparsity must be in [0, 1], got {min_sparsity}")
+    _check_min_sparsity("save_compressed", min_sparsity)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         raise ValueError("save_compressed needs a Hugging Face model (with .config) to rebuild it on load")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    out = check_output_folder(path, _source_dirs(model), overwrite, option="overwrite=True", allow_empty=True)
+    if masks is not None:
+        check_masks(model, masks)
+
+    def write(tmp: Path) -> dict:
+        report = _write_compressed(model, tmp, min_sparsity, plan)
+        if masks is not None:
+            masks.save(tmp / MASKS_FILENAME)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        return report
+
+    report = write_folder_atomically(out, write)
+    report["path"] = str(out)
+    logger.info("save_compressed: %d tensor bytes, %.1f%% of %d dense tensor bytes, in %s", report["stored_bytes"],
+                100 * report["ratio"], report["dense_bytes"], out)
+    return report
+
+
+def _write_compressed(model: nn.Module, path: Path, min_sparsity: float, plan: CompressReport | None) -> dict:
+    """Write the files of :func:`save_compressed` into the existing folder ``path`` (a staging folder);
+    returns the size report without ``path``."""
+    from safetensors.torch import save_file
+
+    config = model.config
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
     seen: dict[tuple, str] = {}
@@ -276,16 +316,13 @@ def save_compressed(
         tensors[key] = value.contiguous()
         entries[key] = entry
     weights_path = path / WEIGHTS_FILENAME
-    atomic_write(weights_path, lambda tmp: save_file(
-        tensors, tmp, metadata={"format": "vlmsparse-compressed", "format_version": FORMAT_VERSION}))
-    config_text = config.to_json_string()
-    atomic_write(path / CONFIG_FILENAME, lambda tmp: Path(tmp).write_text(config_text, encoding="utf-8"))
+    save_file(tensors, weights_path, metadata={"format": "vlmsparse-compressed", "format_version": FORMAT_VERSION})
+    (path / CONFIG_FILENAME).write_text(config.to_json_string(), encoding="utf-8")
     formats: dict[str, int] = {}
     for entry in entries.values():
         formats[entry["format"]] = formats.get(entry["format"], 0) + 1
     stored_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     report = {
-        "path": str(path),
         "compares": f"tensor bytes stored in {WEIGHTS_FILENAME} vs the same tensors dense (file headers and "
                     "other files left out)",
         "stored_bytes": stored_bytes,
@@ -299,14 +336,11 @@ def save_compressed(
         "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
         "weights": WEIGHTS_FILENAME,
-        "size": {k: v for k, v in report.items() if k != "path"},
+        "size": dict(report),
         "plan": plan.to_dict() if plan is not None else None,
         "tensors": entries,
     }
-    atomic_write(path / INDEX_FILENAME,
-                 lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1), encoding="utf-8"))
-    logger.info("save_compressed: %d tensor bytes, %.1f%% of %d dense tensor bytes, in %s", stored_bytes,
-                100 * report["ratio"], dense_bytes, path)
+    (path / INDEX_FILENAME).write_text(json.dumps(index, indent=1), encoding="utf-8")
     return report
 
 
@@ -416,7 +450,12 @@ def load_compressed(
                   if e["format"] == "packed24" and key.endswith(".weight")}
         if index.get("plan"):
             packed &= {layer["name"] for layer in index["plan"]["layers"] if layer["backend"] != "dense"}
-        compress(model, backend=backend, filter_fn=lambda _m, name: name in packed)
+        report = compress(model, backend=backend, filter_fn=lambda _m, name: name in packed, progress=False)
+        if packed and not report.swapped:
+            reasons = sorted({d.reason for d in report.layers})
+            logger.warning("load_compressed(as_sparse=True): none of the %d 2:4 layers was swapped for SparseLinear "
+                           "(backend %r on %s): %s; backend='packed24' swaps them on any device", len(packed),
+                           backend, device or "cpu", "; ".join(reasons) or "no eligible layer")
     return model
 
 
@@ -465,6 +504,7 @@ def compress_folder(
     ``tensors`` holds :func:`save_compressed`'s tensor-level report."""
     from .save import check_output_folder, load_model, write_folder_atomically
 
+    _check_min_sparsity("compress_folder", min_sparsity)
     src = Path(src)
     out = check_output_folder(dst, [src], overwrite, option="overwrite=True (--overwrite)")
     plan = None
@@ -475,8 +515,7 @@ def compress_folder(
     model = load_model(src)
 
     def write(tmp: Path) -> tuple[dict, list[str]]:
-        tensors = save_compressed(model, tmp, min_sparsity=min_sparsity, plan=plan)
-        return tensors, _copy_side_files(src, tmp)
+        return _write_compressed(model, tmp, min_sparsity, plan), _copy_side_files(src, tmp)
 
     tensors, copied = write_folder_atomically(out, write)
     tensors["path"] = str(out)

@@ -5,11 +5,18 @@ Reads a ``.safetensors`` file or a Hugging Face model folder (``model.safetensor
 For each linear weight: shape, sparsity, whether it is 2:4 / 4:8, its model part when the architecture
 is known (``config.json``'s ``model_type``), and, for a pruned folder with ``sparsity_masks.safetensors``,
 whether the weight's non-zeros lie inside its mask.
+
+Rows are named by module, as in ``model.named_modules()`` of the loaded model, the masks file and the prune
+report. transformers 5 saves some models under a legacy key layout (LLaVA:
+``language_model.model.layers.0.self_attn.q_proj.weight`` for the module
+``model.language_model.layers.0.self_attn.q_proj``); the keys are renamed with transformers' own loading
+rules (``conversion_mapping.get_model_conversion_mapping``) for the class the folder's ``config.json`` names.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,12 +29,17 @@ from ..sparsity import detect_nm
 
 __all__ = ["InspectRow", "InspectReport", "inspect_checkpoint"]
 
-# 2-D weights that are not linear layers (token / position embeddings).
-_NOT_LINEAR = ("embed", "wte.", "wpe.", "position_embedding", "word_embeddings", "shared.weight")
+log = logging.getLogger(__name__)
+
+# 2-D weights that are not linear layers (token / position embeddings, T5 relative position biases).
+_NOT_LINEAR = ("embed", "wte.", "wpe.", "position_embedding", "word_embeddings", "shared.weight",
+               "relative_attention_bias")
 
 
 @dataclass
 class InspectRow:
+    """One 2-D weight: ``name`` is its module's name in the loaded model (as in the masks file)."""
+
     name: str
     shape: tuple[int, ...]
     numel: int
@@ -140,10 +152,52 @@ def _part_function(model_type: str | None):
 
 
 def _canonical(name: str) -> str:
-    """A module name with its ``model`` path segments dropped. transformers 5 saves some models (LLaVA)
-    under a legacy key layout (``language_model.model.layers.0.q_proj``) while the loaded modules are
-    named ``model.language_model.layers.0.q_proj``; both have the same canonical name."""
+    """A module name with its ``model`` path segments dropped: ``language_model.model.layers.0.q_proj`` (legacy
+    layout) and ``model.language_model.layers.0.q_proj`` agree then. Matches a masks file written under the
+    other layout (an older transformers) to the rows."""
     return ".".join(part for part in name.split(".") if part != "model")
+
+
+def _checkpoint_namer(folder: Path) -> Callable[[str], str]:
+    """``key -> parameter name`` (``model.state_dict()`` key) for the checkpoint keys of the HF folder ``folder``.
+
+    The model class is the one ``config.json`` names (``architectures[0]``, else the class vlmsparse loads for its
+    ``model_type``), built on the meta device (no memory, no weights); keys are renamed as transformers renames
+    them on load (its ``WeightRenaming`` rules only: a key a ``WeightConverter`` fuses keeps its stored name,
+    as its tensor is not the module's weight). Without a config or a known class, keys stay as stored.
+    """
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        return lambda key: key
+    try:
+        import transformers
+        from transformers import AutoConfig
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        from ..models import model_class_for
+
+        data = json.loads(config_path.read_text())
+        architectures = data.get("architectures") or []
+        cls = getattr(transformers, architectures[0], None) if architectures else None
+        if cls is None:
+            cls = model_class_for(data.get("model_type"))
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        with torch.device("meta"):
+            model = cls(config)
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        params = model.state_dict()
+        prefix = model.base_model_prefix
+    except (ImportError, AttributeError, KeyError, ValueError, TypeError, OSError, RuntimeError) as error:
+        log.warning("inspect: cannot rebuild the model class of %s (%s); rows are named by checkpoint key",
+                    folder, error)
+        return lambda key: key
+
+    def name_of(key: str) -> str:
+        renamed, _ = rename_source_key(key, renamings, [], prefix, params)
+        return renamed if renamed in params else key
+
+    return name_of
 
 
 def _stored_tensors(path: Path, files: list[Path]) -> Iterator[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
@@ -173,6 +227,8 @@ def inspect_checkpoint(path: str | os.PathLike, linear_only: bool = True) -> Ins
                          f"({path.parent}), which checks the weights against these masks")
     compressed = path.is_dir() and (path / INDEX_FILENAME).exists()
     files = [] if compressed else _weight_files(path)
+    # a compressed folder stores the model's own state-dict keys; an HF folder may hold a legacy layout
+    name_of = (lambda key: key) if compressed else _checkpoint_namer(path if path.is_dir() else path.parent)
     model_type = _model_type(path)
     part = _part_function(model_type)
     masks_path = (path if path.is_dir() else path.parent) / MASKS_FILENAME
@@ -184,20 +240,21 @@ def inspect_checkpoint(path: str | os.PathLike, linear_only: bool = True) -> Ins
             continue
         if linear_only and any(token in key for token in _NOT_LINEAR):
             continue
+        name = name_of(key).removesuffix(".weight")
         tensor = load()
         nonzero = tensor != 0
-        mask = mask_by_canonical.get(_canonical(key[: -len(".weight")]))
+        mask = masks[name] if masks and name in masks else mask_by_canonical.get(_canonical(name))
         inside = None
         if mask is not None:
             inside = mask.shape == tensor.shape and not bool((nonzero & ~mask).any())
         report.rows.append(
             InspectRow(
-                name=key,
+                name=name,
                 shape=shape,
                 numel=tensor.numel(),
                 zeros=int((~nonzero).sum()),
                 nm=detect_nm(tensor) if torch.is_floating_point(tensor) else None,
-                part=part(key),
+                part=part(name),
                 inside_mask=inside,
             )
         )

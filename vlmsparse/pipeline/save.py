@@ -2,8 +2,8 @@
 load it back.
 
 The folder is written to a temporary sibling and renamed into place, so a crash never leaves a half-written
-model; an existing folder is replaced only with ``overwrite=True``, and the folder the model was loaded
-from is never overwritten.
+model; an existing folder (other than an empty one) is replaced only with ``overwrite=True``, and the folder
+the model was loaded from is never overwritten.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,9 +47,10 @@ def _source_dirs(model: nn.Module) -> list[Path]:
 
 
 def check_output_folder(out_dir: str | os.PathLike, inputs: list[str | os.PathLike], overwrite: bool,
-                        option: str = "overwrite=True (--overwrite)") -> Path:
+                        option: str = "overwrite=True (--overwrite)", allow_empty: bool = False) -> Path:
     """The resolved output folder, after refusing what would lose data: an output equal to, inside or
-    containing an input folder (replacing it would delete the input), and an existing path unless ``overwrite``.
+    containing an input folder (replacing it would delete the input), and an existing path unless ``overwrite``
+    (or, with ``allow_empty``, it is an empty folder, as ``save_pretrained`` users create beforehand).
     Call it before long work, so a bad output is reported before the work is done."""
     out = Path(out_dir).resolve()
     for given in inputs:
@@ -57,14 +58,21 @@ def check_output_folder(out_dir: str | os.PathLike, inputs: list[str | os.PathLi
         if out == source or out in source.parents or source in out.parents:
             raise ValueError(f"refusing to write {out}: it is, contains or lies inside the input model {source}; "
                              "choose a folder outside the input")
-    if out.exists() and not overwrite:
+    empty_folder = out.is_dir() and not any(out.iterdir())
+    if out.exists() and not overwrite and not (allow_empty and empty_folder):
         raise FileExistsError(f"{out} already exists; choose another folder or pass {option} to replace it")
     return out
 
 
-def _follow_umask(folder: Path) -> None:
-    """Give ``folder``, its subfolders and files the modes a fresh ``mkdir`` / ``open()`` would (links left)."""
+def _follow_umask(folder: Path, only: Collection[Path] | None = None) -> None:
+    """Give ``folder``, its subfolders and files the modes a fresh ``mkdir`` / ``open()`` would:
+    ``0o777 & ~umask`` / ``0o666 & ~umask`` (links left). With ``only``, just those paths (files or folders)."""
     umask = current_umask()
+    if only is not None:
+        for path in only:
+            if not os.path.islink(path):
+                os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+        return
     os.chmod(folder, 0o777 & ~umask)
     for root, dirs, files in os.walk(folder):
         for names, mode in ((dirs, 0o777), (files, 0o666)):
@@ -133,13 +141,15 @@ def save_pruned(
     overwrite: bool = False,
     source: str | os.PathLike | None = None,
 ) -> Path:
-    """Write ``model`` (``save_pretrained``), ``masks`` and ``processor`` (if given) to ``out_dir`` atomically.
+    """Write ``model`` (``save_pretrained``), ``masks`` and ``processor`` (if given) to ``out_dir`` atomically
+    (a temporary sibling folder renamed into place).
 
     Refuses to write into the folder the model came from (``source`` or the model's ``name_or_path``) and,
-    unless ``overwrite``, into an existing path.
+    unless ``overwrite`` (then the folder is replaced as a whole), into an existing path other than an empty
+    folder: the same guard as :func:`vlmsparse.pipeline.compress.save_compressed`.
     """
     sources = _source_dirs(model) + ([Path(source).resolve()] if source else [])
-    out = check_output_folder(out_dir, sources, overwrite)
+    out = check_output_folder(out_dir, sources, overwrite, option="overwrite=True", allow_empty=True)
     check_masks(model, masks)
 
     def write(tmp: Path) -> None:
