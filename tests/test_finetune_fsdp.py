@@ -132,16 +132,48 @@ def _setup(tmp_path: Path, config: str) -> tuple[list[str], dict]:
     return [accelerate, "launch", "--config_file", str(tmp_path / "fsdp2.yaml")], env
 
 
+def _checkpoint_files(checkpoint: Path) -> list[str]:
+    """What a checkpoint holds; never the frozen model (the Trainer's ``pytorch_model_fsdp*`` under FSDP)."""
+    return sorted(p.name for p in checkpoint.iterdir())
+
+
+def _fsdp_checkpoint(optimizer: str) -> list[str]:
+    """Trainable tensors, run config, optimizer (``optimizer_0/`` sharded, ``optimizer.bin`` gathered: accelerate
+    follows fsdp_state_dict_type), scheduler, RNG state per rank, Trainer state."""
+    return sorted([optimizer, "rng_state_0.pth", "rng_state_1.pth", "scheduler.pt", "trainable.safetensors",
+                   "trainer_state.json", "vlmsparse_finetune.json"])
+
+
 @pytest.mark.slow
-def test_fsdp2_sharded_checkpoints_refused(tmp_path):
-    """accelerate's FSDP2 default (SHARDED_STATE_DICT) would write checkpoints without the trainable tensors."""
+def test_fsdp2_sharded_state_dict_checkpoints_and_resume(tmp_path):
+    """accelerate's FSDP2 default (SHARDED_STATE_DICT): checkpoints still hold the full trainable tensors (each
+    gathered alone, not the whole model), no model file, and resume from them ends where the run ended."""
     config = "\n".join(line for line in FSDP2_CONFIG.splitlines() if "state_dict_type" not in line)
     launch, env = _setup(tmp_path, config)
-    proc = subprocess.run([*launch, "--main_process_port", str(_free_port()), str(tmp_path / "run_fsdp.py"),
-                           str(tmp_path / "out"), "2", "1"], env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode != 0
-    assert "need fsdp_state_dict_type: FULL_STATE_DICT (got StateDictType.SHARDED_STATE_DICT)" in proc.stderr
-    assert not (tmp_path / "out" / "checkpoint-2").exists()
+    out = tmp_path / "out"
+    _run([*launch, "--main_process_port", str(_free_port()), str(tmp_path / "run_fsdp.py"), str(out), "2", "1"], env)
+    checkpoint = out / "checkpoint-2"
+    assert _checkpoint_files(checkpoint) == _fsdp_checkpoint("optimizer_0")
+    from safetensors.torch import load_file
+
+    trainable = load_file(checkpoint / "trainable.safetensors")
+    pairs = [(n, n.replace("lora_A", "lora_B")) for n in trainable if "lora_A" in n]
+    assert pairs
+    for a, b in pairs:  # full tensors: each rank holds half of A's rows (the rank) and half of B's rows
+        rank = 4 if "vision_tower" in a else 8  # FinetuneConfig's rank_vision / rank_language
+        assert trainable[a].shape[0] == trainable[b].shape[1] == rank, (a, trainable[a].shape, trainable[b].shape)
+
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(checkpoint, resumed_dir / "checkpoint-2")
+    _run([*launch, "--main_process_port", str(_free_port()), str(tmp_path / "run_fsdp.py"), str(resumed_dir),
+          "2", "1", "resume"], env)
+    resumed, first = _record(resumed_dir), _record(out)
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 3
+    assert resumed["losses"][-1]["loss"] == pytest.approx(first["losses"][-1]["loss"], rel=RTOL)
+    merged_first = _merged(out)
+    for name, tensor in _merged(resumed_dir).items():
+        torch.testing.assert_close(tensor, merged_first[name], rtol=RTOL, atol=ATOL, msg=name)
 
 
 @pytest.mark.slow
@@ -173,7 +205,7 @@ def test_fsdp2_two_cpu_processes_match_one(tmp_path):
 
     # checkpoints: the trainable tensors gathered to full size (as one process writes them), an RNG state per rank
     checkpoint = tmp_path / "fsdp" / "checkpoint-2"
-    assert sorted(p.name for p in checkpoint.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert _checkpoint_files(checkpoint) == _fsdp_checkpoint("optimizer.bin")
     from safetensors.torch import load_file
 
     trainable = load_file(checkpoint / "trainable.safetensors")
@@ -193,7 +225,7 @@ def test_fsdp2_two_cpu_processes_match_one(tmp_path):
     name = next(iter(masks)) + ".weight"
     assert not torch.equal(merged_fsdp[name], original[name])
 
-    # resume from checkpoint-2 (sharded model and optimizer restored) ends where the uninterrupted run ended
+    # resume from checkpoint-2 (trainable tensors re-sharded, optimizer restored) ends where the uninterrupted run ended
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copytree(checkpoint, resumed_dir / "checkpoint-2")

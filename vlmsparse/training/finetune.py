@@ -11,10 +11,10 @@ weight is still zero (``W' = W*M + s*(B@A)*M``: zeros of W' == zeros of M) -> sa
 masks -> JSON record of the run.
 
 The Trainer does the distribution: run the same script under ``accelerate launch`` or ``torchrun`` for DDP,
-or ``accelerate launch`` with an FSDP2 config (``fsdp_version: 2``, ``fsdp_state_dict_type: FULL_STATE_DICT``):
+or ``accelerate launch`` with an FSDP2 config (``fsdp_version: 2``; either ``fsdp_state_dict_type``):
 after training the main process gathers the full state dict into a meta-device copy of the model and merges,
 checks and saves that (DeepSpeed and FSDP1: not verified). Checkpoints: ``output_dir/checkpoint-N``
-(trainable tensors + optimizer state, atomic; under FSDP the Trainer adds its own full-model file);
+(trainable tensors gathered to full size + optimizer state, sharded under FSDP; atomic; never the frozen model);
 ``resume=True`` continues from the latest one, refusing one written by another config.
 
 Output folder::

@@ -75,11 +75,13 @@ class SparseTrainer(Trainer):
         if distill_lambda > 0 and teacher_fn is None:
             raise ValueError("distill_lambda > 0 needs a teacher_fn")
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        if self.is_fsdp_enabled and self.args.save_strategy != "no" and "FULL" not in str(plugin.state_dict_type):
+        if (self.is_fsdp_enabled and not self.accelerator.is_fsdp2 and self.args.save_strategy != "no"
+                and "FULL" not in str(plugin.state_dict_type)):
             raise ValueError(
-                f"FSDP checkpoints of SparseTrainer need fsdp_state_dict_type: FULL_STATE_DICT (got "
+                f"FSDP1 checkpoints of SparseTrainer need fsdp_state_dict_type: FULL_STATE_DICT (got "
                 f"{plugin.state_dict_type}): a checkpoint holds the full trainable tensors, gathered on the main "
-                "process; set it in the accelerate config, or turn checkpoints off (save_steps=0)"
+                "process; set it in the accelerate config, use FSDP2 (fsdp_version: 2), or turn checkpoints off "
+                "(save_steps=0)"
             )
         self.teacher_fn = teacher_fn
         self.distill_lambda = distill_lambda
@@ -144,6 +146,34 @@ class SparseTrainer(Trainer):
         atomic_write(os.path.join(output_dir, TRAINABLE_FILENAME), lambda tmp: save_file(tensors, tmp))
         text = json.dumps(self.run_config, indent=2, sort_keys=True)
         atomic_write(os.path.join(output_dir, RUN_CONFIG_FILENAME), lambda tmp: open(tmp, "w").write(text))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP2, gather only the trainable parameters (every process joins each all-gather) and let the
+        main process write them; the stock Trainer gathers the whole model first. Otherwise the Trainer's own."""
+        if not (self.is_fsdp_enabled and self.accelerator.is_fsdp2):
+            super().save_model(output_dir, _internal_call)
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        tensors = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                full = param.full_tensor() if isinstance(param, DTensor) else param
+                tensors[name] = full.detach().to("cpu").contiguous()
+        self._save(output_dir, state_dict=tensors)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP, the sharded optimizer and the scheduler, without the Trainer's full-model file
+        (``save_fsdp_model``: the whole frozen model in every checkpoint); resume reads ``trainable.safetensors``."""
+        if not self.is_fsdp_enabled:
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        from accelerate.utils import save_fsdp_optimizer
+        from transformers.trainer import SCHEDULER_NAME
+
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                            output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, written under ``output_dir/.staging`` then renamed to ``checkpoint-N``."""
