@@ -40,6 +40,7 @@ _LAZY = {
     "finetune": "vlmsparse.training.finetune",
     "FinetuneConfig": "vlmsparse.training.config",
     "evaluate_vqa": "vlmsparse.eval.vqa",
+    "load_vqa_rows": "vlmsparse.eval.vqa",
     "vqa_accuracy": "vlmsparse.eval.vqa",
     "normalize_answer": "vlmsparse.eval.vqa",
     "perplexity": "vlmsparse.eval.perplexity",

@@ -327,26 +327,36 @@ def _run_compress(args: argparse.Namespace) -> int:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="VQA accuracy of a model folder on a JSONL of image, question, answers; or perplexity on a text",
-        description="Batched greedy generation on a JSONL (one {\"image\", \"question\", \"answers\"} per line; "
-        "images relative to the file) scored with VQAv2 accuracy (normalised answers, min(matches / 3, 1)) and "
-        "exact match; or, with --text, the perplexity of the model's language model on a text file.",
+        help="VQA accuracy of a model folder on VQAv2 / OK-VQA / GQA files or our JSONL; or perplexity on a text",
+        description="Batched greedy generation on a VQA data file, its format read from its content: our JSONL "
+        "(one {\"image\", \"question\", \"answers\"} per line; images relative to the file), the official "
+        "VQAv2 / OK-VQA questions JSON with --annotations (COCO images COCO_<split>_<12-digit id>.jpg; scored as the "
+        "official vqaEval: normalised answers, mean over the 10 leave-one-out subsets of min(matches / 3, 1); per "
+        "answer_type), or a GQA questions JSON (images <imageId>.jpg; exact match after normalisation; per "
+        "structural type). Or, with --text, the perplexity of the model's language model on a text file.",
     )
     p.add_argument("model", help="a model folder (dense, pruned or finetuned: Hugging Face files + processor)")
-    p.add_argument("--data", default=None, help="VQA JSONL file")
+    p.add_argument("--data", default=None,
+                   help="VQA data: our JSONL, a VQAv2 / OK-VQA questions JSON, or a GQA questions JSON")
+    p.add_argument("--annotations", default=None,
+                   help="the VQAv2 / OK-VQA annotations JSON of the --data questions (the human answers)")
     p.add_argument("--text", default=None, help="a UTF-8 text file: report perplexity instead of VQA accuracy")
-    p.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the JSONL's)")
+    p.add_argument("--image-root", default=None,
+                   help="image folder (default: the data file's; COCO / GQA images are also looked up in its "
+                   "<split> / images subfolder)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=5)
     p.add_argument("--prompt", default=None, help="question prompt with {question} (default: by model family)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows (N >= 1)")
-    p.add_argument("--official", action="store_true", help="VQAv2 leave-one-out average over 10 answer subsets")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions (N >= 1)")
+    p.add_argument("--official", action="store_true",
+                   help="JSONL: the official VQAv2 leave-one-out average over the answer subsets (always used for "
+                   "VQAv2 / OK-VQA files)")
     p.add_argument("--max-length", type=int, default=512,
                    help="perplexity window (tokens); capped at the language model's position limit (default 512)")
     p.add_argument("--stride", type=int, default=None,
                    help="perplexity window stride (default: the window; half of it for an encoder-decoder LM)")
     p.add_argument("-o", "--output", default=None,
-                   help="write the JSON report (with every prediction and its image) to this file")
+                   help="write the JSON report (with every prediction, its question id and image) to this file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -370,11 +380,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .eval.vqa import evaluate_folder, load_model_folder
 
     if (args.data is None) == (args.text is None):
-        raise ValueError("give exactly one of --data (VQA JSONL) or --text (perplexity)")
+        raise ValueError("give exactly one of --data (VQA data file) or --text (perplexity)")
+    if args.annotations is not None and args.data is None:
+        raise ValueError("--annotations goes with --data (a VQAv2 / OK-VQA questions file), not with --text")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1 (rows to evaluate), got {args.limit}")
     if args.output:
-        _check_report_file(args.output, [args.data, args.text], args.overwrite)
+        _check_report_file(args.output, [args.data, args.annotations, args.text], args.overwrite)
     if args.text is not None:
         from .eval.perplexity import perplexity_of_file
 
@@ -387,11 +399,12 @@ def _run_eval(args: argparse.Namespace) -> int:
         text = f"perplexity {result['perplexity']:.4f} over {result['num_tokens']} tokens"
     else:
         vqa = evaluate_folder(args.model, args.data, args.batch_size, args.max_new_tokens, args.prompt, args.limit,
-                              args.image_root, args.official, progress=True)
-        report = {"model": args.model, "data": args.data, **vqa.to_dict(with_predictions=args.output is not None)}
+                              args.image_root, args.official, progress=True, annotations=args.annotations)
+        report = {"model": args.model, "data": args.data, "annotations": args.annotations,
+                  **vqa.to_dict(with_predictions=args.output is not None)}
         kinds = ", ".join(f"{k} {v:.3f}" for k, v in vqa.per_kind.items())
-        text = f"VQA accuracy {vqa.accuracy:.4f}, exact match {vqa.exact_match:.4f} over {vqa.num} questions" + (
-            f" ({kinds})" if kinds else "")
+        text = (f"accuracy {vqa.accuracy:.4f} ({vqa.metric}), exact match {vqa.exact_match:.4f} over {vqa.num} "
+                "questions" + (f" ({kinds})" if kinds else ""))
     if args.output:
         from .masks import atomic_write
 

@@ -1,13 +1,15 @@
-"""VQAv2-style answer scoring and batched generation evaluation.
+"""VQAv2 / OK-VQA / GQA answer scoring, their official data files, and batched generation evaluation.
 
-Normalisation (the VQAv2 evaluation's rules, written out here): lower case; a punctuation mark is deleted
-when it touches a space or in a "1,000"-style number and becomes a space otherwise; a period that is not a
-decimal point is deleted; number words become digits ("two" -> "2"); the articles a / an / the are removed;
-common contractions missing their apostrophe get it back ("dont" -> "don't"); whitespace collapses.
+Normalisation (the rules of the official VQA evaluation, GT-Vision-Lab/VQA vqaEval.py, as it runs): newlines
+and tabs become spaces; a punctuation mark is deleted when it touches a space in the answer (or the answer holds
+a "1,000"-style number) and becomes a space otherwise; a period is deleted unless a digit follows it; lower case;
+number words become digits ("two" -> "2"); the articles a / an / the are removed; vqaEval's contractions get
+their apostrophe back ("dont" -> "don't"); whitespace collapses.
 
-Accuracy of one prediction against the human answers: ``min(#humans who gave it / 3, 1)`` after
-normalising both (``leave_one_out=True`` gives the official average over the 10 subsets of 9 answers).
-Exact match: the normalised prediction equals the normalised first (or most common) answer.
+Accuracy of one prediction against the human answers: ``min(#humans who gave it / 3, 1)`` after normalising
+both; ``leave_one_out=True`` is vqaEval's form, the mean of that over the 10 subsets of 9 answers (and no
+normalisation of the human answers when all gave the same string). VQAv2 / OK-VQA files are always scored that way; GQA
+(one answer) by exact match. Exact match: the normalised prediction equals the normalised most common answer.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..data.records import iter_jsonl, load_image
+from ..data.records import DataFormatError, iter_jsonl, load_image
 from ..models import decoder_start_token_id
 
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "VQARow",
     "VQAReport",
     "load_vqa_jsonl",
+    "load_vqa_rows",
+    "score_predictions",
     "generate_answers",
     "evaluate_vqa",
     "default_prompt",
@@ -47,39 +51,60 @@ _NUMBER_WORDS = {
     "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }
 _ARTICLES = {"a", "an", "the"}
-_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "couldve": "could've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "hows": "how's", "id": "i'd",
-    "im": "i'm", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "ive": "i've", "lets": "let's",
-    "mightnt": "mightn't", "mustnt": "mustn't", "neednt": "needn't", "shant": "shan't", "shed": "she'd",
-    "shes": "she's", "shouldnt": "shouldn't", "shouldve": "should've", "thats": "that's", "theres": "there's",
-    "theyd": "they'd", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "wasnt": "wasn't",
-    "werent": "weren't", "weve": "we've", "whats": "what's", "whens": "when's", "wheres": "where's",
-    "whos": "who's", "whys": "why's", "wont": "won't", "wouldnt": "wouldn't", "wouldve": "would've",
-    "yall": "y'all", "youd": "you'd", "youll": "you'll", "youre": "you're", "youve": "you've",
-}
+# vqaEval's contraction table, the entries a lower-cased word can reach ("im", "ive", "id" are not among them),
+# its oddities kept so that scores match it: "somebody'd" -> "somebodyd", "let's" / "she's" map to themselves.
+_CONTRACTIONS = dict(pair.split("=") for pair in """
+aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've couldnt've=couldn't've
+didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've hadn'tve=hadn't've hasnt=hasn't
+havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd howll=how'll hows=how's isnt=isn't
+itd=it'd itd've=it'd've it'dve=it'd've itll=it'll let's=let's maam=ma'am mightnt=mightn't mightnt've=mightn't've
+mightn'tve=mightn't've mightve=might've mustnt=mustn't mustve=must've neednt=needn't notve=not've oclock=o'clock
+oughtnt=oughtn't ow's'at='ow's'at 'ows'at='ow's'at 'ow'sat='ow's'at shant=shan't shed've=she'd've
+she'dve=she'd've she's=she's shouldve=should've shouldnt=shouldn't shouldnt've=shouldn't've
+shouldn'tve=shouldn't've somebody'd=somebodyd somebodyd've=somebody'd've somebody'dve=somebody'd've
+somebodyll=somebody'll somebodys=somebody's someoned=someone'd someoned've=someone'd've
+someone'dve=someone'd've someonell=someone'll someones=someone's somethingd=something'd
+somethingd've=something'd've something'dve=something'd've somethingll=something'll thats=that's
+thered=there'd thered've=there'd've there'dve=there'd've therere=there're theres=there's theyd=they'd
+theyd've=they'd've they'dve=they'd've theyll=they'll theyre=they're theyve=they've twas='twas wasnt=wasn't
+wed've=we'd've we'dve=we'd've weve=we've werent=weren't whatll=what'll whatre=what're whats=what's
+whatve=what've whens=when's whered=where'd wheres=where's whereve=where've whod=who'd whod've=who'd've
+who'dve=who'd've wholl=who'll whos=who's whove=who've whyll=why'll whyre=why're whys=why's wont=won't
+wouldve=would've wouldnt=wouldn't wouldnt've=wouldn't've wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll
+y'allll=y'all'll yall'd've=y'all'd've y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've
+you'dve=you'd've youll=you'll youre=you're youve=you've
+""".split())
 _PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
                 "?", "!"]
 _DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")
-_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")  # a period that is not a decimal point
+# vqaEval's period rule as it runs: its "(?!<=\d)" is a look-ahead (a typo for a look-behind), so a period is
+# deleted unless a digit follows it ("3.5" and ".5" stay, "5." -> "5", "u.s." -> "us")
+_PERIOD = re.compile(r"\.(?!\d)")
 
 
 def _punctuation(text: str) -> str:
+    """Each mark is deleted when it touches a space in ``text`` (or ``text`` holds a "1,000"-style number), else
+    replaced by a space; the tests look at the original text, not at the text being edited (as vqaEval)."""
+    out = text
+    strip_all = _DIGIT_COMMA.search(text) is not None
     for mark in _PUNCTUATION:
-        if f"{mark} " in text or f" {mark}" in text or _DIGIT_COMMA.search(text) is not None:
-            text = text.replace(mark, "")
+        if strip_all or f"{mark} " in text or f" {mark}" in text:
+            out = out.replace(mark, "")
         else:
-            text = text.replace(mark, " ")
-    return _PERIOD.sub("", text)
+            out = out.replace(mark, " ")
+    return _PERIOD.sub("", out)
+
+
+def _clean(answer: str) -> str:
+    """The cleaning vqaEval applies to every answer before anything else: newlines and tabs to spaces, strip."""
+    if not isinstance(answer, str):
+        raise ValueError(f"an answer must be a string, got {type(answer).__name__}")
+    return answer.replace("\n", " ").replace("\t", " ").strip()
 
 
 def normalize_answer(answer: str) -> str:
     """VQAv2 normalisation of one answer string (see the module docstring)."""
-    if not isinstance(answer, str):
-        raise ValueError(f"an answer must be a string, got {type(answer).__name__}")
-    text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
-    text = _punctuation(text)
+    text = _punctuation(_clean(answer)).lower()
     words = []
     for word in text.split():
         word = _NUMBER_WORDS.get(word, word)
@@ -91,13 +116,26 @@ def normalize_answer(answer: str) -> str:
 
 def vqa_accuracy(prediction: str, answers: Sequence[str], leave_one_out: bool = False) -> float:
     """``min(matches / 3, 1)`` with ``matches`` = human answers equal to the prediction (both normalised).
-    ``leave_one_out``: the official VQAv2 form, the mean of that over every subset leaving one answer out."""
+
+    ``leave_one_out=True`` is the official VQAv2 evaluation (vqaEval.py) exactly: the mean over the ``n`` subsets
+    that leave one human answer out of ``min(matches in the subset / 3, 1)``; and, as there, the answers are only
+    normalised when the humans gave more than one distinct string (when all gave the same string, the
+    prediction must equal it as written: "yes" scores 0 against ten "Yes"). The prediction itself is always
+    normalised, as the answer processors of LLaVA's and LAVIS's VQAv2 pipelines do before submitting to the
+    evaluation server."""
     if len(answers) == 0:
         raise ValueError("vqa_accuracy needs at least one human answer, got none")
-    pred = normalize_answer(prediction)
-    hits = [normalize_answer(a) == pred for a in answers]
-    if not leave_one_out or len(hits) == 1:
-        return min(sum(hits) / 3.0, 1.0)
+    if not leave_one_out:
+        pred = normalize_answer(prediction)
+        return min(sum(normalize_answer(a) == pred for a in answers) / 3.0, 1.0)
+    if len(answers) == 1:  # no subset to leave out: the plain form
+        return vqa_accuracy(prediction, answers)
+    cleaned = [_clean(a) for a in answers]
+    if len(set(cleaned)) > 1:
+        pred, gts = normalize_answer(prediction), [normalize_answer(a) for a in answers]
+    else:  # the prediction is normalised as a submission is (LLaVA's / LAVIS's answer processor), not the answers
+        pred, gts = normalize_answer(prediction), cleaned
+    hits = [gt == pred for gt in gts]
     total = sum(hits)
     return sum(min((total - h) / 3.0, 1.0) for h in hits) / len(hits)
 
@@ -113,21 +151,31 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- data
+METRICS = ("vqa", "vqa_official", "exact")
+
+
 @dataclass(frozen=True)
 class VQARow:
-    """One question: ``image`` (path or PIL image), ``question``, the human ``answers``, optional ``kind``."""
+    """One question: ``image`` (path or PIL image), ``question``, the human ``answers``, optional ``kind`` (the
+    per-kind breakdown), the file's ``question_id`` and the ``metric`` that scores it: ``"vqa"`` (min(matches / 3,
+    1); leave-one-out when asked), ``"vqa_official"`` (vqaEval's leave-one-out always: VQAv2 / OK-VQA files) or
+    ``"exact"`` (normalised exact match with the one answer: GQA)."""
 
     image: Any
     question: str
     answers: tuple[str, ...]
     kind: str | None = None
     source: str = ""
+    question_id: int | str | None = None
+    metric: str = "vqa"
 
     def __post_init__(self) -> None:
         if not isinstance(self.question, str) or not self.question.strip():
             raise ValueError(f"{self.source}: 'question' must be a non-empty string, got {self.question!r}")
         if not self.answers or not all(isinstance(a, str) for a in self.answers):
             raise ValueError(f"{self.source}: 'answers' must be a non-empty list of strings, got {self.answers!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"{self.source}: metric must be one of {METRICS}, got {self.metric!r}")
 
 
 def load_vqa_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
@@ -159,6 +207,183 @@ def load_vqa_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None
             break
     if not rows:
         raise ValueError(f"{path}: no rows (expected JSONL lines with image, question, answers)")
+    return rows
+
+
+FORMATS_HELP = (
+    "the formats read are: our JSONL (one {\"image\", \"question\", \"answers\"} object per line); a VQAv2 / OK-VQA "
+    "questions JSON ({\"questions\": [{\"image_id\", \"question\", \"question_id\"}, ...]}) with its annotations JSON "
+    "given by --annotations; a GQA questions JSON ({\"<question id>\": {\"imageId\", \"question\", \"answer\"}, ...})"
+)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataFormatError(f"{what} {path}: not valid JSON ({error}); {FORMATS_HELP}") from error
+
+
+def _data_format(path: Path) -> tuple[str, Any]:
+    """``(format, parsed JSON or None)`` of a data file, format one of ``jsonl``, ``vqav2``, ``gqa``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError:  # several JSON lines, or not JSON at all
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            return "jsonl", None
+        raise DataFormatError(f"{path}: neither a JSON file nor JSON lines; {FORMATS_HELP}") from None
+    except UnicodeDecodeError as error:
+        raise DataFormatError(f"{path}: not a UTF-8 text file ({error}); {FORMATS_HELP}") from error
+    if isinstance(obj, dict) and "image" in obj and "question" in obj:
+        return "jsonl", None  # a JSONL file of one row
+    if isinstance(obj, dict) and isinstance(obj.get("questions"), list):
+        return "vqav2", obj
+    if isinstance(obj, dict) and "annotations" in obj:
+        raise DataFormatError(f"{path}: is a VQAv2 / OK-VQA annotations file; give the questions file as --data and "
+                              "this one as --annotations")
+    if isinstance(obj, dict) and obj and all(isinstance(q, dict) and "imageId" in q and "question" in q
+                                             for q in obj.values()):
+        return "gqa", obj
+    raise DataFormatError(f"{path}: not a VQA data file I know; {FORMATS_HELP}")
+
+
+def _field(obj: Any, key: str, kinds: type | tuple[type, ...], where: str) -> Any:
+    value = obj.get(key) if isinstance(obj, dict) else None
+    if not isinstance(value, kinds) or isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
+        names = "/".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+        raise DataFormatError(f"{where}: '{key}' must be a non-empty {names}, got {value!r}")
+    return value
+
+
+def _coco_image_finder(root: Path, subtype: str | None) -> Callable[[int], Path]:
+    """``image_id -> path`` of a COCO image ``COCO_<subtype>_<12-digit id>.jpg`` in ``root`` or ``root/<subtype>``;
+    without ``subtype`` (the questions file has no "data_subtype"), any ``*_<12-digit id>.jpg|png`` in ``root``."""
+    if subtype is None:
+        pattern = re.compile(r"_(\d{12})\.(jpg|jpeg|png)$", re.IGNORECASE)
+        index = {}
+        if root.is_dir():
+            for entry in os.scandir(root):
+                match = pattern.search(entry.name)
+                if match:
+                    index[int(match.group(1))] = Path(entry.path)
+
+        def find(image_id: int) -> Path:
+            if image_id not in index:
+                raise FileNotFoundError(f"no image file *_{image_id:012d}.jpg in {root} (COCO images are named "
+                                        "COCO_<split>_<12-digit image_id>.jpg; point --image-root at their folder)")
+            return index[image_id]
+        return find
+
+    def find_named(image_id: int) -> Path:
+        name = f"COCO_{subtype}_{image_id:012d}.jpg"
+        for candidate in (root / name, root / subtype / name):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"image {name} is neither in {root} nor in {root / subtype} (COCO images are named "
+                                "COCO_<data_subtype>_<12-digit image_id>.jpg; point --image-root at their folder)")
+    return find_named
+
+
+def _vqav2_rows(path: Path, questions: dict, annotations: str | os.PathLike | None, root: Path,
+                limit: int | None) -> list[VQARow]:
+    if annotations is None:
+        raise ValueError(f"{path}: a VQAv2 / OK-VQA questions file holds no answers; give the annotations JSON of the "
+                         "same split with --annotations (e.g. v2_mscoco_val2014_annotations.json)")
+    ann_path = Path(annotations)
+    ann_obj = _read_json(ann_path, "annotations file")
+    if not isinstance(ann_obj, dict) or not isinstance(ann_obj.get("annotations"), list):
+        raise DataFormatError(f"annotations file {ann_path}: expected {{\"annotations\": [{{\"question_id\", "
+                              "\"image_id\", \"answers\": [{\"answer\": ...}, ...], \"answer_type\"}, ...]}")
+    by_id = {}
+    for i, ann in enumerate(ann_obj["annotations"]):
+        by_id[_field(ann, "question_id", (int, str), f"{ann_path}: annotation {i}")] = ann
+    subtype = questions.get("data_subtype")
+    find_image = _coco_image_finder(root, subtype if isinstance(subtype, str) and subtype else None)
+    entries = questions["questions"][:limit] if limit is not None else questions["questions"]
+    parsed = []
+    for i, q in enumerate(entries):
+        where = f"{path}: question {i}"
+        parsed.append((_field(q, "question_id", (int, str), where), _field(q, "image_id", int, where),
+                       _field(q, "question", str, where)))
+    missing = [qid for qid, _, _ in parsed if qid not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(parsed)} question ids of {path} have no annotation in {ann_path} "
+                         f"(first: {missing[:3]}); give the questions and annotations files of the same split")
+    rows = []
+    for qid, image_id, question in parsed:
+        ann, where = by_id[qid], f"{path}: question_id {qid}"
+        if ann.get("image_id") != image_id:
+            raise ValueError(f"{where}: image_id {image_id} in the questions file but {ann.get('image_id')!r} in "
+                             f"{ann_path}; give the questions and annotations files of the same split")
+        answers = _field(ann, "answers", list, f"{ann_path}: question_id {qid}")
+        if not answers or not all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers):
+            raise DataFormatError(f"{ann_path}: question_id {qid}: 'answers' must be a non-empty list of "
+                                  f"{{\"answer\": \"...\"}} objects, got {answers!r}")
+        texts = tuple(a["answer"] for a in answers)
+        kind = ann.get("answer_type")
+        rows.append(VQARow(str(find_image(image_id)), question, texts, kind if isinstance(kind, str) else None,
+                           where, question_id=qid, metric="vqa_official"))
+    return rows
+
+
+def _gqa_rows(path: Path, questions: dict, root: Path, limit: int | None) -> list[VQARow]:
+    rows = []
+    for qid, q in questions.items():
+        where = f"{path}: question {qid}"
+        if "answer" not in q:
+            raise ValueError(f"{where}: no 'answer' (GQA test / challenge questions are unanswered); use a split "
+                             "with answers such as testdev_balanced_questions.json or val_balanced_questions.json")
+        image_id = _field(q, "imageId", str, where)
+        name = f"{image_id}.jpg"
+        image = next((c for c in (root / name, root / "images" / name) if c.is_file()), None)
+        if image is None:
+            raise FileNotFoundError(f"{where}: image {name} is neither in {root} nor in {root / 'images'} (point "
+                                    "--image-root at the GQA images folder)")
+        types = q.get("types")
+        kind = types.get("structural") if isinstance(types, dict) else None
+        rows.append(VQARow(str(image), _field(q, "question", str, where), (_field(q, "answer", str, where),),
+                           kind if isinstance(kind, str) else None, where, question_id=qid, metric="exact"))
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+def load_vqa_rows(path: str | os.PathLike, annotations: str | os.PathLike | None = None,
+                  image_root: str | os.PathLike | None = None, limit: int | None = None) -> list[VQARow]:
+    """The first ``limit`` questions of a data file, its format read from its content:
+
+    - our JSONL (:func:`load_vqa_jsonl`), scored with ``metric="vqa"``;
+    - a VQAv2 / OK-VQA questions JSON plus its ``annotations`` JSON (the 10 human answers; ``kind`` = the
+      annotation's ``answer_type``); images ``COCO_<data_subtype>_<12-digit image_id>.jpg``; ``"vqa_official"``;
+    - a GQA questions JSON (``kind`` = ``types.structural``); images ``<imageId>.jpg``; ``"exact"``.
+
+    Images are looked up in ``image_root`` (default: the file's folder) and, for COCO / GQA, in its
+    ``<data_subtype>`` / ``images`` subfolder. A file of none of these formats, VQAv2 questions without annotations
+    or with question ids the annotations lack raise ValueError; a missing image FileNotFoundError."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (rows to read), got {limit}")
+    path = Path(path)
+    fmt, obj = _data_format(path)
+    if annotations is not None and fmt != "vqav2":
+        raise ValueError(f"--annotations is only for a VQAv2 / OK-VQA questions file, but {path} is a {fmt} file")
+    if fmt == "jsonl":
+        return load_vqa_jsonl(path, image_root, limit)
+    root = Path(image_root) if image_root is not None else path.parent
+    rows = _vqav2_rows(path, obj, annotations, root, limit) if fmt == "vqav2" else _gqa_rows(path, obj, root, limit)
+    if not rows:
+        raise ValueError(f"{path}: no questions in the file")
     return rows
 
 
@@ -266,7 +491,9 @@ def generate_answers(model: Any, processor: Any, rows: Sequence[VQARow], batch_s
 
 @dataclass
 class VQAReport:
-    """Scores of one evaluation; ``per_kind`` maps a question kind to its accuracy when rows have kinds."""
+    """Scores of one evaluation; ``per_kind`` maps a question kind to its accuracy when rows have kinds;
+    ``metric`` names how ``accuracy`` was scored (``"vqa"``, ``"vqa_official"``, ``"exact"``, or several joined by
+    "+" for a mix of rows)."""
 
     accuracy: float
     exact_match: float
@@ -274,9 +501,10 @@ class VQAReport:
     per_kind: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     predictions: list[dict] = field(default_factory=list)
+    metric: str = "vqa"
 
     def to_dict(self, with_predictions: bool = True) -> dict:
-        out = {"accuracy": self.accuracy, "exact_match": self.exact_match, "num": self.num,
+        out = {"accuracy": self.accuracy, "metric": self.metric, "exact_match": self.exact_match, "num": self.num,
                "per_kind": self.per_kind, "seconds": round(self.seconds, 3)}
         if with_predictions:
             out["predictions"] = self.predictions
@@ -293,26 +521,35 @@ class VQAReport:
         return Path(path)
 
 
+def _row_metric(row: VQARow, leave_one_out: bool) -> str:
+    return "vqa_official" if row.metric == "vqa" and leave_one_out else row.metric
+
+
 def score_predictions(rows: Sequence[VQARow], predictions: Sequence[str], leave_one_out: bool = False) -> VQAReport:
-    """Score ``predictions`` (one per row) into a :class:`VQAReport`; logs one warning counting the rows with
-    fewer than 3 answers (their accuracy cannot exceed ``n / 3``)."""
+    """Score ``predictions`` (one per row) into a :class:`VQAReport`, each row by its ``metric`` (``"vqa"`` rows
+    with the official leave-one-out form when ``leave_one_out``); logs one warning counting the VQA-scored rows
+    with fewer than 3 answers (their accuracy cannot exceed ``n / 3``)."""
     if len(rows) != len(predictions):
         raise ValueError(f"got {len(predictions)} predictions for {len(rows)} rows")
     if not rows:
         raise ValueError("nothing to score: no rows")
-    few = Counter(len(row.answers) for row in rows if len(row.answers) < 3)
+    few = Counter(len(row.answers) for row in rows if len(row.answers) < 3 and row.metric != "exact")
     if few:
         counts = ", ".join(f"{num} with {n} answer{'s' * (n != 1)}" for n, num in sorted(few.items()))
         logger.warning("%d of %d rows have fewer than 3 answers (%s): VQA accuracy caps at n/3 for a row with n "
                        "answers", sum(few.values()), len(rows), counts)
-    records, by_kind = [], {}
+    records, by_kind, metrics = [], {}, []
     for row, pred in zip(rows, predictions):
-        acc = vqa_accuracy(pred, row.answers, leave_one_out)
+        metric = _row_metric(row, leave_one_out)
+        match = exact_match(pred, row.answers)
+        acc = match if metric == "exact" else vqa_accuracy(pred, row.answers, metric == "vqa_official")
         image = str(row.image) if isinstance(row.image, (str, os.PathLike)) else None
-        records.append({"image": image, "question": row.question, "prediction": pred, "answers": list(row.answers),
-                        "accuracy": acc, "exact_match": exact_match(pred, row.answers), "kind": row.kind})
+        records.append({"question_id": row.question_id, "image": image, "question": row.question, "prediction": pred,
+                        "answers": list(row.answers), "accuracy": acc, "exact_match": match, "kind": row.kind})
         if row.kind is not None:
             by_kind.setdefault(row.kind, []).append(acc)
+        if metric not in metrics:
+            metrics.append(metric)
     n = len(records)
     return VQAReport(
         accuracy=sum(r["accuracy"] for r in records) / n,
@@ -320,6 +557,7 @@ def score_predictions(rows: Sequence[VQARow], predictions: Sequence[str], leave_
         num=n,
         per_kind={k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
         predictions=records,
+        metric="+".join(metrics),
     )
 
 
@@ -336,14 +574,16 @@ def evaluate_vqa(model: Any, processor: Any, rows: Iterable[VQARow], batch_size:
 
 def evaluate_folder(model_dir: str | os.PathLike, data: str | os.PathLike, batch_size: int = 32,
                     max_new_tokens: int = 5, prompt: str | None = None, limit: int | None = None,
-                    image_root: str | None = None, leave_one_out: bool = False, progress: bool = True) -> VQAReport:
+                    image_root: str | None = None, leave_one_out: bool = False, progress: bool = True,
+                    annotations: str | os.PathLike | None = None) -> VQAReport:
     """Load a model folder (Hugging Face files; a pruned or finetuned folder loads the same way) with its
-    processor and evaluate it on a VQA JSONL file."""
+    processor and evaluate it on a data file of any format :func:`load_vqa_rows` reads (read first, so that a
+    bad file fails before the model loads)."""
+    rows = load_vqa_rows(data, annotations, image_root, limit)
     model, processor = load_model_folder(model_dir)
     if processor is None or not hasattr(processor, "image_processor"):
         raise ValueError(f"{model_dir}: no image processor saved in the folder (a VQA evaluation needs "
                          "processor_config.json / preprocessor_config.json beside the model)")
-    rows = load_vqa_jsonl(data, image_root, limit)
     return evaluate_vqa(model, processor, rows, batch_size, max_new_tokens, prompt, leave_one_out, progress)
 
 
