@@ -1,9 +1,11 @@
 """The official VQAv2 / OK-VQA / GQA files as users download them: format detection, answers, images, question-id
-checks, the official vqaEval accuracy on hand-computed cases, and `vlmsparse eval` on them with a tiny model."""
+checks, the official vqaEval accuracy on hand-computed cases, `vlmsparse eval` on them with a tiny model, and the
+official results files (`--results`) for splits without answers (VQAv2 test-dev / test, GQA test / challenge)."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -15,6 +17,7 @@ from vlmsparse.eval.vqa import (
     normalize_answer,
     score_predictions,
     vqa_accuracy,
+    write_results,
 )
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
@@ -65,12 +68,12 @@ def _image(path, color) -> None:
 
 
 def _vqav2_files(tmp_path, questions: list[str], answers: list[list[str]], types: list[str],
-                 subtype: str | None = "val2014", image_dir: str = "val2014"):
-    """A questions JSON, an annotations JSON and COCO images ``<image_dir>/COCO_val2014_<12-digit id>.jpg``."""
+                 subtype: str | None = "val2014", image_dir: str = "val2014", image_split: str = "val2014"):
+    """A questions JSON, an annotations JSON and COCO images ``<image_dir>/COCO_<image_split>_<12-digit id>.jpg``."""
     qs, anns = [], []
     for i, (question, human, kind) in enumerate(zip(questions, answers, types)):
         image_id = IMAGE_IDS[i]
-        _image(tmp_path / image_dir / f"COCO_val2014_{image_id:012d}.jpg", COLORS[i])
+        _image(tmp_path / image_dir / f"COCO_{image_split}_{image_id:012d}.jpg", COLORS[i])
         qs.append({"image_id": image_id, "question": question, "question_id": image_id * 1000 + i})
         anns.append({"question_id": image_id * 1000 + i, "image_id": image_id, "answer_type": kind,
                      "question_type": "what is", "multiple_choice_answer": human[0],
@@ -85,14 +88,17 @@ def _vqav2_files(tmp_path, questions: list[str], answers: list[list[str]], types
     return q_path, a_path
 
 
-def _gqa_file(tmp_path, questions: list[str], answers: list[str], structural: list[str]):
+def _gqa_file(tmp_path, questions: list[str], answers: list[str] | None, structural: list[str],
+              name: str = "testdev_balanced_questions.json"):
+    """GQA questions; ``answers=None``: as the test / challenge files, no "answer", "fullAnswer" or "types"."""
     entries = {}
-    for i, (question, answer, kind) in enumerate(zip(questions, answers, structural)):
+    for i, (question, kind) in enumerate(zip(questions, structural)):
         _image(tmp_path / "images" / f"n{IMAGE_IDS[i]}.jpg", COLORS[i])
-        entries[f"0{20000 + i}"] = {"imageId": f"n{IMAGE_IDS[i]}", "question": question, "answer": answer,
-                                    "fullAnswer": f"It is {answer}.", "isBalanced": True,
-                                    "types": {"structural": kind, "semantic": "attr", "detailed": "color"}}
-    path = tmp_path / "testdev_balanced_questions.json"
+        entries[f"0{20000 + i}"] = {"imageId": f"n{IMAGE_IDS[i]}", "question": question, "isBalanced": True}
+        if answers is not None:
+            entries[f"0{20000 + i}"].update({"answer": answers[i], "fullAnswer": f"It is {answers[i]}.", "types": {
+                "structural": kind, "semantic": "attr", "detailed": "color"}})
+    path = tmp_path / name
     path.write_text(json.dumps(entries))
     return path
 
@@ -142,7 +148,8 @@ def test_gqa_rows_exact_match_per_structural_type(tmp_path):
 
 def test_bad_files_give_clear_errors(tmp_path):
     q_path, a_path = _vqav2_files(tmp_path, ["q1?", "q2?", "q3?"], [["a"] * 10] * 3, ["other"] * 3)
-    with pytest.raises(ValueError, match="holds no answers; give the annotations JSON .* with --annotations"):
+    with pytest.raises(ValueError, match="holds no answers; give the annotations JSON .* with --annotations .* or "
+                       "--results FILE to write the predictions in the official results format without scoring"):
         load_vqa_rows(q_path)
     with pytest.raises(ValueError, match="is a VQAv2 / OK-VQA annotations file; give the questions file as --data"):
         load_vqa_rows(a_path)
@@ -166,7 +173,8 @@ def test_bad_files_give_clear_errors(tmp_path):
     entries = json.loads(gqa.read_text())
     del entries["020000"]["answer"]
     gqa.write_text(json.dumps(entries))
-    with pytest.raises(ValueError, match="no 'answer' \\(GQA test / challenge questions are unanswered\\)"):
+    with pytest.raises(ValueError, match="no 'answer' \\(GQA test / challenge questions are unanswered\\).* or "
+                       "--results FILE to write the predictions for a submission without scoring"):
         load_vqa_rows(gqa)
     for name, text in [("unknown.json", '{"foo": 1}'), ("list.json", "[1, 2]"), ("text.txt", "not json\n")]:
         (tmp_path / name).write_text(text)
@@ -220,7 +228,8 @@ def test_eval_cli_on_vqav2_files(tmp_path, model_folder, capsys):
     brief = json.loads(capsys.readouterr().out)
     assert brief["num"] == 1 and brief["accuracy"] == pytest.approx(first)
     assert main(["eval", str(folder), "--data", str(q_path), "--max-new-tokens", "2"]) == 2
-    assert "holds no answers; give the annotations JSON" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds no answers; give the annotations JSON" in err and "--results FILE to write the predictions" in err
     assert main(["eval", str(folder), "--data", str(a_path), "--max-new-tokens", "2"]) == 2
     assert "is a VQAv2 / OK-VQA annotations file" in capsys.readouterr().err
 
@@ -236,3 +245,149 @@ def test_eval_cli_on_gqa_file(tmp_path, model_folder, capsys):
     assert report["per_kind"] == {"query": 1.0, "verify": 0.5}
     assert main(["eval", str(folder), "--data", str(path), "--annotations", str(path)]) == 2
     assert "--annotations is only for a VQAv2 / OK-VQA questions file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- results files (no answers)
+def test_rows_without_answers_are_explicit(tmp_path):
+    """A question without answers is a predict_only row: read only with require_answers=False, refused by scoring."""
+    with pytest.raises(ValueError, match=r"non-empty list of strings, got \(\) \(a question without answers is a predict_only row"):
+        VQARow("a.jpg", "q?", ())
+    with pytest.raises(ValueError, match="a predict_only row holds no answers"):
+        VQARow("a.jpg", "q?", ("x",), predict_only=True)
+
+    q_path, a_path = _vqav2_files(tmp_path, ["q1?", "q2?"], [["a"] * 10] * 2, ["other"] * 2, subtype="test-dev2015",
+                                  image_dir="test2015", image_split="test2015")
+    rows = load_vqa_rows(q_path, require_answers=False)  # test-dev questions: the test2015 images
+    assert [(r.question_id, r.answers, r.predict_only, r.metric) for r in rows] == [
+        (262148000, (), True, "vqa_official"), (393225001, (), True, "vqa_official")]
+    assert rows[0].image == str(tmp_path / "test2015" / "COCO_test2015_000000262148.jpg")
+    assert len(load_vqa_rows(q_path, require_answers=False, limit=1)) == 1
+    answered = load_vqa_rows(q_path, a_path, require_answers=False)  # annotations given: answered rows
+    assert [r.predict_only for r in answered] == [False, False] and answered[0].answers == ("a",) * 10
+    with pytest.raises(ValueError, match=r"2 of 2 rows have no answers to score against .* can only be written as "
+                       r"predictions: write_results / `vlmsparse eval --results FILE`"):
+        score_predictions(rows, ["a", "b"])
+
+    gqa = _gqa_file(tmp_path, ["q1?", "q2?"], None, ["query"] * 2, name="test_balanced_questions.json")
+    rows = load_vqa_rows(gqa, require_answers=False)
+    assert [(r.question_id, r.answers, r.predict_only, r.metric) for r in rows] == [
+        ("020000", (), True, "exact"), ("020001", (), True, "exact")]
+
+
+def test_write_results_formats_normalisation_and_atomicity(tmp_path, monkeypatch):
+    q_path, _ = _vqav2_files(tmp_path, ["q1?", "q2?", "q3?"], [["a"] * 10] * 3, ["other"] * 3)
+    rows = load_vqa_rows(q_path, require_answers=False)
+    out = tmp_path / "out" / "vqav2_results.json"
+    assert write_results(rows, ["Two dogs.", "Yes", " the red\n"], out) == out
+    assert json.loads(out.read_text()) == [{"question_id": 262148000, "answer": "2 dogs"},
+                                           {"question_id": 393225001, "answer": "yes"},
+                                           {"question_id": 9002, "answer": "red"}]
+    assert list(json.loads(out.read_text())[0]) == ["question_id", "answer"]
+
+    gqa_rows = load_vqa_rows(_gqa_file(tmp_path, ["q1?", "q2?"], None, ["query"] * 2), require_answers=False)
+    gqa_out = tmp_path / "gqa_submission.json"
+    write_results(gqa_rows, ["No.", "A Cat"], gqa_out)
+    assert json.loads(gqa_out.read_text()) == [{"questionId": "020000", "prediction": "no"},
+                                               {"questionId": "020001", "prediction": "cat"}]
+
+    before = out.read_text()
+    with pytest.raises(FileExistsError, match="the file already exists; pass --overwrite to replace it"):
+        write_results(rows, ["x"] * 3, out)
+
+    def broken_dump(obj, f, **kwargs):  # a write that dies half-way: the old file must survive, no temp left
+        f.write("[{")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dump", broken_dump)
+    with pytest.raises(OSError, match="disk full"):
+        write_results(rows, ["x"] * 3, out, overwrite=True)
+    monkeypatch.undo()
+    assert out.read_text() == before and os.listdir(out.parent) == ["vqav2_results.json"]
+    write_results(rows, ["x", "y", "z"], out, overwrite=True)
+    assert [r["answer"] for r in json.loads(out.read_text())] == ["x", "y", "z"]
+
+    with pytest.raises(ValueError, match="got 2 predictions for 3 rows"):
+        write_results(rows, ["x"] * 2, tmp_path / "a.json")
+    with pytest.raises(ValueError, match=r"1 question ids occur more than once \(first: \[262148000\]\)"):
+        write_results([rows[0], rows[0]], ["x"] * 2, tmp_path / "a.json")
+    with pytest.raises(ValueError, match=r"got rows with metric \['vqa'\]; our JSONL has no official question ids"):
+        write_results([VQARow("a.jpg", "q?", ("x",))], ["x"], tmp_path / "a.json")
+    with pytest.raises(ValueError, match="is a folder"):
+        write_results(rows, ["x"] * 3, tmp_path / "out")
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_eval_cli_results_for_vqav2_test_dev(tmp_path, model_folder, capsys):
+    """VQAv2 test-dev: questions only (no annotations), images in test2015 -> the EvalAI results file, unscored."""
+    from vlmsparse.cli import main
+
+    folder, questions, preds = model_folder
+    q_path, _ = _vqav2_files(tmp_path, questions, [["x"] * 10] * 3, ["other"] * 3, subtype="test-dev2015",
+                             image_dir="test2015", image_split="test2015")
+    results = tmp_path / "vqav2_test-dev_results.json"
+    args = ["eval", str(folder), "--data", str(q_path), "--image-root", str(tmp_path), "--max-new-tokens", "2",
+            "--results", str(results)]
+    assert main(args) == 0
+    assert f"wrote 3 predictions to {results} (the data holds no answers: not scored)" in capsys.readouterr().out
+    ids = [262148000, 393225001, 9002]
+    expected = [{"question_id": qid, "answer": normalize_answer(p)} for qid, p in zip(ids, preds)]
+    assert json.loads(results.read_text()) == expected
+
+    before = results.read_text()
+    assert main(args) == 2  # refused before the model loads
+    assert "the file already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert results.read_text() == before
+    assert main(args + ["--overwrite", "--limit", "1", "--json", "-o", str(tmp_path / "run.json")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num"] == 1 and summary["scored"] is False and summary["results"] == str(results)
+    assert json.loads((tmp_path / "run.json").read_text()) == summary  # -o: the run's summary, no scores
+    assert json.loads(results.read_text()) == expected[:1]
+    assert sorted(os.listdir(tmp_path)) == ["annotations.json", "questions.json", "run.json", "test2015",
+                                            "vqav2_test-dev_results.json"]  # no temporary file left
+
+
+def test_eval_cli_results_for_gqa_and_scored_vqav2(tmp_path, model_folder, capsys):
+    """GQA test questions (no answers) -> the submission file; VQAv2 with annotations -> results file AND scores."""
+    from vlmsparse.cli import main
+
+    folder, questions, preds = model_folder
+    gqa = _gqa_file(tmp_path, questions, None, ["query"] * 3, name="test_balanced_questions.json")
+    results = tmp_path / "gqa_submission.json"
+    assert main(["eval", str(folder), "--data", str(gqa), "--max-new-tokens", "2", "--results", str(results)]) == 0
+    assert json.loads(results.read_text()) == [{"questionId": f"0{20000 + i}", "prediction": normalize_answer(p)}
+                                               for i, p in enumerate(preds)]
+    capsys.readouterr()
+
+    answers = [[preds[0]] * 10, ["zzz"] * 10, [preds[2]] * 10]
+    q_path, a_path = _vqav2_files(tmp_path, questions, answers, ["other"] * 3)
+    vqa_results = tmp_path / "val_results.json"
+    assert main(["eval", str(folder), "--data", str(q_path), "--annotations", str(a_path), "--image-root",
+                 str(tmp_path / "val2014"), "--max-new-tokens", "2", "--results", str(vqa_results), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["scored"] is True and report["num"] == 3 and report["metric"] == "vqa_official"
+    assert report["accuracy"] == pytest.approx(2 / 3)
+    assert json.loads(vqa_results.read_text()) == [{"question_id": qid, "answer": normalize_answer(p)}
+                                                   for qid, p in zip([262148000, 393225001, 9002], preds)]
+
+
+def test_eval_cli_results_errors(tmp_path, model_folder, capsys):
+    from vlmsparse.cli import main
+
+    folder, questions, _ = model_folder
+    _image(tmp_path / "a.jpg", COLORS[0])
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text(json.dumps({"image": "a.jpg", "question": "q?", "answers": ["x"]}) + "\n")
+    q_path, _ = _vqav2_files(tmp_path, questions, [["x"] * 10] * 3, ["other"] * 3)
+    (tmp_path / "folder").mkdir()
+    result = str(tmp_path / "r.json")
+    cases = [
+        (["--data", str(jsonl), "--results", result], "our JSONL has no official question ids"),
+        (["--text", str(jsonl), "--results", result], "--results goes with --data"),
+        (["--data", str(q_path), "--results", str(q_path)], f"--results {q_path}: is the file {q_path} given as"),
+        (["--data", str(q_path), "--results", result, "-o", result], "given as another argument"),
+        (["--data", str(q_path), "--results", str(tmp_path / "folder")], "is a folder"),
+    ]
+    for extra, message in cases:
+        assert main(["eval", str(folder), *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "r.json").exists()

@@ -41,6 +41,7 @@ _LAZY = {
     "FinetuneConfig": "vlmsparse.training.config",
     "evaluate_vqa": "vlmsparse.eval.vqa",
     "load_vqa_rows": "vlmsparse.eval.vqa",
+    "write_results": "vlmsparse.eval.vqa",
     "vqa_accuracy": "vlmsparse.eval.vqa",
     "normalize_answer": "vlmsparse.eval.vqa",
     "perplexity": "vlmsparse.eval.perplexity",

@@ -333,7 +333,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "VQAv2 / OK-VQA questions JSON with --annotations (COCO images COCO_<split>_<12-digit id>.jpg; scored as the "
         "official vqaEval: normalised answers, mean over the 10 leave-one-out subsets of min(matches / 3, 1); per "
         "answer_type), or a GQA questions JSON (images <imageId>.jpg; exact match after normalisation; per "
-        "structural type). Or, with --text, the perplexity of the model's language model on a text file.",
+        "structural type). With --results, the predictions are also written in the official results format "
+        "(VQAv2 / OK-VQA: [{\"question_id\", \"answer\"}], GQA: [{\"questionId\", \"prediction\"}]; normalised "
+        "answers) and no answers are needed: VQAv2 test-dev / test questions without --annotations and GQA test / "
+        "challenge questions are answered without scoring. Or, with --text, the perplexity of the model's language "
+        "model on a text file.",
     )
     p.add_argument("model", help="a model folder (dense, pruned or finetuned: Hugging Face files + processor)")
     p.add_argument("--data", default=None,
@@ -357,7 +361,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="perplexity window stride (default: the window; half of it for an encoder-decoder LM)")
     p.add_argument("-o", "--output", default=None,
                    help="write the JSON report (with every prediction, its question id and image) to this file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
+    p.add_argument("--results", default=None,
+                   help="write the predictions as the official results file (for the VQAv2 EvalAI server or a GQA "
+                   "submission) to this JSON file; works without answers (then nothing is scored)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o / --results file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -377,7 +384,12 @@ def _check_report_file(output: str, inputs: list[str | None], overwrite: bool) -
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .eval.vqa import evaluate_folder, load_model_folder
+    from .eval.vqa import check_results_path, evaluate_folder, load_model_folder, write_folder_results
+
+    def scores(vqa) -> str:
+        kinds = ", ".join(f"{k} {v:.3f}" for k, v in vqa.per_kind.items())
+        return (f"accuracy {vqa.accuracy:.4f} ({vqa.metric}), exact match {vqa.exact_match:.4f} over {vqa.num} "
+                "questions" + (f" ({kinds})" if kinds else ""))
 
     if (args.data is None) == (args.text is None):
         raise ValueError("give exactly one of --data (VQA data file) or --text (perplexity)")
@@ -385,8 +397,12 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise ValueError("--annotations goes with --data (a VQAv2 / OK-VQA questions file), not with --text")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1 (rows to evaluate), got {args.limit}")
+    if args.results is not None and args.data is None:
+        raise ValueError("--results goes with --data (a VQAv2 / OK-VQA or GQA questions file), not with --text")
     if args.output:
         _check_report_file(args.output, [args.data, args.annotations, args.text], args.overwrite)
+    if args.results is not None:
+        check_results_path(args.results, args.overwrite, [args.data, args.annotations, args.output])
     if args.text is not None:
         from .eval.perplexity import perplexity_of_file
 
@@ -397,14 +413,24 @@ def _run_eval(args: argparse.Namespace) -> int:
         result = perplexity_of_file(model, tokenizer, args.text, args.max_length, args.stride).to_dict()
         report = {"model": args.model, "text": args.text, **result}
         text = f"perplexity {result['perplexity']:.4f} over {result['num_tokens']} tokens"
-    else:
+    elif args.results is None:
         vqa = evaluate_folder(args.model, args.data, args.batch_size, args.max_new_tokens, args.prompt, args.limit,
                               args.image_root, args.official, progress=True, annotations=args.annotations)
         report = {"model": args.model, "data": args.data, "annotations": args.annotations,
                   **vqa.to_dict(with_predictions=args.output is not None)}
-        kinds = ", ".join(f"{k} {v:.3f}" for k, v in vqa.per_kind.items())
-        text = (f"accuracy {vqa.accuracy:.4f} ({vqa.metric}), exact match {vqa.exact_match:.4f} over {vqa.num} "
-                "questions" + (f" ({kinds})" if kinds else ""))
+        text = scores(vqa)
+    else:
+        num, vqa = write_folder_results(args.model, args.data, args.results, args.batch_size, args.max_new_tokens,
+                                        args.prompt, args.limit, args.image_root, args.official, progress=True,
+                                        annotations=args.annotations, overwrite=args.overwrite)
+        report = {"model": args.model, "data": args.data, "annotations": args.annotations, "results": args.results,
+                  "num": num, "scored": vqa is not None}
+        text = f"wrote {num} predictions to {args.results}"
+        if vqa is None:
+            text += " (the data holds no answers: not scored)"
+        else:
+            report.update(vqa.to_dict(with_predictions=args.output is not None))
+            text = scores(vqa) + "\n" + text
     if args.output:
         from .masks import atomic_write
 

@@ -10,6 +10,9 @@ Accuracy of one prediction against the human answers: ``min(#humans who gave it 
 both; ``leave_one_out=True`` is vqaEval's form, the mean of that over the 10 subsets of 9 answers (and no
 normalisation of the human answers when all gave the same string). VQAv2 / OK-VQA files are always scored that way; GQA
 (one answer) by exact match. Exact match: the normalised prediction equals the normalised most common answer.
+
+Splits without public answers (VQAv2 test-dev / test, GQA test / challenge) are answered, not scored:
+:func:`write_results` writes the official results file (the normalised predictions) for the evaluation server.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ __all__ = [
     "generate_answers",
     "evaluate_vqa",
     "default_prompt",
+    "results_format",
+    "write_results",
+    "check_results_path",
+    "write_folder_results",
 ]
 
 logger = logging.getLogger(__name__)
@@ -159,7 +166,11 @@ class VQARow:
     """One question: ``image`` (path or PIL image), ``question``, the human ``answers``, optional ``kind`` (the
     per-kind breakdown), the file's ``question_id`` and the ``metric`` that scores it: ``"vqa"`` (min(matches / 3,
     1); leave-one-out when asked), ``"vqa_official"`` (vqaEval's leave-one-out always: VQAv2 / OK-VQA files) or
-    ``"exact"`` (normalised exact match with the one answer: GQA)."""
+    ``"exact"`` (normalised exact match with the one answer: GQA).
+
+    ``predict_only=True`` marks a question without answers (a test split read with
+    ``load_vqa_rows(..., require_answers=False)``): its ``answers`` must then be empty, it can only be written as a
+    prediction (:func:`write_results`), and scoring it raises ValueError. Otherwise ``answers`` must be non-empty."""
 
     image: Any
     question: str
@@ -168,12 +179,17 @@ class VQARow:
     source: str = ""
     question_id: int | str | None = None
     metric: str = "vqa"
+    predict_only: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.question, str) or not self.question.strip():
             raise ValueError(f"{self.source}: 'question' must be a non-empty string, got {self.question!r}")
-        if not self.answers or not all(isinstance(a, str) for a in self.answers):
-            raise ValueError(f"{self.source}: 'answers' must be a non-empty list of strings, got {self.answers!r}")
+        if self.predict_only:
+            if self.answers:
+                raise ValueError(f"{self.source}: a predict_only row holds no answers, got {self.answers!r}")
+        elif not self.answers or not all(isinstance(a, str) for a in self.answers):
+            raise ValueError(f"{self.source}: 'answers' must be a non-empty list of strings, got {self.answers!r} "
+                             "(a question without answers is a predict_only row, for a results file only)")
         if self.metric not in METRICS:
             raise ValueError(f"{self.source}: metric must be one of {METRICS}, got {self.metric!r}")
 
@@ -268,8 +284,9 @@ def _field(obj: Any, key: str, kinds: type | tuple[type, ...], where: str) -> An
 
 
 def _coco_image_finder(root: Path, subtype: str | None) -> Callable[[int], Path]:
-    """``image_id -> path`` of a COCO image ``COCO_<subtype>_<12-digit id>.jpg`` in ``root`` or ``root/<subtype>``;
-    without ``subtype`` (the questions file has no "data_subtype"), any ``*_<12-digit id>.jpg|png`` in ``root``."""
+    """``image_id -> path`` of a COCO image ``COCO_<subtype>_<12-digit id>.jpg`` in ``root`` or ``root/<subtype>``
+    (test-dev2015 questions are on the test2015 images: ``COCO_test2015_...`` in ``test2015``); without ``subtype``
+    (the questions file has no "data_subtype"), any ``*_<12-digit id>.jpg|png`` in ``root``."""
     if subtype is None:
         pattern = re.compile(r"_(\d{12})\.(jpg|jpeg|png)$", re.IGNORECASE)
         index = {}
@@ -286,6 +303,9 @@ def _coco_image_finder(root: Path, subtype: str | None) -> Callable[[int], Path]
             return index[image_id]
         return find
 
+    if subtype == "test-dev2015":  # a subset of test2015, shipped without images of its own
+        subtype = "test2015"
+
     def find_named(image_id: int) -> Path:
         name = f"COCO_{subtype}_{image_id:012d}.jpg"
         for candidate in (root / name, root / subtype / name):
@@ -297,18 +317,12 @@ def _coco_image_finder(root: Path, subtype: str | None) -> Callable[[int], Path]
 
 
 def _vqav2_rows(path: Path, questions: dict, annotations: str | os.PathLike | None, root: Path,
-                limit: int | None) -> list[VQARow]:
-    if annotations is None:
+                limit: int | None, require_answers: bool) -> list[VQARow]:
+    if annotations is None and require_answers:
         raise ValueError(f"{path}: a VQAv2 / OK-VQA questions file holds no answers; give the annotations JSON of the "
-                         "same split with --annotations (e.g. v2_mscoco_val2014_annotations.json)")
-    ann_path = Path(annotations)
-    ann_obj = _read_json(ann_path, "annotations file")
-    if not isinstance(ann_obj, dict) or not isinstance(ann_obj.get("annotations"), list):
-        raise DataFormatError(f"annotations file {ann_path}: expected {{\"annotations\": [{{\"question_id\", "
-                              "\"image_id\", \"answers\": [{\"answer\": ...}, ...], \"answer_type\"}, ...]}")
-    by_id = {}
-    for i, ann in enumerate(ann_obj["annotations"]):
-        by_id[_field(ann, "question_id", (int, str), f"{ann_path}: annotation {i}")] = ann
+                         "same split with --annotations (e.g. v2_mscoco_val2014_annotations.json) to score it, or "
+                         "--results FILE to write the predictions in the official results format without scoring "
+                         "(test-dev / test splits, which have no public annotations)")
     subtype = questions.get("data_subtype")
     find_image = _coco_image_finder(root, subtype if isinstance(subtype, str) and subtype else None)
     entries = questions["questions"][:limit] if limit is not None else questions["questions"]
@@ -317,6 +331,17 @@ def _vqav2_rows(path: Path, questions: dict, annotations: str | os.PathLike | No
         where = f"{path}: question {i}"
         parsed.append((_field(q, "question_id", (int, str), where), _field(q, "image_id", int, where),
                        _field(q, "question", str, where)))
+    if annotations is None:
+        return [VQARow(str(find_image(image_id)), question, (), None, f"{path}: question_id {qid}", question_id=qid,
+                       metric="vqa_official", predict_only=True) for qid, image_id, question in parsed]
+    ann_path = Path(annotations)
+    ann_obj = _read_json(ann_path, "annotations file")
+    if not isinstance(ann_obj, dict) or not isinstance(ann_obj.get("annotations"), list):
+        raise DataFormatError(f"annotations file {ann_path}: expected {{\"annotations\": [{{\"question_id\", "
+                              "\"image_id\", \"answers\": [{\"answer\": ...}, ...], \"answer_type\"}, ...]}")
+    by_id = {}
+    for i, ann in enumerate(ann_obj["annotations"]):
+        by_id[_field(ann, "question_id", (int, str), f"{ann_path}: annotation {i}")] = ann
     missing = [qid for qid, _, _ in parsed if qid not in by_id]
     if missing:
         raise ValueError(f"{len(missing)} of {len(parsed)} question ids of {path} have no annotation in {ann_path} "
@@ -338,13 +363,14 @@ def _vqav2_rows(path: Path, questions: dict, annotations: str | os.PathLike | No
     return rows
 
 
-def _gqa_rows(path: Path, questions: dict, root: Path, limit: int | None) -> list[VQARow]:
+def _gqa_rows(path: Path, questions: dict, root: Path, limit: int | None, require_answers: bool) -> list[VQARow]:
     rows = []
     for qid, q in questions.items():
         where = f"{path}: question {qid}"
-        if "answer" not in q:
+        if "answer" not in q and require_answers:
             raise ValueError(f"{where}: no 'answer' (GQA test / challenge questions are unanswered); use a split "
-                             "with answers such as testdev_balanced_questions.json or val_balanced_questions.json")
+                             "with answers such as testdev_balanced_questions.json or val_balanced_questions.json to "
+                             "score, or --results FILE to write the predictions for a submission without scoring")
         image_id = _field(q, "imageId", str, where)
         name = f"{image_id}.jpg"
         image = next((c for c in (root / name, root / "images" / name) if c.is_file()), None)
@@ -353,15 +379,18 @@ def _gqa_rows(path: Path, questions: dict, root: Path, limit: int | None) -> lis
                                     "--image-root at the GQA images folder)")
         types = q.get("types")
         kind = types.get("structural") if isinstance(types, dict) else None
-        rows.append(VQARow(str(image), _field(q, "question", str, where), (_field(q, "answer", str, where),),
-                           kind if isinstance(kind, str) else None, where, question_id=qid, metric="exact"))
+        answers = (_field(q, "answer", str, where),) if "answer" in q else ()
+        rows.append(VQARow(str(image), _field(q, "question", str, where), answers,
+                           kind if isinstance(kind, str) else None, where, question_id=qid, metric="exact",
+                           predict_only=not answers))
         if limit is not None and len(rows) >= limit:
             break
     return rows
 
 
 def load_vqa_rows(path: str | os.PathLike, annotations: str | os.PathLike | None = None,
-                  image_root: str | os.PathLike | None = None, limit: int | None = None) -> list[VQARow]:
+                  image_root: str | os.PathLike | None = None, limit: int | None = None,
+                  require_answers: bool = True) -> list[VQARow]:
     """The first ``limit`` questions of a data file, its format read from its content:
 
     - our JSONL (:func:`load_vqa_jsonl`), scored with ``metric="vqa"``;
@@ -371,7 +400,11 @@ def load_vqa_rows(path: str | os.PathLike, annotations: str | os.PathLike | None
 
     Images are looked up in ``image_root`` (default: the file's folder) and, for COCO / GQA, in its
     ``<data_subtype>`` / ``images`` subfolder. A file of none of these formats, VQAv2 questions without annotations
-    or with question ids the annotations lack raise ValueError; a missing image FileNotFoundError."""
+    or with question ids the annotations lack raise ValueError; a missing image FileNotFoundError.
+
+    ``require_answers=False`` (predictions only, for :func:`write_results`): a VQAv2 questions file without
+    ``annotations`` (test-dev / test) and GQA questions without "answer" (test / challenge) become
+    ``predict_only`` rows instead of an error. Our JSONL always needs answers."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 (rows to read), got {limit}")
     path = Path(path)
@@ -381,7 +414,10 @@ def load_vqa_rows(path: str | os.PathLike, annotations: str | os.PathLike | None
     if fmt == "jsonl":
         return load_vqa_jsonl(path, image_root, limit)
     root = Path(image_root) if image_root is not None else path.parent
-    rows = _vqav2_rows(path, obj, annotations, root, limit) if fmt == "vqav2" else _gqa_rows(path, obj, root, limit)
+    if fmt == "vqav2":
+        rows = _vqav2_rows(path, obj, annotations, root, limit, require_answers)
+    else:
+        rows = _gqa_rows(path, obj, root, limit, require_answers)
     if not rows:
         raise ValueError(f"{path}: no questions in the file")
     return rows
@@ -533,6 +569,11 @@ def score_predictions(rows: Sequence[VQARow], predictions: Sequence[str], leave_
         raise ValueError(f"got {len(predictions)} predictions for {len(rows)} rows")
     if not rows:
         raise ValueError("nothing to score: no rows")
+    unanswered = [row for row in rows if row.predict_only]
+    if unanswered:
+        raise ValueError(f"{len(unanswered)} of {len(rows)} rows have no answers to score against (first: "
+                         f"{unanswered[0].source}); questions without answers (VQAv2 test-dev / test, GQA test) can "
+                         "only be written as predictions: write_results / `vlmsparse eval --results FILE`")
     few = Counter(len(row.answers) for row in rows if len(row.answers) < 3 and row.metric != "exact")
     if few:
         counts = ", ".join(f"{num} with {n} answer{'s' * (n != 1)}" for n, num in sorted(few.items()))
@@ -580,11 +621,16 @@ def evaluate_folder(model_dir: str | os.PathLike, data: str | os.PathLike, batch
     processor and evaluate it on a data file of any format :func:`load_vqa_rows` reads (read first, so that a
     bad file fails before the model loads)."""
     rows = load_vqa_rows(data, annotations, image_root, limit)
+    model, processor = _load_vqa_model(model_dir)
+    return evaluate_vqa(model, processor, rows, batch_size, max_new_tokens, prompt, leave_one_out, progress)
+
+
+def _load_vqa_model(model_dir: str | os.PathLike) -> tuple[Any, Any]:
     model, processor = load_model_folder(model_dir)
     if processor is None or not hasattr(processor, "image_processor"):
         raise ValueError(f"{model_dir}: no image processor saved in the folder (a VQA evaluation needs "
                          "processor_config.json / preprocessor_config.json beside the model)")
-    return evaluate_vqa(model, processor, rows, batch_size, max_new_tokens, prompt, leave_one_out, progress)
+    return model, processor
 
 
 def load_model_folder(model_dir: str | os.PathLike) -> tuple[Any, Any]:
@@ -594,3 +640,101 @@ def load_model_folder(model_dir: str | os.PathLike) -> tuple[Any, Any]:
     from ..pipeline.save import load_model, load_processor
 
     return load_model(model_dir), load_processor(model_dir)
+
+
+# ------------------------------------------------------------------------------------- results files
+RESULTS_FORMATS = {"vqa_official": "vqav2", "exact": "gqa"}
+
+
+def results_format(rows: Sequence[VQARow]) -> str:
+    """``"vqav2"`` for rows of a VQAv2 / OK-VQA questions file, ``"gqa"`` for a GQA one (read by
+    :func:`load_vqa_rows`, which sets their ``metric``); anything else (our JSONL, a mix) raises ValueError."""
+    metrics = sorted({row.metric for row in rows})
+    if len(metrics) != 1 or metrics[0] not in RESULTS_FORMATS:
+        raise ValueError(f"a results file is written for the questions of one VQAv2 / OK-VQA or GQA questions file "
+                         f"(rows with metric 'vqa_official' or 'exact'), got rows with metric {metrics}; our JSONL "
+                         "has no official question ids (use -o for a report with every prediction)")
+    missing = [row.source for row in rows if row.question_id is None]
+    if missing:
+        raise ValueError(f"{len(missing)} rows have no question_id (first: {missing[0]}); a results file needs one "
+                         "per question")
+    return RESULTS_FORMATS[metrics[0]]
+
+
+def check_results_path(path: str | os.PathLike, overwrite: bool = False,
+                       inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+    """Refuse a results ``path`` that is a folder, one of the ``inputs`` files, or an existing file unless
+    ``overwrite`` (ValueError / FileExistsError); returns it as a Path."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--results {path}: is a folder; give the path of the JSON file to write")
+    for given in inputs:
+        if given is not None and path.resolve() == Path(given).resolve():
+            raise ValueError(f"--results {path}: is the file {given} given as another argument; choose another file")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"--results {path}: the file already exists; pass --overwrite to replace it")
+    return path
+
+
+def write_results(rows: Sequence[VQARow], predictions: Sequence[str], path: str | os.PathLike,
+                  overwrite: bool = False) -> Path:
+    """Write ``predictions`` (one per row, in row order) as the official results file of the rows' questions,
+    each answer passed through :func:`normalize_answer` (as LLaVA's / LAVIS's answer processors do before
+    submitting):
+
+    - VQAv2 / OK-VQA (EvalAI; vqaTools ``loadRes``): ``[{"question_id": 262148000, "answer": "yes"}, ...]``;
+    - GQA (submission): ``[{"questionId": "20968495", "prediction": "no"}, ...]``.
+
+    Rows may be ``predict_only`` (no answers). Written atomically (temporary file, then rename); an existing file is
+    refused unless ``overwrite``. Raises ValueError for rows of no results format (see :func:`results_format`),
+    a count mismatch or a repeated question id."""
+    from ..masks import atomic_write
+
+    if len(rows) != len(predictions):
+        raise ValueError(f"got {len(predictions)} predictions for {len(rows)} rows")
+    if not rows:
+        raise ValueError("nothing to write: no rows")
+    fmt = results_format(rows)
+    ids = Counter(row.question_id for row in rows)
+    repeated = [qid for qid, n in ids.items() if n > 1]
+    if repeated:
+        raise ValueError(f"{len(repeated)} question ids occur more than once (first: {repeated[:3]}); a results file "
+                         "holds one prediction per question")
+    path = check_results_path(path, overwrite)
+    if fmt == "vqav2":
+        records = [{"question_id": row.question_id, "answer": normalize_answer(pred)}
+                   for row, pred in zip(rows, predictions)]
+    else:
+        records = [{"questionId": str(row.question_id), "prediction": normalize_answer(pred)}
+                   for row, pred in zip(rows, predictions)]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(records, f)
+
+    atomic_write(path, write)
+    return path
+
+
+def write_folder_results(model_dir: str | os.PathLike, data: str | os.PathLike, results: str | os.PathLike,
+                         batch_size: int = 32, max_new_tokens: int = 5, prompt: str | None = None,
+                         limit: int | None = None, image_root: str | None = None, leave_one_out: bool = False,
+                         progress: bool = True, annotations: str | os.PathLike | None = None,
+                         overwrite: bool = False) -> tuple[int, VQAReport | None]:
+    """Answer every question of a VQAv2 / OK-VQA or GQA questions file (the first ``limit``) with a model folder
+    and write the official results file ``results`` (:func:`write_results`); answers are not needed. When every
+    question has answers (VQAv2 with ``annotations``, GQA testdev / val), the predictions are also scored.
+    The file, the path and the format are checked before the model loads. Returns ``(questions written,
+    report or None when unscored)``."""
+    rows = load_vqa_rows(data, annotations, image_root, limit, require_answers=False)
+    results_format(rows)
+    check_results_path(results, overwrite, [data, annotations])
+    model, processor = _load_vqa_model(model_dir)
+    start = time.perf_counter()
+    predictions = generate_answers(model, processor, rows, batch_size, max_new_tokens, prompt, progress)
+    write_results(rows, predictions, results, overwrite)
+    if any(row.predict_only for row in rows):
+        return len(rows), None
+    report = score_predictions(rows, predictions, leave_one_out)
+    report.seconds = time.perf_counter() - start
+    return len(rows), report
