@@ -346,6 +346,33 @@ def test_eval_cli_results_for_vqav2_test_dev(tmp_path, model_folder, capsys):
                                             "vqav2_test-dev_results.json"]  # no temporary file left
 
 
+def test_eval_cli_results_filled_with_every_test_question(tmp_path, model_folder, capsys):
+    """EvalAI's test-dev phase takes the whole test2015 set: --fill-questions adds the unanswered ids, empty."""
+    from vlmsparse.cli import main
+
+    folder, questions, preds = model_folder
+    q_path, _ = _vqav2_files(tmp_path, questions, [["x"] * 10] * 3, ["other"] * 3, subtype="test-dev2015",
+                             image_dir="test2015", image_split="test2015")
+    results = tmp_path / "results.json"
+    assert main(["eval", str(folder), "--data", str(q_path), "--image-root", str(tmp_path), "--max-new-tokens", "2",
+                 "--limit", "2", "--results", str(results), "--fill-questions", str(q_path)]) == 0
+    assert json.loads(results.read_text()) == [
+        {"question_id": 262148000, "answer": normalize_answer(preds[0])},
+        {"question_id": 393225001, "answer": normalize_answer(preds[1])},
+        {"question_id": 9002, "answer": ""}]
+    rows = load_vqa_rows(q_path, require_answers=False)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"questions": [{"image_id": 1, "question": "q?", "question_id": 5}]}))
+    with pytest.raises(ValueError, match=r"3 answered question ids are not in .*other.json .*test2015 for test-dev"):
+        write_results(rows, ["a", "b", "c"], tmp_path / "r.json", fill_from=other)
+    gqa_rows = load_vqa_rows(_gqa_file(tmp_path, ["q1?"], None, ["query"]), require_answers=False)
+    with pytest.raises(ValueError, match="is for VQAv2 / OK-VQA results, not GQA"):
+        write_results(gqa_rows, ["a"], tmp_path / "r.json", fill_from=q_path)
+    assert main(["eval", str(folder), "--data", str(q_path), "--fill-questions", str(q_path)]) == 2
+    assert "--fill-questions goes with --results" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_eval_cli_results_for_gqa_and_scored_vqav2(tmp_path, model_folder, capsys):
     """GQA test questions (no answers) -> the submission file; VQAv2 with annotations -> results file AND scores."""
     from vlmsparse.cli import main

@@ -364,6 +364,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results", default=None,
                    help="write the predictions as the official results file (for the VQAv2 EvalAI server or a GQA "
                    "submission) to this JSON file; works without answers (then nothing is scored)")
+    p.add_argument("--fill-questions", default=None,
+                   help="with --results (VQAv2): a questions JSON whose questions not answered here are added with an "
+                   "empty answer, e.g. the test2015 questions for a test-dev run (EvalAI takes the whole test2015 set)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing -o / --results file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -397,6 +400,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise ValueError("--annotations goes with --data (a VQAv2 / OK-VQA questions file), not with --text")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1 (rows to evaluate), got {args.limit}")
+    if args.fill_questions is not None and args.results is None:
+        raise ValueError("--fill-questions goes with --results (it completes the results file)")
     if args.results is not None and args.data is None:
         raise ValueError("--results goes with --data (a VQAv2 / OK-VQA or GQA questions file), not with --text")
     if args.output:
@@ -422,7 +427,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     else:
         num, vqa = write_folder_results(args.model, args.data, args.results, args.batch_size, args.max_new_tokens,
                                         args.prompt, args.limit, args.image_root, args.official, progress=True,
-                                        annotations=args.annotations, overwrite=args.overwrite)
+                                        annotations=args.annotations, overwrite=args.overwrite,
+                                        fill_from=args.fill_questions)
         report = {"model": args.model, "data": args.data, "annotations": args.annotations, "results": args.results,
                   "num": num, "scored": vqa is not None}
         text = f"wrote {num} predictions to {args.results}"

@@ -677,7 +677,7 @@ def check_results_path(path: str | os.PathLike, overwrite: bool = False,
 
 
 def write_results(rows: Sequence[VQARow], predictions: Sequence[str], path: str | os.PathLike,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, fill_from: str | os.PathLike | None = None) -> Path:
     """Write ``predictions`` (one per row, in row order) as the official results file of the rows' questions,
     each answer passed through :func:`normalize_answer` (as LLaVA's / LAVIS's answer processors do before
     submitting):
@@ -687,7 +687,11 @@ def write_results(rows: Sequence[VQARow], predictions: Sequence[str], path: str 
 
     Rows may be ``predict_only`` (no answers). Written atomically (temporary file, then rename); an existing file is
     refused unless ``overwrite``. Raises ValueError for rows of no results format (see :func:`results_format`),
-    a count mismatch or a repeated question id."""
+    a count mismatch or a repeated question id.
+
+    ``fill_from`` (VQAv2 only): a questions JSON whose every question must be in the file, e.g. the test2015
+    questions for a test-dev run (the EvalAI server takes the whole test2015 set); the questions not answered here
+    get ``"answer": ""``, as LLaVA's submission script does. A row whose id it lacks raises ValueError."""
     from ..masks import atomic_write
 
     if len(rows) != len(predictions):
@@ -701,9 +705,13 @@ def write_results(rows: Sequence[VQARow], predictions: Sequence[str], path: str 
         raise ValueError(f"{len(repeated)} question ids occur more than once (first: {repeated[:3]}); a results file "
                          "holds one prediction per question")
     path = check_results_path(path, overwrite)
+    if fill_from is not None and fmt != "vqav2":
+        raise ValueError("fill_from (--fill-questions) is for VQAv2 / OK-VQA results, not GQA")
     if fmt == "vqav2":
         records = [{"question_id": row.question_id, "answer": normalize_answer(pred)}
                    for row, pred in zip(rows, predictions)]
+        if fill_from is not None:
+            records += _unanswered(Path(fill_from), ids)
     else:
         records = [{"questionId": str(row.question_id), "prediction": normalize_answer(pred)}
                    for row, pred in zip(rows, predictions)]
@@ -716,11 +724,25 @@ def write_results(rows: Sequence[VQARow], predictions: Sequence[str], path: str 
     return path
 
 
+def _unanswered(questions_path: Path, answered: Counter) -> list[dict]:
+    """``{"question_id": id, "answer": ""}`` for each question of a VQAv2 questions file not in ``answered``."""
+    fmt, obj = _data_format(questions_path)
+    if fmt != "vqav2":
+        raise ValueError(f"{questions_path}: the questions to fill from must be a VQAv2 questions JSON, got {fmt}")
+    every = [_field(q, "question_id", int, f"{questions_path}: questions[{i}]") for i, q in enumerate(obj["questions"])]
+    unknown = sorted(set(answered) - set(every))
+    if unknown:
+        raise ValueError(f"{len(unknown)} answered question ids are not in {questions_path} (first: {unknown[:3]}); "
+                         "fill from the questions file of the split they belong to (test2015 for test-dev)")
+    return [{"question_id": qid, "answer": ""} for qid in every if qid not in answered]
+
+
 def write_folder_results(model_dir: str | os.PathLike, data: str | os.PathLike, results: str | os.PathLike,
                          batch_size: int = 32, max_new_tokens: int = 5, prompt: str | None = None,
                          limit: int | None = None, image_root: str | None = None, leave_one_out: bool = False,
                          progress: bool = True, annotations: str | os.PathLike | None = None,
-                         overwrite: bool = False) -> tuple[int, VQAReport | None]:
+                         overwrite: bool = False, fill_from: str | os.PathLike | None = None
+                         ) -> tuple[int, VQAReport | None]:
     """Answer every question of a VQAv2 / OK-VQA or GQA questions file (the first ``limit``) with a model folder
     and write the official results file ``results`` (:func:`write_results`); answers are not needed. When every
     question has answers (VQAv2 with ``annotations``, GQA testdev / val), the predictions are also scored.
@@ -732,7 +754,7 @@ def write_folder_results(model_dir: str | os.PathLike, data: str | os.PathLike, 
     model, processor = _load_vqa_model(model_dir)
     start = time.perf_counter()
     predictions = generate_answers(model, processor, rows, batch_size, max_new_tokens, prompt, progress)
-    write_results(rows, predictions, results, overwrite)
+    write_results(rows, predictions, results, overwrite, fill_from)
     if any(row.predict_only for row in rows):
         return len(rows), None
     report = score_predictions(rows, predictions, leave_one_out)
