@@ -322,7 +322,7 @@ def test_eval_cli_errors_and_report_file(tmp_path, capsys, caplog):
     assert main([*base, "-o", str(tmp_path)]) == 2
     assert "is a folder; give the path of the JSON file" in capsys.readouterr().err
     assert main([*base, "-o", str(data), "--overwrite"]) == 2
-    assert "is the input file" in capsys.readouterr().err
+    assert f"-o {data}: is the file {data} given as another argument" in capsys.readouterr().err
     out = tmp_path / "report.json"
     assert main([*base, "-o", str(out), "--limit", "2"]) == 0
     predictions = json.loads(out.read_text())["predictions"]

@@ -371,23 +371,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def _check_report_file(output: str, inputs: list[str | None], overwrite: bool) -> None:
-    """Refuse an ``-o`` path that is a folder, one of the ``inputs`` files, or an existing file without
-    --overwrite (checked before the evaluation runs)."""
-    from pathlib import Path
-
-    path = Path(output)
-    if path.is_dir():
-        raise ValueError(f"-o {output}: is a folder; give the path of the JSON file to write")
-    for given in inputs:
-        if given is not None and path.resolve() == Path(given).resolve():
-            raise ValueError(f"-o {output}: is the input file {given}; choose another report file")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"-o {output}: the file already exists; pass --overwrite to replace it")
-
-
 def _run_eval(args: argparse.Namespace) -> int:
     from .eval.vqa import check_results_path, evaluate_folder, load_model_folder, write_folder_results
+    from .pipeline.save import check_output_file
 
     def scores(vqa) -> str:
         kinds = ", ".join(f"{k} {v:.3f}" for k, v in vqa.per_kind.items())
@@ -405,7 +391,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.results is not None and args.data is None:
         raise ValueError("--results goes with --data (a VQAv2 / OK-VQA or GQA questions file), not with --text")
     if args.output:
-        _check_report_file(args.output, [args.data, args.annotations, args.text], args.overwrite)
+        check_output_file(args.output, [args.data, args.annotations, args.text], args.overwrite, "-o")
     if args.results is not None:
         check_results_path(args.results, args.overwrite, [args.data, args.annotations, args.output])
     if args.text is not None:

@@ -665,15 +665,9 @@ def check_results_path(path: str | os.PathLike, overwrite: bool = False,
                        inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Refuse a results ``path`` that is a folder, one of the ``inputs`` files, or an existing file unless
     ``overwrite`` (ValueError / FileExistsError); returns it as a Path."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"--results {path}: is a folder; give the path of the JSON file to write")
-    for given in inputs:
-        if given is not None and path.resolve() == Path(given).resolve():
-            raise ValueError(f"--results {path}: is the file {given} given as another argument; choose another file")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"--results {path}: the file already exists; pass --overwrite to replace it")
-    return path
+    from ..pipeline.save import check_output_file
+
+    return check_output_file(path, list(inputs), overwrite, "--results")
 
 
 def write_results(rows: Sequence[VQARow], predictions: Sequence[str], path: str | os.PathLike,

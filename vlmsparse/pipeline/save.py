@@ -64,6 +64,22 @@ def check_output_folder(out_dir: str | os.PathLike, inputs: list[str | os.PathLi
     return out
 
 
+def check_output_file(path: str | os.PathLike, inputs: list[str | os.PathLike | None], overwrite: bool,
+                      flag: str) -> Path:
+    """Refuse an output file ``path`` (the option ``flag`` names it) that is a folder, one of the ``inputs``
+    files, or an existing file unless ``overwrite`` (ValueError / FileExistsError); returns it as a Path. Call it
+    before long work."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give the path of the JSON file to write")
+    for given in inputs:
+        if given is not None and path.resolve() == Path(given).resolve():
+            raise ValueError(f"{flag} {path}: is the file {given} given as another argument; choose another file")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{flag} {path}: the file already exists; pass --overwrite to replace it")
+    return path
+
+
 def _follow_umask(folder: Path, only: Collection[Path] | None = None) -> None:
     """Give ``folder``, its subfolders and files the modes a fresh ``mkdir`` / ``open()`` would:
     ``0o777 & ~umask`` / ``0o666 & ~umask`` (links left). With ``only``, just those paths (files or folders)."""
