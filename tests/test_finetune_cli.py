@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 from factories import pruned_tiny, synthetic_processor
@@ -154,3 +155,25 @@ def test_cli_finetune_a_language_model_alone(tmp_path, capsys):
                  *ARGS]) == 2
     assert "(row 2): the example has an image, but the processor is a tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_cli_finetune_destroys_the_launchers_process_group(tmp_path, monkeypatch, capsys):
+    """Under a launcher the command ends by destroying the process group (torch asks it of a script)."""
+    import torch.distributed as dist
+    from torch.distributed import HashStore
+
+    finetune_module = importlib.import_module("vlmsparse.training.finetune")  # the module, not the function
+
+    def fake_finetune(*args, **kwargs):  # the run itself is tested above; here only what follows it
+        assert dist.is_initialized()
+        return {"steps": 0}
+
+    monkeypatch.setattr(finetune_module, "finetune", fake_finetune)
+    dist.init_process_group("gloo", store=HashStore(), rank=0, world_size=1)
+    try:
+        assert main(["finetune", str(tmp_path), "--data", "synthetic:2", "-o", str(tmp_path / "out"), "--json"]) == 0
+        assert not dist.is_initialized()
+        assert json.loads(capsys.readouterr().out) == {"steps": 0}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -54,6 +54,7 @@ S.AcceleratorState.__init__ = _init_fsdp_on_cpu
 
 SCRIPT = """
 import json, os, sys
+import torch.distributed
 from factories import pruned_tiny, synthetic_processor
 from transformers import TrainerCallback
 from vlmsparse.data.datasets import SyntheticVQADataset
@@ -77,6 +78,8 @@ data = SyntheticVQADataset(processor, num=8, seed=0)
 finetune(model, data, out, masks=masks, processor=processor, max_steps=3, batch_size=batch, grad_accum=accum,
          learning_rate=2e-2, save_steps=2, logging_steps=1, distill_lambda=0.1, progress=False,
          resume=len(sys.argv) > 4, callbacks=[Probe()])
+if torch.distributed.is_initialized():  # as torch asks of a launched script (the CLI does it too)
+    torch.distributed.destroy_process_group()
 """
 
 FSDP2_CONFIG = """
