@@ -346,7 +346,7 @@ def test_eval_cli_results_for_vqav2_test_dev(tmp_path, model_folder, capsys):
                                             "vqav2_test-dev_results.json"]  # no temporary file left
 
 
-def test_eval_cli_results_filled_with_every_test_question(tmp_path, model_folder, capsys):
+def test_eval_cli_results_filled_with_every_test_question(tmp_path, model_folder, capsys, monkeypatch):
     """EvalAI's test-dev phase takes the whole test2015 set: --fill-questions adds the unanswered ids, empty."""
     from vlmsparse.cli import main
 
@@ -370,6 +370,16 @@ def test_eval_cli_results_filled_with_every_test_question(tmp_path, model_folder
         write_results(gqa_rows, ["a"], tmp_path / "r.json", fill_from=q_path)
     assert main(["eval", str(folder), "--data", str(q_path), "--fill-questions", str(q_path)]) == 2
     assert "--fill-questions goes with --results" in capsys.readouterr().err
+    # a fill file that does not fit is refused before the model loads (not after every answer is generated)
+    import vlmsparse.eval.vqa as vqa
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(vqa, "_load_vqa_model", no_load)
+    assert main(["eval", str(folder), "--data", str(q_path), "--image-root", str(tmp_path), "--results",
+                 str(tmp_path / "r.json"), "--fill-questions", str(other)]) == 2
+    assert "3 answered question ids are not in" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
 

@@ -403,7 +403,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.output:
         check_output_file(args.output, [args.data, args.annotations, args.text], args.overwrite, "-o")
     if args.results is not None:
-        check_results_path(args.results, args.overwrite, [args.data, args.annotations, args.output])
+        check_results_path(args.results, args.overwrite, [args.data, args.annotations, args.output, args.fill_questions])
     if args.text is not None:
         from .eval.perplexity import perplexity_of_file
 

@@ -686,10 +686,17 @@ def write_results(rows: Sequence[VQARow], predictions: Sequence[str], path: str 
     ``fill_from`` (VQAv2 only): a questions JSON whose every question must be in the file, e.g. the test2015
     questions for a test-dev run (the EvalAI server takes the whole test2015 set); the questions not answered here
     get ``"answer": ""``, as LLaVA's submission script does. A row whose id it lacks raises ValueError."""
-    from ..masks import atomic_write
-
     if len(rows) != len(predictions):
         raise ValueError(f"got {len(predictions)} predictions for {len(rows)} rows")
+    fmt = _check_results_rows(rows)
+    path = check_results_path(path, overwrite)
+    _write_results(path, rows, predictions, fmt, _filling(rows, fmt, fill_from))
+    return path
+
+
+def _check_results_rows(rows: Sequence[VQARow]) -> str:
+    """The results format of ``rows`` (:func:`results_format`) after checking there are some and that no question
+    id repeats."""
     if not rows:
         raise ValueError("nothing to write: no rows")
     fmt = results_format(rows)
@@ -698,37 +705,47 @@ def write_results(rows: Sequence[VQARow], predictions: Sequence[str], path: str 
     if repeated:
         raise ValueError(f"{len(repeated)} question ids occur more than once (first: {repeated[:3]}); a results file "
                          "holds one prediction per question")
-    path = check_results_path(path, overwrite)
-    if fill_from is not None and fmt != "vqav2":
+    return fmt
+
+
+def _filling(rows: Sequence[VQARow], fmt: str, fill_from: str | os.PathLike | None) -> list[dict]:
+    """The records ``fill_from`` adds to the results of ``rows`` (none without it): ``{"question_id": id,
+    "answer": ""}`` for each question of that VQAv2 questions file that ``rows`` do not answer."""
+    if fill_from is None:
+        return []
+    if fmt != "vqav2":
         raise ValueError("fill_from (--fill-questions) is for VQAv2 / OK-VQA results, not GQA")
+    questions_path = Path(fill_from)
+    answered = {row.question_id for row in rows}
+    file_fmt, obj = _data_format(questions_path)
+    if file_fmt != "vqav2":
+        raise ValueError(f"{questions_path}: the questions to fill from must be a VQAv2 questions JSON, got {file_fmt}")
+    every = [_field(q, "question_id", int, f"{questions_path}: questions[{i}]") for i, q in enumerate(obj["questions"])]
+    unknown = sorted(answered - set(every))
+    if unknown:
+        raise ValueError(f"{len(unknown)} answered question ids are not in {questions_path} (first: {unknown[:3]}); "
+                         "fill from the questions file of the split they belong to (test2015 for test-dev)")
+    return [{"question_id": qid, "answer": ""} for qid in every if qid not in answered]
+
+
+def _write_results(path: Path, rows: Sequence[VQARow], predictions: Sequence[str], fmt: str,
+                   filling: list[dict]) -> None:
+    """Write the checked rows' results file (format ``fmt``, then ``filling``) atomically."""
+    from ..masks import atomic_write
+
     if fmt == "vqav2":
         records = [{"question_id": row.question_id, "answer": normalize_answer(pred)}
                    for row, pred in zip(rows, predictions)]
-        if fill_from is not None:
-            records += _unanswered(Path(fill_from), ids)
     else:
         records = [{"questionId": str(row.question_id), "prediction": normalize_answer(pred)}
                    for row, pred in zip(rows, predictions)]
+    records += filling
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(records, f)
 
     atomic_write(path, write)
-    return path
-
-
-def _unanswered(questions_path: Path, answered: Counter) -> list[dict]:
-    """``{"question_id": id, "answer": ""}`` for each question of a VQAv2 questions file not in ``answered``."""
-    fmt, obj = _data_format(questions_path)
-    if fmt != "vqav2":
-        raise ValueError(f"{questions_path}: the questions to fill from must be a VQAv2 questions JSON, got {fmt}")
-    every = [_field(q, "question_id", int, f"{questions_path}: questions[{i}]") for i, q in enumerate(obj["questions"])]
-    unknown = sorted(set(answered) - set(every))
-    if unknown:
-        raise ValueError(f"{len(unknown)} answered question ids are not in {questions_path} (first: {unknown[:3]}); "
-                         "fill from the questions file of the split they belong to (test2015 for test-dev)")
-    return [{"question_id": qid, "answer": ""} for qid in every if qid not in answered]
 
 
 def write_folder_results(model_dir: str | os.PathLike, data: str | os.PathLike, results: str | os.PathLike,
@@ -740,15 +757,16 @@ def write_folder_results(model_dir: str | os.PathLike, data: str | os.PathLike, 
     """Answer every question of a VQAv2 / OK-VQA or GQA questions file (the first ``limit``) with a model folder
     and write the official results file ``results`` (:func:`write_results`); answers are not needed. When every
     question has answers (VQAv2 with ``annotations``, GQA testdev / val), the predictions are also scored.
-    The file, the path and the format are checked before the model loads. Returns ``(questions written,
+    The file, the path, the format and ``fill_from`` are checked before the model loads. Returns ``(questions written,
     report or None when unscored)``."""
     rows = load_vqa_rows(data, annotations, image_root, limit, require_answers=False)
-    results_format(rows)
-    check_results_path(results, overwrite, [data, annotations])
+    fmt = _check_results_rows(rows)
+    path = check_results_path(results, overwrite, [data, annotations, fill_from])
+    filling = _filling(rows, fmt, fill_from)  # a bad fill file fails here, not after every answer is generated
     model, processor = _load_vqa_model(model_dir)
     start = time.perf_counter()
     predictions = generate_answers(model, processor, rows, batch_size, max_new_tokens, prompt, progress)
-    write_results(rows, predictions, results, overwrite, fill_from)
+    _write_results(check_results_path(path, overwrite), rows, predictions, fmt, filling)
     if any(row.predict_only for row in rows):
         return len(rows), None
     report = score_predictions(rows, predictions, leave_one_out)
