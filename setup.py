@@ -1,6 +1,74 @@
 """vlmsparse: prune vision-language models, restore them with SparseLoRA, run them fast."""
 
+import os
+import platform
+import subprocess
+import sys
+
 from setuptools import find_packages, setup
+
+NATIVE_SOURCES = ["csrc/sparse_cpu/ops.cpp", "csrc/sparse_cpu/kernels_scalar.cpp"]
+NATIVE_X86_SOURCES = ["csrc/sparse_cpu/kernels_avx2.cpp", "csrc/sparse_cpu/kernels_avx512.cpp"]
+
+
+def _import_target_torch() -> bool:
+    """Import the torch of the environment being installed into; False when there is none.
+
+    Inside pip's isolated build environment torch is hidden, so the installing interpreter is asked where its
+    torch lives and that folder is appended to sys.path (the extension must match that torch's ABI anyway).
+    """
+    try:
+        import torch  # noqa: F401
+
+        return True
+    except ImportError:
+        pass
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    probe = "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"
+    try:
+        found = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if found.returncode != 0 or not found.stdout.strip():
+        return False
+    sys.path.append(found.stdout.strip().splitlines()[-1])
+    try:
+        import torch  # noqa: F401,F811
+    except ImportError:
+        return False
+    return True
+
+
+def _native_build() -> dict:
+    """setup() arguments for the native CPU kernels (csrc/), or none when they cannot be built here.
+
+    VLMSPARSE_NATIVE=0 skips them; without them vlmsparse runs its pure-torch paths.
+    """
+    if os.environ.get("VLMSPARSE_NATIVE", "1") == "0":
+        return {}
+    if sys.platform != "linux" or not _import_target_torch():
+        print("vlmsparse: native CPU kernels not built (needs Linux and torch installed first)", file=sys.stderr)
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    class LenientBuild(BuildExtension):
+        """A compiler failure leaves the pure-torch paths instead of failing the install."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as error:  # noqa: BLE001 -- any compiler failure
+                print(f"vlmsparse: native CPU kernels not built ({error}); using pure-torch paths",
+                      file=sys.stderr)
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    extension = CppExtension(
+        "vlmsparse._native_cpu",
+        NATIVE_SOURCES + (NATIVE_X86_SOURCES if x86 else []),
+        extra_compile_args=["-O3", "-std=c++20"] + (["-DVLMSPARSE_X86_TIERS"] if x86 else []),
+    )
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": LenientBuild}}
+
 
 setup(
     name="vlmsparse",
@@ -30,4 +98,5 @@ setup(
         "dev": ["triton>=3.6", "pytest>=8", "ruff>=0.6", "matplotlib"],
     },
     entry_points={"console_scripts": ["vlmsparse=vlmsparse.cli:main"]},
+    **_native_build(),
 )

@@ -37,3 +37,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def without_native(monkeypatch):
+    """As on an install without the C++ extension: the native CPU kernels report themselves unavailable."""
+    from vlmsparse.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_LOAD_RESULT", "not built (simulated by the test)")
+    yield
+
+
+@pytest.fixture
+def native():
+    """The native CPU kernels (vlmsparse.kernels.cpu); skips where they are not built, fails instead when
+    VLMSPARSE_REQUIRE_NATIVE=1 (CI sets it: there a missing build is a defect, not a skip)."""
+    from vlmsparse.kernels import cpu
+
+    if not cpu.native_available():
+        if os.environ.get("VLMSPARSE_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"VLMSPARSE_REQUIRE_NATIVE=1 but {cpu.unavailable_reason()}")
+        pytest.skip(cpu.unavailable_reason())
+    return cpu

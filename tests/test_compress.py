@@ -57,7 +57,7 @@ def test_bitmask_round_trip_odd_width():
     assert int(pack_bitmask(torch.tensor([[True] + [False] * 7]))[0, 0]) == 1  # bit 0 = column 0
 
 
-def test_compress_swaps_24_linears_and_inverts():
+def test_compress_swaps_24_linears_and_inverts(without_native):
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16), nn.Linear(16, 8))
     masks = _prune24(model, ["0", "2"])
     x = torch.randn(3, 32)
@@ -101,7 +101,7 @@ def test_compress_rejects_mask_weight_mismatch():
 
 
 @pytest.mark.slow
-def test_tiny_llava_compressed_checkpoint_round_trip(tmp_path):
+def test_tiny_llava_compressed_checkpoint_round_trip(tmp_path, without_native):
     from factories import llava_inputs, tiny_llava
 
     from vlmsparse.models import prunable_linear_names
@@ -381,8 +381,9 @@ def test_save_compressed_writes_processor_and_masks(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_load_compressed_as_sparse_warns_when_nothing_is_swapped(tmp_path, caplog):
-    """On CPU backend 'auto' keeps 2:4 layers dense: as_sparse=True says so (and how to get them swapped)."""
+def test_load_compressed_as_sparse_warns_when_nothing_is_swapped(tmp_path, caplog, without_native):
+    """On a CPU without the native kernels backend 'auto' keeps 2:4 layers dense: as_sparse=True says so (and how
+    to get them swapped)."""
     from factories import tiny_llama
 
     model = tiny_llama(0).eval()

@@ -7,7 +7,10 @@ Backends:
   :mod:`vlmsparse.kernels.packed24` (default for CUDA inputs when triton imports; on CPU only under
   ``TRITON_INTERPRET=1``);
 - ``"torch24"``: torch semi-structured sparse (cuSPARSELt / CUTLASS), inference only, for merged 2:4
-  weights (:func:`packed24_linear`, :func:`torch24_linear`).
+  weights (:func:`packed24_linear`, :func:`torch24_linear`);
+- ``"native"``: the C++ CPU kernels in :mod:`vlmsparse.kernels.cpu` (built by ``pip install`` from ``csrc/``),
+  inference only, float32 / bfloat16: :func:`packed24_linear` and :func:`bitmask_linear`; the default for those
+  ops on CPU tensors of those dtypes when the extension is built.
 
 Selection order: the ``backend`` argument > the innermost :func:`use_backend` context > the environment
 variable ``VLMSPARSE_BACKEND`` > the device default. Kernel modules are imported lazily, on first use,
@@ -38,7 +41,15 @@ from types import ModuleType
 import torch
 
 from .kernels import reference as _ref
-from .kernels.checks import check_bias, check_features, check_lora, check_mask, check_packed, check_scaling
+from .kernels.checks import (
+    check_bias,
+    check_bitmask,
+    check_features,
+    check_lora,
+    check_mask,
+    check_packed,
+    check_scaling,
+)
 
 __all__ = [
     "BACKENDS",
@@ -51,17 +62,19 @@ __all__ = [
     "packed24_lora_linear",
     "packed24_linear",
     "torch24_linear",
+    "bitmask_linear",
     "zero_weight",
 ]
 
-BACKENDS = ("reference", "triton", "torch24")
+BACKENDS = ("reference", "triton", "torch24", "native")
 ENV_VAR = "VLMSPARSE_BACKEND"
 
 # Which backends implement which op. torch24 is inference-only and covers the plain 2:4 matmul.
 _OPS = {
     "sparse_lora": ("reference", "triton"),
     "packed24_lora": ("reference", "triton"),
-    "packed24_matmul": ("reference", "triton", "torch24"),
+    "packed24_matmul": ("reference", "triton", "torch24", "native"),
+    "bitmask_matmul": ("reference", "native"),
 }
 
 _local = threading.local()
@@ -125,6 +138,13 @@ def _check_runnable(name: str, device: torch.device, source: str) -> None:
                 "or TRITON_INTERPRET=1 set before the kernels are imported to run them on CPU (slow, for tests); "
                 "use the 'reference' backend on CPU"
             )
+    elif name == "native":
+        from .kernels import cpu
+
+        if not cpu.native_available():
+            raise RuntimeError(f"backend 'native' ({source}) requested but {cpu.unavailable_reason()}; use 'reference'")
+        if device.type != "cpu":
+            raise RuntimeError(f"backend 'native' ({source}) runs on CPU tensors, got a {device.type} tensor")
     elif name == "torch24":
         if device.type != "cuda":
             raise RuntimeError(
@@ -133,12 +153,22 @@ def _check_runnable(name: str, device: torch.device, source: str) -> None:
             )
 
 
-def resolve_backend(device: torch.device | str, backend: str | None = None, *, op: str | None = None) -> str:
-    """The backend to use for a tensor on ``device``.
+def _native_default(op: str | None, dtype: torch.dtype | None) -> bool:
+    if op not in ("packed24_matmul", "bitmask_matmul"):
+        return False
+    from .kernels import cpu
+
+    return cpu.native_available() and dtype in cpu.NATIVE_DTYPES
+
+
+def resolve_backend(device: torch.device | str, backend: str | None = None, *, op: str | None = None,
+                    dtype: torch.dtype | None = None) -> str:
+    """The backend to use for a tensor on ``device`` (of ``dtype``, when it matters for the default).
 
     Order: ``backend`` argument > :func:`use_backend` context > ``$VLMSPARSE_BACKEND`` > device default
-    (``"triton"`` on CUDA when triton can be imported, else ``"reference"``). ``op`` (``"sparse_lora"``,
-    ``"packed24_lora"``, ``"packed24_matmul"``) checks that the backend implements that op.
+    (``"triton"`` on CUDA when triton can be imported; on CPU ``"native"`` for the inference matmuls on float32 /
+    bfloat16 when the extension is built; else ``"reference"``). ``op`` (``"sparse_lora"``,
+    ``"packed24_lora"``, ``"packed24_matmul"``, ``"bitmask_matmul"``) checks that the backend implements it.
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` when the backend cannot run here.
     """
     device = torch.device(device)
@@ -147,14 +177,19 @@ def resolve_backend(device: torch.device | str, backend: str | None = None, *, o
     else:
         name, source = current_backend()
         if name is None:
-            name = "triton" if device.type == "cuda" and triton_available() else "reference"
+            if device.type == "cuda" and triton_available():
+                name = "triton"
+            elif device.type == "cpu" and _native_default(op, dtype):
+                name = "native"
+            else:
+                name = "reference"
             source = "device default"
     if op is not None:
         if op not in _OPS:
             raise ValueError(f"resolve_backend: unknown op {op!r}; allowed: {', '.join(_OPS)}")
         if name not in _OPS[op]:
-            if source in ("context", "env") and name == "torch24":
-                # A model-wide torch24 choice still trains/evaluates its SparseLoRA layers: fall back.
+            if source in ("context", "env") and name in ("torch24", "native"):
+                # A model-wide inference-backend choice still trains/evaluates its SparseLoRA layers: fall back.
                 name = "triton" if device.type == "cuda" and triton_available() else "reference"
             else:
                 raise ValueError(
@@ -177,6 +212,10 @@ def _impl(backend: str, kernel_module: str, name: str):
     """The function ``name`` of a backend (reference twin ``name + '_ref'``)."""
     if backend == "reference":
         return getattr(_ref, f"{name}_ref")
+    if backend == "native":
+        from .kernels import cpu  # a plain import (not importlib): torch.compile traces it
+
+        return getattr(cpu, name)
     return getattr(_kernel_module(kernel_module), name)
 
 
@@ -331,10 +370,26 @@ def packed24_linear(
     """
     out_features = check_packed(values, meta, x.shape[-1], "packed24_linear")
     check_bias(bias, out_features, "packed24_linear")
-    name = resolve_backend(x.device, backend, op="packed24_matmul")
+    name = resolve_backend(x.device, backend, op="packed24_matmul", dtype=x.dtype)
     if name == "torch24":
         from .sparse24 import Packed24, to_semi_structured, unpack24
 
         weight = to_semi_structured(unpack24(Packed24(values, meta, x.shape[-1])))
         return torch24_linear(x, weight, bias)
     return _impl(name, "packed24", "packed24_matmul")(x, values, meta, bias)
+
+
+def bitmask_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bitmask: torch.Tensor,
+    row_offsets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``y = x @ W.T + b`` with ``W`` in the bitmask format of :mod:`vlmsparse.bitmask` (``values`` 1-D with
+    padding, ``bitmask [out, ceil(in/8)]`` uint8, ``row_offsets [out + 1]`` int64); inference, no gradients."""
+    out_features = check_bitmask(values, bitmask, row_offsets, x.shape[-1], "bitmask_linear")
+    check_bias(bias, out_features, "bitmask_linear")
+    name = resolve_backend(x.device, backend, op="bitmask_matmul", dtype=x.dtype)
+    return _impl(name, "cpu", "bitmask_matmul")(x, values, bitmask, row_offsets, bias)

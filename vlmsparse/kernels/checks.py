@@ -20,6 +20,7 @@ __all__ = [
     "check_features",
     "check_mask",
     "check_packed",
+    "check_bitmask",
     "check_lora",
     "check_scaling",
     "check_bias",
@@ -70,6 +71,23 @@ def check_packed(values: torch.Tensor, meta: torch.Tensor, in_features: int, wha
     if meta.dtype != torch.uint8 or tuple(meta.shape) != want:
         raise ValueError(f"{what}: meta must be uint8 of shape {want}, got {meta.dtype} {tuple(meta.shape)}")
     return n
+
+
+def check_bitmask(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor, in_features: int,
+                  what: str) -> int:
+    """A bitmask weight (:mod:`vlmsparse.bitmask`): 1-D ``values``, uint8 ``bitmask [N, ceil(K/8)]``, int64
+    ``row_offsets [N + 1]``; returns ``N``. Shapes only (no data reads, so it traces under torch.compile): the
+    native kernel checks the offsets against ``values``' length, the reference unpacking checks the counts."""
+    if bitmask.dtype != torch.uint8 or bitmask.dim() != 2 or bitmask.shape[1] != (in_features + 7) // 8:
+        raise ValueError(f"{what}: bitmask must be uint8 [out, {(in_features + 7) // 8}] for {in_features} input "
+                         f"features, got {bitmask.dtype} {_shape(bitmask)}")
+    out_features = bitmask.shape[0]
+    if row_offsets.dtype != torch.int64 or row_offsets.shape != (out_features + 1,):
+        raise ValueError(f"{what}: row_offsets must be int64 [{out_features + 1}], got {row_offsets.dtype} "
+                         f"{_shape(row_offsets)}")
+    if values.dim() != 1:
+        raise ValueError(f"{what}: values must be 1-D (the stored entries, then padding), got {_shape(values)}")
+    return out_features
 
 
 def check_lora(

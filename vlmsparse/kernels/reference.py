@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import torch
 
+from ..bitmask import BitmaskWeight, unpack_bitmask_weight
 from ..sparse24 import Packed24, unpack24, unpack24_mask
-from .checks import check_packed
+from .checks import check_bitmask, check_packed
 
 __all__ = [
     "effective_weight_ref",
     "sparse_lora_forward_ref",
     "sparse_lora_backward_ref",
     "packed24_matmul_ref",
+    "bitmask_matmul_ref",
     "packed24_lora_forward_ref",
     "packed24_lora_backward_ref",
 ]
@@ -150,6 +152,14 @@ def _packed(values: torch.Tensor, meta: torch.Tensor, in_features: int, what: st
 def packed24_matmul_ref(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x @ unpack24(values, meta).T + b``."""
     weight = unpack24(_packed(values, meta, x.shape[-1], "packed24_matmul_ref"))
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def bitmask_matmul_ref(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x @ W.T + b`` with ``W`` in the bitmask format (:mod:`vlmsparse.bitmask`), unpacked inside the call."""
+    check_bitmask(values, bitmask, row_offsets, x.shape[-1], "bitmask_matmul_ref")
+    weight = unpack_bitmask_weight(BitmaskWeight(values, bitmask, row_offsets, x.shape[-1]))
     return torch.nn.functional.linear(x, weight, bias)
 
 

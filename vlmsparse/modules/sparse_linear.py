@@ -8,9 +8,14 @@ Backends (attribute ``backend``), chosen once at construction:
 - ``"packed24"``: the package's packed 2:4 format (``values [out, in/2]`` + ``meta [out, ceil(in/8)]`` uint8
   buffers, 9/16 of the dense fp16 bytes) through :func:`vlmsparse.ops.packed24_linear` (the Triton kernel on
   CUDA, the reference twin on CPU).
-- ``"dense"``: the weight kept as a dense buffer (``F.linear``); what a non-2:4 weight, or a CPU run, gets.
+- ``"bitmask"``: unstructured sparsity, the bitmask format of :mod:`vlmsparse.bitmask` (stored entries +
+  1 bit per weight: a 70% sparse fp32 weight in 0.33 of its bytes) through :func:`vlmsparse.ops.bitmask_linear`
+  (the native C++ kernel on CPU, the reference twin elsewhere).
+- ``"dense"``: the weight kept as a dense buffer (``F.linear``).
 
-``backend="auto"``: ``torch24`` when supported, else ``packed24`` on CUDA with triton, else ``dense``.
+``backend="auto"``: ``torch24`` when supported, else ``packed24`` on CUDA with triton; on a CPU with the native
+kernels built (:mod:`vlmsparse.kernels.cpu`) and a float32 / bfloat16 weight, ``packed24`` for a 2:4 weight and
+``bitmask`` for one at least ``BITMASK_MIN_SPARSITY`` sparse; else ``dense``.
 The swap is an instance swap with an inverse: :meth:`SparseLinear.from_linear` / :meth:`SparseLinear.to_linear`.
 """
 
@@ -22,13 +27,36 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..bitmask import BitmaskWeight, pack_bitmask_weight, unpack_bitmask_weight
 from ..sparse24 import Packed24, pack24, semi_structured_support, to_semi_structured, unpack24
 
-__all__ = ["SparseLinear", "SPARSE_LINEAR_BACKENDS", "is_24", "choose_backend"]
+__all__ = ["SparseLinear", "SPARSE_LINEAR_BACKENDS", "BITMASK_MIN_SPARSITY", "is_24", "choose_backend"]
 
 logger = logging.getLogger(__name__)
 
-SPARSE_LINEAR_BACKENDS = ("auto", "torch24", "packed24", "dense")
+SPARSE_LINEAR_BACKENDS = ("auto", "torch24", "packed24", "bitmask", "dense")
+
+# ``auto`` stores a non-2:4 weight as a bitmask from this sparsity on: at 50% an fp32 weight takes 0.53 of its
+# dense bytes (bf16: 0.56), and the native kernel's work per 16 inputs does not depend on the density.
+BITMASK_MIN_SPARSITY = 0.5
+
+
+def _native_cpu(weight: torch.Tensor) -> tuple[bool, str]:
+    """Whether the native CPU kernels can run this weight, and why not."""
+    if weight.device.type != "cpu":
+        return False, f"not a CPU weight ({weight.device.type})"
+    from ..kernels import cpu
+
+    if not cpu.native_available():
+        return False, cpu.unavailable_reason()
+    if weight.dtype not in cpu.NATIVE_DTYPES:
+        return False, f"native CPU kernels take float32 / bfloat16, not {str(weight.dtype).replace('torch.', '')}"
+    return True, f"native CPU kernel ({cpu.isa()})"
+
+
+def sparsity_of(weight: torch.Tensor) -> float:
+    """Fraction of zero entries (``-0.0`` included): what the bitmask format does not store."""
+    return 1.0 - (weight != 0).sum().item() / max(weight.numel(), 1)
 
 
 def is_24(weight: torch.Tensor) -> bool:
@@ -46,6 +74,11 @@ def choose_backend(weight: torch.Tensor, backend: str = "auto") -> tuple[str, st
     if backend not in SPARSE_LINEAR_BACKENDS:
         raise ValueError(f"SparseLinear backend must be one of {', '.join(SPARSE_LINEAR_BACKENDS)}, got {backend!r}")
     two_four = is_24(weight)
+    if backend == "bitmask":
+        if weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(f"SparseLinear backend 'bitmask' needs a 2-D float weight, got {weight.dtype} "
+                             f"{tuple(weight.shape)}")
+        return backend, "requested"
     if backend in ("torch24", "packed24") and not two_four:
         raise ValueError(f"SparseLinear backend {backend!r} needs a 2:4 weight (in % 4 == 0, at most 2 non-zeros "
                          f"per group of 4 inputs); this weight {tuple(weight.shape)} is not")
@@ -56,14 +89,19 @@ def choose_backend(weight: torch.Tensor, backend: str = "auto") -> tuple[str, st
         return backend, reason
     if backend != "auto":
         return backend, "requested"
+    native, native_reason = _native_cpu(weight)
     if not two_four:
-        return "dense", "not 2:4"
+        if native and weight.is_floating_point() and sparsity_of(weight) >= BITMASK_MIN_SPARSITY:
+            return "bitmask", native_reason
+        return "dense", "not 2:4" + ("" if native else f" (no bitmask kernel: {native_reason})")
     ok, reason = semi_structured_support(weight)
     if ok:
         return "torch24", reason
     if weight.device.type == "cuda" and ops.triton_available():
         return "packed24", f"packed Triton kernel (torch semi-structured: {reason})"
-    return "dense", f"no fast 2:4 path here ({reason})"
+    if native:
+        return "packed24", native_reason
+    return "dense", f"no fast 2:4 path here ({reason}; {native_reason})"
 
 
 class SparseLinear(nn.Module):
@@ -83,6 +121,11 @@ class SparseLinear(nn.Module):
             packed = pack24(weight)
             self.register_buffer("values", packed.values)
             self.register_buffer("meta", packed.meta)
+        elif self.backend == "bitmask":
+            packed = pack_bitmask_weight(weight)
+            self.register_buffer("values", packed.values)
+            self.register_buffer("bitmask", packed.bitmask)
+            self.register_buffer("row_offsets", packed.row_offsets)
         else:
             self.register_buffer("weight", weight.clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -100,6 +143,8 @@ class SparseLinear(nn.Module):
             return self._semi.to_dense()
         if self.backend == "packed24":
             return unpack24(Packed24(self.values, self.meta, self.in_features))
+        if self.backend == "bitmask":
+            return unpack_bitmask_weight(BitmaskWeight(self.values, self.bitmask, self.row_offsets, self.in_features))
         return self.weight
 
     def to_linear(self) -> nn.Linear:
@@ -119,12 +164,16 @@ class SparseLinear(nn.Module):
             return ops.torch24_linear(x, self._semi, self.bias)
         if self.backend == "packed24":
             return ops.packed24_linear(x, self.values, self.meta, self.bias)
+        if self.backend == "bitmask":
+            return ops.bitmask_linear(x, self.values, self.bitmask, self.row_offsets, self.bias)
         return nn.functional.linear(x, self.weight, self.bias)
 
     def weight_bytes(self) -> int:
         """Bytes the weight takes in this module's storage."""
         if self.backend == "packed24":
             return self.values.numel() * self.values.element_size() + self.meta.numel()
+        if self.backend == "bitmask":
+            return BitmaskWeight(self.values, self.bitmask, self.row_offsets, self.in_features).nbytes()
         dtype = self._semi.dtype if self.backend == "torch24" else self.weight.dtype
         dense = self.out_features * self.in_features * torch.empty(0, dtype=dtype).element_size()
         return dense * 9 // 16 if self.backend == "torch24" else dense

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..masks import MASKS_FILENAME, MaskSet, pack_bitmask, unpack_bitmask
-from ..modules.sparse_linear import SparseLinear, choose_backend, is_24
+from ..modules.sparse_linear import BITMASK_MIN_SPARSITY, SparseLinear, choose_backend, is_24, sparsity_of
 from ..sparse24 import Packed24, pack24, unpack24
 
 __all__ = [
@@ -127,12 +127,14 @@ def compress(
 ) -> CompressReport:
     """Swap every eligible ``nn.Linear`` of ``model`` (in place) for a :class:`SparseLinear`.
 
-    Eligible: a 2:4 weight (:func:`~vlmsparse.modules.sparse_linear.is_24`), named in ``masks`` with a 2:4 mask
-    when ``masks`` (a ``MaskSet`` or ``{name: bool mask}``) is given, and passing ``filter_fn(module, name)``.
-    ``backend``: ``auto`` (torch semi-structured, else the packed Triton kernel on CUDA, else nothing),
-    ``torch24``, ``packed24`` (also on CPU, through the reference twin) or ``dense``. ``auto=True`` times
-    dense vs the chosen backend for each distinct (shape, dtype) at ``tokens`` rows of input and swaps only
-    where the summed time is lower. Returns a :class:`CompressReport` with one row per 2:4 linear.
+    Eligible: a 2:4 weight (:func:`~vlmsparse.modules.sparse_linear.is_24`), or, for ``auto`` / ``bitmask``, a
+    weight at least ``BITMASK_MIN_SPARSITY`` sparse; named in ``masks`` when ``masks`` (a ``MaskSet`` or
+    ``{name: bool mask}``) is given, and passing ``filter_fn(module, name)``.
+    ``backend``: ``auto`` (:func:`~vlmsparse.modules.sparse_linear.choose_backend`: torch semi-structured, else
+    the packed Triton kernel on CUDA; on CPU the native kernels, packed 2:4 or bitmask; else nothing),
+    ``torch24``, ``packed24`` (also on CPU), ``bitmask`` or ``dense``. ``auto=True`` times dense vs the chosen
+    backend for each distinct (shape, dtype, backend) at ``tokens`` rows of input and swaps only where the summed
+    time is lower. Returns a :class:`CompressReport` with one row per eligible linear.
     """
     from tqdm.auto import tqdm
 
@@ -146,7 +148,7 @@ def compress(
             continue
         if filter_fn is not None and not filter_fn(module, name):
             continue
-        if masks is not None and (name not in masks or not _mask_is_24(masks[name])):
+        if masks is not None and name not in masks:
             continue
         candidates.append((name, module))
     report = CompressReport()
@@ -155,9 +157,10 @@ def compress(
         weight = module.weight.detach()
         shape = tuple(weight.shape)
         if not is_24(weight):
-            if masks is not None:
+            if masks is not None and _mask_is_24(masks[name]):
                 raise ValueError(f"compress: {name} has a 2:4 mask but its weight is not 2:4 (merge first?)")
-            continue
+            if backend in ("torch24", "packed24") or sparsity_of(weight) < BITMASK_MIN_SPARSITY:
+                continue
         chosen, reason = choose_backend(weight, backend)
         if chosen == "dense":
             report.layers.append(LayerDecision(name, shape, "dense", reason))
@@ -418,7 +421,7 @@ def load_compressed(
 ) -> nn.Module:
     """Rebuild the Hugging Face model saved by :func:`save_compressed` (from its ``config.json``; nothing is
     downloaded) with the stored weights, bit for bit, moved to ``device``. ``as_sparse``: swap the linears
-    stored as 2:4 (only those the stored ``auto`` plan kept sparse, if there is one) for :class:`SparseLinear`
+    stored as 2:4 or bitmask (only those the stored ``auto`` plan kept sparse, if there is one) for :class:`SparseLinear`
     (``backend`` as in :func:`compress`)."""
     import transformers
     from transformers import AutoConfig
@@ -447,13 +450,13 @@ def load_compressed(
         model.to(device)
     if as_sparse:
         packed = {key[: -len(".weight")] for key, e in index["tensors"].items()
-                  if e["format"] == "packed24" and key.endswith(".weight")}
+                  if e["format"] in ("packed24", "bitmask") and key.endswith(".weight")}
         if index.get("plan"):
             packed &= {layer["name"] for layer in index["plan"]["layers"] if layer["backend"] != "dense"}
         report = compress(model, backend=backend, filter_fn=lambda _m, name: name in packed, progress=False)
         if packed and not report.swapped:
             reasons = sorted({d.reason for d in report.layers})
-            logger.warning("load_compressed(as_sparse=True): none of the %d 2:4 layers was swapped for SparseLinear "
+            logger.warning("load_compressed(as_sparse=True): none of the %d sparse layers was swapped for SparseLinear "
                            "(backend %r on %s): %s; backend='packed24' swaps them on any device", len(packed),
                            backend, device or "cpu", "; ".join(reasons) or "no eligible layer")
     return model

@@ -1,0 +1,47 @@
+// Sparse linear kernels for CPUs: y[M, N] = x[M, K] @ W[N, K]^T + bias, W stored sparse.
+//
+// Formats (the same as vlmsparse/sparse24.py and vlmsparse/masks.py):
+// - packed 2:4: values [N, K/2] (fp32 or bf16), meta [N, ceil(K/8)] uint8; group g of 4 inputs keeps
+//   columns 4g+i0 and 4g+i1 (i0 < i1), nibble i0 | i1 << 2, group g in byte g/2, low nibble when g is even;
+//   values [r, 2g], [r, 2g+1] are W[r, 4g+i0], W[r, 4g+i1].
+// - bitmask: bitmask [N, ceil(K/8)] uint8 (bit j of byte b is column 8b+j), values 1-D: the kept entries in
+//   row-major order, row r starting at row_offsets[r]; the values buffer holds at least 16 entries more than
+//   row_offsets[N] (read, never used), so vector loads never leave it.
+//
+// This header is plain C++ (no torch, no std templates): each ISA tier is its own translation unit compiled
+// for its instruction set, and nothing inline may be shared between tiers (the linker could otherwise pick an
+// AVX-512 copy of an inline function for the scalar path).
+#pragma once
+#include <cstdint>
+
+namespace vlmsparse_cpu {
+
+enum Format : int { kPacked24 = 0, kBitmask = 1 };
+
+struct SparseWeight {
+  int format;                 // Format
+  int64_t n, k;               // out_features, in_features
+  const void* values;         // fp32 or bf16 (uint16 bits)
+  bool values_bf16;
+  const uint8_t* meta;        // packed 2:4 meta or bitmask, [n, meta_stride]
+  int64_t meta_stride;        // ceil(k / 8)
+  const int64_t* row_offsets; // bitmask only: [n + 1]
+};
+
+// The input of one call: x [m, k] fp32, row-major.
+struct Input {
+  const float* x;
+  int64_t m;
+};
+
+constexpr int64_t kDotRows = 4;  // rows of x a vector tier's row pass serves at once (accumulators in registers)
+
+// Computes y[:, r] for r in [row_begin, row_end): y [m, n] fp32 row-major, bias [n] fp32 or null.
+using RowsFn = void (*)(const SparseWeight&, const Input&, const float* bias, float* y, int64_t row_begin,
+                        int64_t row_end);
+
+void rows_scalar(const SparseWeight&, const Input&, const float*, float*, int64_t, int64_t);
+void rows_avx2(const SparseWeight&, const Input&, const float*, float*, int64_t, int64_t);
+void rows_avx512(const SparseWeight&, const Input&, const float*, float*, int64_t, int64_t);
+
+}  // namespace vlmsparse_cpu

@@ -1,0 +1,184 @@
+// torch glue: the ops vlmsparse_native::packed24_linear / bitmask_linear on CPU tensors, the choice of ISA
+// tier (the best the CPU has, or VLMSPARSE_CPU_ISA, or set_isa), and the thread split over output rows.
+//
+// Inputs x [..., k] (fp32 or bf16) go to fp32 once per call (m * k values, small next to the weight);
+// values stay in their dtype and are widened in registers; y is computed in fp32 and returned in x's dtype.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace vlmsparse_cpu {
+namespace {
+
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
+constexpr int kIsaCount = 3;
+
+bool cpu_has(int isa) {
+#if defined(__x86_64__) && defined(VLMSPARSE_X86_TIERS)
+  __builtin_cpu_init();
+  if (isa == 1) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == 2) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+#endif
+  return isa == 0;
+}
+
+int isa_index(const std::string& name) {
+  for (int i = 0; i < kIsaCount; ++i) {
+    if (name == kIsaNames[i]) return i;
+  }
+  TORCH_CHECK(false, "vlmsparse native CPU kernels: unknown ISA level '", name,
+              "'; allowed: scalar, avx2, avx512");
+  return 0;
+}
+
+int checked_isa(const std::string& name, const char* where) {
+  const int isa = isa_index(name);
+  TORCH_CHECK(cpu_has(isa), "vlmsparse native CPU kernels (", where, "): this CPU or build has no '", name,
+              "' tier");
+  return isa;
+}
+
+int best_isa() {
+  const char* env = std::getenv("VLMSPARSE_CPU_ISA");
+  if (env != nullptr && env[0] != '\0') return checked_isa(env, "VLMSPARSE_CPU_ISA");
+  for (int isa = kIsaCount - 1; isa > 0; --isa) {
+    if (cpu_has(isa)) return isa;
+  }
+  return 0;
+}
+
+std::atomic<int>& current_isa() {
+  static std::atomic<int> isa{best_isa()};
+  return isa;
+}
+
+RowsFn rows_fn(int isa) {
+#if defined(__x86_64__) && defined(VLMSPARSE_X86_TIERS)
+  if (isa == 2) return rows_avx512;
+  if (isa == 1) return rows_avx2;
+#endif
+  return rows_scalar;
+}
+
+std::string isa() { return kIsaNames[current_isa().load()]; }
+
+std::string set_isa(const std::string& name) {
+  const int previous = current_isa().exchange(checked_isa(name, "set_isa"));
+  return kIsaNames[previous];
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (int i = 0; i < kIsaCount; ++i) {
+    if (cpu_has(i)) out.emplace_back(kIsaNames[i]);
+  }
+  return out;
+}
+
+void check_common(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                  int64_t n, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && meta.device().is_cpu(), op,
+              ": needs CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": values dtype ", values.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(meta.scalar_type() == at::kByte && meta.dim() == 2 && meta.size(0) == n, op,
+              ": meta must be uint8 [", n, ", ceil(in/8)], got ", meta.scalar_type(), " ", meta.sizes());
+  TORCH_CHECK(meta.size(1) == (x.size(-1) + 7) / 8, op, ": meta has ", meta.size(1), " bytes per row; ",
+              x.size(-1), " inputs need ", (x.size(-1) + 7) / 8);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == n, op, ": bias must be a CPU [",
+                n, "] tensor, got ", bias->sizes());
+  }
+}
+
+// y [..., n] = x [..., k] @ W.T + bias for the sparse weight `w` (its pointers filled in by the caller).
+at::Tensor run(SparseWeight w, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  const int64_t k = w.k, n = w.n;
+  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const int64_t m = x2.size(0);
+  at::Tensor y = at::empty({m, n}, x2.options());
+  at::Tensor bias32;
+  if (bias.has_value()) bias32 = bias->to(at::kFloat).contiguous();
+  const Input in{x2.data_ptr<float>(), m};
+  const float* b = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  float* out = y.data_ptr<float>();
+  const RowsFn fn = rows_fn(current_isa().load());
+  if (m > 0 && n > 0) {
+    // Rows in chunks of >= 16 (a chunk reads >= 16 rows of weights, KBs, before a thread moves on).
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) { fn(w, in, b, out, begin, end); });
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return y.to(x.scalar_type()).view(shape);
+}
+
+at::Tensor packed24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                           const std::optional<at::Tensor>& bias) {
+  const char* op = "vlmsparse_native::packed24_linear";
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 4 == 0, op, ": in-features must be a multiple of 4, got ",
+              x.sizes());
+  TORCH_CHECK(values.dim() == 2 && values.size(1) * 2 == x.size(-1), op, ": values must be [out, ",
+              x.size(-1) / 2, "], got ", values.sizes());
+  const int64_t n = values.size(0);
+  check_common(op, x, values, meta, n, bias);
+  const at::Tensor v = values.contiguous();
+  const at::Tensor mt = meta.contiguous();
+  SparseWeight w{kPacked24, n, x.size(-1), v.data_ptr(), v.scalar_type() == at::kBFloat16,
+                 mt.data_ptr<uint8_t>(), mt.size(1), nullptr};
+  return run(w, x, bias);
+}
+
+at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
+                          const at::Tensor& row_offsets, const std::optional<at::Tensor>& bias) {
+  const char* op = "vlmsparse_native::bitmask_linear";
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  const int64_t n = bitmask.dim() == 2 ? bitmask.size(0) : -1;
+  check_common(op, x, values, bitmask, n, bias);
+  TORCH_CHECK(row_offsets.device().is_cpu() && row_offsets.scalar_type() == at::kLong &&
+                  row_offsets.dim() == 1 && row_offsets.size(0) == n + 1,
+              op, ": row_offsets must be int64 [", n + 1, "], got ", row_offsets.scalar_type(), " ",
+              row_offsets.sizes());
+  TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D, got ", values.sizes());
+  const at::Tensor offsets = row_offsets.contiguous();
+  const int64_t* offset = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(offset[0] == 0, op, ": row_offsets[0] must be 0, got ", offset[0]);
+  for (int64_t r = 0; r < n; ++r) {
+    TORCH_CHECK(offset[r + 1] >= offset[r], op, ": row_offsets must not decrease (row ", r, ")");
+  }
+  const int64_t stored = offset[n];
+  TORCH_CHECK(values.size(0) >= stored + 16, op, ": values must hold the ", stored,
+              " stored entries and 16 of padding, got ", values.size(0));
+  const at::Tensor v = values.contiguous();
+  const at::Tensor mt = bitmask.contiguous();
+  SparseWeight w{kBitmask, n, x.size(-1), v.data_ptr(), v.scalar_type() == at::kBFloat16,
+                 mt.data_ptr<uint8_t>(), mt.size(1), offsets.data_ptr<int64_t>()};
+  return run(w, x, bias);
+}
+
+}  // namespace
+}  // namespace vlmsparse_cpu
+
+TORCH_LIBRARY(vlmsparse_native, m) {
+  m.def("packed24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor");
+  m.def("bitmask_linear(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, Tensor? bias) -> Tensor");
+  m.def("isa() -> str", &vlmsparse_cpu::isa);
+  m.def("set_isa(str name) -> str", &vlmsparse_cpu::set_isa);
+  m.def("supported_isas() -> str[]", &vlmsparse_cpu::supported_isas);
+}
+
+TORCH_LIBRARY_IMPL(vlmsparse_native, CPU, m) {
+  m.impl("packed24_linear", &vlmsparse_cpu::packed24_linear);
+  m.impl("bitmask_linear", &vlmsparse_cpu::bitmask_linear);
+}

@@ -1,0 +1,198 @@
+"""The native CPU kernels (csrc/sparse_cpu through vlmsparse.kernels.cpu): every ISA tier this CPU has, against
+float64, in both formats; the torch.library ops under opcheck and torch.compile; dispatch in SparseLinear and
+compress; the pure-torch fallback when the extension is missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tolerances import assert_close_to_reference
+from torch import nn
+
+from vlmsparse import ops
+from vlmsparse.bitmask import PADDING, pack_bitmask_weight, unpack_bitmask_weight
+from vlmsparse.modules.sparse_linear import SparseLinear, choose_backend
+from vlmsparse.sparse24 import pack24
+from vlmsparse.sparsity import mask_nm
+
+ISAS = ("scalar", "avx2", "avx512")
+
+
+def _weight24(out_features: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    w = torch.randn(out_features, in_features)
+    return torch.where(mask_nm(w.abs(), 2, 4), w, 0.0).to(dtype)
+
+
+def _weight_unstructured(out_features: int, in_features: int, dtype: torch.dtype, density: float = 0.3):
+    keep = torch.rand(out_features, in_features) < density
+    return torch.where(keep, torch.randn(out_features, in_features), 0.0).to(dtype)
+
+
+@pytest.fixture
+def isa(native, request):
+    """Runs the test with the native kernels forced to one tier (skipped when this CPU lacks it)."""
+    name = request.param
+    if name not in native.supported_isas():
+        pytest.skip(f"this CPU has no {name} tier ({', '.join(native.supported_isas())})")
+    previous = native.set_isa(name)
+    yield name
+    native.set_isa(previous)
+
+
+def _check(result, x, weight, bias):
+    exact = nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    low = nn.functional.linear(x, weight, bias)
+    assert result.dtype == x.dtype and result.shape == low.shape
+    assert_close_to_reference(result, low, exact)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [4, 100, 148, 256])  # tails of every vector width, and none
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # blocks of 4 rows of x and their remainders
+def test_packed24_matches_float64(isa, native, dtype, in_features, rows):
+    weight = _weight24(40, in_features, dtype)
+    packed = pack24(weight)
+    bias = torch.randn(40).to(dtype) if rows % 2 else None
+    x = torch.randn(rows, in_features).to(dtype)
+    _check(native.packed24_matmul(x, packed.values, packed.meta, bias), x, weight, bias)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [3, 100, 150, 256])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 9])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])  # empty rows, 70% sparse, every entry stored
+def test_bitmask_matches_float64(isa, native, dtype, in_features, rows, density):
+    weight = _weight_unstructured(40, in_features, dtype, density)
+    packed = pack_bitmask_weight(weight)
+    bias = torch.randn(40).to(dtype) if rows % 2 else None
+    x = torch.randn(rows, in_features).to(dtype)
+    _check(native.bitmask_matmul(x, packed.values, packed.bitmask, packed.row_offsets, bias), x, weight, bias)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_leading_dims_and_empty_input(isa, native):
+    weight = _weight24(24, 64, torch.float32)
+    packed = pack24(weight)
+    x = torch.randn(2, 3, 64)
+    _check(native.packed24_matmul(x, packed.values, packed.meta), x, weight, None)
+    assert native.packed24_matmul(torch.randn(0, 64), packed.values, packed.meta).shape == (0, 24)
+
+
+def test_bitmask_format_round_trip():
+    weight = _weight_unstructured(8, 20, torch.float32)
+    packed = pack_bitmask_weight(weight)
+    assert packed.values.numel() == int(packed.row_offsets[-1]) + PADDING
+    assert torch.equal(unpack_bitmask_weight(packed).view(torch.int32), weight.view(torch.int32))  # bit for bit
+    assert packed.nbytes() == int((weight != 0).sum()) * 4 + 8 * 3
+    # w * mask leaves -0.0 at pruned negative entries: zeros, not stored, back as +0.0
+    masked = torch.randn(8, 20) * (torch.rand(8, 20) < 0.3)
+    assert bool(torch.signbit(masked[masked == 0]).any())
+    packed = pack_bitmask_weight(masked)
+    assert int(packed.row_offsets[-1]) == int((masked != 0).sum())
+    assert torch.equal(unpack_bitmask_weight(packed), masked)
+
+
+def test_isa_selection(native):
+    assert native.isa() in native.supported_isas() and native.supported_isas()[0] == "scalar"
+    with pytest.raises(RuntimeError, match="unknown ISA level 'sse9'.*allowed: scalar, avx2, avx512"):
+        native.set_isa("sse9")
+    code = "from vlmsparse.kernels import cpu; print(cpu.isa())"
+    env = {**os.environ, "VLMSPARSE_CPU_ISA": "scalar"}
+    forced = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert forced.stdout.strip() == "scalar"
+    env["VLMSPARSE_CPU_ISA"] = "sse9"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown ISA level 'sse9'" in bad.stderr
+
+
+def test_ops_refuse_bad_input(native):
+    weight = _weight24(16, 32, torch.float32)
+    packed = pack24(weight)
+    with pytest.raises(ValueError, match="both be float32 or both bfloat16"):
+        native.packed24_matmul(torch.randn(2, 32).bfloat16(), packed.values, packed.meta)
+    with pytest.raises(ValueError, match="features"):
+        native.packed24_matmul(torch.randn(2, 36), packed.values, packed.meta)
+    bm = pack_bitmask_weight(_weight_unstructured(16, 32, torch.float32))
+    x = torch.randn(2, 32)
+    decreasing = bm.row_offsets.clone()
+    decreasing[3] = decreasing[4] + 1
+    with pytest.raises(RuntimeError, match=r"row_offsets must not decrease \(row 3\)"):
+        native.bitmask_matmul(x, bm.values, bm.bitmask, decreasing)
+    with pytest.raises(RuntimeError, match="16 of padding"):
+        native.bitmask_matmul(x, bm.values[: int(bm.row_offsets[-1])], bm.bitmask, bm.row_offsets)
+    with pytest.raises(ValueError, match="bitmask must be uint8"):
+        native.bitmask_matmul(x, bm.values, bm.bitmask[:, :2], bm.row_offsets)
+
+
+def test_opcheck_both_ops(native):
+    packed = pack24(_weight24(16, 32, torch.float32))
+    bm = pack_bitmask_weight(_weight_unstructured(16, 32, torch.float32))
+    x, bias = torch.randn(3, 32), torch.randn(16)
+    torch.library.opcheck(torch.ops.vlmsparse_native.packed24_linear, (x, packed.values, packed.meta, bias))
+    torch.library.opcheck(torch.ops.vlmsparse_native.bitmask_linear,
+                          (x, bm.values, bm.bitmask, bm.row_offsets, None))
+
+
+@pytest.mark.parametrize("backend", ["packed24", "bitmask"])
+def test_sparse_linear_compiles_fullgraph(native, backend):
+    weight = _weight24(32, 64, torch.float32)
+    layer = SparseLinear(weight, torch.randn(32), backend=backend)
+    model = nn.Sequential(layer, nn.ReLU())
+    x = torch.randn(5, 64)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_dispatch_on_cpu(native):
+    assert choose_backend(_weight24(16, 32, torch.float32))[0] == "packed24"
+    assert choose_backend(_weight_unstructured(16, 32, torch.bfloat16, 0.3))[0] == "bitmask"
+    assert choose_backend(_weight_unstructured(16, 32, torch.float32, 0.9))[0] == "dense"  # 10% sparse
+    backend, reason = choose_backend(_weight24(16, 32, torch.float16))
+    assert backend == "dense" and "float32 / bfloat16" in reason
+    layer = SparseLinear(_weight24(16, 32, torch.float32))
+    x = torch.randn(3, 32)
+    with ops.use_backend("reference"):
+        want = layer(x)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)  # default CPU backend: native
+
+
+def test_auto_without_native_stays_dense(without_native):
+    backend, reason = choose_backend(_weight24(16, 32, torch.float32))
+    assert backend == "dense" and "simulated" in reason
+    assert choose_backend(_weight_unstructured(16, 32, torch.float32))[0] == "dense"
+    # an explicit packed24 / bitmask layer still runs, through the reference twins
+    weight = _weight_unstructured(16, 32, torch.float32)
+    layer = SparseLinear(weight, backend="bitmask")
+    x = torch.randn(3, 32)
+    assert torch.equal(layer(x), nn.functional.linear(x, weight))
+    with pytest.raises(RuntimeError, match="not built"):
+        ops.bitmask_linear(x, layer.values, layer.bitmask, layer.row_offsets, backend="native")
+
+
+def test_compress_and_load_unstructured_as_bitmask(native, tmp_path):
+    from factories import tiny_llama
+
+    from vlmsparse.pipeline.compress import compress, load_compressed, save_compressed
+
+    model = tiny_llama(0).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "layers" in n]
+    with torch.no_grad():
+        for name in names:
+            weight = model.get_submodule(name).weight
+            weight.mul_(torch.rand_like(weight) < 0.3)
+    ids = torch.randint(3, 100, (2, 9))
+    want = model(ids).logits
+    save_compressed(model, tmp_path / "ckpt")
+    report = compress(model, progress=False)
+    assert report.counts() == {"bitmask": len(names)}
+    torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+    loaded = load_compressed(tmp_path / "ckpt", as_sparse=True)
+    swapped = {n for n, m in loaded.named_modules() if isinstance(m, SparseLinear)}
+    assert swapped == set(names) and {loaded.get_submodule(n).backend for n in swapped} == {"bitmask"}
+    torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-4, atol=1e-4)

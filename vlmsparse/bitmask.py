@@ -1,0 +1,70 @@
+"""The bitmask weight format for unstructured sparsity (layer 0: torch only).
+
+A weight ``W [out, in]`` is stored as:
+
+- ``bitmask [out, ceil(in/8)]`` uint8: bit ``j`` of byte ``b`` of row ``r`` says whether ``W[r, 8b + j]`` is stored
+  (:func:`vlmsparse.masks.pack_bitmask`, the layout of the mask file and of compressed checkpoints);
+- ``values`` 1-D, same dtype as ``W``: the stored entries in row-major order, then ``PADDING`` zeros (vector
+  kernels load 16 entries at a time and may read past the last stored one);
+- ``row_offsets [out + 1]`` int64: row ``r``'s entries are ``values[row_offsets[r]:row_offsets[r + 1]]``.
+
+Stored: the non-zero entries; a ``-0.0`` (what ``w * mask`` leaves at pruned negative entries) is a zero and
+comes back as ``+0.0``, equal as a value. A 70% sparse fp32 weight takes ``0.3 * 4 + 1/8`` bytes per entry,
+0.33 of dense; bf16, 0.36.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .masks import pack_bitmask, unpack_bitmask
+
+__all__ = ["BitmaskWeight", "PADDING", "pack_bitmask_weight", "unpack_bitmask_weight"]
+
+PADDING = 16
+
+
+@dataclass(frozen=True)
+class BitmaskWeight:
+    """``values`` (stored entries + ``PADDING``), ``bitmask [out, ceil(in/8)]`` uint8, ``row_offsets [out+1]``."""
+
+    values: torch.Tensor
+    bitmask: torch.Tensor
+    row_offsets: torch.Tensor
+    in_features: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.bitmask.shape[0], self.in_features)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored entries and the bitmask (padding and row offsets not counted)."""
+        stored = int(self.row_offsets[-1])
+        return stored * self.values.element_size() + self.bitmask.numel()
+
+
+def pack_bitmask_weight(weight: torch.Tensor) -> BitmaskWeight:
+    """Pack ``weight [out, in]`` into the bitmask format (its non-zero entries are stored)."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"pack_bitmask_weight needs a 2-D float [out, in] weight, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    stored = weight != 0
+    values = torch.cat([weight[stored], weight.new_zeros(PADDING)])
+    row_offsets = torch.zeros(weight.shape[0] + 1, dtype=torch.int64, device=weight.device)
+    torch.cumsum(stored.sum(1), 0, out=row_offsets[1:])
+    return BitmaskWeight(values, pack_bitmask(stored), row_offsets, weight.shape[1])
+
+
+def unpack_bitmask_weight(packed: BitmaskWeight) -> torch.Tensor:
+    """Dense ``[out, in]`` weight from a :class:`BitmaskWeight` (the inverse of :func:`pack_bitmask_weight`,
+    bit for bit but for ``-0.0``, which comes back ``+0.0``)."""
+    stored = unpack_bitmask(packed.bitmask, packed.in_features)
+    count = int(packed.row_offsets[-1])
+    if int(stored.sum()) != count or packed.values.numel() < count:
+        raise ValueError(f"bitmask weight: the bitmask sets {int(stored.sum())} entries, row_offsets say {count}, "
+                         f"values hold {packed.values.numel()}")
+    dense = torch.zeros(stored.shape, dtype=packed.values.dtype, device=packed.values.device)
+    dense[stored] = packed.values[:count]
+    return dense

@@ -1,0 +1,140 @@
+"""Native CPU sparse matmuls (C++ in ``csrc/sparse_cpu``, built by ``pip install`` when a compiler is there).
+
+Ops, in the torch.library namespace ``vlmsparse_native`` (defined in C++, fake implementations here):
+
+- ``packed24_linear(x [..., in], values [out, in/2], meta [out, ceil(in/8)] uint8, bias [out]?) -> [..., out]``:
+  ``y = x @ unpack24(values, meta).T + b`` (the packed 2:4 format of :mod:`vlmsparse.sparse24`);
+- ``bitmask_linear(x, values, bitmask, row_offsets, bias?)``: the same for the bitmask format of
+  :mod:`vlmsparse.bitmask` (unstructured sparsity).
+
+x and values are float32 or bfloat16 (the same dtype); arithmetic is fp32, the result has x's dtype. Each weight
+row is read once per call and serves blocks of 4 rows of x (decode, small batches); rows are split over
+torch's intra-op threads. ISA tiers: ``scalar``, ``avx2`` (AVX2 + FMA), ``avx512`` (F, BW, VL, DQ): the best
+the CPU has, or ``$VLMSPARSE_CPU_ISA``, or :func:`set_isa`.
+
+When the extension is not built (no compiler at install time, ``VLMSPARSE_NATIVE=0``, not Linux),
+:func:`native_available` is False and callers use the pure-torch twins in :mod:`vlmsparse.kernels.reference`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .checks import check_bias, check_bitmask, check_features, check_packed
+
+__all__ = [
+    "NATIVE_DTYPES",
+    "native_available",
+    "unavailable_reason",
+    "supports",
+    "isa",
+    "set_isa",
+    "supported_isas",
+    "packed24_matmul",
+    "bitmask_matmul",
+]
+
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+_MODULE = "vlmsparse._native_cpu"
+
+
+def _try_load() -> str:
+    """Loads the extension; returns ``""`` on success, else why it is not there."""
+    spec = importlib.util.find_spec(_MODULE)
+    if spec is None or spec.origin is None:
+        return ("the extension vlmsparse._native_cpu is not built (reinstall with a C++ compiler and torch "
+                "installed first: pip install -e .)")
+    try:
+        torch.ops.load_library(spec.origin)
+    except (OSError, RuntimeError) as error:
+        return f"the extension {spec.origin} does not load: {error}"
+    _register_fakes()
+    return ""
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile / meta tensors: ``[..., out]`` in x's dtype."""
+
+    @torch.library.register_fake("vlmsparse_native::packed24_linear")
+    def _(x, values, meta, bias):
+        return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+    @torch.library.register_fake("vlmsparse_native::bitmask_linear")
+    def _(x, values, bitmask, row_offsets, bias):
+        return x.new_empty((*x.shape[:-1], bitmask.shape[0]))
+
+
+# Loaded when this module is imported (a prebuilt library, milliseconds; vlmsparse imports this module only
+# when a sparse CPU path is asked for), so that code traced by torch.compile only reads the result.
+_LOAD_RESULT = _try_load()
+
+
+def _load() -> str:
+    return _LOAD_RESULT
+
+
+def native_available() -> bool:
+    """Whether the native CPU kernels are built and loaded."""
+    return _load() == ""
+
+
+def unavailable_reason() -> str:
+    """Why the native kernels are not available (``""`` when they are)."""
+    return _load()
+
+
+def supports(x: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether the native kernels take these tensors: loaded, CPU, float32 / bfloat16, one dtype."""
+    return (native_available() and x.device.type == "cpu" and values.device.type == "cpu"
+            and x.dtype in NATIVE_DTYPES and values.dtype == x.dtype)
+
+
+def _ops():
+    reason = _load()
+    if reason:
+        raise RuntimeError(f"vlmsparse native CPU kernels: {reason}")
+    return torch.ops.vlmsparse_native
+
+
+def isa() -> str:
+    """The ISA tier in use: ``scalar``, ``avx2`` or ``avx512``."""
+    return _ops().isa()
+
+
+def set_isa(name: str) -> str:
+    """Use tier ``name`` from now on (process-wide); returns the previous one. Raises for a tier this CPU lacks."""
+    return _ops().set_isa(name)
+
+
+def supported_isas() -> list[str]:
+    """The tiers this CPU (and build) can run, lowest first."""
+    return list(_ops().supported_isas())
+
+
+def _check(x: torch.Tensor, values: torch.Tensor, what: str) -> None:
+    if x.dtype not in NATIVE_DTYPES or values.dtype != x.dtype:
+        raise ValueError(f"{what}: x and values must both be float32 or both bfloat16, got {x.dtype} and "
+                         f"{values.dtype}")
+    if x.device.type != "cpu" or values.device.type != "cpu":
+        raise ValueError(f"{what}: needs CPU tensors, got {x.device} and {values.device}")
+
+
+def packed24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y [..., out] = x [..., in] @ unpack24(values, meta).T + b`` with the native kernel."""
+    check_features(x, 2 * values.shape[-1], "packed24_matmul (native)")
+    out_features = check_packed(values, meta, x.shape[-1], "packed24_matmul (native)")
+    check_bias(bias, out_features, "packed24_matmul (native)")
+    _check(x, values, "packed24_matmul (native)")
+    return _ops().packed24_linear(x, values, meta, None if bias is None else bias.to(x.dtype))
+
+
+def bitmask_matmul(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y [..., out] = x [..., in] @ W.T + b``, ``W`` in the bitmask format, with the native kernel."""
+    out_features = check_bitmask(values, bitmask, row_offsets, x.shape[-1], "bitmask_matmul (native)")
+    check_bias(bias, out_features, "bitmask_matmul (native)")
+    _check(x, values, "bitmask_matmul (native)")
+    return _ops().bitmask_linear(x, values, bitmask, row_offsets, None if bias is None else bias.to(x.dtype))
