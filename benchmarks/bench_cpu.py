@@ -1,0 +1,236 @@
+"""Sparse linears on a CPU: the native kernels (vlmsparse.kernels.cpu) against torch's dense F.linear.
+
+Layer rows (``--layers``): for each shape (in -> out) in {4096->11008, 11008->4096, 4096->4096}, dtype in {fp32,
+bf16}, thread count in {1, all}, tokens M in {1, 16}: the time of dense F.linear in fp32 and in bf16 (the faster
+of the two is the baseline, whatever the sparse weight's dtype), and of the native kernel for the weight in the
+same dtype as packed 2:4, bitmask at 50% and at 70% sparsity. ``speedup`` = faster dense / sparse, measured side
+by side in one run; ``limit`` = the byte limit at M = 1 (dense bytes of the baseline / sparse bytes);
+``gbps`` = weight bytes read per second.
+
+End-to-end row (``--e2e``): a Llama built from a config (TinyLlama widths: hidden 2048, intermediate 5632, 32
+heads, 4 KV heads; 8 layers, vocab 4096; random weights), every decoder linear pruned 2:4 by magnitude. Greedy
+decoding of ``--new-tokens`` tokens with the pruned weights stored dense (``F.linear``) vs the same model after
+``vlmsparse.compress`` (packed 2:4 through the native kernels); the two must produce the same tokens.
+
+Times are medians over repeats after a warm-up (``time.perf_counter``); the weights (45-180 MB) are far larger
+than the caches. Rows are appended to ``--out`` (default ``benchmarks/results/cpu-<machine>.jsonl``) with the
+machine, versions, git commit and date; the goal table of issue 14 is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_linear import _env  # noqa: E402
+
+SHAPES = {"4096->11008": (4096, 11008), "11008->4096": (11008, 4096), "4096->4096": (4096, 4096)}
+QUICK_SHAPES = {"512->1024": (512, 1024)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FORMATS = ("packed24", "bitmask50", "bitmask70")
+GOALS = {  # format -> (tokens, minimum speedup over the faster dense) from issue 14
+    ("packed24", 1): 1.5,
+    ("bitmask70", 1): 2.0,
+    ("packed24", 16): 1.0,
+    ("bitmask70", 16): 1.0,
+}
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu} x{os.cpu_count()}"
+
+
+def _sparse_weight(in_features: int, out_features: int, fmt: str, generator: torch.Generator) -> torch.Tensor:
+    from vlmsparse.sparsity import mask_nm
+
+    weight = torch.randn(out_features, in_features, generator=generator)
+    if fmt == "packed24":
+        keep = mask_nm(weight.abs(), 2, 4)
+    else:
+        keep = torch.rand(out_features, in_features, generator=generator) >= int(fmt[len("bitmask"):]) / 100
+    return torch.where(keep, weight, 0.0)
+
+
+def bench_layers(shapes: dict, tokens: tuple[int, ...], threads: list[int], repeats: int, env: dict) -> list[dict]:
+    from vlmsparse.kernels import cpu
+    from vlmsparse.modules.sparse_linear import SparseLinear
+
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for shape_name, (in_features, out_features) in shapes.items():
+        for fmt in FORMATS:
+            master = _sparse_weight(in_features, out_features, fmt, generator)
+            for dtype_name, dtype in DTYPES.items():
+                weight = master.to(dtype)
+                backend = "packed24" if fmt == "packed24" else "bitmask"
+                sparse = SparseLinear(weight, backend=backend)
+                dense = {name: master.to(d) for name, d in DTYPES.items()}
+                for n_threads in threads:
+                    torch.set_num_threads(n_threads)
+                    for m in tokens:
+                        x = torch.randn(m, in_features, generator=generator)
+                        dense_ms = {name: _median_ms(partial(torch.nn.functional.linear, x.to(w.dtype), w), repeats)
+                                    for name, w in dense.items()}
+                        sparse_ms = _median_ms(partial(sparse, x.to(dtype)), repeats)
+                        best = min(dense_ms, key=dense_ms.get)
+                        dense_bytes = dense[best].numel() * dense[best].element_size()
+                        rows.append({
+                            "bench": "cpu_layer", "shape": shape_name, "in": in_features, "out": out_features,
+                            "format": fmt, "dtype": dtype_name, "threads": n_threads, "tokens": m,
+                            "dense_fp32_ms": round(dense_ms["fp32"], 4), "dense_bf16_ms": round(dense_ms["bf16"], 4),
+                            "baseline": f"dense {best}", "sparse_ms": round(sparse_ms, 4),
+                            "speedup": round(dense_ms[best] / sparse_ms, 3),
+                            "limit": round(dense_bytes / sparse.weight_bytes(), 3),
+                            "gbps": round(sparse.weight_bytes() / sparse_ms / 1e6, 2),
+                            "dense_gbps": round(dense_bytes / dense_ms[best] / 1e6, 2),
+                            "isa": cpu.isa(), **env,
+                        })
+                        print(_layer_line(rows[-1]), flush=True)
+    return rows
+
+
+def _layer_line(row: dict) -> str:
+    return (f"{row['shape']:12s} {row['format']:9s} {row['dtype']} t={row['threads']} M={row['tokens']:<3d} "
+            f"dense fp32 {row['dense_fp32_ms']:8.3f} bf16 {row['dense_bf16_ms']:8.3f} ms | sparse "
+            f"{row['sparse_ms']:8.3f} ms = {row['speedup']:.2f}x (byte limit {row['limit']:.2f}x; "
+            f"{row['gbps']:.1f} GB/s vs dense {row['dense_gbps']:.1f})")
+
+
+def _e2e_model(layers: int, hidden: int, intermediate: int, vocab: int, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 1),
+                         num_key_value_heads=max(hidden // 512, 1), max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    from vlmsparse.sparsity import mask_nm
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                weight = module.weight
+                weight.copy_(torch.where(mask_nm(weight.abs().float(), 2, 4), weight, 0.0))
+    return model
+
+
+@torch.no_grad()
+def bench_e2e(dtype_name: str, threads: int, new_tokens: int, prompt: int, quick: bool, env: dict) -> dict:
+    import copy
+
+    from vlmsparse.pipeline.compress import compress
+
+    torch.set_num_threads(threads)
+    dims = (2, 64, 128, 256) if quick else (8, 2048, 5632, 4096)
+    dense = _e2e_model(*dims, DTYPES[dtype_name])
+    sparse = copy.deepcopy(dense)
+    report = compress(sparse, progress=False)
+    ids = torch.randint(3, dims[3], (1, prompt), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    results = {}
+    for label, model in (("dense", dense), ("sparse", sparse)):
+        model.generate(ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        start = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        results[label] = (time.perf_counter() - start, out[0, prompt:].tolist())
+    dense_s, dense_tokens = results["dense"]
+    sparse_s, sparse_tokens = results["sparse"]
+    row = {
+        "bench": "cpu_e2e", "model": "llama {}L h{} i{} v{} (random weights, 2:4)".format(*dims),
+        "dtype": dtype_name, "threads": threads, "prompt": prompt, "new_tokens": new_tokens,
+        "swapped": report.counts(), "dense_tok_s": round(new_tokens / dense_s, 3),
+        "sparse_tok_s": round(new_tokens / sparse_s, 3), "speedup": round(dense_s / sparse_s, 3),
+        "same_tokens": dense_tokens == sparse_tokens, **env,
+    }
+    print(f"e2e {row['model']} {dtype_name} t={threads}: dense {row['dense_tok_s']:.2f} tok/s, sparse "
+          f"{row['sparse_tok_s']:.2f} tok/s = {row['speedup']:.2f}x, same greedy tokens: {row['same_tokens']}",
+          flush=True)
+    return row
+
+
+def goal_table(rows: list[dict]) -> list[tuple[str, str, bool]]:
+    """(goal, measured, met) per goal of issue 14 over the rows of this run."""
+    table = []
+    for (fmt, m), need in GOALS.items():
+        speedups = [r["speedup"] for r in rows if r["bench"] == "cpu_layer" and r["format"] == fmt and r["tokens"] == m]
+        if speedups:
+            worst = min(speedups)
+            table.append((f"{fmt} M={m}: >= {need}x the faster dense, every shape / dtype / thread count",
+                          f"min {worst:.2f}x, max {max(speedups):.2f}x over {len(speedups)} rows", worst >= need))
+    for r in (r for r in rows if r["bench"] == "cpu_e2e"):
+        table.append((f"end to end ({r['dtype']}, {r['threads']} threads): >= 1.3x tokens/s, identical greedy output",
+                      f"{r['speedup']:.2f}x, same tokens: {r['same_tokens']}", r["speedup"] >= 1.3 and r["same_tokens"]))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="JSONL file the rows are appended to")
+    parser.add_argument("--quick", action="store_true", help="one small shape, tiny e2e model (a smoke test)")
+    parser.add_argument("--no-layers", action="store_true", help="skip the layer rows")
+    parser.add_argument("--e2e", action="store_true", help="also the end-to-end greedy decoding row")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 and all")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    from vlmsparse.kernels import cpu
+
+    if not cpu.native_available():
+        print(f"native CPU kernels not available: {cpu.unavailable_reason()}", file=sys.stderr)
+        return 2
+    env = {**_env(), "machine": _machine(), "isa": cpu.isa()}
+    threads = args.threads or sorted({1, torch.get_num_threads()})
+    rows = []
+    if not args.no_layers:
+        rows += bench_layers(QUICK_SHAPES if args.quick else SHAPES, tuple(args.tokens), threads, args.repeats, env)
+    if args.e2e:
+        for dtype_name in DTYPES:
+            rows.append(bench_e2e(dtype_name, max(threads), args.new_tokens, args.prompt, args.quick, env))
+    out = args.out or ROOT / "benchmarks" / "results" / f"cpu-{platform.machine()}-x{os.cpu_count()}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    print(f"\n{len(rows)} rows appended to {out}\n\n| goal | measured | met |\n|---|---|---|")
+    for goal, measured, met in goal_table(rows):
+        print(f"| {goal} | {measured} | {'yes' if met else 'NO'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""benchmarks/bench_cpu.py in its quick mode: well-formed rows for every format, dtype and token count, the e2e
+rows with identical greedy tokens, and the goal table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_cpu_quick_rows(tmp_path, capsys, native):
+    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.jsonl"
+    assert bench.main(["--quick", "--e2e", "--out", str(out), "--threads", "1", "--repeats", "1",
+                       "--new-tokens", "4"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    layers = [r for r in rows if r["bench"] == "cpu_layer"]
+    assert {(r["format"], r["dtype"], r["tokens"]) for r in layers} == {
+        (f, d, m) for f in bench.FORMATS for d in bench.DTYPES for m in (1, 16)}
+    for row in layers:
+        assert row["sparse_ms"] > 0 and row["limit"] > 1 and row["isa"] == native.isa()
+        best = min(row["dense_fp32_ms"], row["dense_bf16_ms"])
+        assert abs(row["speedup"] - best / row["sparse_ms"]) <= 0.002 * row["speedup"] + 1e-3
+        for key in ("machine", "torch", "commit", "date", "threads", "gbps"):
+            assert key in row
+    e2e = [r for r in rows if r["bench"] == "cpu_e2e"]
+    assert len(e2e) == 2 and all(r["same_tokens"] and r["swapped"].get("packed24", 0) > 0 for r in e2e)
+    printed = capsys.readouterr().out
+    assert "| goal | measured | met |" in printed and "packed24 M=1" in printed and "end to end" in printed
