@@ -112,6 +112,7 @@ def bench_layers(shapes: dict, tokens: tuple[int, ...], threads: list[int], repe
                             "dense_fp32_ms": round(dense_ms["fp32"], 4), "dense_bf16_ms": round(dense_ms["bf16"], 4),
                             "baseline": f"dense {best}", "sparse_ms": round(sparse_ms, 4),
                             "speedup": round(dense_ms[best] / sparse_ms, 3),
+                            "dense_bytes": dense_bytes, "sparse_bytes": sparse.weight_bytes(),
                             "limit": round(dense_bytes / sparse.weight_bytes(), 3),
                             "gbps": round(sparse.weight_bytes() / sparse_ms / 1e6, 2),
                             "dense_gbps": round(dense_bytes / dense_ms[best] / 1e6, 2),

@@ -22,7 +22,10 @@ def test_bench_cpu_quick_rows(tmp_path, capsys, native):
     assert {(r["format"], r["dtype"], r["tokens"]) for r in layers} == {
         (f, d, m) for f in bench.FORMATS for d in bench.DTYPES for m in (1, 16)}
     for row in layers:
-        assert row["sparse_ms"] > 0 and row["limit"] > 1 and row["isa"] == native.isa()
+        assert row["sparse_ms"] > 0 and row["isa"] == native.isa()
+        assert row["limit"] == round(row["dense_bytes"] / row["sparse_bytes"], 3)
+        dense_element = 4 if row["baseline"] == "dense fp32" else 2
+        assert row["dense_bytes"] == row["in"] * row["out"] * dense_element
         best = min(row["dense_fp32_ms"], row["dense_bf16_ms"])
         assert abs(row["speedup"] - best / row["sparse_ms"]) <= 0.002 * row["speedup"] + 1e-3
         for key in ("machine", "torch", "commit", "date", "threads", "gbps"):
