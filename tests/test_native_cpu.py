@@ -75,6 +75,24 @@ def test_bitmask_matches_float64(isa, native, dtype, in_features, rows, density)
     _check(native.bitmask_matmul(x, packed.values, packed.bitmask, packed.row_offsets, bias), x, weight, bias)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_go_through_the_dense_expansion(native, dtype, monkeypatch):
+    """From DENSE_FROM_ROWS rows of x on the weight is expanded (bit for bit) and F.linear runs."""
+    weight24, weight_bm = _weight24(24, 64, dtype), _weight_unstructured(24, 64, dtype)
+    packed, bm = pack24(weight24), pack_bitmask_weight(weight_bm)
+    assert torch.equal(torch.ops.vlmsparse_native.packed24_to_dense(packed.values, packed.meta), weight24)
+    assert torch.equal(torch.ops.vlmsparse_native.bitmask_to_dense(bm.values, bm.bitmask, bm.row_offsets, 64),
+                       weight_bm)
+    x = torch.randn(native.DENSE_FROM_ROWS, 64).to(dtype)
+    assert torch.equal(native.packed24_matmul(x, packed.values, packed.meta), nn.functional.linear(x, weight24))
+    assert torch.equal(native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets),
+                       nn.functional.linear(x, weight_bm))
+    kernel_rows = native.DENSE_FROM_ROWS - 1  # the row kernels, up to the threshold
+    _check(native.packed24_matmul(x[:kernel_rows], packed.values, packed.meta), x[:kernel_rows], weight24, None)
+    monkeypatch.setattr(native, "DENSE_FROM_ROWS", 1 << 30)  # the row kernels for every size
+    _check(native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets), x, weight_bm, None)
+
+
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_leading_dims_and_empty_input(isa, native):
     weight = _weight24(24, 64, torch.float32)
@@ -137,6 +155,8 @@ def test_opcheck_both_ops(native):
     torch.library.opcheck(torch.ops.vlmsparse_native.packed24_linear, (x, packed.values, packed.meta, bias))
     torch.library.opcheck(torch.ops.vlmsparse_native.bitmask_linear,
                           (x, bm.values, bm.bitmask, bm.row_offsets, None))
+    torch.library.opcheck(torch.ops.vlmsparse_native.packed24_to_dense, (packed.values, packed.meta))
+    torch.library.opcheck(torch.ops.vlmsparse_native.bitmask_to_dense, (bm.values, bm.bitmask, bm.row_offsets, 32))
 
 
 @pytest.mark.parametrize("backend", ["packed24", "bitmask"])

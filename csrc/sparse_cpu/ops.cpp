@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstring>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -140,31 +141,103 @@ at::Tensor packed24_linear(const at::Tensor& x, const at::Tensor& values, const 
   return run(w, x, bias);
 }
 
+// Row offsets of a bitmask weight with n rows: int64 [n + 1], from 0, not decreasing, within values (which
+// hold 16 entries of padding after the last stored one). The bitmask's own counts are the caller's to keep.
+at::Tensor checked_offsets(const char* op, const at::Tensor& values, const at::Tensor& row_offsets, int64_t n) {
+  TORCH_CHECK(row_offsets.device().is_cpu() && row_offsets.scalar_type() == at::kLong &&
+                  row_offsets.dim() == 1 && row_offsets.size(0) == n + 1,
+              op, ": row_offsets must be int64 [", n + 1, "], got ", row_offsets.scalar_type(), " ",
+              row_offsets.sizes());
+  TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D, got ", values.sizes());
+  at::Tensor offsets = row_offsets.contiguous();
+  const int64_t* offset = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(offset[0] == 0, op, ": row_offsets[0] must be 0, got ", offset[0]);
+  for (int64_t r = 0; r < n; ++r) {
+    TORCH_CHECK(offset[r + 1] >= offset[r], op, ": row_offsets must not decrease (row ", r, ")");
+  }
+  TORCH_CHECK(values.size(0) >= offset[n] + 16, op, ": values must hold the ", offset[n],
+              " stored entries and 16 of padding, got ", values.size(0));
+  return offsets;
+}
+
 at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
                           const at::Tensor& row_offsets, const std::optional<at::Tensor>& bias) {
   const char* op = "vlmsparse_native::bitmask_linear";
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
   const int64_t n = bitmask.dim() == 2 ? bitmask.size(0) : -1;
   check_common(op, x, values, bitmask, n, bias);
-  TORCH_CHECK(row_offsets.device().is_cpu() && row_offsets.scalar_type() == at::kLong &&
-                  row_offsets.dim() == 1 && row_offsets.size(0) == n + 1,
-              op, ": row_offsets must be int64 [", n + 1, "], got ", row_offsets.scalar_type(), " ",
-              row_offsets.sizes());
-  TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D, got ", values.sizes());
-  const at::Tensor offsets = row_offsets.contiguous();
-  const int64_t* offset = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(offset[0] == 0, op, ": row_offsets[0] must be 0, got ", offset[0]);
-  for (int64_t r = 0; r < n; ++r) {
-    TORCH_CHECK(offset[r + 1] >= offset[r], op, ": row_offsets must not decrease (row ", r, ")");
-  }
-  const int64_t stored = offset[n];
-  TORCH_CHECK(values.size(0) >= stored + 16, op, ": values must hold the ", stored,
-              " stored entries and 16 of padding, got ", values.size(0));
+  const at::Tensor offsets = checked_offsets(op, values, row_offsets, n);
   const at::Tensor v = values.contiguous();
   const at::Tensor mt = bitmask.contiguous();
   SparseWeight w{kBitmask, n, x.size(-1), v.data_ptr(), v.scalar_type() == at::kBFloat16,
                  mt.data_ptr<uint8_t>(), mt.size(1), offsets.data_ptr<int64_t>()};
   return run(w, x, bias);
+}
+
+// The dense [n, k] weight (for inputs with many rows, where a dense GEMM beats the row-dot kernels).
+template <typename V>
+void densify_rows(const SparseWeight& w, const V* values, V* dense, int64_t row_begin, int64_t row_end) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    V* out = dense + r * w.k;
+    std::memset(out, 0, sizeof(V) * w.k);
+    const uint8_t* meta = w.meta + r * w.meta_stride;
+    if (w.format == kPacked24) {
+      const V* v = values + r * (w.k / 2);
+      for (int64_t g = 0; g < w.k / 4; ++g) {
+        const int nibble = (meta[g >> 1] >> ((g & 1) * 4)) & 0xF;
+        out[4 * g + (nibble & 3)] = v[2 * g];
+        out[4 * g + (nibble >> 2)] = v[2 * g + 1];
+      }
+    } else {
+      const V* v = values + w.row_offsets[r];
+      for (int64_t col = 0; col < w.k; ++col) {
+        if ((meta[col >> 3] >> (col & 7)) & 1) out[col] = *v++;
+      }
+    }
+  }
+}
+
+at::Tensor densify(const SparseWeight& w, const at::Tensor& values) {
+  at::Tensor dense = at::empty({w.n, w.k}, values.options());
+  at::parallel_for(0, w.n, 16, [&](int64_t begin, int64_t end) {
+    if (w.values_bf16) {
+      densify_rows(w, static_cast<const uint16_t*>(w.values), static_cast<uint16_t*>(dense.data_ptr()), begin, end);
+    } else {
+      densify_rows(w, static_cast<const float*>(w.values), dense.data_ptr<float>(), begin, end);
+    }
+  });
+  return dense;
+}
+
+at::Tensor packed24_to_dense(const at::Tensor& values, const at::Tensor& meta) {
+  const char* op = "vlmsparse_native::packed24_to_dense";
+  TORCH_CHECK(values.device().is_cpu() && meta.device().is_cpu(), op, ": needs CPU tensors");
+  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16, op,
+              ": values must be float32 or bfloat16, got ", values.scalar_type());
+  TORCH_CHECK(values.dim() == 2, op, ": values must be [out, in/2], got ", values.sizes());
+  const int64_t n = values.size(0), k = values.size(1) * 2;
+  TORCH_CHECK(k % 4 == 0, op, ": in-features (2 * values.size(1) = ", k, ") must be a multiple of 4");
+  TORCH_CHECK(meta.scalar_type() == at::kByte && meta.dim() == 2 && meta.size(0) == n && meta.size(1) == (k + 7) / 8,
+              op, ": meta must be uint8 [", n, ", ", (k + 7) / 8, "], got ", meta.scalar_type(), " ", meta.sizes());
+  const at::Tensor v = values.contiguous();
+  const at::Tensor mt = meta.contiguous();
+  const SparseWeight w{kPacked24, n, k, v.data_ptr(), v.scalar_type() == at::kBFloat16, mt.data_ptr<uint8_t>(),
+                       mt.size(1), nullptr};
+  return densify(w, v);
+}
+
+at::Tensor bitmask_to_dense(const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_offsets,
+                            int64_t in_features) {
+  const char* op = "vlmsparse_native::bitmask_to_dense";
+  const at::Tensor probe = at::empty({1, in_features}, values.options());
+  const int64_t n = bitmask.dim() == 2 ? bitmask.size(0) : -1;
+  check_common(op, probe, values, bitmask, n, std::nullopt);
+  const at::Tensor offsets = checked_offsets(op, values, row_offsets, n);
+  const at::Tensor v = values.contiguous();
+  const at::Tensor mt = bitmask.contiguous();
+  const SparseWeight w{kBitmask, n, in_features, v.data_ptr(), v.scalar_type() == at::kBFloat16,
+                       mt.data_ptr<uint8_t>(), mt.size(1), offsets.data_ptr<int64_t>()};
+  return densify(w, v);
 }
 
 }  // namespace
@@ -173,6 +246,8 @@ at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& values, const a
 TORCH_LIBRARY(vlmsparse_native, m) {
   m.def("packed24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor");
   m.def("bitmask_linear(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, Tensor? bias) -> Tensor");
+  m.def("packed24_to_dense(Tensor values, Tensor meta) -> Tensor");
+  m.def("bitmask_to_dense(Tensor values, Tensor bitmask, Tensor row_offsets, int in_features) -> Tensor");
   m.def("isa() -> str", &vlmsparse_cpu::isa);
   m.def("set_isa(str name) -> str", &vlmsparse_cpu::set_isa);
   m.def("supported_isas() -> str[]", &vlmsparse_cpu::supported_isas);
@@ -181,4 +256,6 @@ TORCH_LIBRARY(vlmsparse_native, m) {
 TORCH_LIBRARY_IMPL(vlmsparse_native, CPU, m) {
   m.impl("packed24_linear", &vlmsparse_cpu::packed24_linear);
   m.impl("bitmask_linear", &vlmsparse_cpu::bitmask_linear);
+  m.impl("packed24_to_dense", &vlmsparse_cpu::packed24_to_dense);
+  m.impl("bitmask_to_dense", &vlmsparse_cpu::bitmask_to_dense);
 }

@@ -9,7 +9,9 @@ Ops, in the torch.library namespace ``vlmsparse_native`` (defined in C++, fake i
 
 x and values are float32 or bfloat16 (the same dtype); arithmetic is fp32, the result has x's dtype. Each weight
 row is read once per call and serves blocks of 4 rows of x (decode, small batches); rows are split over
-torch's intra-op threads. ISA tiers: ``scalar``, ``avx2`` (AVX2 + FMA), ``avx512`` (F, BW, VL, DQ): the best
+torch's intra-op threads. From ``DENSE_FROM_ROWS`` rows of x on (prefill), :func:`packed24_matmul` and
+:func:`bitmask_matmul` instead expand the weight to dense (``packed24_to_dense`` / ``bitmask_to_dense``, a
+transient full-size copy) and call ``F.linear``: there the GEMM's reuse of each weight tile across rows wins. ISA tiers: ``scalar``, ``avx2`` (AVX2 + FMA), ``avx512`` (F, BW, VL, DQ): the best
 the CPU has, or ``$VLMSPARSE_CPU_ISA``, or :func:`set_isa`.
 
 When the extension is not built (no compiler at install time, ``VLMSPARSE_NATIVE=0``, not Linux),
@@ -26,6 +28,7 @@ from .checks import check_bias, check_bitmask, check_features, check_packed
 
 __all__ = [
     "NATIVE_DTYPES",
+    "DENSE_FROM_ROWS",
     "native_available",
     "unavailable_reason",
     "supports",
@@ -37,6 +40,8 @@ __all__ = [
 ]
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+# Rows of x from which the weight is expanded to dense for one F.linear (see benchmarks/bench_cpu.py --crossover).
+DENSE_FROM_ROWS = 32
 _MODULE = "vlmsparse._native_cpu"
 
 
@@ -64,6 +69,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("vlmsparse_native::bitmask_linear")
     def _(x, values, bitmask, row_offsets, bias):
         return x.new_empty((*x.shape[:-1], bitmask.shape[0]))
+
+    @torch.library.register_fake("vlmsparse_native::packed24_to_dense")
+    def _(values, meta):
+        return values.new_empty((values.shape[0], 2 * values.shape[1]))
+
+    @torch.library.register_fake("vlmsparse_native::bitmask_to_dense")
+    def _(values, bitmask, row_offsets, in_features):
+        return values.new_empty((bitmask.shape[0], in_features))
 
 
 # Loaded when this module is imported (a prebuilt library, milliseconds; vlmsparse imports this module only
@@ -128,7 +141,10 @@ def packed24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     out_features = check_packed(values, meta, x.shape[-1], "packed24_matmul (native)")
     check_bias(bias, out_features, "packed24_matmul (native)")
     _check(x, values, "packed24_matmul (native)")
-    return _ops().packed24_linear(x, values, meta, None if bias is None else bias.to(x.dtype))
+    bias = None if bias is None else bias.to(x.dtype)
+    if x.numel() >= DENSE_FROM_ROWS * x.shape[-1]:
+        return torch.nn.functional.linear(x, _ops().packed24_to_dense(values, meta), bias)
+    return _ops().packed24_linear(x, values, meta, bias)
 
 
 def bitmask_matmul(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
@@ -137,4 +153,8 @@ def bitmask_matmul(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor,
     out_features = check_bitmask(values, bitmask, row_offsets, x.shape[-1], "bitmask_matmul (native)")
     check_bias(bias, out_features, "bitmask_matmul (native)")
     _check(x, values, "bitmask_matmul (native)")
-    return _ops().bitmask_linear(x, values, bitmask, row_offsets, None if bias is None else bias.to(x.dtype))
+    bias = None if bias is None else bias.to(x.dtype)
+    if x.numel() >= DENSE_FROM_ROWS * x.shape[-1]:
+        dense = _ops().bitmask_to_dense(values, bitmask, row_offsets, x.shape[-1])
+        return torch.nn.functional.linear(x, dense, bias)
+    return _ops().bitmask_linear(x, values, bitmask, row_offsets, bias)
