@@ -8,7 +8,8 @@ import sys
 from setuptools import find_packages, setup
 
 NATIVE_SOURCES = ["csrc/sparse_cpu/ops.cpp", "csrc/sparse_cpu/kernels_scalar.cpp"]
-NATIVE_X86_SOURCES = ["csrc/sparse_cpu/kernels_avx2.cpp", "csrc/sparse_cpu/kernels_avx512.cpp"]
+NATIVE_X86_SOURCES = ["csrc/sparse_cpu/kernels_avx2.cpp", "csrc/sparse_cpu/kernels_avx512.cpp",
+                      "csrc/sparse_cpu/kernels_avx512bf16.cpp"]
 
 
 def _import_target_torch() -> bool:

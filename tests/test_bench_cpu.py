@@ -33,4 +33,4 @@ def test_bench_cpu_quick_rows(tmp_path, capsys, native):
     e2e = [r for r in rows if r["bench"] == "cpu_e2e"]
     assert len(e2e) == 2 and all(r["same_tokens"] and r["swapped"].get("packed24", 0) > 0 for r in e2e)
     printed = capsys.readouterr().out
-    assert "| goal | measured | met |" in printed and "packed24 M=1" in printed and "end to end" in printed
+    assert "| goal | measured | met |" in printed and "packed24 bf16 weights, M=1" in printed and "end to end" in printed

@@ -19,7 +19,7 @@ from vlmsparse.modules.sparse_linear import SparseLinear, choose_backend
 from vlmsparse.sparse24 import pack24
 from vlmsparse.sparsity import mask_nm
 
-ISAS = ("scalar", "avx2", "avx512")
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
 
 
 def _weight24(out_features: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
@@ -55,9 +55,9 @@ def _check(result, x, weight, bias):
 @pytest.mark.parametrize("in_features", [4, 100, 148, 256])  # tails of every vector width, and none
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # blocks of 4 rows of x and their remainders
 def test_packed24_matches_float64(isa, native, dtype, in_features, rows):
-    weight = _weight24(40, in_features, dtype)
+    weight = _weight24(41, in_features, dtype)  # odd: weight rows in pairs and one alone
     packed = pack24(weight)
-    bias = torch.randn(40).to(dtype) if rows % 2 else None
+    bias = torch.randn(41).to(dtype) if rows % 2 else None
     x = torch.randn(rows, in_features).to(dtype)
     _check(native.packed24_matmul(x, packed.values, packed.meta, bias), x, weight, bias)
 
@@ -68,9 +68,9 @@ def test_packed24_matches_float64(isa, native, dtype, in_features, rows):
 @pytest.mark.parametrize("rows", [1, 2, 4, 5, 9])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])  # empty rows, 70% sparse, every entry stored
 def test_bitmask_matches_float64(isa, native, dtype, in_features, rows, density):
-    weight = _weight_unstructured(40, in_features, dtype, density)
+    weight = _weight_unstructured(41, in_features, dtype, density)
     packed = pack_bitmask_weight(weight)
-    bias = torch.randn(40).to(dtype) if rows % 2 else None
+    bias = torch.randn(41).to(dtype) if rows % 2 else None
     x = torch.randn(rows, in_features).to(dtype)
     _check(native.bitmask_matmul(x, packed.values, packed.bitmask, packed.row_offsets, bias), x, weight, bias)
 
@@ -118,7 +118,7 @@ def test_bitmask_format_round_trip():
 
 def test_isa_selection(native):
     assert native.isa() in native.supported_isas() and native.supported_isas()[0] == "scalar"
-    with pytest.raises(RuntimeError, match="unknown ISA level 'sse9'.*allowed: scalar, avx2, avx512"):
+    with pytest.raises(RuntimeError, match="unknown ISA level 'sse9'.*allowed: scalar, avx2, avx512, avx512bf16"):
         native.set_isa("sse9")
     code = "from vlmsparse.kernels import cpu; print(cpu.isa())"
     env = {**os.environ, "VLMSPARSE_CPU_ISA": "scalar"}
@@ -142,7 +142,7 @@ def test_ops_refuse_bad_input(native):
     decreasing[3] = decreasing[4] + 1
     with pytest.raises(RuntimeError, match=r"row_offsets must not decrease \(row 3\)"):
         native.bitmask_matmul(x, bm.values, bm.bitmask, decreasing)
-    with pytest.raises(RuntimeError, match="16 of padding"):
+    with pytest.raises(RuntimeError, match="32 of padding"):
         native.bitmask_matmul(x, bm.values[: int(bm.row_offsets[-1])], bm.bitmask, bm.row_offsets)
     with pytest.raises(ValueError, match="bitmask must be uint8"):
         native.bitmask_matmul(x, bm.values, bm.bitmask[:, :2], bm.row_offsets)

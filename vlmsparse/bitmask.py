@@ -5,7 +5,7 @@ A weight ``W [out, in]`` is stored as:
 - ``bitmask [out, ceil(in/8)]`` uint8: bit ``j`` of byte ``b`` of row ``r`` says whether ``W[r, 8b + j]`` is stored
   (:func:`vlmsparse.masks.pack_bitmask`, the layout of the mask file and of compressed checkpoints);
 - ``values`` 1-D, same dtype as ``W``: the stored entries in row-major order, then ``PADDING`` zeros (vector
-  kernels load 16 entries at a time and may read past the last stored one);
+  kernels load up to 32 entries at a time and may read past the last stored one);
 - ``row_offsets [out + 1]`` int64: row ``r``'s entries are ``values[row_offsets[r]:row_offsets[r + 1]]``.
 
 Stored: the non-zero entries; a ``-0.0`` (what ``w * mask`` leaves at pruned negative entries) is a zero and
@@ -23,7 +23,7 @@ from .masks import pack_bitmask, unpack_bitmask
 
 __all__ = ["BitmaskWeight", "PADDING", "pack_bitmask_weight", "unpack_bitmask_weight"]
 
-PADDING = 16
+PADDING = 32  # kBitmaskPadding in csrc/sparse_cpu/kernels.h
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
 //   columns 4g+i0 and 4g+i1 (i0 < i1), nibble i0 | i1 << 2, group g in byte g/2, low nibble when g is even;
 //   values [r, 2g], [r, 2g+1] are W[r, 4g+i0], W[r, 4g+i1].
 // - bitmask: bitmask [N, ceil(K/8)] uint8 (bit j of byte b is column 8b+j), values 1-D: the kept entries in
-//   row-major order, row r starting at row_offsets[r]; the values buffer holds at least 16 entries more than
+//   row-major order, row r starting at row_offsets[r]; the values buffer holds at least 32 entries more than
 //   row_offsets[N] (read, never used), so vector loads never leave it.
 //
 // This header is plain C++ (no torch, no std templates): each ISA tier is its own translation unit compiled
@@ -28,12 +28,15 @@ struct SparseWeight {
   const int64_t* row_offsets; // bitmask only: [n + 1]
 };
 
-// The input of one call: x [m, k] fp32, row-major.
+// The input of one call: x [m, k] fp32, row-major; for the bf16 dot-product tier also x as bf16 bits (else
+// null).
 struct Input {
   const float* x;
+  const uint16_t* x_bf16;
   int64_t m;
 };
 
+constexpr int64_t kBitmaskPadding = 32;  // entries after the last stored value (vector loads of up to 32 bf16)
 constexpr int64_t kDotRows = 4;  // rows of x a vector tier's row pass serves at once (accumulators in registers)
 
 // Computes y[:, r] for r in [row_begin, row_end): y [m, n] fp32 row-major, bias [n] fp32 or null.
@@ -43,5 +46,6 @@ using RowsFn = void (*)(const SparseWeight&, const Input&, const float* bias, fl
 void rows_scalar(const SparseWeight&, const Input&, const float*, float*, int64_t, int64_t);
 void rows_avx2(const SparseWeight&, const Input&, const float*, float*, int64_t, int64_t);
 void rows_avx512(const SparseWeight&, const Input&, const float*, float*, int64_t, int64_t);
+void rows_avx512bf16(const SparseWeight&, const Input&, const float*, float*, int64_t, int64_t);
 
 }  // namespace vlmsparse_cpu

@@ -5,8 +5,7 @@
 //   (a variable shift by 2l, no table); two in-lane permutes of x pick the kept inputs, one FMA.
 // - bitmask: 8 inputs (one mask byte) per step; the next 8 stored values are expanded to their columns with
 //   one permute (index table kExpand: rank of each set bit) and zeroed elsewhere, one FMA per row of x.
-// Larger m: each weight row is decoded once into (value, column) pairs and multiplied into blocks of 16 rows
-// of x transposed ([k, 16]): two FMAs per stored value and block, no work on pruned entries.
+// Two weight rows per pass share each load of x; blocks of up to 4 rows of x share each weight vector.
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,bmi,popcnt"))), apply_to = function)
 #elif defined(__GNUC__)
@@ -47,73 +46,126 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <typename V, int MB>
-void p24_dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
-  const int64_t k = w.k;
-  const V* v = values + r * (k / 2);
-  const uint8_t* meta = w.meta + r * w.meta_stride;
+#define VLMSPARSE_INLINE inline __attribute__((always_inline))
+
+// One step of the packed 2:4 row pass: 16 inputs (8 stored values) of R weight rows against MB rows of x.
+template <typename V, int MB, int R, int U>
+VLMSPARSE_INLINE void p24_step(const V* const (&v)[R], const uint8_t* const (&meta)[R], const float* x, int64_t k,
+                               int64_t k0, int u, __m256 (&acc)[R][MB][U]) {
   const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
-  const __m256i three = _mm256_set1_epi32(3);
-  __m256 acc[MB][2];
-  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  int64_t kk = 0;
-  for (; kk + 32 <= k; kk += 32) {
-#pragma GCC unroll 2
-    for (int u = 0; u < 2; ++u) {
-      const int64_t k0 = kk + 16 * u;
-      uint16_t bits;
-      std::memcpy(&bits, meta + k0 / 8, sizeof(bits));
-      const __m256i idx = _mm256_add_epi32(
-          _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(bits), shifts), three), base);
-      const __m256 val = load8(v + k0 / 2);
-      for (int m = 0; m < MB; ++m) {
-        const float* xm = x + m * k + k0;
-        const __m256 sel = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xm), idx),
-                                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(xm + 8), idx), 0xF0);
-        acc[m][u] = _mm256_fmadd_ps(sel, val, acc[m][u]);
-      }
-    }
+  __m256i idx[R];
+  __m256 val[R];
+  for (int i = 0; i < R; ++i) {
+    uint16_t bits;
+    std::memcpy(&bits, meta[i] + k0 / 8, sizeof(bits));
+    const __m256i shifted = _mm256_srlv_epi32(_mm256_set1_epi32(bits), shifts);
+    idx[i] = _mm256_add_epi32(_mm256_and_si256(shifted, _mm256_set1_epi32(3)), base);
+    val[i] = load8(v[i] + k0 / 2);
   }
   for (int m = 0; m < MB; ++m) {
-    out[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + p24_dot_tail(v, meta, x + m * k, kk / 4, k / 4);
+    const __m256 x0 = _mm256_loadu_ps(x + m * k + k0);
+    const __m256 x1 = _mm256_loadu_ps(x + m * k + k0 + 8);
+    for (int i = 0; i < R; ++i) {
+      // lanes 0-3 pick from x0, lanes 4-7 from x1 (the permute reads the low 3 bits of idx).
+      const __m256 sel =
+          _mm256_blend_ps(_mm256_permutevar8x32_ps(x0, idx[i]), _mm256_permutevar8x32_ps(x1, idx[i]), 0xF0);
+      acc[i][m][u] = _mm256_fmadd_ps(sel, val[i], acc[i][m][u]);
+    }
   }
 }
 
-template <typename V, int MB>
-void bitmask_dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
-  const int64_t k = w.k;
-  const V* v = values + w.row_offsets[r];
-  const uint8_t* meta = w.meta + r * w.meta_stride;
+// One step of the bitmask row pass: 8 inputs (one mask byte) of R weight rows; advances the value pointers.
+template <typename V, int MB, int R, int U>
+VLMSPARSE_INLINE void bitmask_step(const V* (&v)[R], const uint8_t* const (&meta)[R], const float* x, int64_t k,
+                                   int64_t k0, int u, __m256 (&acc)[R][MB][U]) {
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  __m256 acc[MB][2];
-  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  int64_t kk = 0;
-  for (; kk + 16 <= k; kk += 16) {
-#pragma GCC unroll 2
-    for (int u = 0; u < 2; ++u) {
-      const int64_t k0 = kk + 8 * u;
-      const unsigned byte = meta[k0 / 8];
-      const __m256i perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpand.index[byte])));
-      const __m256i set = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), lane_bit);
-      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, lane_bit));
-      const __m256 val = _mm256_and_ps(_mm256_permutevar8x32_ps(load8(v), perm), keep);
-      v += popcount(byte);
-      for (int m = 0; m < MB; ++m) acc[m][u] = _mm256_fmadd_ps(val, _mm256_loadu_ps(x + m * k + k0), acc[m][u]);
-    }
+  __m256 val[R];
+  for (int i = 0; i < R; ++i) {
+    const unsigned byte = meta[i][k0 / 8];
+    const __m128i ranks = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpand.index[byte]));
+    const __m256i set = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), lane_bit);
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, lane_bit));
+    val[i] = _mm256_and_ps(_mm256_permutevar8x32_ps(load8(v[i]), _mm256_cvtepu8_epi32(ranks)), keep);
+    v[i] += popcount(byte);
   }
   for (int m = 0; m < MB; ++m) {
-    out[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + bitmask_dot_tail(v, meta, x + m * k, kk, k);
+    const __m256 xm = _mm256_loadu_ps(x + m * k + k0);
+    for (int i = 0; i < R; ++i) acc[i][m][u] = _mm256_fmadd_ps(val[i], xm, acc[i][m][u]);
   }
+}
+
+template <int MB, int R, int U>
+VLMSPARSE_INLINE float reduce(const __m256 (&acc)[R][MB][U], int i, int m) {
+  __m256 sum = acc[i][m][0];
+  for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[i][m][u]);
+  return hsum(sum);
+}
+
+// R weight rows against MB rows of x, as in the AVX-512 tier; out[i * MB + m].
+template <typename V, int MB, int R>
+void p24_dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
+  constexpr int U = R * MB >= 4 ? 1 : 2;
+  const int64_t k = w.k;
+  const V* v[R];
+  const uint8_t* meta[R];
+  for (int i = 0; i < R; ++i) {
+    v[i] = values + (r + i) * (k / 2);
+    meta[i] = w.meta + (r + i) * w.meta_stride;
+  }
+  __m256 acc[R][MB][U];
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < MB; ++m)
+      for (int u = 0; u < U; ++u) acc[i][m][u] = _mm256_setzero_ps();
+  int64_t kk = 0;
+  for (; kk + 16 * U <= k; kk += 16 * U) {
+#pragma GCC unroll 2
+    for (int u = 0; u < U; ++u) p24_step<V, MB, R, U>(v, meta, x, k, kk + 16 * u, u, acc);
+  }
+  if (U == 2 && kk + 16 <= k) {
+    p24_step<V, MB, R, U>(v, meta, x, k, kk, 0, acc);
+    kk += 16;
+  }
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < MB; ++m)
+      out[i * MB + m] = reduce<MB, R, U>(acc, i, m) + p24_dot_tail(v[i], meta[i], x + m * k, kk / 4, k / 4);
+}
+
+template <typename V, int MB, int R>
+void bitmask_dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
+  constexpr int U = R * MB >= 4 ? 1 : 2;
+  const int64_t k = w.k;
+  const V* v[R];
+  const uint8_t* meta[R];
+  for (int i = 0; i < R; ++i) {
+    v[i] = values + w.row_offsets[r + i];
+    meta[i] = w.meta + (r + i) * w.meta_stride;
+  }
+  __m256 acc[R][MB][U];
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < MB; ++m)
+      for (int u = 0; u < U; ++u) acc[i][m][u] = _mm256_setzero_ps();
+  int64_t kk = 0;
+  for (; kk + 8 * U <= k; kk += 8 * U) {
+#pragma GCC unroll 2
+    for (int u = 0; u < U; ++u) bitmask_step<V, MB, R, U>(v, meta, x, k, kk + 8 * u, u, acc);
+  }
+  if (U == 2 && kk + 8 <= k) {
+    bitmask_step<V, MB, R, U>(v, meta, x, k, kk, 0, acc);
+    kk += 8;
+  }
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < MB; ++m)
+      out[i * MB + m] = reduce<MB, R, U>(acc, i, m) + bitmask_dot_tail(v[i], meta[i], x + m * k, kk, k);
 }
 
 struct Avx2 {
-  template <typename V, int MB>
+  template <typename V, int MB, int R>
   static void dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
     if (w.format == kPacked24) {
-      p24_dot<V, MB>(w, values, x, r, out);
+      p24_dot<V, MB, R>(w, values, x, r, out);
     } else {
-      bitmask_dot<V, MB>(w, values, x, r, out);
+      bitmask_dot<V, MB, R>(w, values, x, r, out);
     }
   }
 };

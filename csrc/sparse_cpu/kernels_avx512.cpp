@@ -3,7 +3,7 @@
 //   one two-source permute of x picks the kept inputs;
 // - bitmask: 16 inputs (two mask bytes) per step; the next 16 stored values go to their columns with one
 //   masked expand (no table);
-// - larger m: decoded rows times blocks of 16 rows of x transposed, one FMA per stored value and block.
+// - two weight rows per pass share each load of x; blocks of up to 4 rows of x share each weight vector.
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,popcnt"))), \
                              apply_to = function)
@@ -27,70 +27,121 @@ inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-template <typename V, int MB>
-void p24_dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
-  const int64_t k = w.k;
-  const V* v = values + r * (k / 2);
-  const uint8_t* meta = w.meta + r * w.meta_stride;
+#define VLMSPARSE_INLINE inline __attribute__((always_inline))
+
+// One step of the packed 2:4 row pass: 32 inputs (16 stored values) of R weight rows against MB rows of x.
+template <typename V, int MB, int R, int U>
+VLMSPARSE_INLINE void p24_step(const V* const (&v)[R], const uint8_t* const (&meta)[R], const float* x, int64_t k,
+                               int64_t k0, int u, __m512 (&acc)[R][MB][U]) {
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
-  const __m512i three = _mm512_set1_epi32(3);
-  __m512 acc[MB][2];
-  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  int64_t kk = 0;
-  for (; kk + 64 <= k; kk += 64) {
-#pragma GCC unroll 2
-    for (int u = 0; u < 2; ++u) {
-      const int64_t k0 = kk + 32 * u;
-      uint32_t bits;
-      std::memcpy(&bits, meta + k0 / 8, sizeof(bits));
-      const __m512i idx = _mm512_add_epi32(
-          _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(bits)), shifts), three), base);
-      const __m512 val = load16(v + k0 / 2);
-      for (int m = 0; m < MB; ++m) {
-        const float* xm = x + m * k + k0;
-        const __m512 sel = _mm512_permutex2var_ps(_mm512_loadu_ps(xm), idx, _mm512_loadu_ps(xm + 16));
-        acc[m][u] = _mm512_fmadd_ps(sel, val, acc[m][u]);
-      }
-    }
+  __m512i idx[R];
+  __m512 val[R];
+  for (int i = 0; i < R; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, meta[i] + k0 / 8, sizeof(bits));
+    const __m512i shifted = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(bits)), shifts);
+    idx[i] = _mm512_add_epi32(_mm512_and_si512(shifted, _mm512_set1_epi32(3)), base);
+    val[i] = load16(v[i] + k0 / 2);
   }
   for (int m = 0; m < MB; ++m) {
-    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) +
-             p24_dot_tail(v, meta, x + m * k, kk / 4, k / 4);
+    const __m512 x0 = _mm512_loadu_ps(x + m * k + k0);
+    const __m512 x1 = _mm512_loadu_ps(x + m * k + k0 + 16);
+    for (int i = 0; i < R; ++i) {
+      acc[i][m][u] = _mm512_fmadd_ps(_mm512_permutex2var_ps(x0, idx[i], x1), val[i], acc[i][m][u]);
+    }
   }
 }
 
-template <typename V, int MB>
-void bitmask_dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
-  const int64_t k = w.k;
-  const V* v = values + w.row_offsets[r];
-  const uint8_t* meta = w.meta + r * w.meta_stride;
-  __m512 acc[MB][2];
-  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  int64_t kk = 0;
-  for (; kk + 32 <= k; kk += 32) {
-#pragma GCC unroll 2
-    for (int u = 0; u < 2; ++u) {
-      const int64_t k0 = kk + 16 * u;
-      uint16_t bits;
-      std::memcpy(&bits, meta + k0 / 8, sizeof(bits));
-      const __m512 val = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load16(v));
-      v += popcount(bits);
-      for (int m = 0; m < MB; ++m) acc[m][u] = _mm512_fmadd_ps(val, _mm512_loadu_ps(x + m * k + k0), acc[m][u]);
-    }
+// One step of the bitmask row pass: 16 inputs of R weight rows; advances each row's value pointer.
+template <typename V, int MB, int R, int U>
+VLMSPARSE_INLINE void bitmask_step(const V* (&v)[R], const uint8_t* const (&meta)[R], const float* x, int64_t k,
+                                   int64_t k0, int u, __m512 (&acc)[R][MB][U]) {
+  __m512 val[R];
+  for (int i = 0; i < R; ++i) {
+    uint16_t bits;
+    std::memcpy(&bits, meta[i] + k0 / 8, sizeof(bits));
+    val[i] = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load16(v[i]));
+    v[i] += popcount(bits);
   }
   for (int m = 0; m < MB; ++m) {
-    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + bitmask_dot_tail(v, meta, x + m * k, kk, k);
+    const __m512 xm = _mm512_loadu_ps(x + m * k + k0);
+    for (int i = 0; i < R; ++i) acc[i][m][u] = _mm512_fmadd_ps(val[i], xm, acc[i][m][u]);
   }
+}
+
+template <int MB, int R, int U>
+VLMSPARSE_INLINE float reduce(const __m512 (&acc)[R][MB][U], int i, int m) {
+  __m512 sum = acc[i][m][0];
+  for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[i][m][u]);
+  return _mm512_reduce_add_ps(sum);
+}
+
+// R weight rows (r, r+1, ...) against MB rows of x: each load of x serves R rows, each weight vector MB rows;
+// U accumulators per pair where R * MB alone gives too few independent FMA chains. out[i * MB + m].
+template <typename V, int MB, int R>
+void p24_dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
+  constexpr int U = R * MB >= 4 ? 1 : 2;
+  const int64_t k = w.k;
+  const V* v[R];
+  const uint8_t* meta[R];
+  for (int i = 0; i < R; ++i) {
+    v[i] = values + (r + i) * (k / 2);
+    meta[i] = w.meta + (r + i) * w.meta_stride;
+  }
+  __m512 acc[R][MB][U];
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < MB; ++m)
+      for (int u = 0; u < U; ++u) acc[i][m][u] = _mm512_setzero_ps();
+  int64_t kk = 0;
+  for (; kk + 32 * U <= k; kk += 32 * U) {
+#pragma GCC unroll 2
+    for (int u = 0; u < U; ++u) p24_step<V, MB, R, U>(v, meta, x, k, kk + 32 * u, u, acc);
+  }
+  if (U == 2 && kk + 32 <= k) {
+    p24_step<V, MB, R, U>(v, meta, x, k, kk, 0, acc);
+    kk += 32;
+  }
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < MB; ++m)
+      out[i * MB + m] = reduce<MB, R, U>(acc, i, m) + p24_dot_tail(v[i], meta[i], x + m * k, kk / 4, k / 4);
+}
+
+template <typename V, int MB, int R>
+void bitmask_dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
+  constexpr int U = R * MB >= 4 ? 1 : 2;
+  const int64_t k = w.k;
+  const V* v[R];
+  const uint8_t* meta[R];
+  for (int i = 0; i < R; ++i) {
+    v[i] = values + w.row_offsets[r + i];
+    meta[i] = w.meta + (r + i) * w.meta_stride;
+  }
+  __m512 acc[R][MB][U];
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < MB; ++m)
+      for (int u = 0; u < U; ++u) acc[i][m][u] = _mm512_setzero_ps();
+  int64_t kk = 0;
+  for (; kk + 16 * U <= k; kk += 16 * U) {
+#pragma GCC unroll 2
+    for (int u = 0; u < U; ++u) bitmask_step<V, MB, R, U>(v, meta, x, k, kk + 16 * u, u, acc);
+  }
+  if (U == 2 && kk + 16 <= k) {
+    bitmask_step<V, MB, R, U>(v, meta, x, k, kk, 0, acc);
+    kk += 16;
+  }
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < MB; ++m)
+      out[i * MB + m] = reduce<MB, R, U>(acc, i, m) + bitmask_dot_tail(v[i], meta[i], x + m * k, kk, k);
 }
 
 struct Avx512 {
-  template <typename V, int MB>
+  template <typename V, int MB, int R>
   static void dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
     if (w.format == kPacked24) {
-      p24_dot<V, MB>(w, values, x, r, out);
+      p24_dot<V, MB, R>(w, values, x, r, out);
     } else {
-      bitmask_dot<V, MB>(w, values, x, r, out);
+      bitmask_dot<V, MB, R>(w, values, x, r, out);
     }
   }
 };

@@ -18,16 +18,19 @@
 namespace vlmsparse_cpu {
 namespace {
 
-const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
-constexpr int kIsaCount = 3;
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512bf16"};
+constexpr int kIsaCount = 4;
+constexpr int kIsaBf16 = 3;  // bf16 weights and inputs through VDPBF16PS
 
 bool cpu_has(int isa) {
 #if defined(__x86_64__) && defined(VLMSPARSE_X86_TIERS)
   __builtin_cpu_init();
   if (isa == 1) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (isa == 2) {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (isa == 2) return avx512;
+  if (isa == kIsaBf16) {
+    return avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2");
   }
 #endif
   return isa == 0;
@@ -38,7 +41,7 @@ int isa_index(const std::string& name) {
     if (name == kIsaNames[i]) return i;
   }
   TORCH_CHECK(false, "vlmsparse native CPU kernels: unknown ISA level '", name,
-              "'; allowed: scalar, avx2, avx512");
+              "'; allowed: scalar, avx2, avx512, avx512bf16");
   return 0;
 }
 
@@ -65,6 +68,7 @@ std::atomic<int>& current_isa() {
 
 RowsFn rows_fn(int isa) {
 #if defined(__x86_64__) && defined(VLMSPARSE_X86_TIERS)
+  if (isa == kIsaBf16) return rows_avx512bf16;
   if (isa == 2) return rows_avx512;
   if (isa == 1) return rows_avx2;
 #endif
@@ -107,15 +111,19 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& values,
 // y [..., n] = x [..., k] @ W.T + bias for the sparse weight `w` (its pointers filled in by the caller).
 at::Tensor run(SparseWeight w, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
   const int64_t k = w.k, n = w.n;
-  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const int isa = current_isa().load();
+  // The bf16 tier reads bf16 inputs as they are; every other path reads them in fp32.
+  const bool bf16_inputs = isa == kIsaBf16 && x.scalar_type() == at::kBFloat16;
+  const at::Tensor x2 = bf16_inputs ? x.reshape({-1, k}).contiguous() : x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t m = x2.size(0);
-  at::Tensor y = at::empty({m, n}, x2.options());
+  at::Tensor y = at::empty({m, n}, x2.options().dtype(at::kFloat));
   at::Tensor bias32;
   if (bias.has_value()) bias32 = bias->to(at::kFloat).contiguous();
-  const Input in{x2.data_ptr<float>(), m};
+  const Input in{bf16_inputs ? nullptr : x2.data_ptr<float>(),
+                 bf16_inputs ? static_cast<const uint16_t*>(x2.data_ptr()) : nullptr, m};
   const float* b = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   float* out = y.data_ptr<float>();
-  const RowsFn fn = rows_fn(current_isa().load());
+  const RowsFn fn = rows_fn(isa);
   if (m > 0 && n > 0) {
     // Rows in chunks of >= 16 (a chunk reads >= 16 rows of weights, KBs, before a thread moves on).
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) { fn(w, in, b, out, begin, end); });
@@ -142,7 +150,7 @@ at::Tensor packed24_linear(const at::Tensor& x, const at::Tensor& values, const 
 }
 
 // Row offsets of a bitmask weight with n rows: int64 [n + 1], from 0, not decreasing, within values (which
-// hold 16 entries of padding after the last stored one). The bitmask's own counts are the caller's to keep.
+// hold 32 entries of padding after the last stored one). The bitmask's own counts are the caller's to keep.
 at::Tensor checked_offsets(const char* op, const at::Tensor& values, const at::Tensor& row_offsets, int64_t n) {
   TORCH_CHECK(row_offsets.device().is_cpu() && row_offsets.scalar_type() == at::kLong &&
                   row_offsets.dim() == 1 && row_offsets.size(0) == n + 1,
@@ -155,8 +163,8 @@ at::Tensor checked_offsets(const char* op, const at::Tensor& values, const at::T
   for (int64_t r = 0; r < n; ++r) {
     TORCH_CHECK(offset[r + 1] >= offset[r], op, ": row_offsets must not decrease (row ", r, ")");
   }
-  TORCH_CHECK(values.size(0) >= offset[n] + 16, op, ": values must hold the ", offset[n],
-              " stored entries and 16 of padding, got ", values.size(0));
+  TORCH_CHECK(values.size(0) >= offset[n] + kBitmaskPadding, op, ": values must hold the ", offset[n],
+              " stored entries and ", kBitmaskPadding, " of padding, got ", values.size(0));
   return offsets;
 }
 

@@ -11,8 +11,9 @@ x and values are float32 or bfloat16 (the same dtype); arithmetic is fp32, the r
 row is read once per call and serves blocks of 4 rows of x (decode, small batches); rows are split over
 torch's intra-op threads. From ``DENSE_FROM_ROWS`` rows of x on (prefill), :func:`packed24_matmul` and
 :func:`bitmask_matmul` instead expand the weight to dense (``packed24_to_dense`` / ``bitmask_to_dense``, a
-transient full-size copy) and call ``F.linear``: there the GEMM's reuse of each weight tile across rows wins. ISA tiers: ``scalar``, ``avx2`` (AVX2 + FMA), ``avx512`` (F, BW, VL, DQ): the best
-the CPU has, or ``$VLMSPARSE_CPU_ISA``, or :func:`set_isa`.
+transient full-size copy) and call ``F.linear``: there the GEMM's reuse of each weight tile across rows wins. ISA tiers: ``scalar``, ``avx2`` (AVX2 + FMA), ``avx512`` (F, BW, VL, DQ), ``avx512bf16``
+(also AVX512_BF16 and VBMI2: bf16 weights times bf16 inputs with VDPBF16PS, exact products summed in fp32;
+bf16 denormal inputs count as zero): the best the CPU has, or ``$VLMSPARSE_CPU_ISA``, or :func:`set_isa`.
 
 When the extension is not built (no compiler at install time, ``VLMSPARSE_NATIVE=0``, not Linux),
 :func:`native_available` is False and callers use the pure-torch twins in :mod:`vlmsparse.kernels.reference`.
@@ -112,7 +113,7 @@ def _ops():
 
 
 def isa() -> str:
-    """The ISA tier in use: ``scalar``, ``avx2`` or ``avx512``."""
+    """The ISA tier in use: ``scalar``, ``avx2``, ``avx512`` or ``avx512bf16``."""
     return _ops().isa()
 
 
