@@ -66,7 +66,10 @@ def _native_build() -> dict:
     extension = CppExtension(
         "vlmsparse._native_cpu",
         NATIVE_SOURCES + (NATIVE_X86_SOURCES if x86 else []),
-        extra_compile_args=["-O3", "-std=c++20"] + (["-DVLMSPARSE_X86_TIERS"] if x86 else []),
+        # -fopenmp: at::parallel_for is an OpenMP loop in torch's headers (serial without it); the library links
+        # libgomp.so.1, the soname torch's own copy has, so one OpenMP runtime (and torch.set_num_threads) rules.
+        extra_compile_args=["-O3", "-std=c++20", "-fopenmp"] + (["-DVLMSPARSE_X86_TIERS"] if x86 else []),
+        extra_link_args=["-fopenmp"],
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": LenientBuild}}
 
