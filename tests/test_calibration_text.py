@@ -178,3 +178,21 @@ def test_cli_prunes_a_llama_from_text_and_fails_before_loading_on_bad_text(tmp_p
     assert main(["prune", str(llama_folder), str(tmp_path / "x"), "--calibration", str(corpus), "--seqlen",
                  "0", "--quiet"]) == 2
     assert "--seqlen must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_prune_turns_transformers_progress_bars_off_while_it_runs(tmp_path, llama_folder, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    import vlmsparse.pipeline.save as save
+
+    seen = []
+    real = save.load_model
+
+    def spy(*args, **kwargs):
+        seen.append(hf_logging.is_progress_bar_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(save, "load_model", spy)
+    hf_logging.enable_progress_bar()
+    assert main(["prune", str(llama_folder), str(tmp_path / "out"), "--method", "magnitude", "--quiet"]) == 0
+    assert seen == [False] and hf_logging.is_progress_bar_enabled()  # off during the run, restored after

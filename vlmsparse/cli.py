@@ -249,6 +249,19 @@ def _default_seqlen(model_dir: str) -> int:
 
 
 def _run_prune(args: argparse.Namespace) -> int:
+    """``vlmsparse prune`` with transformers' own progress bars (weight loading) off: one bar per pruned stage."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _prune(args)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _prune(args: argparse.Namespace) -> int:
     import torch
 
     from .data.calibration import (
