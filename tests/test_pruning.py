@@ -270,3 +270,13 @@ def test_threads_one_only_in_the_sparsegpt_column_loop(method, monkeypatch):
         assert seen["mask"] == [2]
     else:
         assert seen["cholesky"] == [2] and seen["columns"] == [1, 1]
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (7, 8)])
+def test_column_loop_nm_selection_equals_mask_nm_with_ties(n, m):
+    """SparseGPT's per-group N:M selection (a fast path of the column loop) is ``mask_nm``, ties included."""
+    from vlmsparse.pruning.algorithms import _keep_n_of_m
+    from vlmsparse.sparsity import mask_nm
+
+    for scores in (torch.randint(0, 3, (m, 64)).float(), torch.randn(m, 64)):
+        assert torch.equal(_keep_n_of_m(scores, n), mask_nm(scores.T.contiguous(), n, m).T)
