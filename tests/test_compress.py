@@ -80,6 +80,52 @@ def test_compress_swaps_24_linears_and_inverts(without_native):
     assert report.swapped == [] and report.counts() == {"dense": 2}
 
 
+def test_compress_takes_negative_zeros_and_warns_when_nothing_is_swapped(tmp_path, caplog, without_native):
+    """A weight pruned by ``w * mask`` (-0.0 where w < 0) is 2:4: swapped, saved packed, loaded equal; a compress
+    that swaps nothing says why."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(mask_nm(layer.weight.abs(), 2, 4).float())
+    assert bool(torch.signbit(model[0].weight[model[0].weight == 0]).any())
+    x = torch.randn(3, 32)
+    want = model(x)
+    with caplog.at_level("WARNING", logger="vlmsparse.pipeline.compress"):
+        report = compress(model, backend="packed24", progress=False)
+    assert report.swapped == ["0", "2"] and "no linear was swapped" not in caplog.text
+    assert torch.equal(model(x), want)
+    decompress(model)
+
+    with caplog.at_level("WARNING", logger="vlmsparse.pipeline.compress"):
+        assert compress(model, progress=False).swapped == []  # CPU, backend auto: no fast path
+    assert "no linear was swapped" in caplog.text and "backend='packed24'" in caplog.text
+    caplog.clear()
+    dense = nn.Sequential(nn.Linear(16, 8))
+    with caplog.at_level("WARNING", logger="vlmsparse.pipeline.compress"):
+        assert compress(dense, backend="packed24", progress=False).not_24 == ["0"]
+    assert "1 selected linears are not 2:4" in caplog.text and "e.g. 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlmsparse.pipeline.compress"):
+        compress(dense, filter_fn=lambda m, n: False, progress=False)
+    assert "no nn.Linear passed the selection" in caplog.text
+
+    # a model of nn.Linear only is not a HF model: check the packed format through save_compressed's writer
+    from vlmsparse.pipeline.compress import _write_compressed, iter_compressed_tensors
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.config = type("Config", (), {"to_json_string": lambda self: "{}"})()
+
+    report = _write_compressed(Wrapped(model), tmp_path, 0.25, None)
+    assert report["formats"]["packed24"] == 2
+    loaded = {key: load() for key, _, load in iter_compressed_tensors(tmp_path)}
+    for key, value in Wrapped(model).state_dict().items():
+        assert torch.equal(loaded[key], value), key  # equal values; -0.0 may be +0.0
+
+
 def test_compress_auto_times_each_shape():
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
     _prune24(model, ["0", "1"])

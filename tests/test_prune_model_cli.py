@@ -242,3 +242,15 @@ def test_cli_prune_checks_before_loading(tmp_path, blip2_folder, monkeypatch, ca
     assert main(["prune", str(tmp_path / "noweights"), str(tmp_path / "a")]) == 2
     assert "holds config.json but no model weights (model.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_cli_text_calibration_cannot_calibrate_a_vision_part(tmp_path, llava_folder, capsys):
+    (tmp_path / "corpus.txt").write_text(" ".join(["a red circle"] * 200))
+    out = tmp_path / "pruned"
+    assert main(["prune", str(llava_folder), str(out), "--calibration", str(tmp_path / "corpus.txt"),
+                 "--seqlen", "16", "--nsamples", "2", "--quiet"]) == 2
+    assert "cannot calibrate the vision part" in capsys.readouterr().err and not out.exists()
+    assert main(["prune", str(llava_folder), str(out), "--allocation", "language", "--calibration",
+                 str(tmp_path / "corpus.txt"), "--seqlen", "16", "--nsamples", "2", "--quiet"]) == 0
+    _, masks = load_pruned(out)
+    assert list(masks) == prunable_linear_names(load_pruned(out)[0], parts="language")

@@ -236,3 +236,47 @@ def test_lowest_selection_is_exact_with_ties():
     for k in (1, 17, 600, 1199):
         got = _lowest(x, k)
         assert int(got.sum()) == k and x[got].max() <= x[~got].min()
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_threads_one_only_in_the_sparsegpt_column_loop(method, monkeypatch):
+    """Statistics, scores, the Cholesky and the reconstruction error run on all threads; SparseGPT's per-column
+    loop alone on one (a speed choice, see ``one_thread``); the caller's thread count is restored."""
+    import vlmsparse.pruning.algorithms as algorithms
+
+    seen: dict[str, list[int]] = {}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            seen.setdefault(name, []).append(torch.get_num_threads())
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(InputStats, "reconstruction_error", spy("error", InputStats.reconstruction_error))
+    monkeypatch.setattr(algorithms, "build_mask", spy("mask", algorithms.build_mask))
+    monkeypatch.setattr(algorithms, "_inverse_cholesky", spy("cholesky", algorithms._inverse_cholesky))
+    monkeypatch.setattr(algorithms, "_columns_of_block", spy("columns", algorithms._columns_of_block))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stats = InputStats(16, hessian=True)
+        stats.add_batch(torch.randn(64, 16))
+        prune_layer(torch.randn(8, 16), stats, method, "0.5" if method == "wanda" else "2:4", blocksize=8)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen["error"] == [2]
+    if method == "wanda":
+        assert seen["mask"] == [2]
+    else:
+        assert seen["cholesky"] == [2] and seen["columns"] == [1, 1]
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (7, 8)])
+def test_column_loop_nm_selection_equals_mask_nm_with_ties(n, m):
+    """SparseGPT's per-group N:M selection (a fast path of the column loop) is ``mask_nm``, ties included."""
+    from vlmsparse.pruning.algorithms import _keep_n_of_m
+    from vlmsparse.sparsity import mask_nm
+
+    for scores in (torch.randint(0, 3, (m, 64)).float(), torch.randn(m, 64)):
+        assert torch.equal(_keep_n_of_m(scores, n), mask_nm(scores.T.contiguous(), n, m).T)

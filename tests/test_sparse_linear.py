@@ -19,14 +19,32 @@ def _linear24(out: int = 32, inp: int = 64, dtype=torch.float32, bias: bool = Tr
     return lin
 
 
-def test_is_24_counts_bits():
+def test_is_24_counts_values_and_negative_zero_is_zero():
     w = _linear24().weight.detach()
     assert is_24(w)
     assert not is_24(torch.randn(8, 16))
     assert not is_24(torch.zeros(4, 6))  # in-features not divisible by 4
     w2 = w.clone()
-    w2[0, :4] = torch.tensor([1.0, 2.0, -0.0, 0.0])  # a -0.0 as a third set pattern: not packable bit for bit
+    w2[0, :4] = torch.tensor([1.0, 2.0, -0.0, -0.0])  # -0.0 is zero: still 2 non-zeros in the group
+    assert is_24(w2)
+    w2[0, :4] = torch.tensor([1.0, 2.0, float("nan"), 0.0])  # NaN is not zero
     assert not is_24(w2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_weight_pruned_by_multiplying_with_mask_packs(dtype):
+    """``w * mask`` leaves -0.0 where w < 0: SparseLinear takes it, values and outputs come back equal."""
+    torch.manual_seed(0)
+    weight = torch.randn(32, 64).to(dtype)
+    pruned = weight * mask_nm(weight.abs().float(), 2, 4).to(dtype)
+    assert bool(torch.signbit(pruned[pruned == 0]).any())  # the case of the issue: -0.0 at pruned positions
+    assert choose_backend(pruned)[1] != "not 2:4"
+    sparse = SparseLinear(pruned, backend="packed24")
+    assert sparse.backend == "packed24"
+    assert torch.equal(sparse.dense_weight(), pruned)  # equal values (a -0.0 may come back +0.0)
+    x = torch.randn(3, 64).to(dtype)
+    with ops.use_backend("reference"):  # bit for bit through the reference twin (the native kernel sums in its order)
+        assert torch.equal(sparse(x), nn.functional.linear(x, pruned))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

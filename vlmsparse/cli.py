@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from . import __version__
 
@@ -172,9 +173,15 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                    "the other parts keep --allocation / --sparsity")
     p.add_argument("--calibration", default="synthetic",
                    help="a .json/.jsonl file of image + text records (LLaVA conversations accepted), a folder of "
-                   "images with captions, or 'synthetic' (default)")
+                   "images with captions, 'synthetic' (default); for a language model also text: a .txt file, a "
+                   "folder of .txt files, or a Hugging Face datasets folder (save_to_disk; needs the datasets "
+                   "package), cut into --nsamples random windows of --seqlen tokens (seeded by --seed)")
     p.add_argument("--image-root", help="folder the image paths of a JSON/JSONL file are relative to")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--nsamples", type=int, default=128,
+                   help="calibration samples: records, or token windows of a text source (default 128)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per window of a text calibration source (default: the model's "
+                   "max_position_embeddings, at most 2048, as Wanda / SparseGPT)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward (default 8)")
     p.add_argument("--max-words", type=int, default=None, help="truncate captions to this many words")
@@ -233,10 +240,36 @@ def part_allocation(allocation: str, sparsity: str, flags: dict[str, str], prese
     return parts
 
 
+def _default_seqlen(model_dir: str) -> int:
+    """Text calibration window: the model's ``max_position_embeddings`` (of its text config), at most 2048."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    positions = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
+        "max_position_embeddings")
+    return min(int(positions), 2048) if positions else 2048
+
+
 def _run_prune(args: argparse.Namespace) -> int:
+    """``vlmsparse prune`` with transformers' own progress bars (weight loading) off: one bar per pruned stage."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _prune(args)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _prune(args: argparse.Namespace) -> int:
     import torch
 
-    from .data.calibration import build_calibration_batches, load_calibration_samples
+    from .data.calibration import (
+        build_calibration_batches,
+        is_text_source,
+        load_calibration_samples,
+        text_calibration_batches,
+    )
     from .models import decoder_start_token_id, get_arch_spec
     from .pipeline.prune import PruneConfig, format_report, prune_model, report_of
     from .pipeline.save import (
@@ -251,20 +284,34 @@ def _run_prune(args: argparse.Namespace) -> int:
     check_model_folder(args.model)  # before any other work; load_model checks it again (a directory listing)
     if args.max_words is not None and args.max_words < 1:
         raise ValueError(f"--max-words must be >= 1 (words kept per caption), got {args.max_words}")
+    if args.seqlen is not None and args.seqlen < 1:
+        raise ValueError(f"--seqlen must be >= 1 (tokens per calibration window), got {args.seqlen}")
     flags = _part_flags(args)
     part_allocation(args.allocation, args.sparsity, flags, set())  # refuses owl + per-part flags before loading
     PruneConfig(method=args.method, sparsity=args.sparsity, scope=args.scope, blocksize=args.blocksize,
                 dampening=args.dampening)  # refuses bad options (e.g. sparsegpt with --scope) before loading
     device = _check_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    needs_calibration = args.method != "magnitude" or args.allocation == "owl"
+    processor = load_processor(args.model)
+    if needs_calibration and processor is None:
+        raise ValueError(f"{args.model} holds no processor or tokenizer files to build calibration inputs")
+    calibration = None
+    text = needs_calibration and is_text_source(args.calibration)
+    if text:  # read, tokenize and cut the windows before the model loads: bad text fails fast
+        seqlen = args.seqlen or _default_seqlen(args.model)
+        calibration = text_calibration_batches(args.calibration, processor, args.nsamples, seqlen, args.seed,
+                                               args.batch_size)
     model = load_model(args.model, device=device, dtype=dtype)
     present = {stage.part for stage in get_arch_spec(model).resolve(model)}
     allocation = part_allocation(args.allocation, args.sparsity, flags, present)
-    processor = load_processor(args.model)
-    calibration = None
-    if args.method != "magnitude" or allocation == "owl":
-        if processor is None:
-            raise ValueError(f"{args.model} holds no processor or tokenizer files to build calibration inputs")
+    if text:
+        pruned = set(PruneConfig(sparsity=args.sparsity, allocation=allocation).part_patterns_unchecked()) & present
+        if pruned - {"language"}:
+            raise ValueError(f"--calibration {args.calibration}: a text source has no images, so it cannot calibrate "
+                             f"the {', '.join(sorted(pruned - {'language'}))} part(s) of this model; use "
+                             "--allocation language, or image-text records (.json/.jsonl, an image folder)")
+    elif needs_calibration:
         size = getattr(getattr(model.config, "vision_config", None), "image_size", 336)
         samples = load_calibration_samples(args.calibration, args.nsamples, args.seed, image_size=size,
                                            image_root=args.image_root)

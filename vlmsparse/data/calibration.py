@@ -13,6 +13,13 @@ Sources (``load_calibration_samples``):
 
 ``nsamples`` records are drawn with ``seed`` (all of them, in order, when there are fewer).
 
+Text sources for language models (``load_calibration_text`` + ``text_calibration_batches``, as Wanda /
+SparseGPT calibrate): a ``.txt`` file, a folder of ``.txt`` files (no images in it), or a Hugging Face
+``datasets`` folder written by ``save_to_disk`` (needs the optional ``datasets`` package; its ``text`` column,
+the ``train`` split of a ``DatasetDict``). The documents are joined with ``"\n\n"`` and tokenized once
+without special tokens; ``nsamples`` windows of ``seqlen`` tokens start at positions drawn uniformly (with
+replacement) from ``[0, n_tokens - seqlen]`` by a ``torch.Generator`` seeded with ``seed``.
+
 Encoder-decoder language models (Flan-T5 in BLIP-2 / InstructBLIP): the text goes to the encoder as for any
 model, and the decoder reads it too (``decoder_input_ids`` = start token + the text's tokens + EOS), so both
 halves see real text while their statistics are collected.
@@ -32,11 +39,25 @@ import torch
 
 from .records import iter_jsonl, load_image
 
-__all__ = ["CalibrationSample", "load_calibration_samples", "build_calibration_batches", "IMAGE_EXTENSIONS"]
+__all__ = [
+    "CalibrationSample",
+    "load_calibration_samples",
+    "build_calibration_batches",
+    "is_text_source",
+    "load_calibration_text",
+    "text_calibration_windows",
+    "text_calibration_batches",
+    "IMAGE_EXTENSIONS",
+    "TEXT_EXTENSIONS",
+]
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+TEXT_EXTENSIONS = (".txt",)
+_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+_SOURCES = ("a .json/.jsonl file of records, a .txt file, a folder of images with captions, a folder of .txt "
+            "files, a Hugging Face datasets folder (save_to_disk), or 'synthetic'")
 _IMAGE_KEYS = ("image", "image_path", "file_name", "filename")
 _TEXT_KEYS = ("text", "caption", "captions", "conversations")
 
@@ -145,12 +166,12 @@ def load_calibration_samples(
         samples = _from_folder(path)
     elif path.is_file():
         if path.suffix not in (".json", ".jsonl"):
-            raise ValueError(f"{path}: calibration files must be .json or .jsonl (or give a folder or 'synthetic')")
+            raise ValueError(f"{path}: image-text calibration files must be .json or .jsonl, got "
+                             f"{path.suffix or 'no suffix'!r}; calibration sources: {_SOURCES}")
         samples = _from_records(_read_records(path), path.parent, str(path),
                                 Path(image_root) if image_root else None)
     else:
-        raise FileNotFoundError(f"calibration source {str(source)!r} does not exist (a .json/.jsonl file, an image "
-                                "folder, or 'synthetic')")
+        raise FileNotFoundError(f"calibration source {str(source)!r} does not exist ({_SOURCES})")
     if not samples:
         raise ValueError(f"calibration source {str(source)!r} holds no samples")
     if len(samples) > nsamples:
@@ -219,3 +240,114 @@ def _decoder_inputs(processor: Any, texts: list[str], start: int) -> dict[str, t
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
     return {"decoder_input_ids": ids, "decoder_attention_mask": mask}
+
+
+# ------------------------------------------------------------------------------------------- text (LMs)
+def _is_dataset_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in _DATASET_MARKERS)
+
+
+def is_text_source(source: str | os.PathLike) -> bool:
+    """Whether ``source`` is a text calibration source: a ``.txt`` file, a ``datasets`` folder, or a folder
+    holding ``.txt`` files and no images (a folder with images is an image-caption folder)."""
+    if str(source) == "synthetic":
+        return False
+    path = Path(source)
+    if path.is_file():
+        return path.suffix.lower() in TEXT_EXTENSIONS
+    if not path.is_dir():
+        return False
+    if _is_dataset_folder(path):
+        return True
+    names = [p for p in path.iterdir() if p.is_file()]
+    has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in names) or (path / "metadata.jsonl").exists()
+    return not has_images and any(p.suffix.lower() in TEXT_EXTENSIONS for p in names)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise ValueError(f"{path}: cannot be read: {error.strerror or error}") from None
+
+
+def _dataset_texts(path: Path) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{path} is a Hugging Face datasets folder; reading it needs the optional 'datasets' "
+                         "package (pip install datasets), or give a .txt file / a folder of .txt files") from None
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as error:  # datasets raises many types for a broken folder
+        raise ValueError(f"{path}: unreadable datasets folder ({type(error).__name__}: {error})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if not data:
+            raise ValueError(f"{path}: the DatasetDict holds no split")
+        split = "train" if "train" in data else next(iter(data))
+        data = data[split]
+    column = "text" if "text" in data.column_names else None
+    if column is None:
+        strings = [name for name, feature in data.features.items()
+                   if getattr(feature, "dtype", None) in ("string", "large_string")]
+        if not strings:
+            raise ValueError(f"{path}: the dataset has no text column (columns: {', '.join(data.column_names)}); "
+                             "calibration reads the 'text' column, or else the first string column")
+        column = strings[0]
+    return [str(t) for t in data[column] if t]
+
+
+def load_calibration_text(source: str | os.PathLike) -> list[str]:
+    """The non-empty documents of a text calibration source (see the module docstring), in order: one per
+    ``.txt`` file (a folder's files sorted by name) or per dataset row. Raises ``ValueError`` for an unreadable
+    or empty source or one of another type, ``FileNotFoundError`` for a missing one."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"calibration source {str(source)!r} does not exist ({_SOURCES})")
+    if path.is_file():
+        if path.suffix.lower() not in TEXT_EXTENSIONS:
+            raise ValueError(f"{path}: text calibration files must be {', '.join(TEXT_EXTENSIONS)}, got "
+                             f"{path.suffix or 'no suffix'!r}; calibration sources: {_SOURCES}")
+        docs = [_read_text(path)]
+    elif _is_dataset_folder(path):
+        docs = _dataset_texts(path)
+    else:
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TEXT_EXTENSIONS)
+        if not files:
+            raise ValueError(f"{path} holds no {', '.join(TEXT_EXTENSIONS)} files (calibration sources: {_SOURCES})")
+        docs = [_read_text(p) for p in files]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"calibration source {str(source)!r} is empty (no text)")
+    return docs
+
+
+def text_calibration_windows(docs: list[str], tokenizer: Any, nsamples: int = 128, seqlen: int = 512,
+                             seed: int = 0) -> torch.Tensor:
+    """``input_ids [nsamples, seqlen]``: random windows of the tokenized, concatenated ``docs`` (see the module
+    docstring). Raises ``ValueError`` when the text holds fewer than ``seqlen`` tokens."""
+    if not isinstance(nsamples, int) or nsamples < 1:
+        raise ValueError(f"nsamples must be a positive int, got {nsamples!r}")
+    if not isinstance(seqlen, int) or seqlen < 1:
+        raise ValueError(f"seqlen must be a positive int, got {seqlen!r}")
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
+    ids = tokenizer("\n\n".join(docs), add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) < seqlen:
+        raise ValueError(f"calibration text holds {len(ids)} tokens, fewer than one window of seqlen={seqlen}; "
+                         "give more text or a smaller seqlen")
+    ids = torch.tensor(ids, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen + 1, (nsamples,), generator=generator)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def text_calibration_batches(source: str | os.PathLike, tokenizer: Any, nsamples: int = 128, seqlen: int = 512,
+                             seed: int = 0, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches for a language model from a text source: ``{"input_ids", "attention_mask"}``
+    ``[<= batch_size, seqlen]`` (no padding: the mask is all ones), ``nsamples`` windows in all."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    windows = text_calibration_windows(load_calibration_text(source), tokenizer, nsamples, seqlen, seed)
+    return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in windows.split(batch_size)]

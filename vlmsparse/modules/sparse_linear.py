@@ -60,13 +60,14 @@ def sparsity_of(weight: torch.Tensor) -> float:
 
 
 def is_24(weight: torch.Tensor) -> bool:
-    """Whether ``weight [out, in]`` is 2:4 bit for bit: ``in % 4 == 0`` and every group of 4 consecutive
-    inputs has at most 2 entries whose bits are not ``+0.0`` (so packing loses nothing, ``-0.0`` included)."""
+    """Whether ``weight [out, in]`` is 2:4: ``in % 4 == 0`` and every group of 4 consecutive inputs has at most
+    2 non-zero values. ``-0.0`` is zero (``w * mask`` writes it where ``w < 0``); NaN counts as a non-zero.
+    Packing such a weight gives back equal values; a ``-0.0`` that does not fit among a group's two stored
+    entries comes back as ``+0.0`` (see :mod:`vlmsparse.sparse24`)."""
     if weight.dim() != 2 or weight.shape[1] % 4 or not weight.is_floating_point():
         return False
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[weight.element_size()]
-    set_bits = weight.contiguous().view(ints) != 0
-    return bool((set_bits.reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all())
+    nonzero = weight != 0
+    return bool((nonzero.reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all())
 
 
 def choose_backend(weight: torch.Tensor, backend: str = "auto") -> tuple[str, str]:

@@ -8,11 +8,12 @@
   (2:4 weights as packed ``values`` + ``meta``; other sparse 2-D weights as non-zero ``values`` + ``bitmask``;
   the rest dense) and ``vlmsparse_compressed.json`` (format version, HF class, per-tensor format, sizes).
   :func:`load_compressed` rebuilds the HF model from the config (no download) and loads it bit for bit,
-  dense or with ``SparseLinear`` modules.
+  dense or with ``SparseLinear`` modules (one exception: ``-0.0`` is zero, a pruned ``-0.0``, as ``w * mask``
+  writes, may come back as ``+0.0``).
 
 Bitmask format of a ``[out, in]`` tensor (:func:`vlmsparse.masks.pack_bitmask`, as in the mask file):
 ``bitmask [out, ceil(in/8)]`` uint8, bit ``j`` of byte ``b`` of a row is column ``8b + j``; ``values`` (1-D)
-are the entries whose bits are not ``+0.0``, in row-major order.
+are the non-zero entries (``-0.0`` is zero; NaN is kept), in row-major order.
 """
 
 from __future__ import annotations
@@ -57,8 +58,6 @@ WEIGHTS_FILENAME = "model.compressed.safetensors"
 INDEX_FILENAME = "vlmsparse_compressed.json"
 CONFIG_FILENAME = "config.json"
 
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
 
 # ---------------------------------------------------------------------------------------------- swapping
 @dataclass(frozen=True)
@@ -76,7 +75,11 @@ class LayerDecision:
 
 @dataclass
 class CompressReport:
+    """``layers``: one decision per selected 2:4 linear; ``not_24``: the selected linears left alone because their
+    weight is not 2:4."""
+
     layers: list[LayerDecision] = field(default_factory=list)
+    not_24: list[str] = field(default_factory=list)
 
     @property
     def swapped(self) -> list[str]:
@@ -135,7 +138,33 @@ def compress(
     ``torch24``, ``packed24`` (also on CPU), ``bitmask`` or ``dense``. ``auto=True`` times dense vs the chosen
     backend for each distinct (shape, dtype, backend) at ``tokens`` rows of input and swaps only where the summed
     time is lower. Returns a :class:`CompressReport` with one row per eligible linear.
+    Logs a warning saying why when it swaps nothing.
     """
+    report = _swap_linears(model, masks, auto, backend, filter_fn, tokens, progress)
+    if not report.swapped:
+        logger.warning("compress: no linear was swapped for SparseLinear: %s", _why_nothing_swapped(report, backend))
+    return report
+
+
+def _why_nothing_swapped(report: CompressReport, backend: str) -> str:
+    """Why ``report`` swaps nothing, in words (for the warnings of :func:`compress` and :func:`load_compressed`)."""
+    if not report.layers and not report.not_24:
+        return "no nn.Linear passed the selection (masks / filter_fn)"
+    why = []
+    if report.not_24:
+        why.append(f"{len(report.not_24)} selected linears are not 2:4 (more than 2 non-zeros in a group of 4 "
+                   f"consecutive inputs, or in-features not divisible by 4), e.g. {report.not_24[0]}")
+    if report.layers:
+        reasons = "; ".join(sorted({d.reason for d in report.layers}))
+        hint = "; backend='packed24' swaps them on any device" if backend == "auto" else ""
+        why.append(f"{len(report.layers)} 2:4 linears stay dense with backend {backend!r}: {reasons}{hint}")
+    return "; ".join(why)
+
+
+def _swap_linears(model: nn.Module, masks: Mapping[str, torch.Tensor] | None, auto: bool, backend: str,
+                  filter_fn: Callable[[nn.Module, str], bool] | None, tokens: Sequence[int],
+                  progress: bool) -> CompressReport:
+    """:func:`compress` without its warning."""
     from tqdm.auto import tqdm
 
     if masks is not None and hasattr(masks, "masks"):
@@ -160,6 +189,7 @@ def compress(
             if masks is not None and _mask_is_24(masks[name]):
                 raise ValueError(f"compress: {name} has a 2:4 mask but its weight is not 2:4 (merge first?)")
             if backend in ("torch24", "packed24") or sparsity_of(weight) < BITMASK_MIN_SPARSITY:
+                report.not_24.append(name)
                 continue
         chosen, reason = choose_backend(weight, backend)
         if chosen == "dense":
@@ -203,11 +233,6 @@ def decompress(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- formats
-def _set_bits(t: torch.Tensor) -> torch.Tensor:
-    """Entries whose bit pattern is not ``+0.0`` (keeps ``-0.0`` and NaN)."""
-    return t.contiguous().view(_INT_OF_SIZE[t.element_size()]) != 0
-
-
 def _dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every ``SparseLinear`` given back as a dense ``weight`` (+ ``bias``)."""
     sparse = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
@@ -308,7 +333,7 @@ def _write_compressed(model: nn.Module, path: Path, min_sparsity: float, plan: C
                 tensors[f"{key}.values"], tensors[f"{key}.meta"] = packed.values, packed.meta
                 entries[key] = {**entry, "format": "packed24"}
                 continue
-            nonzero = _set_bits(value)
+            nonzero = value != 0
             kept = int(nonzero.sum())
             bitmask_bytes = kept * value.element_size() + value.shape[0] * ((value.shape[1] + 7) // 8)
             if 1.0 - kept / value.numel() >= min_sparsity and bitmask_bytes < nbytes:
@@ -453,12 +478,11 @@ def load_compressed(
                   if e["format"] in ("packed24", "bitmask") and key.endswith(".weight")}
         if index.get("plan"):
             packed &= {layer["name"] for layer in index["plan"]["layers"] if layer["backend"] != "dense"}
-        report = compress(model, backend=backend, filter_fn=lambda _m, name: name in packed, progress=False)
-        if packed and not report.swapped:
-            reasons = sorted({d.reason for d in report.layers})
+        report = _swap_linears(model, None, False, backend, lambda _m, name: name in packed, (1,), False)
+        if not report.swapped:
+            why = _why_nothing_swapped(report, backend) if packed else "no weight is stored as packed 2:4 or bitmask"
             logger.warning("load_compressed(as_sparse=True): none of the %d sparse layers was swapped for SparseLinear "
-                           "(backend %r on %s): %s; backend='packed24' swaps them on any device", len(packed),
-                           backend, device or "cpu", "; ".join(reasons) or "no eligible layer")
+                           "(backend %r on %s): %s", len(packed), backend, device or "cpu", why)
     return model
 
 

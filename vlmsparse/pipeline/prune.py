@@ -40,7 +40,6 @@ from ..pruning import (
     prune_layer,
     sparsegpt_prune,
 )
-from ..pruning.algorithms import one_thread
 from ..sparsity import SparsityPattern, parse_pattern
 
 __all__ = ["PruneConfig", "LayerReport", "prune_model", "report_of", "format_report", "ALLOCATIONS"]
@@ -624,9 +623,8 @@ def prune_model(
 def _backup(targets: list[_Target], backups: dict[str, torch.Tensor], cfg: PruneConfig) -> None:
     if not cfg.restore_on_error:
         return
-    with one_thread(torch.device("cpu")):
-        for t in targets:
-            backups[t.name] = t.module.weight.detach().to("cpu", copy=True)
+    for t in targets:
+        backups[t.name] = t.module.weight.detach().to("cpu", copy=True)
 
 
 def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups) -> None:

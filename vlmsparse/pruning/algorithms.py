@@ -108,9 +108,12 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
 
 @contextlib.contextmanager
 def one_thread(device: torch.device):
-    """Run CPU work on one thread: for the many small ops of the column loop (``[rows, <=128]`` tensors) and
-    the Cholesky factorisations, intra-op threading cost more in hand-offs than it gained (10-100x slower on a
-    busy 2-core machine). No-op on accelerators."""
+    """Run CPU work on one thread. Used only for SparseGPT's per-column loop (a few ``[rows]`` / ``[<=128, rows]``
+    ops per column), where intra-op threads cost more in hand-offs than they gain: measured on a shared 2-core
+    CPU, a 2:4 column loop of a 1536 x 576 weight took 60 ms on one thread and 560 ms on two (576 x 1536: 120 ms
+    either way). A speed choice, not a correctness one: results do not depend on the thread count beyond
+    float rounding. Everything else (statistics, Wanda scores, Cholesky, the block GEMMs, the reconstruction
+    error) runs on all threads. No-op on accelerators."""
     if device.type != "cpu":
         yield
         return
@@ -181,8 +184,7 @@ def sparsegpt_prune(
     # unlike the reference we do not zero W[:, dead]: an input silent in calibration may be live at inference,
     # and zeros outside the mask would break zeros(W') == ~mask; U has no off-diagonal terms there, so those
     # columns are neither updated nor spread error (the mask still chooses among them by w^2 / U_jj^2)
-    with one_thread(device):  # LAPACK threading was 100x slower than one thread on a busy 2-core CPU
-        U = _inverse_cholesky(H, dampening)
+    U = _inverse_cholesky(H, dampening)
     del H
 
     bounds = [0]
@@ -190,8 +192,7 @@ def sparsegpt_prune(
         bounds.append(bounds[-1] + s)
     WT = W.T.contiguous()  # [in, out]: column j of W is the contiguous row WT[j]
     del W
-    with one_thread(device):
-        pruneT = _sparsegpt_columns(WT, U, pattern, blocksize, bounds)
+    pruneT = _sparsegpt_columns(WT, U, pattern, blocksize, bounds)
     return _apply(WT.T.to(weight.dtype), ~pruneT.T)
 
 
@@ -200,14 +201,14 @@ def _sparsegpt_columns(
 ) -> torch.Tensor:
     """The OBS column loop of :func:`sparsegpt_prune` on the transposed weight ``WT`` ``[in, out]`` (float32/64,
     updated in place); returns the pruned positions ``[in, out]``. Working on rows of ``WT`` keeps every
-    per-column update contiguous and one BLAS call (``addr_``: ``WT[j+1:] -= U[j, j+1:] outer err``)."""
+    per-column update contiguous and one BLAS call (``addr_``: ``WT[j+1:] -= U[j, j+1:] outer err``). The column
+    loop runs on one thread (:func:`one_thread`), the GEMM of a block's error onto the later columns on all."""
     cols, rows = WT.shape
     device = WT.device
     pruneT = torch.zeros(cols, rows, dtype=torch.bool, device=device)
     nm = SparsityPattern.nm(pattern.n, pattern.m) if pattern.is_nm else None
     for c0 in range(0, cols, blocksize):
         c1 = min(c0 + blocksize, cols)
-        count = c1 - c0
         W1 = WT[c0:c1]  # a view: updated in place
         Err1 = torch.empty_like(W1)
         U1 = U[c0:c1, c0:c1]
@@ -225,18 +226,38 @@ def _sparsegpt_columns(
         # (q holds -0.0 where a negative weight was pruned; the caller's torch.where turns it into +0.0.)
         E1 = P1.to(W1.dtype) * inv_d
         K1 = (~P1).to(W1.dtype)
-        for i in range(count):
-            if nm is not None and i % nm.m == 0:
-                g = slice(i, i + nm.m)
-                group = W1[g].square() / d1[g].square().unsqueeze(1)  # [m, rows]
-                P1[g] = ~build_mask(group.T, nm).T
-                E1[g] = P1[g].to(W1.dtype) * inv_d[g]
-                K1[g] = (~P1[g]).to(W1.dtype)
-            w = W1[i]
-            err = torch.mul(w, E1[i], out=Err1[i])  # (w - q) / d: non-zero only where pruned
-            w.mul_(K1[i])  # q
-            if i + 1 < count:
-                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
+        with one_thread(device):
+            _columns_of_block(W1, Err1, U1, d1, P1, E1, K1, inv_d, nm)
         if c1 < cols:
             WT[c1:].addmm_(U[c0:c1, c1:].T, Err1, alpha=-1.0)
     return pruneT
+
+
+def _keep_n_of_m(group: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep mask ``[m, rows]``: the ``n`` largest of each column of ``group [m, rows]``, ties keeping the lower
+    index (as :func:`vlmsparse.sparsity.mask_nm`). Entry ``i`` is kept when fewer than ``n`` entries beat it
+    (``s_j > s_i``, or ``s_j == s_i`` with ``j < i``): a few ``[m, m, rows]`` comparisons, cheaper per group
+    than a general selection in the per-column loop (called once every M columns)."""
+    m = group.shape[0]
+    earlier = torch.ones(m, m, dtype=torch.bool, device=group.device).tril(-1).unsqueeze(-1)  # [i, j]: j < i
+    mine, other = group.unsqueeze(1), group.unsqueeze(0)  # [i, 1, rows], [1, j, rows]
+    beaten = (other > mine) | ((other == mine) & earlier)
+    return beaten.sum(dim=1) < n
+
+
+def _columns_of_block(W1: torch.Tensor, Err1: torch.Tensor, U1: torch.Tensor, d1: torch.Tensor, P1: torch.Tensor,
+                      E1: torch.Tensor, K1: torch.Tensor, inv_d: torch.Tensor, nm: SparsityPattern | None) -> None:
+    """The per-column OBS steps inside one block of :func:`_sparsegpt_columns` (all tensors updated in place)."""
+    count = W1.shape[0]
+    for i in range(count):
+        if nm is not None and i % nm.m == 0:
+            g = slice(i, i + nm.m)
+            group = W1[g].square() / d1[g].square().unsqueeze(1)  # [m, rows]
+            P1[g] = ~_keep_n_of_m(group, nm.n)
+            E1[g] = P1[g].to(W1.dtype) * inv_d[g]
+            K1[g] = (~P1[g]).to(W1.dtype)
+        w = W1[i]
+        err = torch.mul(w, E1[i], out=Err1[i])  # (w - q) / d: non-zero only where pruned
+        w.mul_(K1[i])  # q
+        if i + 1 < count:
+            W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)

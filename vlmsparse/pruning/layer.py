@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sparsity import SparsityPattern, parse_pattern
-from .algorithms import magnitude_prune, one_thread, sparsegpt_prune, wanda_prune
+from .algorithms import magnitude_prune, sparsegpt_prune, wanda_prune
 from .stats import InputStats
 
 __all__ = ["METHODS", "LayerPruneResult", "prune_layer"]
@@ -52,7 +52,7 @@ def prune_layer(
         raise ValueError(f"prune_layer: {method} needs calibration statistics (an InputStats), got None")
     if stats is not None and stats.in_features != weight.shape[-1]:
         raise ValueError(f"prune_layer: stats have {stats.in_features} features, weight has {weight.shape[-1]}")
-    with torch.no_grad(), one_thread(weight.device):
+    with torch.no_grad():
         if method == "magnitude":
             new, mask = magnitude_prune(weight, pattern, scope)
         elif method == "wanda":

@@ -1,0 +1,198 @@
+"""Text calibration for language models: .txt files, folders of them, ``datasets`` folders, cut into seeded
+random token windows; clear errors before any model work; ``vlmsparse prune --calibration text.txt``."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from factories import tiny_llama_config, tiny_opt
+
+from vlmsparse.cli import main
+from vlmsparse.data.calibration import (
+    is_text_source,
+    load_calibration_samples,
+    load_calibration_text,
+    text_calibration_batches,
+    text_calibration_windows,
+)
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from vlmsparse.data.vocab import build_tokenizer
+
+    return build_tokenizer(WORDS)
+
+
+def _text(n_words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(n_words // 10)]
+    return "\n".join(lines)
+
+
+def test_txt_file_gives_seeded_windows_of_the_token_stream(tmp_path, tokenizer):
+    path = tmp_path / "corpus.txt"
+    path.write_text(_text(300))
+    assert is_text_source(path)
+    stream = tokenizer(path.read_text(), add_special_tokens=False)["input_ids"]
+    assert len(stream) == 300 and tokenizer.bos_token_id not in stream
+    windows = text_calibration_windows(load_calibration_text(path), tokenizer, nsamples=6, seqlen=32, seed=3)
+    assert windows.shape == (6, 32) and windows.dtype == torch.long
+    text = " ".join(map(str, stream))
+    for row in windows.tolist():  # every window is a contiguous slice of the stream
+        assert " ".join(map(str, row)) in text
+    again = text_calibration_windows(load_calibration_text(path), tokenizer, nsamples=6, seqlen=32, seed=3)
+    other = text_calibration_windows(load_calibration_text(path), tokenizer, nsamples=6, seqlen=32, seed=4)
+    assert torch.equal(windows, again) and not torch.equal(windows, other)
+    # exactly one window fits: the whole stream
+    whole = text_calibration_windows(load_calibration_text(path), tokenizer, nsamples=2, seqlen=300)
+    assert whole.tolist() == [stream, stream]
+    batches = text_calibration_batches(path, tokenizer, nsamples=5, seqlen=16, batch_size=2)
+    assert [b["input_ids"].shape for b in batches] == [(2, 16), (2, 16), (1, 16)]
+    assert all(bool(b["attention_mask"].all()) for b in batches)
+
+
+def test_folder_of_text_files_and_image_folders_stay_images(tmp_path, tokenizer):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "b.txt").write_text("w1 w2 w3")
+    (folder / "a.txt").write_text("w4 w5")
+    (folder / "empty.txt").write_text("  \n")
+    (folder / "notes.md").write_text("ignored")
+    assert is_text_source(folder)
+    assert load_calibration_text(folder) == ["w4 w5", "w1 w2 w3"]  # sorted by name, empty files dropped
+    windows = text_calibration_windows(load_calibration_text(folder), tokenizer, nsamples=1, seqlen=5)
+    assert tokenizer.convert_ids_to_tokens(windows[0].tolist()) == ["w4", "w5", "w1", "w2", "w3"]
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "x.png")
+    (images / "x.txt").write_text("a caption")
+    assert not is_text_source(images) and not is_text_source("synthetic")
+
+
+def test_datasets_folder(tmp_path, tokenizer):
+    datasets = pytest.importorskip("datasets")
+    rows = [_text(50, seed) for seed in range(4)]
+    datasets.Dataset.from_dict({"id": list(range(4)), "text": rows}).save_to_disk(str(tmp_path / "ds"))
+    assert is_text_source(tmp_path / "ds")
+    assert load_calibration_text(tmp_path / "ds") == rows
+    # a DatasetDict: its train split; a dataset without a "text" column: its first string column
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"content": ["w9 w9"]}),
+                          "train": datasets.Dataset.from_dict({"n": [1], "content": ["w1 w2"]})}
+                         ).save_to_disk(str(tmp_path / "dd"))
+    assert load_calibration_text(tmp_path / "dd") == ["w1 w2"]
+    datasets.Dataset.from_dict({"n": [1, 2]}).save_to_disk(str(tmp_path / "numbers"))
+    with pytest.raises(ValueError, match="no text column"):
+        load_calibration_text(tmp_path / "numbers")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "state.json").write_text("{not json")
+    (broken / "dataset_info.json").write_text("{}")
+    with pytest.raises(ValueError, match="unreadable datasets folder"):
+        load_calibration_text(broken)
+
+
+def test_bad_text_sources(tmp_path, tokenizer):
+    (tmp_path / "empty.txt").write_text(" \n\n ")
+    with pytest.raises(ValueError, match="is empty"):
+        load_calibration_text(tmp_path / "empty.txt")
+    (tmp_path / "short.txt").write_text("w1 w2 w3")
+    with pytest.raises(ValueError, match="3 tokens, fewer than one window of seqlen=8"):
+        text_calibration_batches(tmp_path / "short.txt", tokenizer, nsamples=2, seqlen=8)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_calibration_text(tmp_path / "latin1.txt")
+    (tmp_path / "data.csv").write_text("a,b")
+    for call in (load_calibration_text, load_calibration_samples):
+        with pytest.raises(ValueError, match=r"\.csv.*\.txt file.*datasets folder"):
+            call(tmp_path / "data.csv")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="holds no .txt files"):
+        load_calibration_text(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError):
+        load_calibration_text(tmp_path / "absent.txt")
+    with pytest.raises(ValueError, match="seqlen"):
+        text_calibration_batches(tmp_path / "short.txt", tokenizer, seqlen=0)
+
+
+def test_python_api_prunes_an_opt_from_text(tmp_path, tokenizer):
+    from vlmsparse.pipeline.prune import prune_model
+
+    (tmp_path / "corpus.txt").write_text(_text(400))
+    model = tiny_opt(0)
+    assert len(tokenizer) <= model.config.vocab_size
+    batches = text_calibration_batches(tmp_path / "corpus.txt", tokenizer, nsamples=4, seqlen=32, batch_size=2)
+    masks = prune_model(model, method="sparsegpt", sparsity="2:4", calibration=batches, progress=False)
+    assert len(masks) == 12 and masks.sparsity() == 0.5
+
+
+@pytest.fixture
+def llama_folder(tmp_path, tokenizer):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_llama_config()
+    config.max_position_embeddings = 24  # the default --seqlen
+    folder = tmp_path / "llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cli_prunes_a_llama_from_text_and_fails_before_loading_on_bad_text(tmp_path, llama_folder, capsys,
+                                                                           monkeypatch):
+    from vlmsparse.pipeline.save import load_pruned
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(_text(200))
+    out = tmp_path / "pruned"
+    code = main(["prune", str(llama_folder), str(out), "--method", "wanda", "--sparsity", "2:4", "--calibration",
+                 str(corpus), "--nsamples", "3", "--batch-size", "2", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sparsity"] == 0.5 and len(report["layers"]) == 14
+    model, masks = load_pruned(out)
+    assert masks.info["calibration_batches"] == "2"
+
+    import vlmsparse.pipeline.save as save
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the calibration text was checked")
+
+    monkeypatch.setattr(save, "load_model", no_model)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("w1 w2")
+    for source, message in (("empty.txt", "is empty"), ("short.txt", "fewer than one window of seqlen=24")):
+        bad_out = tmp_path / f"out-{source}"
+        assert main(["prune", str(llama_folder), str(bad_out), "--calibration", str(tmp_path / source),
+                     "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+        assert not bad_out.exists() and not list(tmp_path.glob("out-*"))  # nothing half-written
+    assert main(["prune", str(llama_folder), str(tmp_path / "x"), "--calibration", str(corpus), "--seqlen",
+                 "0", "--quiet"]) == 2
+    assert "--seqlen must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_prune_turns_transformers_progress_bars_off_while_it_runs(tmp_path, llama_folder, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    import vlmsparse.pipeline.save as save
+
+    seen = []
+    real = save.load_model
+
+    def spy(*args, **kwargs):
+        seen.append(hf_logging.is_progress_bar_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(save, "load_model", spy)
+    hf_logging.enable_progress_bar()
+    assert main(["prune", str(llama_folder), str(tmp_path / "out"), "--method", "magnitude", "--quiet"]) == 0
+    assert seen == [False] and hf_logging.is_progress_bar_enabled()  # off during the run, restored after
