@@ -612,6 +612,7 @@ def prune_model(
                               default=str),
         sparsity=str(cfg.sparsity),
         architecture=spec.name,
+        stages=spec.describe(model),  # which blocks each part was (for a structural spec: what it found)
         seconds=f"{total:.3f}",
         calibration_batches=str(len(batches)),
         report=json.dumps([asdict(r) for r in report]),
@@ -691,4 +692,6 @@ def format_report(masks: MaskSet) -> str:
                      f"{r.seconds:>7.3f}")
     lines.append(f"overall sparsity of pruned layers: {masks.sparsity():.4f}; method {masks.method}; "
                  f"{masks.info.get('seconds', '?')} s")
+    if "stages" in masks.info:
+        lines.append(f"architecture {masks.info.get('architecture', '?')}: {masks.info['stages']}")
     return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""Every architecture of tests/factories.py's MODEL_COVERAGE (explicit specs, plus two found structurally) end to
+end on a tiny config: prune with a modality split (vision 0.5, language 2:4), SparseLoRA finetune a few steps,
+merge, save, reload, generate; the zeros of every pruned weight equal its mask after merge and after reload.
+Then the structural fallback itself: it agrees with the explicit specs, and it errors saying what it looked for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import MODEL_COVERAGE, STRUCTURAL_ONLY, VOCAB
+from torch import nn
+
+from vlmsparse.masks import MaskSet
+from vlmsparse.models import (
+    get_arch_spec,
+    model_class_for,
+    part_of,
+    prunable_linear_names,
+    structural_spec,
+    supported_model_types,
+)
+from vlmsparse.pipeline.prune import format_report, prune_model
+from vlmsparse.pipeline.save import load_pruned
+from vlmsparse.sparsity import detect_nm
+from vlmsparse.training.finetune import finetune
+
+ARCHS = list(MODEL_COVERAGE)
+IMAGE_IDS = (VOCAB - 3, VOCAB - 2, VOCAB - 1)  # image / vision start / end tokens of the factories
+
+
+class _Examples(torch.utils.data.Dataset):
+    """Encoded examples (one row of the architecture's inputs each, batch dimension dropped) with labels on
+    the real text tokens."""
+
+    def __init__(self, model: nn.Module, make_inputs, flat_images: bool, num: int = 4) -> None:
+        self.rows = []
+        for seed in range(num):
+            x = make_inputs(model, 1, 10 + seed)
+            row = {k: (v if k == "pixel_values" and flat_images else v[0]) for k, v in x.items()}
+            ids = row["input_ids"]
+            keep = row["attention_mask"].bool() & ~torch.isin(ids, torch.tensor(IMAGE_IDS))
+            row["labels"] = torch.where(keep, ids, torch.full_like(ids, -100))
+            self.rows.append(row)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.rows[index]
+
+
+def _zeros_match(model: nn.Module, masks: MaskSet) -> dict[str, bool]:
+    modules = dict(model.named_modules())
+    return {n: torch.equal(modules[n].weight.detach() != 0, m) for n, m in masks.items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prune_finetune_merge_save_reload_generate(arch, tmp_path):
+    build, make_inputs = MODEL_COVERAGE[arch]
+    model = build(0)
+    spec = get_arch_spec(model)
+    assert (spec.found is not None) == (arch in STRUCTURAL_ONLY), spec.name  # explicit specs are preferred
+    vlm = "vision" in spec.parts
+    allocation = {"vision": 0.5, "language": "2:4"} if vlm else {"language": "2:4"}
+    calibration = [make_inputs(model, 2, 0), make_inputs(model, 2, 1)]
+    masks = prune_model(model, "wanda", allocation=allocation, calibration=calibration, progress=False)
+
+    # the split: every vision / language block linear, at its part's pattern, and nothing else
+    by_part = {p: [n for n in masks if spec.part_of(n) == p] for p in ("vision", "connector", "language")}
+    assert sorted(masks) == sorted(prunable_linear_names(model, ("vision", "language")))
+    assert by_part["connector"] == [] and len(by_part["language"]) >= 2 * 4
+    assert bool(by_part["vision"]) == vlm
+    modules = dict(model.named_modules())
+    for name in by_part["language"]:
+        assert detect_nm(modules[name].weight.detach()) == "2:4", name
+    for name in by_part["vision"]:
+        assert (~masks[name]).float().mean().item() == pytest.approx(0.5), name
+    assert all(_zeros_match(model, masks).values())
+    assert masks.info["stages"] == spec.describe(model) and masks.info["stages"] in format_report(masks)
+    pruned = {n: modules[n].weight.detach().clone() for n in masks}
+
+    data = _Examples(model, make_inputs, spec.flat_images)
+    record = finetune(model, data, tmp_path / "run", masks=masks, method="sparselora", max_steps=3, batch_size=2,
+                      learning_rate=2e-2, progress=False)
+    assert record["steps"] == 3 and all(torch.isfinite(torch.tensor(e["loss"])) for e in record["losses"])
+    assert record["mask_check"]["ok"], record["mask_check"]
+
+    reloaded, loaded_masks = load_pruned(tmp_path / "run" / "merged")
+    assert type(reloaded) is type(model)
+    assert sorted(loaded_masks) == sorted(masks)
+    assert all(torch.equal(loaded_masks[n], masks[n]) for n in masks)
+    assert all(_zeros_match(reloaded, masks).values())  # zeros == mask after merge + save + reload, bit for bit
+    reloaded_modules = dict(reloaded.named_modules())
+    assert any(not torch.equal(reloaded_modules[n].weight, pruned[n]) for n in masks)  # the adapters merged
+
+    x = make_inputs(reloaded, 1, 5)
+    with torch.no_grad():
+        logits = reloaded(**x).logits
+        out = reloaded.generate(**x, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert torch.isfinite(logits).all()
+    assert out.shape == (1, x["input_ids"].shape[1] + 2)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in STRUCTURAL_ONLY])
+def test_structural_fallback_agrees_with_the_explicit_spec(arch):
+    model = MODEL_COVERAGE[arch][0](0)
+    explicit, found = get_arch_spec(model), structural_spec(model)
+    assert found.found and found.found in found.describe(model)
+    # the language blocks are the same; the vision blocks the longest list of them (Mllama: its local encoder)
+    assert prunable_linear_names_of(found, model, "language") == prunable_linear_names(model, "language")
+    vision = prunable_linear_names_of(found, model, "vision")
+    assert set(vision) <= set(prunable_linear_names(model, "vision"))
+    assert bool(vision) == ("vision" in explicit.parts)
+    for name in vision:
+        assert found.part_of(name) == explicit.part_of(name) == "vision"
+
+
+def prunable_linear_names_of(spec, model: nn.Module, part: str) -> list[str]:
+    names = []
+    for stage in spec.resolve(model):
+        if stage.part == part and stage.spec.default:
+            for block_name, block in zip(stage.block_names, stage.blocks):
+                names += [f"{block_name}.{s}" for s, m in block.named_modules() if isinstance(m, nn.Linear)]
+    return names
+
+
+def test_structural_parts_names_and_classes_without_a_loaded_model():
+    """model_type strings with no explicit spec resolve through transformers' auto classes (inspect, load)."""
+    assert "granite" not in supported_model_types() and "internvl" not in supported_model_types()
+    assert part_of("model.layers.0.self_attn.q_proj.weight", "granite") == "language"
+    assert part_of("model.vision_tower.encoder.layer.1.mlp.fc1.weight", "internvl") == "vision"
+    assert part_of("model.multi_modal_projector.linear_1.weight", "internvl") == "connector"
+    assert part_of("model.language_model.layers.0.mlp.up_proj.weight", "internvl") == "language"
+    assert part_of("lm_head.weight", "internvl") == "language"
+    assert model_class_for("internvl").__name__ == "InternVLForConditionalGeneration"
+    assert part_of("model.visual.merger.mlp.0.weight", "qwen2_vl") == "connector"  # dotted prefix wins
+    assert part_of("model.visual.blocks.0.attn.qkv.weight", "qwen2_vl") == "vision"
+
+
+def test_structural_fallback_errors_say_what_they_looked_for():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, bos_token_id=1,
+                                      eos_token_id=2))
+    with pytest.raises(ValueError, match=r"'gpt2' \(GPT2LMHeadModel\): no explicit spec.*no list of decoder "
+                                         r"blocks.*ArchSpec"):
+        get_arch_spec(gpt2)  # GPT-2's blocks hold Conv1D, not nn.Linear
+
+    class NoVision(nn.Module):  # a vision_config but no vision tower
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = type("C", (), {"model_type": "toy_vlm", "vision_config": {}})()
+            self.model = nn.Module()
+            self.model.language_model = nn.Module()
+            self.model.language_model.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 16)) for _ in range(2))
+
+    with pytest.raises(ValueError, match=r"toy_vlm.*looked for a vision tower.*model.language_model: "
+                                         r"model.language_model.layers \(2 x Sequential\)"):
+        get_arch_spec(NoVision())
+    with pytest.raises(ValueError, match="unsupported architecture 'no_such_model'"):
+        part_of("x.weight", "no_such_model")
+
+
+def test_image_inputs_are_required_beside_pixel_values():
+    """A batch with pixel_values but without the architecture's other image inputs is refused before pruning."""
+    build, make_inputs = MODEL_COVERAGE["qwen2_vl"]
+    model = build(0)
+    batch = make_inputs(model, 2, 0)
+    del batch["image_grid_thw"]
+    before = model.model.language_model.layers[0].mlp.up_proj.weight.clone()
+    with pytest.raises(ValueError, match="calibration batch 0: Qwen2-VL calibration inputs need image_grid_thw"):
+        prune_model(model, "wanda", calibration=[batch], progress=False)
+    assert torch.equal(model.model.language_model.layers[0].mlp.up_proj.weight, before)
+    text = MODEL_COVERAGE["qwen2"][1](model, 2, 0)  # text alone needs no image inputs
+    get_arch_spec(model).check_inputs(model, text)
+
+
+def test_collator_concatenates_flat_images_and_pads_multi_dim_keys():
+    from vlmsparse.data.datasets import VLMCollator
+
+    rows = [{"input_ids": torch.tensor([5, 6, 7]), "pixel_values": torch.ones(4, 8),
+             "image_grid_thw": torch.tensor([1, 2, 2]), "cross_attention_mask": torch.ones(3, 1, 2)},
+            {"input_ids": torch.tensor([5, 6]), "pixel_values": torch.zeros(8, 8),
+             "image_grid_thw": torch.tensor([1, 2, 4]), "cross_attention_mask": torch.ones(2, 1, 2)}]
+    batch = VLMCollator(pad_token_id=0, flat_images=True)(rows)
+    assert batch["pixel_values"].shape == (12, 8) and batch["pixel_values"][:4].eq(1).all()
+    assert batch["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4]]
+    assert batch["cross_attention_mask"].shape == (2, 3, 1, 2) and batch["cross_attention_mask"][1, 2].eq(0).all()
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 6, 0]]
+    with pytest.raises(RuntimeError):  # stacked, the images' different patch counts do not fit one tensor
+        VLMCollator(pad_token_id=0)(rows)
+    bad = [dict(rows[0]), {**rows[1], "cross_attention_mask": torch.ones(2, 1, 3)}]
+    with pytest.raises(ValueError, match="may differ in the first dimension only"):
+        VLMCollator(pad_token_id=0, flat_images=True)(bad)
