@@ -192,3 +192,49 @@ def test_collator_concatenates_flat_images_and_pads_multi_dim_keys():
     bad = [dict(rows[0]), {**rows[1], "cross_attention_mask": torch.ones(2, 1, 3)}]
     with pytest.raises(ValueError, match="may differ in the first dimension only"):
         VLMCollator(pad_token_id=0, flat_images=True)(bad)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "internvl", "granite"])
+def test_inspect_names_the_parts_of_a_saved_folder(arch, tmp_path):
+    """``vlmsparse inspect`` on a pruned folder: the architecture line (for a structural spec, what it found, as
+    this checkpoint's config lays it out) and a part per row, the same as the loaded model's spec gives."""
+    from vlmsparse.pipeline.inspect import inspect_checkpoint
+    from vlmsparse.pipeline.save import save_pruned
+
+    build, _ = MODEL_COVERAGE[arch]
+    model = build(0)
+    masks = prune_model(model, "magnitude", allocation="equal", sparsity="2:4", progress=False)
+    save_pruned(model, masks, tmp_path / "m")
+    report = inspect_checkpoint(tmp_path / "m")
+    spec = get_arch_spec(model)
+    assert report.architecture == f"{spec.name}: {spec.describe(model)}"
+    assert ("structural" in report.architecture) == (arch in STRUCTURAL_ONLY)
+    pruned = [r for r in report.rows if r.name in masks]
+    assert len(pruned) == len(masks) and all(r.nm == "2:4" and r.inside_mask for r in pruned)
+    assert all(r.part == spec.part_of(r.name) for r in report.rows)
+    assert {r.part for r in pruned} == ({"vision", "language"} if "vision" in spec.parts else {"language"})
+    assert report.to_dict()["architecture"] == report.architecture
+
+
+def test_cli_lists_the_supported_architectures_and_the_readme_shows_the_same(capsys):
+    """README's table is supported_table() (regenerate it with
+    ``python -c "from vlmsparse.models import supported_table; print(supported_table())"``)."""
+    import json
+    from pathlib import Path
+
+    from vlmsparse.cli import main
+    from vlmsparse.models import supported_architectures, supported_table
+
+    assert main(["inspect", "--supported"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == supported_table()
+    for row in supported_architectures():
+        assert f"| {row['name']} |" in out and f"`{row['model_class']}`" in out
+    assert main(["inspect", "--supported", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {t for r in rows for t in r["model_types"].split(", ")} == set(supported_model_types())
+    assert main(["inspect"]) == 2 and "give a PATH" in capsys.readouterr().err
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- supported-architectures:start -->\n", "<!-- supported-architectures:end -->"
+    assert start in readme and end in readme
+    assert readme.split(start, 1)[1].split(end, 1)[0].strip() == supported_table()

@@ -196,10 +196,13 @@ def _encode_turns(processor: Any, turns: tuple[tuple[str, str], ...], image: Any
                 prompt = f"{user}{IMAGE_PLACEHOLDER}\n{question}{assistant}" if placeholder_in_text else f"{user}{question}{assistant}"
                 out = processor(images=image, text=prompt, return_tensors="pt")
                 segment = out["input_ids"][0].tolist()
-                inputs["pixel_values"] = out["pixel_values"][0]
-                # e.g. InstructBLIP's qformer_input_ids / qformer_attention_mask (the instruction for the Q-Former)
+                pixels = out["pixel_values"]
+                # 2-D: already the image's patches [P, D] with no batch dimension (Qwen2-VL); else [1, ...]
+                inputs["pixel_values"] = pixels if pixels.dim() == 2 else pixels[0]
+                # the processor's other per-example outputs, batch dimension dropped: InstructBLIP's
+                # qformer_input_ids, Qwen2-VL's image_grid_thw, LLaVA-NeXT's image_sizes, Mllama's aspect_ratio_ids
                 inputs.update({k: v[0] for k, v in out.items() if k not in ("input_ids", "attention_mask", "pixel_values")
-                               and isinstance(v, torch.Tensor) and v.dim() == 2})
+                               and isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == 1})
             else:
                 segment = _token_ids(processor, f" {user}{question}{assistant}")
             ids += segment
