@@ -535,3 +535,20 @@ MODEL_COVERAGE = {
     "granite": (_causal("GraniteConfig", "GraniteForCausalLM"), text_inputs),
     "internvl": (tiny_internvl, internvl_inputs),
 }
+
+
+def synthetic_llava_next_processor():
+    """A LlavaNextProcessor over the word-level tokenizer of ``vlmsparse.data.vocab`` (``<image>`` = id 4) and a
+    PIL LLaVA-NeXT image processor (32x32 tiles, the grid pinpoints of :func:`tiny_llava_next`): it expands
+    ``<image>`` to as many tokens as the model makes image features and returns ``image_sizes``."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    from vlmsparse.data.vocab import build_tokenizer
+
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                                 crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                                 image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE],
+                                                                       [IMAGE_SIZE, 2 * IMAGE_SIZE]])
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=PATCH,
+                              vision_feature_select_strategy="default", image_token="<image>",
+                              num_additional_image_tokens=1)

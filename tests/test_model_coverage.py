@@ -238,3 +238,58 @@ def test_cli_lists_the_supported_architectures_and_the_readme_shows_the_same(cap
     start, end = "<!-- supported-architectures:start -->\n", "<!-- supported-architectures:end -->"
     assert start in readme and end in readme
     assert readme.split(start, 1)[1].split(end, 1)[0].strip() == supported_table()
+
+
+def test_llava_next_through_its_processor_prune_finetune_and_vqa(tmp_path):
+    """With a real processor (LLaVA-NeXT: it returns image_sizes beside pixel_values [1, tiles, 3, H, W]):
+    calibration batches, the synthetic data set through the encoder and collator, and the VQA evaluation all
+    pass its extra inputs through; the merged model's answers equal a one-row loop."""
+    from factories import synthetic_llava_next_processor, tiny_llava_next
+
+    from vlmsparse.data import synthetic
+    from vlmsparse.eval.vqa import VQARow, generate_answers
+
+    processor = synthetic_llava_next_processor()
+    model = tiny_llava_next(0)
+    model.config.image_token_index = 4  # "<image>" of the word-level tokenizer
+    samples = synthetic.make_vqa_samples(4, seed=3)
+    prompt = "USER: <image>\n{question} ASSISTANT:"
+    calibration = [processor(images=[s.image for s in samples[:2]], text=[prompt.format(question=s.question)
+                                                                       for s in samples[:2]],
+                             padding=True, return_tensors="pt")]
+    assert "image_sizes" in calibration[0]
+    masks = prune_model(model, "wanda", allocation={"vision": 0.5, "language": "2:4"},
+                        calibration=[dict(b) for b in calibration], progress=False)
+    record = finetune(model, "synthetic:4", tmp_path / "run", masks=masks, processor=processor, max_steps=4,
+                      batch_size=2, learning_rate=2e-2, progress=False)
+    losses = [e["loss"] for e in record["losses"]]
+    assert record["mask_check"]["ok"] and losses[-1] < losses[0], losses
+    reloaded, _ = load_pruned(tmp_path / "run" / "merged")
+    assert all(_zeros_match(reloaded, masks).values())
+    rows = [VQARow(question=s.question, answers=(s.answer,), image=s.image, question_id=i)
+            for i, s in enumerate(samples)]
+    batched = generate_answers(reloaded, processor, rows, batch_size=3, max_new_tokens=2)
+    assert batched == [generate_answers(reloaded, processor, [r], batch_size=1, max_new_tokens=2)[0] for r in rows]
+
+
+def test_encoded_examples_keep_every_per_example_processor_output():
+    """encode_example keeps a 2-D pixel_values as it is (Qwen2-VL's patches [P, D]) and drops the batch dimension
+    of every other [1, ...] output the processor makes, whatever its rank (pixel_attention_mask [1, N, H, W])."""
+    from vlmsparse.data.datasets import Example, encode_example
+    from vlmsparse.data.vocab import build_tokenizer
+
+    class Processor:  # the output layout of a Qwen2-VL / Idefics3-style processor for one example
+        image_processor = None
+        tokenizer = build_tokenizer()
+
+        def __call__(self, images, text, return_tensors):
+            ids = torch.tensor([self.tokenizer(text)["input_ids"]])
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.ones(16, 24),
+                    "image_grid_thw": torch.tensor([[1, 4, 4]]),
+                    "pixel_attention_mask": torch.ones(1, 1, 32, 32, dtype=torch.bool)}
+
+    example = Example(image=torch.zeros(3, 32, 32), turns=(("human", "<image>\nwhat color"), ("gpt", "red")))
+    out = encode_example(Processor(), example)
+    assert out["pixel_values"].shape == (16, 24)
+    assert out["image_grid_thw"].tolist() == [1, 4, 4]
+    assert out["pixel_attention_mask"].shape == (1, 32, 32)
