@@ -361,8 +361,8 @@ tiny_qwen2_vl = _qwen_vl("Qwen2VLForConditionalGeneration",
                               spatial_merge_size=2, temporal_patch_size=2))
 tiny_qwen2_5_vl = _qwen_vl("Qwen2_5_VLForConditionalGeneration",
                            dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2,
-                                patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2, window_size=32,
-                                fullatt_block_indexes=[1]))
+                                patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                                fullatt_block_indexes=[1]))  # block 0: 2x2 windows of the 4x4 patches
 
 
 def _idefics3(class_name: str):
@@ -552,3 +552,14 @@ def synthetic_llava_next_processor():
     return LlavaNextProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=PATCH,
                               vision_feature_select_strategy="default", image_token="<image>",
                               num_additional_image_tokens=1)
+
+
+def tiny_gemma3_text_mixed(seed: int = 0):
+    """Gemma 3 text with a sliding-window block (window 4) then a full-attention block: each gets its own
+    attention mask and rotary embedding from the model."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(**_lm_kwargs(head_dim=16), sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention"])
+    return Gemma3ForCausalLM(config).eval()

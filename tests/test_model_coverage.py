@@ -293,3 +293,41 @@ def test_encoded_examples_keep_every_per_example_processor_output():
     assert out["pixel_values"].shape == (16, 24)
     assert out["image_grid_thw"].tolist() == [1, 4, 4]
     assert out["pixel_attention_mask"].shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text_mixed", "qwen2_5_vl", "mllama", "granite", "internvl"])
+def test_calibration_runs_each_block_as_the_model_does(arch):
+    """Each block of a stage, run on the captured inputs with its captured arguments, gives the output the
+    model's own forward gives it (Gemma 3's full-attention block its own mask and rotary embedding, Qwen2.5-VL's
+    full-attention vision block its own cu_seqlens): block 0's arguments are not reused where they differ."""
+    from factories import text_inputs, tiny_gemma3_text_mixed
+
+    from vlmsparse.pipeline.prune import _capture, _run_block
+
+    if arch == "gemma3_text_mixed":
+        model = tiny_gemma3_text_mixed(0)
+        x = text_inputs(model, 2, 0)
+    else:
+        build, make_inputs = MODEL_COVERAGE[arch]
+        model = build(0)
+        x = make_inputs(model, 2, 0)
+    spec = get_arch_spec(model)
+    cpu = torch.device("cpu")
+    for stage in spec.resolve(model):
+        if stage.spec.single:
+            continue
+        outputs: dict[int, torch.Tensor] = {}
+
+        def keep(index: int, store: dict = outputs):
+            return lambda module, args, out: store.setdefault(index, out[0] if isinstance(out, tuple) else out)
+
+        hooks = [b.register_forward_hook(keep(i)) for i, b in enumerate(stage.blocks)]
+        with torch.no_grad():
+            model(**x, use_cache=False)
+        for h in hooks:
+            h.remove()
+        (batch,) = _capture(model, stage, [x], cpu, None)
+        with torch.no_grad():
+            for index, block in enumerate(stage.blocks):
+                batch.hidden = _run_block(block, index, batch, cpu)
+                torch.testing.assert_close(batch.hidden, outputs[index], msg=f"{stage.path}.{index}")

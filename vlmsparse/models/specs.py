@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -54,7 +54,10 @@ class StageSpec:
     ``paths``: candidate attribute paths (first existing wins) to a ``ModuleList`` of blocks, or to one module
     when ``single`` is true. ``mask_key``: the model-input key whose ``[batch, seq]`` mask marks real tokens
     at this stage (``None``: every position is real, e.g. image patches). ``reuse_kwargs``: the keyword
-    arguments block 0 receives are valid for every block (False for T5, whose blocks pass a position bias on).
+    arguments block 0 receives are valid for every block (False for T5, whose blocks pass a position bias on,
+    and Qwen2.5-VL's vision tower, whose full-attention blocks get other ``cu_seqlens`` than its window ones;
+    :meth:`ArchSpec.resolve` also turns it off when the blocks differ in kind: sliding-window and full-attention
+    layers of Gemma 2 / 3 or Qwen2 get their own masks and rotary embeddings).
     ``context_masks``: pairs (block forward argument holding another sequence the block attends to, e.g. the
     encoder output read by cross-attention; model-input key of that sequence's ``[batch, seq]`` mask, or None
     when it has no padding): linears whose input is that argument skip its padding with this mask instead of
@@ -172,7 +175,10 @@ class ArchSpec:
                     if not isinstance(module, nn.ModuleList):
                         raise ValueError(f"{self.name}: {path} is a {type(module).__name__}, expected a ModuleList")
                     names = tuple(f"{path}.{i}" for i in range(len(module)))
-                    stages.append(ResolvedStage(spec, path, tuple(module), names))
+                    resolved = spec
+                    if spec.reuse_kwargs and len({_block_kind(b) for b in module}) > 1:
+                        resolved = replace(spec, reuse_kwargs=False)  # each block's own arguments
+                    stages.append(ResolvedStage(resolved, path, tuple(module), names))
                 break
         if not stages:
             raise ValueError(
@@ -230,6 +236,16 @@ class ArchSpec:
                 f"{self.name}: calibration batch has {count} image tokens (id {token}) for {images} images; "
                 f"expected {expected} ({expected // max(images, 1)} per image). Build inputs with the model's processor"
             )
+
+
+_KIND_ATTRIBUTES = ("layer_type", "attention_type", "is_sliding", "sliding_window")
+
+
+def _block_kind(block: nn.Module) -> tuple:
+    """What tells blocks of one list apart in the arguments the model gives them: the class and the attention
+    kind of its submodules (``layer_type``: ``sliding_attention`` / ``full_attention`` in transformers 5)."""
+    kinds = {(a, str(getattr(m, a))) for m in block.modules() for a in _KIND_ATTRIBUTES if hasattr(m, a)}
+    return type(block).__name__, tuple(sorted(kinds))
 
 
 def _get_path(root: nn.Module, path: str) -> nn.Module | None:
@@ -361,7 +377,7 @@ _GEMMA3 = _llava_like("Gemma 3", "gemma3", "Gemma3ForConditionalGeneration")
 
 # Qwen2-VL / Qwen2.5-VL: vision blocks read [patches, dim] (no batch dimension); the patch merger ends the tower.
 _QWEN_VL_STAGES = (
-    StageSpec("vision", ("model.visual.blocks", "visual.blocks")),
+    StageSpec("vision", ("model.visual.blocks", "visual.blocks"), reuse_kwargs=False),  # window / full blocks
     StageSpec("connector", ("model.visual.merger", "visual.merger"), single=True, default=False),
     StageSpec("language", ("model.language_model.layers", "model.layers"), mask_key="attention_mask"),
 )
@@ -518,7 +534,7 @@ def structural_spec(model: nn.Module) -> ArchSpec:
                                "of decoder blocks (a ModuleList of modules holding nn.Linear layers) in it")
         found = f"language: {path} ({len(_get_path(model, path))} blocks)"
         spec = ArchSpec(name=f"{cls} (structural)", model_types=(model_type,), model_class=cls,
-                        stages=(StageSpec("language", (path,), mask_key="attention_mask"),),
+                        stages=(StageSpec("language", (path,), mask_key="attention_mask", reuse_kwargs=False),),
                         fallback_part="language", found=found)
     else:
         spec = _structural_vlm(model, cls, model_type)
@@ -548,12 +564,14 @@ def _structural_vlm(model: nn.Module, cls: str, model_type: str) -> ArchSpec:
                            f"tower {vision[0]} but no language model (a child named like "
                            f"{' / '.join(_LANGUAGE_WORDS)} or another child holding a list of decoder blocks); "
                            f"children: {seen}")
-    connectors = [c for c in children if c is not vision and c is not language
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    connectors = [c for c in children if c is not vision and c is not language and c[2] is not head
                   and any(True for _ in c[2].parameters()) and not isinstance(c[2], nn.Embedding)]
     vision_path, language_path = _longest(lists[vision[0]]), _longest(lists[language[0]])
-    stages = [StageSpec("vision", (vision_path,))]
+    # an unknown model may give each block its own arguments: capture them per block
+    stages = [StageSpec("vision", (vision_path,), reuse_kwargs=False)]
     stages += [StageSpec("connector", (c[0],), single=True, default=False) for c in connectors]
-    stages.append(StageSpec("language", (language_path,), mask_key="attention_mask"))
+    stages.append(StageSpec("language", (language_path,), mask_key="attention_mask", reuse_kwargs=False))
     found = "; ".join([f"vision: {vision_path} ({len(_get_path(model, vision_path))} blocks)"]
                       + [f"connector: {c[0]}" for c in connectors]
                       + [f"language: {language_path} ({len(_get_path(model, language_path))} blocks)"])
