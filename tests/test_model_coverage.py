@@ -77,6 +77,7 @@ def test_prune_finetune_merge_save_reload_generate(arch, tmp_path):
         assert (~masks[name]).float().mean().item() == pytest.approx(0.5), name
     assert all(_zeros_match(model, masks).values())
     assert masks.info["stages"] == spec.describe(model) and masks.info["stages"] in format_report(masks)
+    assert spec.found in (None, masks.info["stages"])  # a structural spec's report says what it found
     pruned = {n: modules[n].weight.detach().clone() for n in masks}
 
     data = _Examples(model, make_inputs, spec.flat_images)
@@ -295,7 +296,7 @@ def test_encoded_examples_keep_every_per_example_processor_output():
     assert out["pixel_attention_mask"].shape == (1, 32, 32)
 
 
-@pytest.mark.parametrize("arch", ["gemma3_text_mixed", "qwen2_5_vl", "mllama", "granite", "internvl"])
+@pytest.mark.parametrize("arch", ["gemma3_text_mixed", *ARCHS])
 def test_calibration_runs_each_block_as_the_model_does(arch):
     """Each block of a stage, run on the captured inputs with its captured arguments, gives the output the
     model's own forward gives it (Gemma 3's full-attention block its own mask and rotary embedding, Qwen2.5-VL's
@@ -331,3 +332,17 @@ def test_calibration_runs_each_block_as_the_model_does(arch):
             for index, block in enumerate(stage.blocks):
                 batch.hidden = _run_block(block, index, batch, cpu)
                 torch.testing.assert_close(batch.hidden, outputs[index], msg=f"{stage.path}.{index}")
+
+
+def test_structural_fallback_logs_what_it_found(caplog):
+    import vlmsparse.models.specs as specs
+
+    model = MODEL_COVERAGE["internvl"][0](0)
+    specs._logged.discard(type(model).__name__)
+    with caplog.at_level("INFO", logger="vlmsparse.models.specs"):
+        spec = get_arch_spec(model)
+        get_arch_spec(model)  # once per class
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [f"InternVLForConditionalGeneration has no explicit spec; found structurally: {spec.found}"]
+    assert spec.found == ("vision: model.vision_tower.encoder.layer (2 blocks); connector: model.multi_modal_projector; "
+                          "language: model.language_model.layers (2 blocks)")
