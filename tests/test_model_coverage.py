@@ -346,3 +346,22 @@ def test_structural_fallback_logs_what_it_found(caplog):
     assert messages == [f"InternVLForConditionalGeneration has no explicit spec; found structurally: {spec.found}"]
     assert spec.found == ("vision: model.vision_tower.encoder.layer (2 blocks); connector: model.multi_modal_projector; "
                           "language: model.language_model.layers (2 blocks)")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparsegpt_and_connector_pruning(arch):
+    """SparseGPT 2:4 on every block linear (stacked q/k/v, gate/up), and the connector pruned when asked."""
+    build, make_inputs = MODEL_COVERAGE[arch]
+    model = build(0)
+    masks = prune_model(model, "sparsegpt", sparsity="2:4", calibration=[make_inputs(model, 2, 0)], progress=False)
+    assert sorted(masks) == sorted(prunable_linear_names(model))
+    modules = dict(model.named_modules())
+    assert all(detect_nm(modules[n].weight.detach()) == "2:4" for n in masks)
+    assert all(_zeros_match(model, masks).values())
+    spec = get_arch_spec(model)
+    # Gemma 3's projector is a bare weight matrix (no nn.Linear): nothing there to prune
+    if "connector" in spec.parts and prunable_linear_names(model, "connector", include_non_default=True):
+        model = build(0)
+        masks = prune_model(model, "magnitude", allocation={"connector": 0.5}, progress=False)
+        connector = prunable_linear_names(model, "connector", include_non_default=True)
+        assert sorted(masks) == sorted(connector) and all(spec.part_of(n) == "connector" for n in masks)
