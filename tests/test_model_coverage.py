@@ -1,6 +1,7 @@
 """Every architecture of tests/factories.py's MODEL_COVERAGE (explicit specs, plus two found structurally) end to
 end on a tiny config: prune with a modality split (vision 0.5, language 2:4), SparseLoRA finetune a few steps,
-merge, save, reload, generate; the zeros of every pruned weight equal its mask after merge and after reload.
+merge, save, reload, generate, save compressed and load; the zeros of every pruned weight equal its mask after
+merge, after reload and after the compressed round trip.
 Then the structural fallback itself: it agrees with the explicit specs, and it errors saying what it looked for."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from vlmsparse.models import (
     structural_spec,
     supported_model_types,
 )
+from vlmsparse.pipeline.compress import load_compressed, save_compressed
 from vlmsparse.pipeline.prune import format_report, prune_model
 from vlmsparse.pipeline.save import load_pruned
 from vlmsparse.sparsity import detect_nm
@@ -100,6 +102,12 @@ def test_prune_finetune_merge_save_reload_generate(arch, tmp_path):
         out = reloaded.generate(**x, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert torch.isfinite(logits).all()
     assert out.shape == (1, x["input_ids"].shape[1] + 2)
+
+    save_compressed(reloaded, tmp_path / "packed", masks=loaded_masks)  # the 2:4 language weights packed
+    unpacked = load_compressed(tmp_path / "packed")
+    assert all(_zeros_match(unpacked, masks).values())
+    with torch.no_grad():
+        assert torch.equal(unpacked(**x).logits, logits)
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a not in STRUCTURAL_ONLY])
