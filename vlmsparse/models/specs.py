@@ -13,7 +13,15 @@ state dicts of both layouts, e.g. ``model.language_model.layers.0.self_attn.q_pr
 ``language_model.model.layers.0.self_attn.q_proj.weight`` (LLaVA-1.5 checkpoints).
 
 To add an architecture: write its :class:`ArchSpec` below (stages with attribute paths, part prefixes of the
-canonical names, the class to load it with) and add it to ``_SPECS``.
+canonical names, the class to load it with) and add it to ``_SPECS``. A model without one goes through
+:func:`structural_spec`, which finds the block lists from the module tree (and logs what it found).
+
+How images reach the calibration forward: the batch is the processor's output, passed to the model as it is
+(``model(**batch)``), so every extra input goes through: ``pixel_values`` plus ``image_sizes`` (LLaVA-NeXT /
+OneVision), ``image_grid_thw`` and ``mm_token_type_ids`` (Qwen2-VL / Qwen2.5-VL: ``pixel_values`` are the
+patches of all images, ``[patches, dim]``), ``pixel_attention_mask`` (Idefics3 / SmolVLM), ``token_type_ids``
+(PaliGemma), ``aspect_ratio_ids`` / ``aspect_ratio_mask`` / ``cross_attention_mask`` (Mllama).
+``ArchSpec.image_inputs`` names the ones a batch with ``pixel_values`` must have.
 """
 
 from __future__ import annotations
