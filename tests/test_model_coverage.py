@@ -373,3 +373,32 @@ def test_sparsegpt_and_connector_pruning(arch):
         masks = prune_model(model, "magnitude", allocation={"connector": 0.5}, progress=False)
         connector = prunable_linear_names(model, "connector", include_non_default=True)
         assert sorted(masks) == sorted(connector) and all(spec.part_of(n) == "connector" for n in masks)
+
+
+def test_structural_fallback_on_a_model_without_a_base_model():
+    """Parts as children of the model itself (no ``model.model``): the output head is not a connector."""
+
+    def blocks(n: int) -> nn.ModuleList:
+        return nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16)) for _ in range(n))
+
+    class ToyVLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = type("C", (), {"model_type": "toy_vlm", "vision_config": {}})()
+            self.image_encoder = nn.Module()
+            self.image_encoder.layers = blocks(2)
+            self.projector = nn.Linear(16, 16)
+            self.llm = nn.Module()
+            self.llm.layers = blocks(3)
+            self.lm_head = nn.Linear(16, 32)
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.lm_head
+
+    model = ToyVLM()
+    spec = get_arch_spec(model)
+    assert spec.found == ("vision: image_encoder.layers (2 blocks); connector: projector; "
+                          "language: llm.layers (3 blocks)")
+    assert [spec.part_of(n) for n in ("image_encoder.layers.0.0", "projector", "llm.layers.2.2", "lm_head")] == [
+        "vision", "connector", "language", "language"]
+    assert len(prunable_linear_names(model)) == 2 * 2 + 3 * 2

@@ -486,7 +486,7 @@ def _unsupported(model_type: object, reason: str = "") -> ValueError:
 
 
 # ------------------------------------------------------------------------------------- structural fallback
-_VISION_WORDS = ("vision", "visual")
+_VISION_WORDS = ("vision", "visual", "image", "vit")
 _LANGUAGE_WORDS = ("language_model", "text_model", "llm", "decoder")
 _logged: set[str] = set()
 
@@ -521,10 +521,11 @@ def structural_spec(model: nn.Module) -> ArchSpec:
     - No ``config.vision_config`` (a decoder-only LM, e.g. any ``*ForCausalLM``): the language blocks are the
       longest list of blocks (a ``ModuleList`` of modules that hold linears); every name is language.
     - With a ``vision_config`` (a ``*ForConditionalGeneration`` VLM): among the children of the base model
-      (``model.model``), the vision tower is the first whose name holds ``vision`` / ``visual``, the language model
-      the one named like ``language_model`` / ``text_model`` (else the other child with the longest block list),
-      and the connector every other child with parameters (the projector); the vision and language blocks are
-      the longest block list inside each.
+      (``model.model``), the vision tower is the first holding a block list with a word ``vision`` / ``visual``
+      / ``image`` / ``vit`` in its name (``vision_tower``, ``visual``, ``image_encoder``), the language model the
+      one named like ``language_model`` / ``text_model`` (else the other child with the longest block list), and
+      the connector every other child with parameters (the projector) but the output head; the vision and
+      language blocks are the longest block list inside each.
 
     ``ValueError`` saying what was looked for and what was found when a part cannot be found.
     """
@@ -558,10 +559,10 @@ def _structural_vlm(model: nn.Module, cls: str, model_type: str) -> ArchSpec:
     children = [(f"{base_name}.{n}" if base_name else n, n, c) for n, c in base.named_children()]
     lists = {path: _block_lists(child, path) for path, _, child in children}
     seen = "; ".join(f"{path}: {_describe_lists(lists[path])}" for path, _, _ in children)
-    vision = next((c for c in children if any(w in c[1].lower() for w in _VISION_WORDS) and lists[c[0]]), None)
+    vision = next((c for c in children if set(c[1].lower().split("_")) & set(_VISION_WORDS) and lists[c[0]]), None)
     if vision is None:
         raise _unsupported(model_type, f" ({cls}): no explicit spec; the structural fallback looked for a vision "
-                           f"tower (a child of {base_name or 'the model'} named with {' / '.join(_VISION_WORDS)} "
+                           f"tower (a child of {base_name or 'the model'} named with a word {' / '.join(_VISION_WORDS)} "
                            f"holding a list of blocks) and found the children {seen or 'none'}")
     rest = [c for c in children if c is not vision and lists[c[0]]]
     language = next((c for c in rest if any(w in c[1].lower() for w in _LANGUAGE_WORDS)), None)
