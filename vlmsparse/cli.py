@@ -27,9 +27,11 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
         "inspect",
         help="per-module sparsity report of a safetensors file or a Hugging Face model folder",
         description="Print, for every linear weight, its shape, sparsity and whether it is 2:4 / 4:8, "
-        "with totals per model part when the architecture is known.",
+        "with totals per model part when the architecture is known. --supported lists the architectures with "
+        "an explicit spec (any other decoder-only LM or VLM with a vision tower is found structurally).",
     )
-    p.add_argument("path", help="a .safetensors file or a model folder (model.safetensors or shards)")
+    p.add_argument("path", nargs="?", help="a .safetensors file or a model folder (model.safetensors or shards)")
+    p.add_argument("--supported", action="store_true", help="list the supported architectures and exit")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--all", action="store_true", help="list every 2-D weight, not only linear layers")
 
@@ -37,6 +39,16 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     from .pipeline.inspect import inspect_checkpoint
 
+    if args.supported:
+        from .models import supported_architectures, supported_table
+
+        if args.json:
+            _print_json(supported_architectures())
+        else:
+            print(supported_table())
+        return 0
+    if args.path is None:
+        raise ValueError("give a PATH (a .safetensors file or a model folder), or --supported")
     report = inspect_checkpoint(args.path, linear_only=not args.all)
     if args.json:
         _print_json(report.to_dict())

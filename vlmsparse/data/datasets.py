@@ -196,10 +196,13 @@ def _encode_turns(processor: Any, turns: tuple[tuple[str, str], ...], image: Any
                 prompt = f"{user}{IMAGE_PLACEHOLDER}\n{question}{assistant}" if placeholder_in_text else f"{user}{question}{assistant}"
                 out = processor(images=image, text=prompt, return_tensors="pt")
                 segment = out["input_ids"][0].tolist()
-                inputs["pixel_values"] = out["pixel_values"][0]
-                # e.g. InstructBLIP's qformer_input_ids / qformer_attention_mask (the instruction for the Q-Former)
+                pixels = out["pixel_values"]
+                # 2-D: already the image's patches [P, D] with no batch dimension (Qwen2-VL); else [1, ...]
+                inputs["pixel_values"] = pixels if pixels.dim() == 2 else pixels[0]
+                # the processor's other per-example outputs, batch dimension dropped: InstructBLIP's
+                # qformer_input_ids, Qwen2-VL's image_grid_thw, LLaVA-NeXT's image_sizes, Mllama's aspect_ratio_ids
                 inputs.update({k: v[0] for k, v in out.items() if k not in ("input_ids", "attention_mask", "pixel_values")
-                               and isinstance(v, torch.Tensor) and v.dim() == 2})
+                               and isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == 1})
             else:
                 segment = _token_ids(processor, f" {user}{question}{assistant}")
             ids += segment
@@ -417,8 +420,11 @@ def load_dataset(spec: str, processor: Any, image_root: str | None = None, max_l
 class VLMCollator:
     """Pad a list of encoded examples on the right into a batch: each per-token key to its own longest length
     (``input_ids`` / ``decoder_input_ids`` with the pad id, ``labels`` with -100, the rest, attention masks
-    and e.g. ``qformer_input_ids``, with 0): ``[B, Lmax]``; ``pixel_values`` of the examples that have one
-    stacked in row order: ``[B_img, 3, H, W]`` (no key when no example has an image).
+    and e.g. ``qformer_input_ids``, with 0): ``[B, Lmax]``; a key with more dimensions per example (``[L, ...]``:
+    Mllama's ``cross_attention_mask``, Idefics3's ``pixel_attention_mask``) is padded along its first dimension
+    with 0 and stacked: ``[B, Lmax, ...]``; ``pixel_values`` of the examples that have one stacked in row order:
+    ``[B_img, 3, H, W]`` (no key when no example has an image), or with ``flat_images`` (Qwen2-VL: each example
+    holds its image's patches ``[P_i, D]``) concatenated: ``[sum P_i, D]``.
 
     A batch may mix examples with and without an image, as LLaVA takes it (its forward matches the image
     tokens to the images given). Refused, naming the row (ValueError): a mixed batch whose image examples are
@@ -429,6 +435,7 @@ class VLMCollator:
 
     pad_token_id: int
     image_token_id: int | None = None
+    flat_images: bool = False
 
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         pad_values = {"input_ids": self.pad_token_id, "decoder_input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
@@ -436,7 +443,7 @@ class VLMCollator:
         batch: dict[str, torch.Tensor] = {}
         images = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
         if images:
-            batch["pixel_values"] = torch.stack(images)
+            batch["pixel_values"] = torch.cat(images) if self.flat_images else torch.stack(images)
         keys = [k for k in dict.fromkeys(k for f in features for k, v in f.items() if v is not None)
                 if k != "pixel_values"]
         for key in keys:
@@ -445,6 +452,15 @@ class VLMCollator:
                     raise ValueError(f"collate: row {row} has no {key!r}, another row has; every example of a batch "
                                      "needs the same keys (apart from pixel_values)")
             first = features[0][key]
+            if first.dim() > 1:  # [L, ...] per example: pad along L
+                if any(f[key].shape[1:] != first.shape[1:] for f in features):
+                    raise ValueError(f"collate: {key!r} has shapes {[tuple(f[key].shape) for f in features]}; "
+                                     "the examples may differ in the first dimension only")
+                width = max(f[key].shape[0] for f in features)
+                batch[key] = first.new_zeros((len(features), width, *first.shape[1:]))
+                for row, f in enumerate(features):
+                    batch[key][row, : f[key].shape[0]] = f[key]
+                continue
             width = max(f[key].numel() for f in features)
             batch[key] = torch.full((len(features), width), pad_values.get(key, 0), dtype=first.dtype)
             for row, f in enumerate(features):

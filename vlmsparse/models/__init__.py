@@ -12,7 +12,10 @@ from .specs import (
     part_of,
     prunable_linear_names,
     spec_for_model_type,
+    structural_spec,
+    supported_architectures,
     supported_model_types,
+    supported_table,
 )
 
 __all__ = [
@@ -27,5 +30,8 @@ __all__ = [
     "part_of",
     "prunable_linear_names",
     "spec_for_model_type",
+    "structural_spec",
+    "supported_architectures",
     "supported_model_types",
+    "supported_table",
 ]

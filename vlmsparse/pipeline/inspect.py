@@ -58,6 +58,7 @@ class InspectReport:
     source: str
     model_type: str | None
     rows: list[InspectRow] = field(default_factory=list)
+    architecture: str | None = None  # the spec's name and the blocks of each part (what a structural spec found)
 
     def totals(self) -> dict[str, dict[str, float]]:
         """``{part: {"numel", "zeros", "sparsity", "layers"}}`` plus ``"all"``; parts only when known."""
@@ -79,7 +80,8 @@ class InspectReport:
             item["shape"] = list(row.shape)
             item["sparsity"] = row.sparsity
             rows.append(item)
-        return {"source": self.source, "model_type": self.model_type, "layers": rows, "totals": self.totals()}
+        return {"source": self.source, "model_type": self.model_type, "architecture": self.architecture,
+                "layers": rows, "totals": self.totals()}
 
     def print(self) -> None:
         """Print as a rich table (plain text when the output is not a terminal)."""
@@ -97,6 +99,8 @@ class InspectReport:
             table.add_row(*cells)
         console = Console()
         console.print(table)
+        if self.architecture:
+            console.print(f"architecture: {self.architecture}")
         totals = Table(title="totals")
         for col in ["part", "layers", "parameters", "sparsity"]:
             totals.add_column(col)
@@ -158,8 +162,9 @@ def _canonical(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "model")
 
 
-def _checkpoint_namer(folder: Path) -> Callable[[str], str]:
-    """``key -> parameter name`` (``model.state_dict()`` key) for the checkpoint keys of the HF folder ``folder``.
+def _checkpoint_namer(folder: Path) -> tuple[Callable[[str], str], torch.nn.Module | None]:
+    """``(key -> parameter name, the model on the meta device or None)`` for the checkpoint keys of the HF folder
+    ``folder`` (a name is a ``model.state_dict()`` key).
 
     The model class is the one ``config.json`` names (``architectures[0]``, else the class vlmsparse loads for its
     ``model_type``), built on the meta device (no memory, no weights); keys are renamed as transformers renames
@@ -168,7 +173,7 @@ def _checkpoint_namer(folder: Path) -> Callable[[str], str]:
     """
     config_path = folder / "config.json"
     if not config_path.exists():
-        return lambda key: key
+        return (lambda key: key), None
     try:
         import transformers
         from transformers import AutoConfig
@@ -191,13 +196,36 @@ def _checkpoint_namer(folder: Path) -> Callable[[str], str]:
     except (ImportError, AttributeError, KeyError, ValueError, TypeError, OSError, RuntimeError) as error:
         log.warning("inspect: cannot rebuild the model class of %s (%s); rows are named by checkpoint key",
                     folder, error)
-        return lambda key: key
+        return (lambda key: key), None
 
     def name_of(key: str) -> str:
         renamed, _ = rename_source_key(key, renamings, [], prefix, params)
         return renamed if renamed in params else key
 
-    return name_of
+    return name_of, model
+
+
+def _architecture(model: torch.nn.Module | None, model_type: str | None) -> tuple[str | None, Callable]:
+    """``(description, name -> part)``: from the spec of the rebuilt (meta) model when there is one (its blocks
+    as this checkpoint's config lays them out), else from ``model_type`` alone."""
+    if model is not None:
+        from ..models import get_arch_spec
+
+        try:
+            spec = get_arch_spec(model)
+            return f"{spec.name}: {spec.describe(model)}", spec.part_of
+        except ValueError as error:
+            log.warning("inspect: %s", error)
+            return None, lambda name: None
+    part = _part_function(model_type)
+    if model_type is None:
+        return None, part
+    from ..models import spec_for_model_type
+
+    try:
+        return spec_for_model_type(model_type).name, part
+    except ValueError:
+        return None, part
 
 
 def _stored_tensors(path: Path, files: list[Path]) -> Iterator[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
@@ -228,13 +256,14 @@ def inspect_checkpoint(path: str | os.PathLike, linear_only: bool = True) -> Ins
     compressed = path.is_dir() and (path / INDEX_FILENAME).exists()
     files = [] if compressed else _weight_files(path)
     # a compressed folder stores the model's own state-dict keys; an HF folder may hold a legacy layout
-    name_of = (lambda key: key) if compressed else _checkpoint_namer(path if path.is_dir() else path.parent)
+    name_of, meta_model = ((lambda key: key), None) if compressed else _checkpoint_namer(
+        path if path.is_dir() else path.parent)
     model_type = _model_type(path)
-    part = _part_function(model_type)
+    architecture, part = _architecture(meta_model, model_type)
     masks_path = (path if path.is_dir() else path.parent) / MASKS_FILENAME
     masks = MaskSet.load(masks_path) if masks_path.exists() and path.is_dir() else None
     mask_by_canonical = {_canonical(name): mask for name, mask in masks.items()} if masks else {}
-    report = InspectReport(str(path), model_type)
+    report = InspectReport(str(path), model_type, architecture=architecture)
     for key, shape, load in _stored_tensors(path, files):
         if len(shape) != 2 or not key.endswith(".weight"):
             continue

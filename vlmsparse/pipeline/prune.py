@@ -176,6 +176,7 @@ class _Batch:
     per_block: list | None = None  # (args, kwargs) per block when kwargs cannot be reused
     tail_mask: torch.Tensor | None = None  # the mask of the stage sequence's tail (StageSpec.masked_tail)
     contexts: dict = field(default_factory=dict)  # block argument name -> token mask of that sequence (or None)
+    hidden_key: str = "hidden_states"  # the keyword of the hidden states when hidden_in_kwargs
 
 
 class _Stop(Exception):
@@ -346,12 +347,17 @@ def _capture(
             raise RuntimeError(f"calibration forward never reached {stage.block_names[0]}")
         memo: dict = {}
         entries = []
+        # the hidden states' keyword when given by keyword: hidden_states, or e.g. hidden_state (Mllama's vision
+        # encoder in transformers 5.17), else the first forward parameter the call names
+        given = calls[0][1]
+        params = [p for p in inspect.signature(blocks[0].forward).parameters if p in given]
+        hidden_key = next((k for k in given if k.startswith("hidden_state")), params[0] if params else "hidden_states")
         for args, kwargs in calls:
             kwargs, args = _clean_kwargs(kwargs), _clean_args(args)
             if args:
                 hidden, rest, in_kwargs = args[0], tuple(args[1:]), False
             else:
-                hidden, rest, in_kwargs = kwargs.pop("hidden_states"), (), True
+                hidden, rest, in_kwargs = kwargs.pop(hidden_key), (), True
             entries.append((hidden, _move(rest, store, memo), _move(kwargs, store, memo), in_kwargs))
         hidden, rest, kwargs, in_kwargs = entries[0]
         token_mask = tail_mask = None
@@ -379,6 +385,7 @@ def _capture(
                 args=rest,
                 kwargs=kwargs,
                 hidden_in_kwargs=in_kwargs,
+                hidden_key=hidden_key,
                 token_mask=token_mask,
                 tail_mask=tail_mask,
                 per_block=[(e[1], e[2]) for e in entries] if all_blocks else None,
@@ -394,7 +401,7 @@ def _run_block(block: nn.Module, index: int, b: _Batch, device: torch.device) ->
     hidden = b.hidden.to(device)
     args, kwargs = _move(args, device, memo), _move(kwargs, device, memo)
     if b.hidden_in_kwargs:
-        out = block(*args, hidden_states=hidden, **kwargs)
+        out = block(*args, **{b.hidden_key: hidden}, **kwargs)
     else:
         out = block(hidden, *args, **kwargs)
     return _first(out)
@@ -611,6 +618,7 @@ def prune_model(
                               default=str),
         sparsity=str(cfg.sparsity),
         architecture=spec.name,
+        stages=spec.describe(model),  # which blocks each part was (for a structural spec: what it found)
         seconds=f"{total:.3f}",
         calibration_batches=str(len(batches)),
         report=json.dumps([asdict(r) for r in report]),
@@ -689,4 +697,6 @@ def format_report(masks: MaskSet) -> str:
                      f"{r.seconds:>7.3f}")
     lines.append(f"overall sparsity of pruned layers: {masks.sparsity():.4f}; method {masks.method}; "
                  f"{masks.info.get('seconds', '?')} s")
+    if "stages" in masks.info:
+        lines.append(f"architecture {masks.info.get('architecture', '?')}: {masks.info['stages']}")
     return "\n".join(lines)

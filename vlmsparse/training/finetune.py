@@ -446,7 +446,7 @@ def finetune(
         save_only_model=False,
     )
     trainer = SparseTrainer(
-        model=student, args=args, train_dataset=dataset, data_collator=VLMCollator(pad_id, image_token_id(processor)),
+        model=student, args=args, train_dataset=dataset, data_collator=VLMCollator(pad_id, image_token_id(processor), flat_images=get_arch_spec(student).flat_images),
         callbacks=callbacks, teacher_fn=teacher_fn, distill_lambda=config.distill_lambda,
         temperature=config.temperature, run_config=run_config,
     )
