@@ -118,7 +118,7 @@ class SparseLinear(nn.Module):
         if self.backend == "torch24":
             return ops.torch24_linear(x, self._semi, self.bias)
         if self.backend == "packed24":
-            return ops.packed24_linear(x, self.values, self.meta, self.bias)
+            return ops._packed24_linear(x, self.values, self.meta, self.bias)
         return nn.functional.linear(x, self.weight, self.bias)
 
     def weight_bytes(self) -> int:
