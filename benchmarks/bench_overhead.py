@@ -10,7 +10,7 @@ Both versions run in child processes (the baseline from ``git archive <rev>`` in
 alternating between them; each number is the median over rounds of the mean time per call of a round. The
 overhead of a case is its time minus ``nn.Linear``'s in the same process and round.
 
-Run: ``python benchmarks/bench_overhead.py [--baseline main] [--rounds 5] [--device cpu] [--out FILE]``; rows are
+Run: ``python benchmarks/bench_overhead.py [--baseline main|none] [--rounds 5] [--device cpu] [--out FILE]``; rows are
 appended to ``benchmarks/results/overhead-<machine>.jsonl`` (device, versions, commit, date).
 """
 
@@ -118,10 +118,12 @@ def _versions() -> dict:
 
 def run(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="vlmsparse-baseline-") as tmp:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "vlmsparse"], capture_output=True,
-                                 check=True).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        versions = {"baseline": Path(tmp), "current": ROOT}
+        versions = {"current": ROOT}
+        if args.baseline != "none":  # "none": this checkout only (e.g. a copy without .git)
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "vlmsparse"],
+                                     capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+            versions = {"baseline": Path(tmp), "current": ROOT}
         samples: dict[str, dict[str, list[float]]] = {v: {c: [] for c in CASES} for v in versions}
         for _ in range(args.rounds):
             for version, src in versions.items():  # alternate: both see the same machine state
@@ -130,7 +132,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     samples[version][case].append(times[case])
     base = {"bench": "overhead", "device": args.device, "machine": args.machine, "features": args.features,
             "tokens": args.tokens, "rounds": args.rounds, "baseline_rev": args.baseline,
-            "baseline_commit": _git("rev-parse", "--short", args.baseline), **_versions()}
+            "baseline_commit": None if args.baseline == "none" else _git("rev-parse", "--short", args.baseline),
+            **_versions()}
     rows = []
     for case in CASES:
         row = dict(base, case=case)
@@ -170,10 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"us per call, {args.features}x{args.features}, M={args.tokens}, {args.device}; overhead = case - nn.Linear "
           f"(same process); baseline {args.baseline} ({rows[0]['baseline_commit']}) vs {rows[0]['git_commit']}")
     print(f"{'case':24s} {'baseline':>10s} {'current':>10s} {'base ovh':>10s} {'cur ovh':>10s}")
+
+    def cell(row, key):
+        return f"{row[key]:10.1f}" if row.get(key) is not None else f"{'-':>10s}"
+
     for row in rows:
-        ovh = (f"{row['baseline_overhead_us']:10.1f} {row['current_overhead_us']:10.1f}" if row["case"] in FLOOR
-               else f"{'':10s} {'':10s}")
-        print(f"{row['case']:24s} {row['baseline_us']:10.1f} {row['current_us']:10.1f} {ovh}")
+        print(f"{row['case']:24s} {cell(row, 'baseline_us')} {cell(row, 'current_us')} "
+              f"{cell(row, 'baseline_overhead_us')} {cell(row, 'current_overhead_us')}")
     sys.path.insert(0, str(ROOT))  # the parent only: a child imports the version on its PYTHONPATH
     from vlmsparse.masks import atomic_write
 
