@@ -2,9 +2,11 @@
 revision, side by side in one run.
 
 Tiny layers (default 16 x 16, M = 1 token, fp32, one thread) make the matmul negligible, so the time per call
-is the Python / dispatcher cost. Cases: ``nn.Linear`` (the floor), ``SparseLinear`` with dense storage and with
-packed 2:4 storage (the reference path, which unpacks the weight every call: compute, not only overhead),
-``SparseLoRALinear`` forward without and with autograd, and forward + backward (against ``nn.Linear``'s).
+is mostly host cost. Cases: ``nn.Linear``; ``SparseLinear`` with dense storage and with packed 2:4 storage;
+``SparseLoRALinear`` forward without and with autograd, and forward + backward; and their floors: the
+functions of the default backend called directly (``*_kernel``: the reference twins on a CPU; on a GPU the
+Triton packed matmul and, now, the dense_gemm functions), each version through its own dispatcher. The overhead
+of a layer is its time minus its floor's: what the module, the dispatcher and autograd add beyond the kernel.
 
 Both versions run in child processes (the baseline from ``git archive <rev>`` in a temporary folder), rounds
 alternating between them; each number is the median over rounds of the mean time per call of a round. The
@@ -30,11 +32,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CASES = ("linear", "sparse_linear_dense", "sparse_linear_packed24", "sparselora_nograd", "sparselora_fwd",
-         "linear_fwd", "sparselora_fwd_bwd", "linear_fwd_bwd")
-# each case's floor: the nn.Linear case doing the same kind of work
-FLOOR = {"sparse_linear_dense": "linear", "sparse_linear_packed24": "linear", "sparselora_nograd": "linear",
-         "sparselora_fwd": "linear_fwd", "sparselora_fwd_bwd": "linear_fwd_bwd"}
+CASES = ("linear", "sparse_linear_dense", "packed24_kernel", "sparse_linear_packed24", "sparselora_kernel",
+         "sparselora_nograd", "sparselora_fwd", "sparselora_kernel_fwd_bwd", "sparselora_fwd_bwd", "linear_fwd",
+         "linear_fwd_bwd")
+# each case's floor, the same computation without the layers above the kernel: nn.Linear for the dense path,
+# the backend's own functions called directly (the reference twins on CPU) for the others
+FLOOR = {"sparse_linear_dense": "linear", "sparse_linear_packed24": "packed24_kernel",
+         "sparselora_nograd": "sparselora_kernel", "sparselora_fwd": "sparselora_kernel",
+         "sparselora_fwd_bwd": "sparselora_kernel_fwd_bwd"}
+
+
+def _kernels(device):
+    """The functions the layers' default backends run on ``device`` (SparseLoRA forward, backward, packed matmul),
+    looked up through either version's dispatcher (``ops._function`` now, ``ops._impl`` before issue 13)."""
+    from vlmsparse import ops
+
+    lora = ops.resolve_backend(device, op="sparse_lora")
+    packed = ops.resolve_backend(device, op="packed24_matmul")
+    if hasattr(ops, "_function"):
+        return (ops._function("sparse_lora", lora, "forward"), ops._function("sparse_lora", lora, "backward"),
+                ops._function("packed24_matmul", packed, "forward"))
+    return (ops._impl(lora, "sparse_lora", "sparse_lora_forward"), ops._impl(lora, "sparse_lora", "sparse_lora_backward"),
+            ops._impl(packed, "packed24", "packed24_matmul"))
 
 
 def measure(features: int, tokens: int, calls: int, device: str) -> dict[str, float]:
@@ -65,7 +84,18 @@ def measure(features: int, tokens: int, calls: int, device: str) -> dict[str, fl
     def fwd_bwd(module):
         module(xg).sum().backward()
 
+    fwd, bwd, packed_fn = _kernels(x.device)
+    W, M, A, B = lora.base_layer.weight, lora.mask, lora.lora_A.weight.detach(), lora.lora_B.weight.detach()
+    dy = torch.ones(tokens, features, device=device)
+
+    def kernel_fwd_bwd():
+        fwd(x, W, M, A, B, lora.scaling, lora.base_layer.bias)
+        bwd(dy, x, W, M, A, B, lora.scaling, True)
+
     fns = {
+        "packed24_kernel": lambda: packed_fn(x, packed.values, packed.meta, packed.bias),
+        "sparselora_kernel": lambda: fwd(x, W, M, A, B, lora.scaling, lora.base_layer.bias),
+        "sparselora_kernel_fwd_bwd": kernel_fwd_bwd,
         "linear": lambda: linear(x),
         "sparse_linear_dense": lambda: dense(x),
         "sparse_linear_packed24": lambda: packed(x),

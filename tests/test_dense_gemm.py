@@ -112,3 +112,19 @@ def test_nothing_full_size_is_saved_for_backward(op):
     assert max(t.numel() for t in new) == x.numel()  # x (4 x 32) is the largest
     y.sum().backward()
     assert A.grad is not None and B.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m, n, k", [(2048, 11008, 4096), (33, 4096, 1024)])
+def test_gpu_dense_gemm_within_tolerance(m, n, k, dtype):
+    """The CUDA default at real sizes: forward and backward against float64 within the table's bound."""
+    c = {key: v.cuda() if isinstance(v, torch.Tensor) else v for key, v in _case(m, n, k, 16, dtype).items()}
+    fwd = [c["x"], c["weight"], c["mask"], c["A"], c["B"], 2.0, c["bias"]]
+    assert_close_to_reference(dense_gemm.sparse_lora_forward(*fwd), ref.sparse_lora_forward_ref(*fwd),
+                              ref.sparse_lora_forward_ref(*_double(fwd)))
+    bwd = [c["dy"], c["x"], c["weight"], c["mask"], c["A"], c["B"], 2.0, True]
+    for g, lo, ex in zip(dense_gemm.sparse_lora_backward(*bwd), ref.sparse_lora_backward_ref(*bwd),
+                         ref.sparse_lora_backward_ref(*_double(bwd))):
+        assert_close_to_reference(g, lo, ex)
+    assert ops.resolve_backend(c["x"].device, op="sparse_lora") == "dense_gemm"
