@@ -2,8 +2,9 @@
 
 Math (``x [..., K]``, ``W [N, K]`` frozen, ``M [N, K]`` bool, ``A [r, K]``, ``B [N, r]``, ``s = scaling``):
 
-- :func:`sparse_lora_forward`: ``W_eff = (W + s*B@A)*M`` formed in one full-size tensor (an ``addmm`` and an
-  in-place masked ``where``), then ``y = F.linear(x, W_eff, b)`` (cuBLAS on a GPU); ``W_eff`` is freed on return.
+- :func:`sparse_lora_forward`: ``W_eff = (W + s*B@A)*M`` formed in one full-size tensor (for CUDA tensors in one
+  pass by the Triton kernel of :mod:`vlmsparse.kernels.effective_weight`; elsewhere an ``addmm`` and an in-place
+  masked ``where``), then ``y = F.linear(x, W_eff, b)`` (cuBLAS on a GPU); ``W_eff`` is freed on return.
 - :func:`sparse_lora_backward`: ``W_eff`` recomputed, ``dX = dY @ W_eff`` and freed; ``G = dY.T @ X``
   (``[N, K]``), masked in place (``G*M``), ``dA = s * B.T @ (G*M)``, ``dB = s * (G*M) @ A.T``; ``G`` freed.
 
@@ -17,12 +18,34 @@ the input dtype (cuBLAS accumulates in fp32). The packed 2:4 variants unpack the
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from ..sparse24 import Packed24, unpack24, unpack24_mask
 from .reference import effective_weight_ref
 
-__all__ = ["sparse_lora_forward", "sparse_lora_backward", "packed24_lora_forward", "packed24_lora_backward"]
+__all__ = ["sparse_lora_forward", "sparse_lora_backward", "packed24_lora_forward", "packed24_lora_backward",
+           "effective_weight"]
+
+_TRITON: dict[str, bool] = {}
+
+
+def _one_pass_kernel(weight: torch.Tensor) -> bool:
+    """Whether ``W_eff`` is made by the one-pass Triton kernel: CUDA tensors, triton installed."""
+    if "found" not in _TRITON:
+        _TRITON["found"] = importlib.util.find_spec("triton") is not None
+    return weight.is_cuda and _TRITON["found"]
+
+
+def effective_weight(weight: torch.Tensor, mask: torch.Tensor, lora_A: torch.Tensor | None,
+                     lora_B: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """``(W + s*B@A) * M`` (``W*M`` without adapters) as one new ``[N, K]`` tensor in ``W``'s dtype."""
+    if lora_A is not None and lora_B is not None and _one_pass_kernel(weight):
+        from .effective_weight import effective_weight as one_pass
+
+        return one_pass(weight, mask, lora_A, lora_B, scaling)
+    return effective_weight_ref(weight, mask, lora_A, lora_B, scaling)
 
 
 def sparse_lora_forward(
@@ -35,7 +58,7 @@ def sparse_lora_forward(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y [..., N] = x @ (W*M + s*(B@A)*M).T + b`` for ``x [..., K]``: one ``W_eff``, one GEMM."""
-    return torch.nn.functional.linear(x, effective_weight_ref(weight, mask, lora_A, lora_B, scaling), bias)
+    return torch.nn.functional.linear(x, effective_weight(weight, mask, lora_A, lora_B, scaling), bias)
 
 
 def sparse_lora_backward(
@@ -54,7 +77,7 @@ def sparse_lora_backward(
     x2 = x.reshape(-1, k).to(dy.dtype)
     grad_x = None
     if need_input_grad:
-        w_eff = effective_weight_ref(weight, mask, lora_A, lora_B, scaling).to(dy.dtype)
+        w_eff = effective_weight(weight, mask, lora_A, lora_B, scaling).to(dy.dtype)
         grad_x = (dy @ w_eff).reshape(*grad_out.shape[:-1], k)
         del w_eff
     g = dy.T @ x2  # G [N, K]
