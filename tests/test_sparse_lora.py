@@ -248,12 +248,17 @@ def test_tensors_checked_once_not_per_call(monkeypatch):
     with pytest.raises(ValueError, match="must be a bool tensor"):
         m.mask = mask.double()
     m.mask = mask.clone()  # a valid replacement is taken
-    with pytest.raises(ValueError, match="all tensors must be on one device"):
-        m.lora_A.to("meta")
-        m.to(torch.float64)  # _apply re-checks: lora_A on meta, the rest on cpu
+    with pytest.raises(ValueError, match=r"lora_A must be \[r, 16\]"):
+        m.lora_A.weight = nn.Parameter(torch.zeros(4, 15, dtype=torch.float64))
+        m.to(torch.float64)  # _apply re-checks the shapes
     m, _ = _module()
-    m.to(torch.float32)
+    m.lora_A.to("meta")
+    m.to(torch.float32)  # tensors passing through meta one by one (as loaders do): no device check here
     assert m.lora_A.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="same device"):  # but at construction
+        linear, mask = _layer()
+        SparseLoRALinear(linear, mask.to("meta"), r=2)
+    m, _ = _module()
     x = torch.randn(3, 16)
 
     def refuse(*args, **kwargs):

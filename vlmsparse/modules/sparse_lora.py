@@ -131,20 +131,23 @@ class SparseLoRALinear(nn.Module):
         self.merged = False
         self.teacher = False
         self._unmerged_weight: torch.Tensor | None = None
-        self._check_tensors()
+        self._check_tensors(devices=True)
 
     # ------------------------------------------------------------------------------------------ checks
-    def _check_tensors(self) -> None:
-        """What the functional op checks on every call, checked here once: at construction, after
-        ``.to()`` / ``.half()`` / ``.cuda()`` (:meth:`_apply`) and when ``mask`` is assigned; ``forward`` then
-        calls the unchecked op. Shapes (mask and adapters against ``[out, in]``), the mask dtype and one device."""
+    def _check_tensors(self, devices: bool = False) -> None:
+        """What the functional op checks on every call, checked here instead: shapes (mask and adapters against
+        ``[out, in]``, bias) and the mask dtype at construction, after ``.to()`` / ``.half()`` (:meth:`_apply`) and
+        when ``mask`` is assigned; one device at construction only (loaders such as accelerate's move tensors one
+        by one, through meta, so a passing mismatch is normal there). ``forward`` then calls the unchecked op."""
         weight = self.base_layer.weight
-        _check_mask(self.mask, weight, self.keep_dense, zeros=False)
         what = "SparseLoRALinear"
+        if not isinstance(self.mask, torch.Tensor) or self.mask.dtype != torch.bool or self.mask.shape != weight.shape:
+            _check_mask(self.mask, weight, self.keep_dense, zeros=False)  # raises with the message
         check_lora(self.lora_A.weight, self.lora_B.weight, self.out_features, self.in_features, what)
         check_bias(self.base_layer.bias, self.out_features, what)
-        check_same_device(what, weight=weight, mask=self.mask, lora_A=self.lora_A.weight,
-                          lora_B=self.lora_B.weight, bias=self.base_layer.bias)
+        if devices:
+            check_same_device(what, weight=weight, mask=self.mask, lora_A=self.lora_A.weight,
+                              lora_B=self.lora_B.weight, bias=self.base_layer.bias)
 
     def _apply(self, fn, recurse: bool = True):
         out = super()._apply(fn, recurse)
