@@ -5,6 +5,8 @@
 
 #include "kernels.h"
 
+#define VLMSPARSE_INLINE inline __attribute__((always_inline))
+
 namespace vlmsparse_cpu {
 namespace {
 
@@ -47,14 +49,59 @@ inline int popcount(unsigned bits) { return __builtin_popcount(bits); }
 namespace vlmsparse_cpu {
 namespace {
 
-// One call of `Tier::dot<V, MB, R>` for R weight rows from r and `block` (<= kDotRows) rows of x.
+// One pass over R weight rows (r, r+1, ...) against MB rows of x [., k], in steps of the tier's width: each load
+// of x serves R rows, each weight vector MB rows; U accumulators per pair where R * MB alone gives too few
+// independent FMA chains. out[i * MB + m]. A tier provides `Vec`, `zero`, `add`, `sum` (horizontal), the inputs
+// per step of each format and `step<kPacked, V, X, MB, R, U>`.
+template <class Tier, bool kPacked, typename V, typename X, int MB, int R>
+void row_pass(const SparseWeight& w, const V* values, const X* x, int64_t r, float* out) {
+  using Vec = typename Tier::Vec;
+  constexpr int U = R * MB >= 4 ? 1 : 2;
+  constexpr int64_t S = kPacked ? Tier::kPackedInputs : Tier::kBitmaskInputs;
+  const int64_t k = w.k;
+  const V* v[R];
+  const uint8_t* meta[R];
+  for (int i = 0; i < R; ++i) {
+    v[i] = kPacked ? values + (r + i) * (k / 2) : values + w.row_offsets[r + i];
+    meta[i] = w.meta + (r + i) * w.meta_stride;
+  }
+  Vec acc[R][MB][U];
+  for (int i = 0; i < R; ++i)
+    for (int m = 0; m < MB; ++m)
+      for (int u = 0; u < U; ++u) acc[i][m][u] = Tier::zero();
+  int64_t kk = 0;
+  for (; kk + S * U <= k; kk += S * U) {
+#pragma GCC unroll 2
+    for (int u = 0; u < U; ++u) Tier::template step<kPacked, V, X, MB, R, U>(v, meta, x, k, kk + S * u, u, acc);
+  }
+  if (U == 2 && kk + S <= k) {
+    Tier::template step<kPacked, V, X, MB, R, U>(v, meta, x, k, kk, 0, acc);
+    kk += S;
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int m = 0; m < MB; ++m) {
+      Vec total = acc[i][m][0];
+      for (int u = 1; u < U; ++u) total = Tier::add(total, acc[i][m][u]);
+      const float tail = kPacked ? p24_dot_tail(v[i], meta[i], x + m * k, kk / 4, k / 4)
+                                 : bitmask_dot_tail(v[i], meta[i], x + m * k, kk, k);
+      out[i * MB + m] = Tier::sum(total) + tail;
+    }
+  }
+}
+
+// One row pass for R weight rows from r and `block` (<= kDotRows) rows of x, in the weight's format.
 template <class Tier, typename V, typename X, int R>
 inline void dot_block(const SparseWeight& w, const V* values, const X* x, int64_t r, int64_t block, float* out) {
+  const bool packed = w.format == kPacked24;
   switch (block) {
-    case 1: Tier::template dot<V, 1, R>(w, values, x, r, out); break;
-    case 2: Tier::template dot<V, 2, R>(w, values, x, r, out); break;
-    case 3: Tier::template dot<V, 3, R>(w, values, x, r, out); break;
-    default: Tier::template dot<V, 4, R>(w, values, x, r, out); break;
+    case 1: packed ? row_pass<Tier, true, V, X, 1, R>(w, values, x, r, out)
+                   : row_pass<Tier, false, V, X, 1, R>(w, values, x, r, out); break;
+    case 2: packed ? row_pass<Tier, true, V, X, 2, R>(w, values, x, r, out)
+                   : row_pass<Tier, false, V, X, 2, R>(w, values, x, r, out); break;
+    case 3: packed ? row_pass<Tier, true, V, X, 3, R>(w, values, x, r, out)
+                   : row_pass<Tier, false, V, X, 3, R>(w, values, x, r, out); break;
+    default: packed ? row_pass<Tier, true, V, X, 4, R>(w, values, x, r, out)
+                    : row_pass<Tier, false, V, X, 4, R>(w, values, x, r, out); break;
   }
 }
 

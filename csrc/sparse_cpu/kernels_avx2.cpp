@@ -46,11 +46,9 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-#define VLMSPARSE_INLINE inline __attribute__((always_inline))
-
 // One step of the packed 2:4 row pass: 16 inputs (8 stored values) of R weight rows against MB rows of x.
 template <typename V, int MB, int R, int U>
-VLMSPARSE_INLINE void p24_step(const V* const (&v)[R], const uint8_t* const (&meta)[R], const float* x, int64_t k,
+VLMSPARSE_INLINE void p24_step(const V* (&v)[R], const uint8_t* const (&meta)[R], const float* x, int64_t k,
                                int64_t k0, int u, __m256 (&acc)[R][MB][U]) {
   const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
@@ -95,77 +93,19 @@ VLMSPARSE_INLINE void bitmask_step(const V* (&v)[R], const uint8_t* const (&meta
   }
 }
 
-template <int MB, int R, int U>
-VLMSPARSE_INLINE float reduce(const __m256 (&acc)[R][MB][U], int i, int m) {
-  __m256 sum = acc[i][m][0];
-  for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[i][m][u]);
-  return hsum(sum);
-}
-
-// R weight rows against MB rows of x, as in the AVX-512 tier; out[i * MB + m].
-template <typename V, int MB, int R>
-void p24_dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
-  constexpr int U = R * MB >= 4 ? 1 : 2;
-  const int64_t k = w.k;
-  const V* v[R];
-  const uint8_t* meta[R];
-  for (int i = 0; i < R; ++i) {
-    v[i] = values + (r + i) * (k / 2);
-    meta[i] = w.meta + (r + i) * w.meta_stride;
-  }
-  __m256 acc[R][MB][U];
-  for (int i = 0; i < R; ++i)
-    for (int m = 0; m < MB; ++m)
-      for (int u = 0; u < U; ++u) acc[i][m][u] = _mm256_setzero_ps();
-  int64_t kk = 0;
-  for (; kk + 16 * U <= k; kk += 16 * U) {
-#pragma GCC unroll 2
-    for (int u = 0; u < U; ++u) p24_step<V, MB, R, U>(v, meta, x, k, kk + 16 * u, u, acc);
-  }
-  if (U == 2 && kk + 16 <= k) {
-    p24_step<V, MB, R, U>(v, meta, x, k, kk, 0, acc);
-    kk += 16;
-  }
-  for (int i = 0; i < R; ++i)
-    for (int m = 0; m < MB; ++m)
-      out[i * MB + m] = reduce<MB, R, U>(acc, i, m) + p24_dot_tail(v[i], meta[i], x + m * k, kk / 4, k / 4);
-}
-
-template <typename V, int MB, int R>
-void bitmask_dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
-  constexpr int U = R * MB >= 4 ? 1 : 2;
-  const int64_t k = w.k;
-  const V* v[R];
-  const uint8_t* meta[R];
-  for (int i = 0; i < R; ++i) {
-    v[i] = values + w.row_offsets[r + i];
-    meta[i] = w.meta + (r + i) * w.meta_stride;
-  }
-  __m256 acc[R][MB][U];
-  for (int i = 0; i < R; ++i)
-    for (int m = 0; m < MB; ++m)
-      for (int u = 0; u < U; ++u) acc[i][m][u] = _mm256_setzero_ps();
-  int64_t kk = 0;
-  for (; kk + 8 * U <= k; kk += 8 * U) {
-#pragma GCC unroll 2
-    for (int u = 0; u < U; ++u) bitmask_step<V, MB, R, U>(v, meta, x, k, kk + 8 * u, u, acc);
-  }
-  if (U == 2 && kk + 8 <= k) {
-    bitmask_step<V, MB, R, U>(v, meta, x, k, kk, 0, acc);
-    kk += 8;
-  }
-  for (int i = 0; i < R; ++i)
-    for (int m = 0; m < MB; ++m)
-      out[i * MB + m] = reduce<MB, R, U>(acc, i, m) + bitmask_dot_tail(v[i], meta[i], x + m * k, kk, k);
-}
-
 struct Avx2 {
-  template <typename V, int MB, int R>
-  static void dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
-    if (w.format == kPacked24) {
-      p24_dot<V, MB, R>(w, values, x, r, out);
+  using Vec = __m256;
+  static constexpr int64_t kPackedInputs = 16, kBitmaskInputs = 8;
+  static VLMSPARSE_INLINE Vec zero() { return _mm256_setzero_ps(); }
+  static VLMSPARSE_INLINE Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  static VLMSPARSE_INLINE float sum(Vec v) { return hsum(v); }
+  template <bool kPacked, typename V, typename X, int MB, int R, int U>
+  static VLMSPARSE_INLINE void step(const V* (&v)[R], const uint8_t* const (&meta)[R], const X* x, int64_t k,
+                                    int64_t k0, int u, Vec (&acc)[R][MB][U]) {
+    if constexpr (kPacked) {
+      p24_step<V, MB, R, U>(v, meta, x, k, k0, u, acc);
     } else {
-      bitmask_dot<V, MB, R>(w, values, x, r, out);
+      bitmask_step<V, MB, R, U>(v, meta, x, k, k0, u, acc);
     }
   }
 };

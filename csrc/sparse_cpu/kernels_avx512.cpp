@@ -27,11 +27,9 @@ inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-#define VLMSPARSE_INLINE inline __attribute__((always_inline))
-
 // One step of the packed 2:4 row pass: 32 inputs (16 stored values) of R weight rows against MB rows of x.
 template <typename V, int MB, int R, int U>
-VLMSPARSE_INLINE void p24_step(const V* const (&v)[R], const uint8_t* const (&meta)[R], const float* x, int64_t k,
+VLMSPARSE_INLINE void p24_step(const V* (&v)[R], const uint8_t* const (&meta)[R], const float* x, int64_t k,
                                int64_t k0, int u, __m512 (&acc)[R][MB][U]) {
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
@@ -70,78 +68,19 @@ VLMSPARSE_INLINE void bitmask_step(const V* (&v)[R], const uint8_t* const (&meta
   }
 }
 
-template <int MB, int R, int U>
-VLMSPARSE_INLINE float reduce(const __m512 (&acc)[R][MB][U], int i, int m) {
-  __m512 sum = acc[i][m][0];
-  for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[i][m][u]);
-  return _mm512_reduce_add_ps(sum);
-}
-
-// R weight rows (r, r+1, ...) against MB rows of x: each load of x serves R rows, each weight vector MB rows;
-// U accumulators per pair where R * MB alone gives too few independent FMA chains. out[i * MB + m].
-template <typename V, int MB, int R>
-void p24_dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
-  constexpr int U = R * MB >= 4 ? 1 : 2;
-  const int64_t k = w.k;
-  const V* v[R];
-  const uint8_t* meta[R];
-  for (int i = 0; i < R; ++i) {
-    v[i] = values + (r + i) * (k / 2);
-    meta[i] = w.meta + (r + i) * w.meta_stride;
-  }
-  __m512 acc[R][MB][U];
-  for (int i = 0; i < R; ++i)
-    for (int m = 0; m < MB; ++m)
-      for (int u = 0; u < U; ++u) acc[i][m][u] = _mm512_setzero_ps();
-  int64_t kk = 0;
-  for (; kk + 32 * U <= k; kk += 32 * U) {
-#pragma GCC unroll 2
-    for (int u = 0; u < U; ++u) p24_step<V, MB, R, U>(v, meta, x, k, kk + 32 * u, u, acc);
-  }
-  if (U == 2 && kk + 32 <= k) {
-    p24_step<V, MB, R, U>(v, meta, x, k, kk, 0, acc);
-    kk += 32;
-  }
-  for (int i = 0; i < R; ++i)
-    for (int m = 0; m < MB; ++m)
-      out[i * MB + m] = reduce<MB, R, U>(acc, i, m) + p24_dot_tail(v[i], meta[i], x + m * k, kk / 4, k / 4);
-}
-
-template <typename V, int MB, int R>
-void bitmask_dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
-  constexpr int U = R * MB >= 4 ? 1 : 2;
-  const int64_t k = w.k;
-  const V* v[R];
-  const uint8_t* meta[R];
-  for (int i = 0; i < R; ++i) {
-    v[i] = values + w.row_offsets[r + i];
-    meta[i] = w.meta + (r + i) * w.meta_stride;
-  }
-  __m512 acc[R][MB][U];
-  for (int i = 0; i < R; ++i)
-    for (int m = 0; m < MB; ++m)
-      for (int u = 0; u < U; ++u) acc[i][m][u] = _mm512_setzero_ps();
-  int64_t kk = 0;
-  for (; kk + 16 * U <= k; kk += 16 * U) {
-#pragma GCC unroll 2
-    for (int u = 0; u < U; ++u) bitmask_step<V, MB, R, U>(v, meta, x, k, kk + 16 * u, u, acc);
-  }
-  if (U == 2 && kk + 16 <= k) {
-    bitmask_step<V, MB, R, U>(v, meta, x, k, kk, 0, acc);
-    kk += 16;
-  }
-  for (int i = 0; i < R; ++i)
-    for (int m = 0; m < MB; ++m)
-      out[i * MB + m] = reduce<MB, R, U>(acc, i, m) + bitmask_dot_tail(v[i], meta[i], x + m * k, kk, k);
-}
-
 struct Avx512 {
-  template <typename V, int MB, int R>
-  static void dot(const SparseWeight& w, const V* values, const float* x, int64_t r, float* out) {
-    if (w.format == kPacked24) {
-      p24_dot<V, MB, R>(w, values, x, r, out);
+  using Vec = __m512;
+  static constexpr int64_t kPackedInputs = 32, kBitmaskInputs = 16;
+  static VLMSPARSE_INLINE Vec zero() { return _mm512_setzero_ps(); }
+  static VLMSPARSE_INLINE Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  static VLMSPARSE_INLINE float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+  template <bool kPacked, typename V, typename X, int MB, int R, int U>
+  static VLMSPARSE_INLINE void step(const V* (&v)[R], const uint8_t* const (&meta)[R], const X* x, int64_t k,
+                                    int64_t k0, int u, Vec (&acc)[R][MB][U]) {
+    if constexpr (kPacked) {
+      p24_step<V, MB, R, U>(v, meta, x, k, k0, u, acc);
     } else {
-      bitmask_dot<V, MB, R>(w, values, x, r, out);
+      bitmask_step<V, MB, R, U>(v, meta, x, k, k0, u, acc);
     }
   }
 };

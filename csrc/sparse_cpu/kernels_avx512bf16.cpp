@@ -24,8 +24,6 @@
 namespace vlmsparse_cpu {
 namespace {
 
-#define VLMSPARSE_INLINE inline __attribute__((always_inline))
-
 VLMSPARSE_INLINE __m512i load32(const uint16_t* p) { return _mm512_loadu_si512(p); }
 
 VLMSPARSE_INLINE __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) {
@@ -33,7 +31,7 @@ VLMSPARSE_INLINE __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) {
 }
 
 template <int MB, int R, int U>
-VLMSPARSE_INLINE void p24_step(const uint16_t* const (&v)[R], const uint8_t* const (&meta)[R], const uint16_t* x,
+VLMSPARSE_INLINE void p24_step(const uint16_t* (&v)[R], const uint8_t* const (&meta)[R], const uint16_t* x,
                                int64_t k, int64_t k0, int u, __m512 (&acc)[R][MB][U]) {
   // lane l: 16-bit piece l / 8 of the 64 meta bits, shifted right by 2l mod 16; column base 4 * (l / 2).
   const __m512i piece = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2,
@@ -77,76 +75,19 @@ VLMSPARSE_INLINE void bitmask_step(const uint16_t* (&v)[R], const uint8_t* const
   }
 }
 
-template <int MB, int R, int U>
-VLMSPARSE_INLINE float reduce(const __m512 (&acc)[R][MB][U], int i, int m) {
-  __m512 sum = acc[i][m][0];
-  for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[i][m][u]);
-  return _mm512_reduce_add_ps(sum);
-}
-
-template <int MB, int R>
-void p24_dot(const SparseWeight& w, const uint16_t* values, const uint16_t* x, int64_t r, float* out) {
-  constexpr int U = R * MB >= 4 ? 1 : 2;
-  const int64_t k = w.k;
-  const uint16_t* v[R];
-  const uint8_t* meta[R];
-  for (int i = 0; i < R; ++i) {
-    v[i] = values + (r + i) * (k / 2);
-    meta[i] = w.meta + (r + i) * w.meta_stride;
-  }
-  __m512 acc[R][MB][U];
-  for (int i = 0; i < R; ++i)
-    for (int m = 0; m < MB; ++m)
-      for (int u = 0; u < U; ++u) acc[i][m][u] = _mm512_setzero_ps();
-  int64_t kk = 0;
-  for (; kk + 64 * U <= k; kk += 64 * U) {
-#pragma GCC unroll 2
-    for (int u = 0; u < U; ++u) p24_step<MB, R, U>(v, meta, x, k, kk + 64 * u, u, acc);
-  }
-  if (U == 2 && kk + 64 <= k) {
-    p24_step<MB, R, U>(v, meta, x, k, kk, 0, acc);
-    kk += 64;
-  }
-  for (int i = 0; i < R; ++i)
-    for (int m = 0; m < MB; ++m)
-      out[i * MB + m] = reduce<MB, R, U>(acc, i, m) + p24_dot_tail(v[i], meta[i], x + m * k, kk / 4, k / 4);
-}
-
-template <int MB, int R>
-void bitmask_dot(const SparseWeight& w, const uint16_t* values, const uint16_t* x, int64_t r, float* out) {
-  constexpr int U = R * MB >= 4 ? 1 : 2;
-  const int64_t k = w.k;
-  const uint16_t* v[R];
-  const uint8_t* meta[R];
-  for (int i = 0; i < R; ++i) {
-    v[i] = values + w.row_offsets[r + i];
-    meta[i] = w.meta + (r + i) * w.meta_stride;
-  }
-  __m512 acc[R][MB][U];
-  for (int i = 0; i < R; ++i)
-    for (int m = 0; m < MB; ++m)
-      for (int u = 0; u < U; ++u) acc[i][m][u] = _mm512_setzero_ps();
-  int64_t kk = 0;
-  for (; kk + 32 * U <= k; kk += 32 * U) {
-#pragma GCC unroll 2
-    for (int u = 0; u < U; ++u) bitmask_step<MB, R, U>(v, meta, x, k, kk + 32 * u, u, acc);
-  }
-  if (U == 2 && kk + 32 <= k) {
-    bitmask_step<MB, R, U>(v, meta, x, k, kk, 0, acc);
-    kk += 32;
-  }
-  for (int i = 0; i < R; ++i)
-    for (int m = 0; m < MB; ++m)
-      out[i * MB + m] = reduce<MB, R, U>(acc, i, m) + bitmask_dot_tail(v[i], meta[i], x + m * k, kk, k);
-}
-
 struct Avx512Bf16 {
-  template <typename V, int MB, int R>
-  static void dot(const SparseWeight& w, const V* values, const uint16_t* x, int64_t r, float* out) {
-    if (w.format == kPacked24) {
-      p24_dot<MB, R>(w, values, x, r, out);
+  using Vec = __m512;
+  static constexpr int64_t kPackedInputs = 64, kBitmaskInputs = 32;
+  static VLMSPARSE_INLINE Vec zero() { return _mm512_setzero_ps(); }
+  static VLMSPARSE_INLINE Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  static VLMSPARSE_INLINE float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+  template <bool kPacked, typename V, typename X, int MB, int R, int U>
+  static VLMSPARSE_INLINE void step(const V* (&v)[R], const uint8_t* const (&meta)[R], const X* x, int64_t k,
+                                    int64_t k0, int u, Vec (&acc)[R][MB][U]) {
+    if constexpr (kPacked) {
+      p24_step<MB, R, U>(v, meta, x, k, k0, u, acc);
     } else {
-      bitmask_dot<MB, R>(w, values, x, r, out);
+      bitmask_step<MB, R, U>(v, meta, x, k, k0, u, acc);
     }
   }
 };
