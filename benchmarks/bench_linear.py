@@ -8,7 +8,9 @@ Cases (``--cases``):
   ``triton24_lora`` (packed 2:4 + fused adapter), ``triton_lora`` (dense-stored W + bool mask, fused),
   ``reference`` (materialised effective weight).
 - ``lora_fwd_bwd``: forward + backward (grads of x, A, B) through ``vlmsparse.ops`` autograd:
-  ``dense`` (F.linear fwd+bwd w.r.t. x), ``triton24_lora``, ``triton_lora``, ``reference``; the peak memory
+  ``dense`` (F.linear fwd+bwd w.r.t. x), ``full_ft`` (F.linear fwd+bwd w.r.t. x and W: full finetuning of the
+  layer), ``dense_lora`` (plain LoRA ``x W^T + s (x A^T) B^T``, grads of x, A, B), ``dense_gemm_lora`` (the
+  default SparseLoRA backend on CUDA), ``triton24_lora``, ``triton_lora``, ``reference``; the peak memory
   of one step is recorded.
 
 Shapes (in, out): LLaVA-1.5-7B 4096x4096, 4096x11008, 11008x4096; CLIP ViT-L 1024x1024, 1024x4096, 4096x1024.
@@ -53,7 +55,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CASES = {
     "fwd": ("dense", "torch24", "triton24", "reference"),
     "lora_fwd": ("dense", "triton24_lora", "triton_lora", "reference"),
-    "lora_fwd_bwd": ("dense", "triton24_lora", "triton_lora", "reference"),
+    "lora_fwd_bwd": ("dense", "full_ft", "dense_lora", "dense_gemm_lora", "triton24_lora", "triton_lora", "reference"),
 }
 RANK, SCALING = 16, 2.0
 L2_ROTATE_BYTES = 256 << 20  # weight copies cycled so that one pass exceeds any L2
@@ -181,7 +183,25 @@ def _make_fn(case: str, provider: str, layers: list, x: torch.Tensor, dy: torch.
                 torch.nn.functional.linear(xg, w, lay["bias"]).backward(dy)
                 xg.grad = None
             return run
-        backend = {"triton24_lora": "triton", "triton_lora": "triton", "reference": "reference"}[provider]
+        if provider == "full_ft":
+            def run():
+                lay = pick()
+                w = lay["weight"].requires_grad_(True)
+                torch.nn.functional.linear(xg, w, lay["bias"]).backward(dy)
+                w.requires_grad_(False)
+                xg.grad = w.grad = None
+            return run
+        if provider == "dense_lora":
+            def run():
+                lay = pick()
+                A = lay["A"].requires_grad_(True)
+                B = lay["B"].requires_grad_(True)
+                y = torch.nn.functional.linear(xg, lay["weight"], lay["bias"])
+                (y + SCALING * torch.nn.functional.linear(torch.nn.functional.linear(xg, A), B)).backward(dy)
+                A.grad = B.grad = xg.grad = None
+            return run
+        backend = {"triton24_lora": "triton", "triton_lora": "triton", "reference": "reference",
+                   "dense_gemm_lora": "dense_gemm"}[provider]
         if backend == "triton" and not triton_ok:
             return None
         packed = provider == "triton24_lora"
@@ -297,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         print("No CUDA device: timing the reference path on small cases only; the GPU rows "
               "(dense cuBLAS, torch semi-structured, Triton) are missing. Run benchmarks/run_gpu.sh on a GPU.")
         defaults = (["clipL-attn"], [1, 16], ["fp32"])
-    elif args.quick:
-        defaults = (["llava7b-up", "clipL-attn"], [1, 16, 2048], ["fp16", "bf16"])
+    elif args.quick:  # the goal shapes and token counts of issue 13
+        defaults = (["llava7b-qkvo", "llava7b-up", "llava7b-down"], [1, 16, 2048, 8192], ["fp16", "bf16"])
     else:
         defaults = (list(SHAPES), list(TOKENS), ["fp16", "bf16"])
     args.shapes = args.shapes or defaults[0]

@@ -37,24 +37,40 @@ def test_bench_linear_cpu_rows(tmp_path, capsys):
     assert len(out.read_text().splitlines()) == len(rows) + 2
 
 
-def _run_gpu_summary() -> str:
-    """The summary program of benchmarks/run_gpu.sh (its heredoc)."""
-    text = (ROOT / "benchmarks" / "run_gpu.sh").read_text()
-    return text.split("<<'PYEOF'\n", 1)[1].split("\nPYEOF\n", 1)[0]
+def _goals():
+    spec = importlib.util.spec_from_file_location("goals", ROOT / "benchmarks" / "goals.py")
+    goals = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(goals)
+    return goals
 
 
-def test_run_gpu_summary_reads_row_files_only(tmp_path):
-    """The summary takes bench_linear rows from the *.jsonl files under $OUT and skips folders and other rows."""
-    row = {"bench": "linear", "case": "fwd", "provider": "triton24", "shape": "llava7b-up", "dtype": "fp16",
-           "tokens": 1, "ms": 0.01, "speedup": 1.7, "device": "GPU", "torch": "2.11", "triton": "3.6", "commit": "c"}
-    (tmp_path / "bench_linear.jsonl").write_text(json.dumps(row) + "\n")
-    (tmp_path / "prune-gpu.jsonl").write_text(json.dumps({"method": "wanda", "total_s": 1.0}) + "\n")
-    (tmp_path / "stray.jsonl").mkdir()
-    result = subprocess.run([sys.executable, "-", str(tmp_path)], input=_run_gpu_summary(), capture_output=True,
-                            text=True, timeout=60)
+def _lin(case, provider, shape, tokens, ms, speedup, dtype="fp16", **extra):
+    return {"bench": "linear", "case": case, "provider": provider, "shape": shape, "dtype": dtype, "tokens": tokens,
+            "ms": ms, "speedup": speedup, "device": "GPU", "torch": "2.11", "triton": "3.6", "commit": "c", **extra}
+
+
+def test_goal_table_judges_the_worst_case_and_reports_missing_rows(tmp_path):
+    goals = _goals()
+    rows = [_lin("fwd", "triton24", s, t, 0.01, 1.7) for s in goals.GOAL_SHAPES for t in (1, 16)]
+    rows[3]["speedup"] = 1.4  # one shape / M misses: the goal fails on it
+    rows += [_lin("fwd", p, s, t, 1.0, v) for s in goals.GOAL_SHAPES for t, v in ((2048, 0.98), (8192, 1.25))
+             for p in ("torch24",)] + [_lin("fwd", "triton24", "llava7b-up", 2048, 1.0, 0.3)]
+    for s in goals.GOAL_SHAPES:
+        for t in (2048, 8192):
+            rows += [_lin("lora_fwd_bwd", "full_ft", s, t, 1.0, None, extra_peak_mb=100.0),
+                     _lin("lora_fwd_bwd", "dense_lora", s, t, 0.9, None, extra_peak_mb=50.0),
+                     _lin("lora_fwd_bwd", "dense_gemm_lora", s, t, 1.1, None, extra_peak_mb=90.0)]
+    (tmp_path / "gpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "stray.jsonl").mkdir()  # folders named like row files are skipped
+    table = {row["goal"][0]: row for row in goals.goal_table(goals.read_rows([tmp_path]))}
+    assert table["1"]["status"] == "FAIL" and "x1.40 worst (llava7b-up fp16 M=16)" in table["1"]["measured"]
+    assert table["2"]["status"] == "pass" and "M=2048: x0.98" in table["2"]["measured"]
+    assert table["3"]["status"] == "missing" and table["5"]["status"] == "missing"
+    assert table["4"]["status"] == "pass" and "1.10x full FT" in table["4"]["measured"]
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "goals.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "triton 3.6" in result.stdout and "x1.70" in result.stdout
-    assert "decode M<=16 packed 2:4 Triton, 4096x11008 (worst of fp16/bf16, M=1/16): x1.70" in result.stdout
+    assert "triton 3.6" in result.stdout and result.stdout.count("\n") == 7  # header, column names, 5 goals
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU exit of run_gpu.sh")

@@ -443,3 +443,74 @@ def test_load_compressed_as_sparse_warns_when_nothing_is_swapped(tmp_path, caplo
     with caplog.at_level("WARNING", logger="vlmsparse.pipeline.compress"):
         sparse = load_compressed(tmp_path / "ckpt", as_sparse=True, backend="packed24")
     assert any(isinstance(m, SparseLinear) for m in sparse.modules()) and "none of the" not in caplog.text
+
+
+def test_compress_auto_decides_per_layer_from_timings(monkeypatch):
+    """The auto decision fed fake timings: dense where the compressed path loses at a token count; with
+    dense_copy a per-call threshold; the stored plan is what load_compressed applies."""
+    from vlmsparse.modules import sparse_linear as sl
+    from vlmsparse.pipeline import compress as cp
+
+    monkeypatch.setattr(cp, "sparse_candidates", lambda w: {"packed24": "fake GPU"})
+    monkeypatch.setattr(sl, "sparse_candidates", lambda w: {"packed24": "fake GPU"})
+    fake = {(32, 32): {"dense": {1: 1.0, 4096: 10.0}, "packed24": {1: 3.0, 4096: 8.0}},  # wins only when long
+            (16, 32): {"dense": {1: 1.0, 4096: 10.0}, "packed24": {1: 0.9, 4096: 9.0}}}  # wins at both
+    timed = []
+
+    def fake_time(module, names, tokens):
+        timed.append(tuple(module.weight.shape))
+        assert names == ["packed24"] and list(tokens) == [1, 4096]
+        return fake[tuple(module.weight.shape)]
+
+    monkeypatch.setattr(cp, "_time_candidates", fake_time)
+
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 16))
+        _prune24(m, ["0", "1", "2"])
+        return m
+
+    m = model()
+    report = compress(m, auto=True, tokens=(1, 4096), progress=False)
+    assert sorted(set(timed)) == [(16, 32), (32, 32)] and len(timed) == 2  # once per distinct shape
+    assert [d.backend for d in report.layers] == ["dense", "dense", "packed24"]
+    assert "packed24 is faster from 4096 tokens" in report.layers[0].reason
+    assert (report.layers[0].dense_ms, report.layers[0].sparse_ms) == (11.0, 11.0)
+    assert report.layers[2].dense_below == 0 and isinstance(m[2], SparseLinear)
+    m = model()
+    x = torch.randn(3, 32)
+    want = m(x)
+    report = compress(m, auto=True, tokens=(1, 4096), dense_copy=True, progress=False)
+    assert [(d.backend, d.dense_below) for d in report.layers] == [("packed24", 4096)] * 2 + [("packed24", 0)]
+    assert report.layers[0].sparse_ms == 9.0 and m[0].dense_below == 4096
+    from vlmsparse import ops
+
+    with ops.use_backend("reference"):  # unpack + F.linear: bit for bit what nn.Linear gives
+        assert torch.equal(m(x), want)
+
+
+def test_load_compressed_applies_the_stored_plan(monkeypatch, tmp_path):
+    from factories import tiny_llama
+
+    from vlmsparse.pipeline import compress as cp
+
+    monkeypatch.setattr(cp, "sparse_candidates", lambda w: {"packed24": "fake GPU"})
+    monkeypatch.setattr(cp, "_time_candidates", lambda module, names, tokens: {
+        "dense": {1: 1.0, 4096: 10.0}, "packed24": {1: 3.0, 4096: 8.0}})
+    model = tiny_llama(0).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "layers" in n]
+    _prune24(model, names)
+    report = compress(model, auto=True, tokens=(1, 4096), dense_copy=True, progress=False)
+    assert {(d.backend, d.dense_below) for d in report.layers} == {("packed24", 4096)}
+    decompress(model)
+    save_compressed(model, tmp_path / "ckpt", plan=report)
+    loaded = load_compressed(tmp_path / "ckpt", as_sparse=True)
+    assert {(loaded.get_submodule(n).backend, loaded.get_submodule(n).dense_below) for n in names} == {
+        ("packed24", 4096)}
+    # a device without the fast path (no GPU kernel, no native CPU kernel): the plan is not applied
+    from vlmsparse.modules import sparse_linear as sl
+
+    monkeypatch.setattr(cp, "sparse_candidates", lambda w: {})
+    monkeypatch.setattr(sl, "_native_cpu", lambda w: (False, "no native kernel (simulated)"))
+    loaded = load_compressed(tmp_path / "ckpt", as_sparse=True)
+    assert not any(isinstance(mod, SparseLinear) for mod in loaded.modules())

@@ -131,3 +131,11 @@ def test_interpreter_index_fix():
     assert not _fused.fix_interpreter_index(old) and old._patch_lang_tensor is wrapped
     new = types.SimpleNamespace(_patch_lang_tensor=_new_patch_lang_tensor)
     assert not _fused.fix_interpreter_index(new) and new._patch_lang_tensor is _new_patch_lang_tensor
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_effective_weight_kernel_compiles_for_sm90(dtype):
+    from vlmsparse.kernels.effective_weight import compile_for_target
+
+    compiled = compile_for_target(dtype)
+    assert "cubin" in compiled.asm and compiled.metadata.shared <= 227 * 1024

@@ -253,7 +253,7 @@ def test_resolution_order(monkeypatch):
 
 def test_unknown_and_unsupported_backends(monkeypatch):
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
-    with pytest.raises(ValueError, match="allowed: reference, triton, torch24"):
+    with pytest.raises(ValueError, match="allowed: reference, triton, torch24, dense_gemm"):
         ops.resolve_backend("cpu", "cuda")
     with pytest.raises(ValueError, match="allowed"):
         with ops.use_backend("fast"):
@@ -303,3 +303,59 @@ def test_public_lazy_names():
     for name in ("SparseLoRALinear", "add_sparse_lora", "merge_sparse_lora", "remove_sparse_lora",
                  "mask_gradients", "teacher_mode", "sparse_lora_config", "save_sparse_lora", "load_sparse_lora"):
         assert callable(getattr(vlmsparse, name)), name
+
+
+def native_built() -> bool:
+    from vlmsparse.kernels import cpu
+
+    return cpu.native_available()
+
+
+def test_device_defaults_per_op(monkeypatch):
+    """The table DEVICE_DEFAULTS: dense GEMMs train SparseLoRA on CUDA, the packed matmul prefers Triton there;
+    the CPU trains on the reference twins and runs the inference matmuls on the native kernels for float32 /
+    bfloat16 (reference for other dtypes). Resolution needs no GPU (device objects only)."""
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    assert ops.resolve_backend("cuda", op="sparse_lora") == "dense_gemm"
+    assert ops.resolve_backend("cuda", op="packed24_lora") == "dense_gemm"
+    assert ops.resolve_backend("cuda", op="packed24_matmul") == "triton"
+    assert ops.resolve_backend("cuda", op="bitmask_matmul") == "reference"
+    for op in ("sparse_lora", "packed24_lora"):
+        assert ops.resolve_backend("cpu", op=op) == "reference"
+    for op in ("packed24_matmul", "bitmask_matmul"):
+        assert ops.resolve_backend("cpu", op=op, dtype=torch.float16) == "reference"
+        for dtype in (torch.float32, torch.bfloat16):
+            assert ops.resolve_backend("cpu", op=op, dtype=dtype) == ("native" if native_built() else "reference")
+    with ops.use_backend("torch24"):  # not a SparseLoRA backend: that op's device default
+        assert ops.resolve_backend("cuda", op="sparse_lora") == "dense_gemm"
+    with ops.use_backend("triton"):  # the fused kernels stay selectable
+        assert ops.resolve_backend("cuda", op="sparse_lora") == "triton"
+    monkeypatch.setattr(ops, "triton_available", lambda: False)  # first runnable preference wins
+    assert ops.resolve_backend("cuda", op="packed24_matmul") == "dense_gemm"
+
+
+def test_a_new_backend_is_rows_in_the_tables(monkeypatch):
+    """How a backend plugs in (e.g. a native CPU one): a name, its implementations, optionally a runnable check
+    and a device preference; dispatch, the custom ops and the autograd need nothing else."""
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    calls = []
+
+    def forward(x, values, meta, bias=None):
+        calls.append(x.shape)
+        return ops._function("packed24_matmul", "reference", "forward")(x, values, meta, bias)
+
+    import vlmsparse.kernels.reference as reference
+
+    monkeypatch.setattr(reference, "plugin_packed24_matmul", forward, raising=False)
+    monkeypatch.setattr(ops, "BACKENDS", (*ops.BACKENDS, "plugin"))
+    monkeypatch.setitem(ops.IMPLEMENTATIONS, "packed24_matmul",
+                        {**ops.IMPLEMENTATIONS["packed24_matmul"], "plugin": ops.Impl("reference", "plugin_packed24_matmul")})
+    monkeypatch.setitem(ops.DEVICE_DEFAULTS, "packed24_matmul", {"cpu": ("plugin",), "cuda": ("triton",)})
+    x, values, meta, _, _ = _packed_problem()
+    assert ops.resolve_backend("cpu", op="packed24_matmul") == "plugin"
+    y = ops.packed24_linear(x, values, meta)
+    assert calls == [x.shape]
+    torch.testing.assert_close(y, ops.packed24_linear(x, values, meta, backend="reference"))
+    with pytest.raises(ValueError, match="does not implement sparse_lora"):
+        ops.resolve_backend("cpu", "plugin", op="sparse_lora")
+    ops._function.cache_clear()

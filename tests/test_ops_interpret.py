@@ -56,3 +56,22 @@ def test_packed24_lora_linear_triton_matches_reference():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=name)
     y = ops.packed24_linear(x.detach(), packed.values, packed.meta, bias.detach(), backend="triton")
     torch.testing.assert_close(y, x.detach() @ weight.T + bias.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_triton_custom_ops_opcheck():
+    """The custom ops with the Triton backend: fake implementations agree with the kernels' outputs (shapes,
+    dtypes, strides), autograd registration, AOT dispatch."""
+    x, weight, mask, A, B, bias = _problem(tokens=8)
+    packed = pack24(weight, mask)
+    dy = torch.randn(2, 4, 32)
+    cases = [
+        (torch.ops.vlmsparse.sparse_lora_linear.default, (x, weight, mask, A, B, 2.0, bias, "triton")),
+        (torch.ops.vlmsparse.packed24_lora_linear.default, (x, packed.values, packed.meta, A, B, 2.0, None, "triton")),
+        (torch.ops.vlmsparse.packed24_linear.default, (x, packed.values, packed.meta, bias, "triton")),
+        (torch.ops.vlmsparse.sparse_lora_backward.default,
+         (dy, x.detach(), weight, mask, A.detach(), B.detach(), 2.0, True, "triton")),
+        (torch.ops.vlmsparse.packed24_lora_backward.default,
+         (dy, x.detach(), packed.values, packed.meta, A.detach(), B.detach(), 2.0, False, "triton")),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

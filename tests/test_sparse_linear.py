@@ -102,6 +102,71 @@ def test_gpu_backends_match_dense(dtype, backend):
 
 
 @pytest.mark.gpu
-def test_gpu_auto_prefers_torch24():
-    sparse = SparseLinear.from_linear(_linear24(256, 512, dtype=torch.float16, device="cuda"))
-    assert sparse.backend in ("torch24", "packed24"), sparse.reason
+def test_gpu_auto_follows_the_shipped_measurements_and_dense_below():
+    lin = _linear24(256, 512, dtype=torch.float16, device="cuda")
+    sparse = SparseLinear.from_linear(lin)
+    assert sparse.backend == "dense" and "shipped H200" in sparse.reason, sparse.reason
+    hybrid = SparseLinear.from_linear(lin, backend="torch24", dense_below=64)
+    for tokens in (1, 63, 64, 256):
+        x = torch.randn(tokens, 512, dtype=torch.float16, device="cuda")
+        torch.testing.assert_close(hybrid(x), lin(x), rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------ dispatch on M
+from vlmsparse.modules import sparse_linear as sl  # noqa: E402
+
+
+def test_plan_backend_never_slower_than_dense_at_a_measured_count():
+    dense = {1: 1.0, 128: 2.0, 8192: 100.0}
+    torch24 = {1: 14.0, 128: 28.0, 8192: 70.0}  # the H200 shape of the numbers: only long inputs win
+    assert sl.plan_backend({"dense": dense, "torch24": torch24})[:2] == ("dense", 0)
+    reason = sl.plan_backend({"dense": dense, "torch24": torch24})[2]
+    assert "torch24 is faster from 8192 tokens" in reason and "dense_copy=True" in reason
+    name, below, reason = sl.plan_backend({"dense": dense, "torch24": torch24}, dense_copy=True)
+    assert (name, below) == ("torch24", 8192) and "dense below 8192 tokens" in reason
+    # faster everywhere: no dense copy needed, even when dense_copy is allowed
+    packed = {1: 0.5, 128: 1.5, 8192: 99.0}
+    assert sl.plan_backend({"dense": dense, "packed24": packed}, dense_copy=True)[:2] == ("packed24", 0)
+    # the lowest sum among the eligible: torch24 from 8192 beats packed24 everywhere, with a dense copy
+    both = {"dense": dense, "packed24": packed, "torch24": torch24}
+    assert sl.plan_backend(both)[:2] == ("packed24", 0)
+    assert sl.plan_backend(both, dense_copy=True)[:2] == ("torch24", 8192)
+    # slower at one count by a hair: not eligible; a tie keeps dense
+    assert sl.plan_backend({"dense": dense, "packed24": {1: 0.5, 128: 2.01, 8192: 50.0}})[0] == "dense"
+    assert sl.plan_backend({"dense": dense, "packed24": dict(dense)})[0] == "dense"
+    with pytest.raises(ValueError, match="they must agree"):
+        sl.plan_backend({"dense": dense, "packed24": {1: 0.5}})
+
+
+def test_auto_follows_the_shipped_measurements(monkeypatch):
+    """Where both compressed paths exist (a GPU), auto without a measurement of its own keeps dense: the H200
+    numbers show neither as fast as dense at every token count."""
+    monkeypatch.setattr(sl, "sparse_candidates", lambda w: {"torch24": "supported", "packed24": "kernel"})
+    monkeypatch.setattr(sl, "_native_cpu", lambda w: (False, "not a CPU weight (cuda)"))
+    name, reason = choose_backend(_linear24().weight.detach())
+    assert name == "dense" and "shipped H200" in reason and "torch24 is faster from 8192 tokens" in reason
+    shipped = {"torch24": {1: 0.5, 8192: 2.0}, "packed24": {1: 2.0, 2048: 1.1, 8192: 1.3}}
+    monkeypatch.setattr(sl, "SHIPPED_SPEEDUPS", shipped)  # a faster kernel shipped: auto takes it
+    assert choose_backend(_linear24().weight.detach())[0] == "packed24"
+
+
+def test_dense_below_dispatches_per_call_on_tokens(monkeypatch):
+    from vlmsparse import ops
+
+    lin = _linear24(16, 32)
+    calls = []
+    real = ops._packed24_linear
+    monkeypatch.setattr(ops, "_packed24_linear", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    layer = SparseLinear.from_linear(lin, backend="packed24", dense_below=8)
+    assert set(layer.state_dict()) == {"weight", "values", "meta", "bias"} and "dense_below=8" in repr(layer)
+    assert layer.weight_bytes() == 16 * 32 * 4 + SparseLinear.from_linear(lin, backend="packed24").weight_bytes()
+    for shape, sparse in (((7, 32), False), ((2, 3, 32), False), ((8, 32), True), ((3, 4, 32), True)):
+        calls.clear()
+        x = torch.randn(*shape)
+        torch.testing.assert_close(layer(x), lin(x))
+        assert (calls == [x.shape]) == sparse, shape
+    assert torch.equal(layer.to_linear().weight, lin.weight)
+    with pytest.raises(ValueError, match="dense_below needs a sparse backend"):
+        SparseLinear.from_linear(lin, backend="dense", dense_below=8)
+    with pytest.raises(ValueError, match="dense_below must be an int >= 0"):
+        SparseLinear.from_linear(lin, backend="packed24", dense_below=-1)

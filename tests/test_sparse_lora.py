@@ -236,3 +236,36 @@ def test_state_dict_round_trip_and_different_mask_refused():
     flipped["mask"] = ~mask
     with pytest.raises(RuntimeError, match=rf"different mask \({mask.numel()} entries differ\)"):
         other.load_state_dict(flipped)
+
+
+def test_tensors_checked_once_not_per_call(monkeypatch):
+    """Construction, .to() and a new mask check the module's tensors; forward calls the unchecked op."""
+    from vlmsparse import ops
+
+    m, mask = _module()
+    with pytest.raises(ValueError, match=r"mask has shape \(12, 15\)"):
+        m.mask = torch.ones(12, 15, dtype=torch.bool)
+    with pytest.raises(ValueError, match="must be a bool tensor"):
+        m.mask = mask.double()
+    m.mask = mask.clone()  # a valid replacement is taken
+    with pytest.raises(ValueError, match=r"lora_A must be \[r, 16\]"):
+        m.lora_A.weight = nn.Parameter(torch.zeros(4, 15, dtype=torch.float64))
+        m.to(torch.float64)  # _apply re-checks the shapes
+    m, _ = _module()
+    m.lora_A.to("meta")
+    m.to(torch.float32)  # tensors passing through meta one by one (as loaders do): no device check here
+    assert m.lora_A.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="same device"):  # but at construction
+        linear, mask = _layer()
+        SparseLoRALinear(linear, mask.to("meta"), r=2)
+    m, _ = _module()
+    x = torch.randn(3, 16)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the functional op's checks ran in forward")
+
+    monkeypatch.setattr(ops, "check_mask", refuse)
+    monkeypatch.setattr(ops, "_check_lora_args", refuse)
+    m(x).sum().backward()  # forward + backward without the per-call checks
+    with pytest.raises(ValueError, match=r"input has shape \(3, 15\)"):  # x is new every call: still checked
+        m(torch.randn(3, 15))

@@ -1,20 +1,45 @@
-"""The ONE place that chooses a compute backend, and the autograd Functions (layer 2).
+"""The ONE place that chooses a compute backend, the ``torch.library`` custom ops and their autograd (layer 2).
 
-Backends:
+Backends (:data:`BACKENDS`):
 
-- ``"reference"``: the pure-torch twins in :mod:`vlmsparse.kernels.reference` (default on CPU);
-- ``"triton"``: the Triton kernels in :mod:`vlmsparse.kernels.sparse_lora` and
-  :mod:`vlmsparse.kernels.packed24` (default for CUDA inputs when triton imports; on CPU only under
+- ``"reference"``: the pure-torch twins in :mod:`vlmsparse.kernels.reference`, blocked so that no full-size
+  temporary exists even inside a call (default on CPU);
+- ``"triton"``: the fused Triton kernels in :mod:`vlmsparse.kernels.sparse_lora` and
+  :mod:`vlmsparse.kernels.packed24` (the CUDA default of the plain packed 2:4 matmul; on CPU only under
   ``TRITON_INTERPRET=1``);
-- ``"torch24"``: torch semi-structured sparse (cuSPARSELt / CUTLASS), inference only, for merged 2:4
-  weights (:func:`packed24_linear`, :func:`torch24_linear`);
+- ``"torch24"``: torch semi-structured sparse (cuSPARSELt / CUTLASS, :mod:`vlmsparse.kernels.torch24`), CUDA
+  only, inference only, for merged 2:4 weights (:func:`packed24_linear`, :func:`torch24_linear`);
+- ``"dense_gemm"``: the SparseLoRA math decomposed onto full-size dense GEMMs (:mod:`vlmsparse.kernels.dense_gemm`:
+  the effective weight formed once per call, cuBLAS for the products; the CUDA default of the SparseLoRA ops,
+  measured faster than the fused kernels on an H200); for the plain packed matmul it is unpack + ``F.linear``;
 - ``"native"``: the C++ CPU kernels in :mod:`vlmsparse.kernels.cpu` (built by ``pip install`` from ``csrc/``),
-  inference only, float32 / bfloat16: :func:`packed24_linear` and :func:`bitmask_linear`; the default for those
-  ops on CPU tensors of those dtypes when the extension is built.
+  inference only, float32 / bfloat16: :func:`packed24_linear` and :func:`bitmask_linear`; the CPU default of
+  those ops for those dtypes when the extension is built.
+
+Which backend implements which op is the table :data:`IMPLEMENTATIONS` (op -> backend -> where the functions
+live); :data:`DEVICE_DEFAULTS` gives each op's preference per device type (first runnable wins, else
+``"reference"``); :data:`_RUNNABLE` says why a backend cannot run on a device. A new backend is one name in
+:data:`BACKENDS`, its rows in :data:`IMPLEMENTATIONS` (functions with the signatures of the reference twins),
+optionally a check in :data:`_RUNNABLE` (of the device and, where it matters, the dtype) and a place in
+:data:`DEVICE_DEFAULTS`; nothing else changes.
 
 Selection order: the ``backend`` argument > the innermost :func:`use_backend` context > the environment
-variable ``VLMSPARSE_BACKEND`` > the device default. Kernel modules are imported lazily, on first use,
-so ``import vlmsparse.ops`` needs neither triton nor a GPU.
+variable ``VLMSPARSE_BACKEND`` > the device default. A context / environment choice that does not implement an
+op (``torch24`` for the SparseLoRA ops) falls back to that op's device default. Under ``torch.compile`` the
+resolution is traced like any Python code: dynamo guards on the context and the environment variable, so a change
+of either recompiles. Kernel modules are imported lazily, on first use, so ``import vlmsparse.ops``
+needs neither triton nor a GPU.
+
+Custom ops (namespace ``vlmsparse``, each with a fake implementation, so graphs compile without running them):
+``torch.ops.vlmsparse.sparse_lora_linear`` / ``sparse_lora_backward``, ``packed24_lora_linear`` /
+``packed24_lora_backward``, ``packed24_linear`` and ``bitmask_linear``, the backend passed as a string argument. Compiled code calls
+them (autograd through ``register_autograd``); eager calls run the same implementation functions through a
+``torch.autograd.Function`` (or directly when no gradient is needed), which costs a fraction of the dispatcher
+round trip of a Python custom op (``benchmarks/bench_overhead.py``).
+
+Checked and unchecked entry points: the public functions (:func:`sparse_lora_linear`, ...) check every argument;
+the modules validate their tensors once at construction and call the unchecked ``_sparse_lora_linear``,
+``_packed24_lora_linear``, ``_packed24_linear``.
 
 The SparseLoRA math (``s = scaling = lora_alpha / r``, ``W`` the frozen pruned weight, ``M`` the keep-mask):
 
@@ -22,9 +47,9 @@ The SparseLoRA math (``s = scaling = lora_alpha / r``, ``W`` the frozen pruned w
 - backward, with ``G = dY.T @ X`` (the only full-size product):
   ``dX = dY @ (W*M + s*(B@A)*M)``, ``dB = s * (G*M) @ A.T``, ``dA = s * B.T @ (G*M)``.
 
-The autograd Functions save only ``x``, ``A``, ``B`` and references to the frozen weight and mask (which
-exist anyway); the effective weight and ``G`` are formed inside backward and freed there, so no full-size
-tensor stays alive between forward and backward.
+The autograd saves only ``x``, ``A``, ``B`` and references to the frozen weight and mask (which exist anyway);
+the effective weight and ``G`` are formed inside backward and freed there, so no full-size tensor stays alive
+between forward and backward.
 """
 
 from __future__ import annotations
@@ -35,12 +60,11 @@ import importlib
 import importlib.util
 import os
 import threading
-from collections.abc import Iterator
-from types import ModuleType
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
-from .kernels import reference as _ref
 from .kernels.checks import (
     check_bias,
     check_bitmask,
@@ -54,6 +78,8 @@ from .kernels.checks import (
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
+    "IMPLEMENTATIONS",
+    "DEVICE_DEFAULTS",
     "resolve_backend",
     "use_backend",
     "current_backend",
@@ -62,19 +88,58 @@ __all__ = [
     "packed24_lora_linear",
     "packed24_linear",
     "torch24_linear",
-    "bitmask_linear",
     "zero_weight",
 ]
 
-BACKENDS = ("reference", "triton", "torch24", "native")
+BACKENDS = ("reference", "triton", "torch24", "dense_gemm", "native")
 ENV_VAR = "VLMSPARSE_BACKEND"
 
-# Which backends implement which op. torch24 is inference-only and covers the plain 2:4 matmul.
-_OPS = {
-    "sparse_lora": ("reference", "triton"),
-    "packed24_lora": ("reference", "triton"),
-    "packed24_matmul": ("reference", "triton", "torch24", "native"),
-    "bitmask_matmul": ("reference", "native"),
+
+@dataclass(frozen=True)
+class Impl:
+    """Where one backend implements one op: module ``vlmsparse.kernels.<module>`` (imported on first use) and
+    the names of its ``forward`` and (training ops) ``backward`` functions, with the reference twins'
+    signatures."""
+
+    module: str
+    forward: str
+    backward: str | None = None
+
+
+# op -> backend -> implementation. torch24 is inference-only and covers the plain 2:4 matmul.
+IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {
+    "sparse_lora": {
+        "reference": Impl("reference", "sparse_lora_forward_ref", "sparse_lora_backward_ref"),
+        "triton": Impl("sparse_lora", "sparse_lora_forward", "sparse_lora_backward"),
+        "dense_gemm": Impl("dense_gemm", "sparse_lora_forward", "sparse_lora_backward"),
+    },
+    "packed24_lora": {
+        "reference": Impl("reference", "packed24_lora_forward_ref", "packed24_lora_backward_ref"),
+        "triton": Impl("packed24", "packed24_lora_forward", "packed24_lora_backward"),
+        "dense_gemm": Impl("dense_gemm", "packed24_lora_forward", "packed24_lora_backward"),
+    },
+    "packed24_matmul": {
+        "reference": Impl("reference", "packed24_matmul_ref"),
+        "triton": Impl("packed24", "packed24_matmul"),
+        "torch24": Impl("torch24", "packed24_matmul"),
+        "dense_gemm": Impl("reference", "packed24_matmul_ref"),  # unpack + one F.linear: the reference itself
+        "native": Impl("cpu", "packed24_matmul"),
+    },
+    "bitmask_matmul": {
+        "reference": Impl("reference", "bitmask_matmul_ref"),
+        "native": Impl("cpu", "bitmask_matmul"),
+    },
+}
+
+# op (None: no op named) -> device type -> backends in order of preference; the first that can run wins, else
+# "reference". The SparseLoRA ops train fastest on dense GEMMs on a GPU (issue 13's H200 measurements: the fused
+# Triton kernels were 5x slower); a fused kernel has to beat dense_gemm to take its place.
+DEVICE_DEFAULTS: dict[str | None, dict[str, tuple[str, ...]]] = {
+    None: {"cuda": ("triton",)},
+    "sparse_lora": {"cuda": ("dense_gemm",)},
+    "packed24_lora": {"cuda": ("dense_gemm",)},
+    "packed24_matmul": {"cuda": ("triton", "dense_gemm"), "cpu": ("native",)},
+    "bitmask_matmul": {"cpu": ("native",)},
 }
 
 _local = threading.local()
@@ -87,10 +152,14 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON_FOUND: dict[str, bool] = {}  # a plain dict, not lru_cache: torch.compile traces it without a warning
+
+
 def triton_available() -> bool:
-    """Whether the ``triton`` package can be found (does not import it)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether the ``triton`` package can be found (does not import it; looked up once)."""
+    if "found" not in _TRITON_FOUND:
+        _TRITON_FOUND["found"] = importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND["found"]
 
 
 def _interpret() -> bool:
@@ -128,101 +197,320 @@ def current_backend() -> tuple[str | None, str]:
     return None, "default"
 
 
-def _check_runnable(name: str, device: torch.device, source: str) -> None:
-    if name == "triton":
-        if not triton_available():
-            raise RuntimeError(f"backend 'triton' ({source}) requested but triton is not installed; use 'reference'")
-        if device.type != "cuda" and not _interpret():
-            raise RuntimeError(
-                f"backend 'triton' ({source}) cannot run on a {device.type} tensor: Triton needs a CUDA device, "
-                "or TRITON_INTERPRET=1 set before the kernels are imported to run them on CPU (slow, for tests); "
-                "use the 'reference' backend on CPU"
-            )
-    elif name == "native":
-        from .kernels import cpu
-
-        if not cpu.native_available():
-            raise RuntimeError(f"backend 'native' ({source}) requested but {cpu.unavailable_reason()}; use 'reference'")
-        if device.type != "cpu":
-            raise RuntimeError(f"backend 'native' ({source}) runs on CPU tensors, got a {device.type} tensor")
-    elif name == "torch24":
-        if device.type != "cuda":
-            raise RuntimeError(
-                f"backend 'torch24' ({source}) needs a CUDA tensor (torch semi-structured sparse has no "
-                f"{device.type} path); use 'reference' or 'triton'"
-            )
+def _triton_problem(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    if not triton_available():
+        return "requested but triton is not installed; use 'reference'"
+    if device.type != "cuda" and not _interpret():
+        return (f"cannot run on a {device.type} tensor: Triton needs a CUDA device, or TRITON_INTERPRET=1 set "
+                "before the kernels are imported to run them on CPU (slow, for tests); use the 'reference' "
+                "backend on CPU")
+    return None
 
 
-def _native_default(op: str | None, dtype: torch.dtype | None) -> bool:
-    if op not in ("packed24_matmul", "bitmask_matmul"):
-        return False
-    from .kernels import cpu
+def _torch24_problem(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    if device.type != "cuda":
+        return (f"needs a CUDA tensor (torch semi-structured sparse has no {device.type} path); use 'reference' "
+                "or 'triton'")
+    return None
 
-    return cpu.native_available() and dtype in cpu.NATIVE_DTYPES
+
+def _native_problem(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    from .kernels import cpu  # a plain import (not importlib): torch.compile traces it
+
+    if not cpu.native_available():
+        return f"requested but {cpu.unavailable_reason()}; use 'reference'"
+    if device.type != "cpu":
+        return f"runs on CPU tensors, got a {device.type} tensor"
+    if dtype is not None and dtype not in cpu.NATIVE_DTYPES:
+        allowed = ", ".join(str(d) for d in cpu.NATIVE_DTYPES)
+        return f"takes {allowed} inputs, got {dtype}; use 'reference'"
+    return None
+
+
+# backend -> why it cannot run on a device for inputs of a dtype (None: it can; dtype None: any dtype is
+# fine for the question asked); backends not listed run anywhere.
+_RUNNABLE: dict[str, Callable[[torch.device, torch.dtype | None], str | None]] = {
+    "triton": _triton_problem,
+    "torch24": _torch24_problem,
+    "native": _native_problem,
+}
+
+
+def _device_default(op: str | None, device: torch.device, dtype: torch.dtype | None) -> str:
+    for name in DEVICE_DEFAULTS[op].get(device.type, ()):
+        check = _RUNNABLE.get(name)
+        if check is None or check(device, dtype) is None:
+            return name
+    return "reference"
 
 
 def resolve_backend(device: torch.device | str, backend: str | None = None, *, op: str | None = None,
                     dtype: torch.dtype | None = None) -> str:
-    """The backend to use for a tensor on ``device`` (of ``dtype``, when it matters for the default).
+    """The backend to use for a tensor on ``device`` (of ``dtype``, where the default depends on it).
 
     Order: ``backend`` argument > :func:`use_backend` context > ``$VLMSPARSE_BACKEND`` > device default
-    (``"triton"`` on CUDA when triton can be imported; on CPU ``"native"`` for the inference matmuls on float32 /
-    bfloat16 when the extension is built; else ``"reference"``). ``op`` (``"sparse_lora"``,
-    ``"packed24_lora"``, ``"packed24_matmul"``, ``"bitmask_matmul"``) checks that the backend implements it.
-    Raises ``ValueError`` for an unknown name and ``RuntimeError`` when the backend cannot run here.
+    (:data:`DEVICE_DEFAULTS`: on CUDA ``dense_gemm`` for the SparseLoRA ops, ``triton`` for the packed matmul;
+    on CPU ``native`` for the inference matmuls on float32 / bfloat16 when the extension is built;
+    ``reference`` elsewhere). ``op`` (``"sparse_lora"``, ``"packed24_lora"``, ``"packed24_matmul"``,
+    ``"bitmask_matmul"``) checks that the backend implements that op. Raises ``ValueError`` for an unknown name
+    and ``RuntimeError`` when the backend cannot run here.
     """
     device = torch.device(device)
+    if op is not None and op not in IMPLEMENTATIONS:
+        raise ValueError(f"resolve_backend: unknown op {op!r}; allowed: {', '.join(IMPLEMENTATIONS)}")
     if backend is not None:
         name, source = _check_name(backend, "backend argument"), "argument"
     else:
         name, source = current_backend()
         if name is None:
-            if device.type == "cuda" and triton_available():
-                name = "triton"
-            elif device.type == "cpu" and _native_default(op, dtype):
-                name = "native"
-            else:
-                name = "reference"
-            source = "device default"
-    if op is not None:
-        if op not in _OPS:
-            raise ValueError(f"resolve_backend: unknown op {op!r}; allowed: {', '.join(_OPS)}")
-        if name not in _OPS[op]:
-            if source in ("context", "env") and name in ("torch24", "native"):
-                # A model-wide inference-backend choice still trains/evaluates its SparseLoRA layers: fall back.
-                name = "triton" if device.type == "cuda" and triton_available() else "reference"
-            else:
-                raise ValueError(
-                    f"backend {name!r} ({source}) does not implement {op}; allowed: {', '.join(_OPS[op])}"
-                )
-    _check_runnable(name, device, source)
+            name, source = _device_default(op, device, dtype), "device default"
+    if op is not None and name not in IMPLEMENTATIONS[op]:
+        if source in ("context", "env"):
+            # A model-wide choice (e.g. torch24) still trains / evaluates its SparseLoRA layers: fall back.
+            name, source = _device_default(op, device, dtype), "device default"
+        else:
+            allowed = ", ".join(IMPLEMENTATIONS[op])
+            raise ValueError(f"backend {name!r} ({source}) does not implement {op}; allowed: {allowed}")
+    check = _RUNNABLE.get(name)
+    problem = check(device, dtype) if check is not None else None
+    if problem is not None:
+        raise RuntimeError(f"backend {name!r} ({source}) {problem}")
     return name
 
 
-def _kernel_module(name: str) -> ModuleType:
+@functools.cache
+def _function(op: str, backend: str, which: str) -> Callable:
+    """The ``forward`` / ``backward`` function of ``backend`` for ``op`` (its module imported on first use)."""
+    impl = IMPLEMENTATIONS[op][backend]
     try:
-        return importlib.import_module(f"vlmsparse.kernels.{name}")
+        module = importlib.import_module(f"vlmsparse.kernels.{impl.module}")
     except ImportError as error:
         raise RuntimeError(
-            f"backend 'triton': cannot import vlmsparse.kernels.{name} ({error}); use the 'reference' backend"
+            f"backend {backend!r}: cannot import vlmsparse.kernels.{impl.module} ({error}); use the 'reference' "
+            "backend"
         ) from error
-
-
-def _impl(backend: str, kernel_module: str, name: str):
-    """The function ``name`` of a backend (reference twin ``name + '_ref'``)."""
-    if backend == "reference":
-        return getattr(_ref, f"{name}_ref")
-    if backend == "native":
-        from .kernels import cpu  # a plain import (not importlib): torch.compile traces it
-
-        return getattr(cpu, name)
-    return getattr(_kernel_module(kernel_module), name)
+    return getattr(module, getattr(impl, which))
 
 
 def zero_weight(out_features: int, in_features: int, like: torch.Tensor) -> torch.Tensor:
     """A ``[out, in]`` zero weight that takes no memory (a stride-0 view of one scalar); used for the
     adapter-only path ``s * x @ ((B@A)*M).T`` when LoRA dropout separates it from the base matmul."""
     return torch.zeros((), dtype=like.dtype, device=like.device).expand(out_features, in_features)
+
+
+# ---------------------------------------------------------------------------------------------- custom ops
+# LoRA ops: ``(x, w0, w1, A, B, scaling, bias, backend)`` where ``(w0, w1)`` is the frozen weight in the op's
+# format (``weight, mask`` or ``values, meta``); N = w0.shape[0] in both formats. The backward op returns
+# ``(dX, dA, dB)``, dX empty ([0]) when it was not asked for (a custom op returns tensors, not None).
+
+_LORA_FORWARD_SCHEMA = ("(Tensor x, Tensor w0, Tensor w1, Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, "
+                        "str backend) -> Tensor")
+_LORA_BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor x, Tensor w0, Tensor w1, Tensor lora_A, Tensor lora_B, "
+                         "float scaling, bool need_input_grad, str backend) -> (Tensor, Tensor, Tensor)")
+
+
+def _lora_forward_fake(x, w0, w1, lora_A, lora_B, scaling, bias, backend):
+    return x.new_empty((*x.shape[:-1], w0.shape[0]))
+
+
+def _lora_backward_fake(grad_out, x, w0, w1, lora_A, lora_B, scaling, need_input_grad, backend):
+    grad_x = grad_out.new_empty(x.shape if need_input_grad else (0,))
+    return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+def _lora_setup_context(ctx, inputs, output) -> None:
+    x, w0, w1, lora_A, lora_B, scaling, bias, backend = inputs
+    ctx.save_for_backward(x, w0, w1, lora_A, lora_B)
+    ctx.scaling, ctx.backend, ctx.has_bias = scaling, backend, bias is not None
+
+
+def _lora_backward(ctx, grad_out: torch.Tensor, run_backward: Callable, needs: tuple[bool, ...]) -> tuple:
+    """The gradients of ``(x, w0, w1, A, B, scaling, bias, backend)``; ``run_backward`` has the backward op's
+    signature and returns ``(dX or None / empty, dA, dB)``; ``needs``: which of those inputs need one."""
+    x, w0, w1, lora_A, lora_B = ctx.saved_tensors
+    need_x = needs[0]
+    grad_x, grad_A, grad_B = run_backward(grad_out.contiguous(), x, w0, w1, lora_A, lora_B, ctx.scaling, need_x,
+                                          ctx.backend)
+    grad_bias = None
+    if ctx.has_bias and needs[6]:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return (
+        grad_x.to(x.dtype) if need_x else None,
+        None,
+        None,
+        grad_A if needs[3] else None,
+        grad_B if needs[4] else None,
+        None,
+        grad_bias,
+        None,
+    )
+
+
+def _define_lora_ops(op: str):
+    """Register ``vlmsparse::<op>_linear`` and ``vlmsparse::<op>_backward``; returns both op handles."""
+
+    def forward(x, w0, w1, lora_A, lora_B, scaling, bias, backend):
+        return _function(op, backend, "forward")(x, w0, w1, lora_A, lora_B, scaling, bias)
+
+    def backward(grad_out, x, w0, w1, lora_A, lora_B, scaling, need_input_grad, backend):
+        grad_x, grad_A, grad_B = _function(op, backend, "backward")(grad_out, x, w0, w1, lora_A, lora_B, scaling,
+                                                                   need_input_grad)
+        return grad_out.new_empty(0) if grad_x is None else grad_x, grad_A, grad_B
+
+    forward_op = torch.library.custom_op(f"vlmsparse::{op}_linear", forward, mutates_args=(),
+                                         schema=_LORA_FORWARD_SCHEMA)
+    backward_op = torch.library.custom_op(f"vlmsparse::{op}_backward", backward, mutates_args=(),
+                                          schema=_LORA_BACKWARD_SCHEMA)
+    forward_op.register_fake(_lora_forward_fake)
+    backward_op.register_fake(_lora_backward_fake)
+    forward_op.register_autograd(lambda ctx, grad: _lora_backward(ctx, grad, backward_op, ctx.needs_input_grad),
+                                 setup_context=_lora_setup_context)
+    return forward_op, backward_op
+
+
+_LORA_OPS = {op: _define_lora_ops(op) for op in ("sparse_lora", "packed24_lora")}
+
+
+def _packed24_forward(x, values, meta, bias, backend):
+    return _function("packed24_matmul", backend, "forward")(x, values, meta, bias)
+
+
+_packed24_op = torch.library.custom_op("vlmsparse::packed24_linear", _packed24_forward, mutates_args=(),
+                                       schema="(Tensor x, Tensor values, Tensor meta, Tensor? bias, str backend) "
+                                              "-> Tensor")
+
+
+@_packed24_op.register_fake
+def _packed24_fake(x, values, meta, bias, backend):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+def _packed24_setup_context(ctx, inputs, output) -> None:
+    x, values, meta, bias, backend = inputs
+    ctx.save_for_backward(values, meta)
+    ctx.in_features, ctx.x_dtype = x.shape[-1], x.dtype
+
+
+def _packed24_backward(ctx, grad_out: torch.Tensor, needs: tuple[bool, ...] | None = None) -> tuple:
+    """``dX = dY @ unpack24(Wp)``, ``db = sum dY`` (the packed weight gets no gradient)."""
+    from .sparse24 import Packed24, unpack24
+
+    needs = ctx.needs_input_grad if needs is None else needs
+    values, meta = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if needs[0]:
+        weight = unpack24(Packed24(values, meta, ctx.in_features))
+        grad_x = (grad_out @ weight.to(grad_out.dtype)).to(ctx.x_dtype)
+    if needs[3]:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return grad_x, None, None, grad_bias, None
+
+
+_packed24_op.register_autograd(_packed24_backward, setup_context=_packed24_setup_context)
+
+
+def _bitmask_forward(x, values, bitmask, row_offsets, bias, backend):
+    return _function("bitmask_matmul", backend, "forward")(x, values, bitmask, row_offsets, bias)
+
+
+_bitmask_op = torch.library.custom_op("vlmsparse::bitmask_linear", _bitmask_forward, mutates_args=(),
+                                      schema="(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, "
+                                             "Tensor? bias, str backend) -> Tensor")
+
+
+@_bitmask_op.register_fake
+def _bitmask_fake(x, values, bitmask, row_offsets, bias, backend):
+    return x.new_empty((*x.shape[:-1], bitmask.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------- eager autograd
+class _LoRAFunction(torch.autograd.Function):
+    """Eager twin of the LoRA custom ops: ``apply(op, x, w0, w1, A, B, scaling, bias, backend)``, the same
+    implementation functions, saved tensors and backward. (A ``forward(ctx, ...)`` Function: on a CPU it costs
+    about half the host time of one with a separate ``setup_context``.)"""
+
+    @staticmethod
+    def forward(ctx, op, x, w0, w1, lora_A, lora_B, scaling, bias, backend):
+        inputs = (x, w0, w1, lora_A, lora_B, scaling, bias, backend)
+        y = _function(op, backend, "forward")(x, w0, w1, lora_A, lora_B, scaling, bias)
+        _lora_setup_context(ctx, inputs, y)
+        ctx.op = op
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        def run(grad_out, x, w0, w1, lora_A, lora_B, scaling, need_x, backend):
+            return _function(ctx.op, backend, "backward")(grad_out, x, w0, w1, lora_A, lora_B, scaling, need_x)
+
+        return (None, *_lora_backward(ctx, grad_out, run, ctx.needs_input_grad[1:]))
+
+
+class _Packed24Function(torch.autograd.Function):
+    """Eager twin of ``vlmsparse::packed24_linear`` (gradients w.r.t. x and bias only)."""
+
+    @staticmethod
+    def forward(ctx, x, values, meta, bias, backend):
+        y = _packed24_forward(x, values, meta, bias, backend)
+        _packed24_setup_context(ctx, (x, values, meta, bias, backend), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _packed24_backward(ctx, grad_out)
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The ops compute in the weight's dtype (x is cast to it, as autocast would cast the weight): under
+    autocast they run with it off, so no full-size cast copy of the weight is made or saved."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- unchecked
+def _lora_linear(op: str, x, w0, w1, lora_A, lora_B, scaling: float, bias, backend: str | None) -> torch.Tensor:
+    """The LoRA op ``op`` without argument checks (callers validated them): compiled code calls the custom op,
+    eager code the autograd Function (or the implementation itself when nothing needs a gradient)."""
+    name = resolve_backend(x.device, backend, op=op)
+    with _no_autocast(x):
+        x = x.to(w0.dtype)
+        if torch.compiler.is_compiling():
+            return _LORA_OPS[op][0](x, w0, w1, lora_A, lora_B, scaling, bias, name)
+        if _needs_grad(x, lora_A, lora_B, bias):
+            return _LoRAFunction.apply(op, x, w0, w1, lora_A, lora_B, scaling, bias, name)
+        return _function(op, name, "forward")(x, w0, w1, lora_A, lora_B, scaling, bias)
+
+
+def _sparse_lora_linear(x, weight, mask, lora_A, lora_B, scaling: float, bias=None, backend=None) -> torch.Tensor:
+    """:func:`sparse_lora_linear` without argument checks (for modules that validated them once)."""
+    return _lora_linear("sparse_lora", x, weight, mask, lora_A, lora_B, scaling, bias, backend)
+
+
+def _packed24_lora_linear(x, values, meta, lora_A, lora_B, scaling: float, bias=None, backend=None) -> torch.Tensor:
+    """:func:`packed24_lora_linear` without argument checks."""
+    return _lora_linear("packed24_lora", x, values, meta, lora_A, lora_B, scaling, bias, backend)
+
+
+def _packed24_linear(x, values, meta, bias=None, backend=None) -> torch.Tensor:
+    """:func:`packed24_linear` without argument checks."""
+    name = resolve_backend(x.device, backend, op="packed24_matmul", dtype=x.dtype)
+    if torch.compiler.is_compiling():
+        return _packed24_op(x, values, meta, bias, name)
+    if _needs_grad(x, bias):
+        return _Packed24Function.apply(x, values, meta, bias, name)
+    return _packed24_forward(x, values, meta, bias, name)
+
+
+def _bitmask_linear(x, values, bitmask, row_offsets, bias=None, backend=None) -> torch.Tensor:
+    """:func:`bitmask_linear` without argument checks (inference: no autograd)."""
+    name = resolve_backend(x.device, backend, op="bitmask_matmul", dtype=x.dtype)
+    if torch.compiler.is_compiling():
+        return _bitmask_op(x, values, bitmask, row_offsets, bias, name)
+    return _bitmask_forward(x, values, bitmask, row_offsets, bias, name)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -240,66 +528,6 @@ def _check_frozen(weight: torch.Tensor, what: str) -> None:
         raise ValueError(
             f"{what}: the base weight must be frozen (requires_grad=False); only lora_A / lora_B receive gradients"
         )
-
-
-def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """The Functions compute in the weight's dtype (x is cast to it, as autocast would cast the weight): under
-    autocast they run with it off, so no full-size cast copy of the weight is made or saved."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-# ---------------------------------------------------------------------------------------------- autograd
-class _LoRAFunction(torch.autograd.Function):
-    """Shared autograd for the fused SparseLoRA ops: ``forward(ctx, x, w0, w1, lora_A, lora_B, bias, scaling,
-    backend)`` where ``(w0, w1)`` is the frozen weight in the op's format (``weight, mask`` or ``values, meta``).
-    Saves x, A, B and the frozen weight, which exists anyway: nothing full-size is kept for backward."""
-
-    KERNEL_MODULE: str
-    FORWARD: str
-    BACKWARD: str
-
-    @classmethod
-    def forward(cls, ctx, x, w0, w1, lora_A, lora_B, bias, scaling, backend):
-        y = _impl(backend, cls.KERNEL_MODULE, cls.FORWARD)(x, w0, w1, lora_A, lora_B, scaling, bias)
-        ctx.save_for_backward(x, w0, w1, lora_A, lora_B)
-        ctx.scaling, ctx.backend, ctx.has_bias = scaling, backend, bias is not None
-        return y
-
-    @classmethod
-    def backward(cls, ctx, grad_out):
-        x, w0, w1, lora_A, lora_B = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[0]
-        backward = _impl(ctx.backend, cls.KERNEL_MODULE, cls.BACKWARD)
-        grad_x, grad_A, grad_B = backward(grad_out.contiguous(), x, w0, w1, lora_A, lora_B, ctx.scaling, need_x)
-        if grad_x is not None:
-            grad_x = grad_x.to(x.dtype)
-        grad_bias = None
-        if ctx.has_bias and ctx.needs_input_grad[5]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return (
-            grad_x if need_x else None,
-            None,
-            None,
-            grad_A if ctx.needs_input_grad[3] else None,
-            grad_B if ctx.needs_input_grad[4] else None,
-            grad_bias,
-            None,
-            None,
-        )
-
-
-class _SparseLoRAFunction(_LoRAFunction):
-    """``y = x @ (W*M + s*(B@A)*M).T + b`` with ``(w0, w1) = (W, M)``."""
-
-    KERNEL_MODULE, FORWARD, BACKWARD = "sparse_lora", "sparse_lora_forward", "sparse_lora_backward"
-
-
-class _Packed24LoRAFunction(_LoRAFunction):
-    """``y = x @ (unpack24(Wp) + s*(B@A)*M24).T + b`` with ``(w0, w1) = (values, meta)``."""
-
-    KERNEL_MODULE, FORWARD, BACKWARD = "packed24", "packed24_lora_forward", "packed24_lora_backward"
 
 
 # ---------------------------------------------------------------------------------------------- public ops
@@ -321,9 +549,7 @@ def sparse_lora_linear(
     out_features, in_features = check_mask(weight, mask, "sparse_lora_linear")
     _check_lora_args("sparse_lora_linear", x, out_features, in_features, lora_A, lora_B, scaling, bias)
     _check_frozen(weight, "sparse_lora_linear")
-    name = resolve_backend(x.device, backend, op="sparse_lora")
-    with _no_autocast(x):
-        return _SparseLoRAFunction.apply(x.to(weight.dtype), weight, mask, lora_A, lora_B, bias, float(scaling), name)
+    return _sparse_lora_linear(x, weight, mask, lora_A, lora_B, float(scaling), bias, backend)
 
 
 def packed24_lora_linear(
@@ -342,18 +568,18 @@ def packed24_lora_linear(
     out_features = check_packed(values, meta, in_features, "packed24_lora_linear")
     _check_lora_args("packed24_lora_linear", x, out_features, in_features, lora_A, lora_B, scaling, bias)
     _check_frozen(values, "packed24_lora_linear")
-    name = resolve_backend(x.device, backend, op="packed24_lora")
-    with _no_autocast(x):
-        return _Packed24LoRAFunction.apply(x.to(values.dtype), values, meta, lora_A, lora_B, bias, float(scaling),
-                                           name)
+    return _packed24_lora_linear(x, values, meta, lora_A, lora_B, float(scaling), bias, backend)
 
 
 def torch24_linear(x: torch.Tensor, weight_semi_structured: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x @ W.T + b`` with ``W`` a torch semi-structured sparse tensor (from
-    :func:`vlmsparse.sparse24.to_semi_structured`); leading dims of ``x`` are flattened as torch requires."""
-    x2 = x.reshape(-1, x.shape[-1])
-    y = torch.nn.functional.linear(x2, weight_semi_structured, bias)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    :func:`vlmsparse.sparse24.to_semi_structured`); leading dims of ``x`` are flattened as torch requires.
+
+    Not a custom op: the weight is a tensor subclass, which torch's own dispatch (and ``torch.compile``) handles.
+    """
+    from .kernels.torch24 import semi_structured_linear
+
+    return semi_structured_linear(x, weight_semi_structured, bias)
 
 
 def packed24_linear(
@@ -363,20 +589,14 @@ def packed24_linear(
     bias: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """``y = x @ unpack24(values, meta).T + b`` (inference; no gradient w.r.t. the packed weight).
+    """``y = x @ unpack24(values, meta).T + b`` (inference: gradients w.r.t. ``x`` and ``bias`` only).
 
     With ``torch24`` the weight is unpacked and converted to torch semi-structured on every call; a module
     should convert once and call :func:`torch24_linear` instead.
     """
     out_features = check_packed(values, meta, x.shape[-1], "packed24_linear")
     check_bias(bias, out_features, "packed24_linear")
-    name = resolve_backend(x.device, backend, op="packed24_matmul", dtype=x.dtype)
-    if name == "torch24":
-        from .sparse24 import Packed24, to_semi_structured, unpack24
-
-        weight = to_semi_structured(unpack24(Packed24(values, meta, x.shape[-1])))
-        return torch24_linear(x, weight, bias)
-    return _impl(name, "packed24", "packed24_matmul")(x, values, meta, bias)
+    return _packed24_linear(x, values, meta, bias, backend)
 
 
 def bitmask_linear(
@@ -391,5 +611,4 @@ def bitmask_linear(
     padding, ``bitmask [out, ceil(in/8)]`` uint8, ``row_offsets [out + 1]`` int64); inference, no gradients."""
     out_features = check_bitmask(values, bitmask, row_offsets, x.shape[-1], "bitmask_linear")
     check_bias(bias, out_features, "bitmask_linear")
-    name = resolve_backend(x.device, backend, op="bitmask_matmul", dtype=x.dtype)
-    return _impl(name, "cpu", "bitmask_matmul")(x, values, bitmask, row_offsets, bias)
+    return _bitmask_linear(x, values, bitmask, row_offsets, bias, backend)

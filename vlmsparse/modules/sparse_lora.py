@@ -6,10 +6,11 @@ With ``W`` the frozen pruned weight ``[out, in]``, ``M`` its bool keep-mask, ``A
     y = x @ (W*M + s*(B@A)*M).T + b           merge:  W' = W*M + s*(B@A)*M
 
 so the zeros of the merged weight are the zeros of ``M``, bit for bit (a 2:4 mask stays 2:4). Forward and
-backward go through :func:`vlmsparse.ops.sparse_lora_linear`, which keeps no full-size tensor alive between
-them. Names follow peft (``base_layer``, ``lora_A``, ``lora_B``, ``r``, ``lora_alpha``, ``scaling``,
-``lora_dropout``, ``merge``, ``unmerge``, ``get_delta_weight``, ``merged``); ``lora_A`` / ``lora_B`` are
-bias-free ``nn.Linear`` so the state-dict keys are ``lora_A.weight`` / ``lora_B.weight`` as in peft adapters.
+backward go through the SparseLoRA op of :mod:`vlmsparse.ops` (a ``torch.library`` custom op under
+``torch.compile``), which keeps no full-size tensor alive between them; the module checks its tensors once
+(construction, ``.to()``, a new ``mask``) and calls the op's unchecked entry. Names follow peft (``base_layer``,
+``lora_A``, ``lora_B``, ``r``, ``lora_alpha``, ``scaling``, ``lora_dropout``, ``merge``, ``unmerge``,
+``get_delta_weight``, ``merged``); ``lora_A`` / ``lora_B`` are bias-free ``nn.Linear`` so the state-dict keys are ``lora_A.weight`` / ``lora_B.weight`` as in peft adapters.
 
 ``method`` selects the variant the research compares:
 
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..kernels.checks import check_bias, check_features, check_lora, check_same_device
 from ..kernels.reference import effective_weight_ref
 
 __all__ = ["SparseLoRALinear", "METHODS", "teacher_mode", "disable_adapter_and_mask", "sparse_lora_modules"]
@@ -42,7 +44,10 @@ logger = logging.getLogger(__name__)
 METHODS = ("sparselora", "lora", "lora-remask")
 
 
-def _check_mask(mask: torch.Tensor, weight: torch.Tensor, keep_dense: bool, name: str = "") -> None:
+def _check_mask(mask: torch.Tensor, weight: torch.Tensor, keep_dense: bool, name: str = "",
+                zeros: bool = True) -> None:
+    """The mask is bool, of the weight's shape and device; with ``zeros`` (and not ``keep_dense``) the weight is
+    zero outside it (a full pass over the weight: done at construction, not when tensors move)."""
     where = f" for {name!r}" if name else ""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
@@ -57,7 +62,7 @@ def _check_mask(mask: torch.Tensor, weight: torch.Tensor, keep_dense: bool, name
             f"SparseLoRALinear: mask{where} is on {mask.device}, the weight on {weight.device}; move the mask "
             "(or the model) so both are on the same device"
         )
-    if not keep_dense:
+    if zeros and not keep_dense:
         outside = int(((weight != 0) & ~mask).sum())
         if outside:
             raise ValueError(
@@ -126,6 +131,33 @@ class SparseLoRALinear(nn.Module):
         self.merged = False
         self.teacher = False
         self._unmerged_weight: torch.Tensor | None = None
+        self._check_tensors(devices=True)
+
+    # ------------------------------------------------------------------------------------------ checks
+    def _check_tensors(self, devices: bool = False) -> None:
+        """What the functional op checks on every call, checked here instead: shapes (mask and adapters against
+        ``[out, in]``, bias) and the mask dtype at construction, after ``.to()`` / ``.half()`` (:meth:`_apply`) and
+        when ``mask`` is assigned; one device at construction only (loaders such as accelerate's move tensors one
+        by one, through meta, so a passing mismatch is normal there). ``forward`` then calls the unchecked op."""
+        weight = self.base_layer.weight
+        what = "SparseLoRALinear"
+        if not isinstance(self.mask, torch.Tensor) or self.mask.dtype != torch.bool or self.mask.shape != weight.shape:
+            _check_mask(self.mask, weight, self.keep_dense, zeros=False)  # raises with the message
+        check_lora(self.lora_A.weight, self.lora_B.weight, self.out_features, self.in_features, what)
+        check_bias(self.base_layer.bias, self.out_features, what)
+        if devices:
+            check_same_device(what, weight=weight, mask=self.mask, lora_A=self.lora_A.weight,
+                              lora_B=self.lora_B.weight, bias=self.base_layer.bias)
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._check_tensors()
+        return out
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "mask" and "lora_B" in self._modules:  # replaced after construction
+            self._check_tensors()
 
     # ------------------------------------------------------------------------------------------ parameters
     def reset_lora_parameters(self, init_lora_weights: bool = True) -> None:
@@ -192,13 +224,17 @@ class SparseLoRALinear(nn.Module):
             base = nn.functional.linear(x, self._masked_base_weight(), bias)
             lora_in = self.lora_dropout(x).to(A.dtype)
             return base + (self.lora_B(self.lora_A(lora_in)) * self.scaling).to(base.dtype)
+        # Tensors were checked once (_check_tensors); per call only x (new every call) and the frozen base.
+        check_features(x, self.in_features, "SparseLoRALinear")
+        ops._check_frozen(weight, "SparseLoRALinear")
         if self.lora_dropout_p > 0 and self.training:
             # Dropout applies to the adapter's input only: y = x @ (W*M).T + b + s * drop(x) @ ((B@A)*M).T
             base = nn.functional.linear(x, self._masked_base_weight(), bias)
             zero = ops.zero_weight(self.out_features, self.in_features, weight)
-            delta = ops.sparse_lora_linear(self.lora_dropout(x), zero, self.mask, A, B, self.scaling, None, self.backend)
+            delta = ops._sparse_lora_linear(self.lora_dropout(x), zero, self.mask, A, B, self.scaling, None,
+                                            self.backend)
             return base + delta
-        return ops.sparse_lora_linear(x, weight, self.mask, A, B, self.scaling, bias, self.backend)
+        return ops._sparse_lora_linear(x, weight, self.mask, A, B, self.scaling, bias, self.backend)
 
     # ------------------------------------------------------------------------------------------ merge
     def get_delta_weight(self) -> torch.Tensor:

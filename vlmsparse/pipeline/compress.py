@@ -2,7 +2,8 @@
 
 - :func:`compress` swaps every eligible ``nn.Linear`` (2:4 weight, selected by ``masks`` / ``filter_fn``) for a
   :class:`~vlmsparse.modules.sparse_linear.SparseLinear`; ``auto=True`` times each distinct layer shape on the
-  actual device at the given token counts and keeps 2:4 only where it beats the dense matmul.
+  actual device at the given token counts and keeps 2:4 only where it is no slower than the dense matmul at any
+  of them (optionally with a dense copy for the short inputs, ``dense_copy=True``).
   :func:`decompress` is the inverse swap.
 - :func:`save_compressed` writes a folder: ``config.json`` (the HF config), ``model.compressed.safetensors``
   (2:4 weights as packed ``values`` + ``meta``; other sparse 2-D weights as non-zero ``values`` + ``bitmask``;
@@ -32,7 +33,15 @@ import torch
 from torch import nn
 
 from ..masks import MASKS_FILENAME, MaskSet, pack_bitmask, unpack_bitmask
-from ..modules.sparse_linear import BITMASK_MIN_SPARSITY, SparseLinear, choose_backend, is_24, sparsity_of
+from ..modules.sparse_linear import (
+    BITMASK_MIN_SPARSITY,
+    SparseLinear,
+    choose_backend,
+    is_24,
+    plan_backend,
+    sparse_candidates,
+    sparsity_of,
+)
 from ..sparse24 import Packed24, pack24, unpack24
 
 __all__ = [
@@ -62,8 +71,10 @@ CONFIG_FILENAME = "config.json"
 # ---------------------------------------------------------------------------------------------- swapping
 @dataclass(frozen=True)
 class LayerDecision:
-    """What :func:`compress` did with one linear: ``backend`` is ``torch24`` / ``packed24`` (swapped) or
-    ``dense`` (left as it was); times in ms when measured (``auto``)."""
+    """What :func:`compress` did with one linear: ``backend`` is ``torch24`` / ``packed24`` / ``bitmask`` (swapped) or
+    ``dense`` (left as it was), ``dense_below`` the token count under which the swapped layer runs its dense
+    copy (0: none). When measured (``auto``): ``dense_ms`` / ``sparse_ms`` summed over the token counts (the
+    chosen path, or the fastest compressed one when dense was kept) and ``times_ms[backend][tokens]``."""
 
     name: str
     shape: tuple[int, int]
@@ -71,11 +82,13 @@ class LayerDecision:
     reason: str
     dense_ms: float | None = None
     sparse_ms: float | None = None
+    dense_below: int = 0
+    times_ms: dict | None = None
 
 
 @dataclass
 class CompressReport:
-    """``layers``: one decision per selected 2:4 linear; ``not_24``: the selected linears left alone because their
+    """``layers``: one decision per eligible linear; ``not_24``: the selected linears left alone because their
     weight is not 2:4."""
 
     layers: list[LayerDecision] = field(default_factory=list)
@@ -127,20 +140,30 @@ def compress(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     tokens: Sequence[int] = (1, 512),
     progress: bool = True,
+    dense_copy: bool = False,
+    plan: Mapping[str, tuple[str, int]] | None = None,
 ) -> CompressReport:
     """Swap every eligible ``nn.Linear`` of ``model`` (in place) for a :class:`SparseLinear`.
 
     Eligible: a 2:4 weight (:func:`~vlmsparse.modules.sparse_linear.is_24`), or, for ``auto`` / ``bitmask``, a
     weight at least ``BITMASK_MIN_SPARSITY`` sparse; named in ``masks`` when ``masks`` (a ``MaskSet`` or
     ``{name: bool mask}``) is given, and passing ``filter_fn(module, name)``.
-    ``backend``: ``auto`` (:func:`~vlmsparse.modules.sparse_linear.choose_backend`: torch semi-structured, else
-    the packed Triton kernel on CUDA; on CPU the native kernels, packed 2:4 or bitmask; else nothing),
-    ``torch24``, ``packed24`` (also on CPU), ``bitmask`` or ``dense``. ``auto=True`` times dense vs the chosen
-    backend for each distinct (shape, dtype, backend) at ``tokens`` rows of input and swaps only where the summed
-    time is lower. Returns a :class:`CompressReport` with one row per eligible linear.
-    Logs a warning saying why when it swaps nothing.
+    ``backend``: ``auto`` (:func:`~vlmsparse.modules.sparse_linear.choose_backend`: on a GPU today's shipped
+    measurements keep every layer dense; on a CPU with the native kernels packed 2:4 or bitmask), ``torch24``,
+    ``packed24`` (also on CPU), ``bitmask`` or ``dense``.
+
+    ``auto=True`` measures instead: for each distinct (shape, dtype, bias) it times dense and every candidate (the
+    compressed backends available here for ``backend="auto"``, else the named one) at ``tokens`` rows of input and
+    picks by :func:`~vlmsparse.modules.sparse_linear.plan_backend`: never a path slower than dense at one of the
+    token counts, the lowest summed time among the rest (on a CPU, ``tokens=(1,)`` asks for the decode path;
+    the default ``(1, 512)`` also asks that prefill be no slower). ``dense_copy=True`` also allows a layer to keep
+    its dense weight beside the compressed one and dispatch per call on the token count (``dense_below``; 25/16 of
+    the dense fp16 bytes instead of 9/16), which is what pays where the sparse path only wins for long inputs.
+    ``plan``: ``{name: (backend, dense_below)}`` decided earlier (a stored report), applied as given.
+    Returns a :class:`CompressReport` with one row per eligible linear; logs a warning saying why when it swaps
+    nothing.
     """
-    report = _swap_linears(model, masks, auto, backend, filter_fn, tokens, progress)
+    report = _swap_linears(model, masks, auto, backend, filter_fn, tokens, progress, dense_copy, plan)
     if not report.swapped:
         logger.warning("compress: no linear was swapped for SparseLinear: %s", _why_nothing_swapped(report, backend))
     return report
@@ -163,7 +186,8 @@ def _why_nothing_swapped(report: CompressReport, backend: str) -> str:
 
 def _swap_linears(model: nn.Module, masks: Mapping[str, torch.Tensor] | None, auto: bool, backend: str,
                   filter_fn: Callable[[nn.Module, str], bool] | None, tokens: Sequence[int],
-                  progress: bool) -> CompressReport:
+                  progress: bool, dense_copy: bool = False,
+                  plan: Mapping[str, tuple[str, int]] | None = None) -> CompressReport:
     """:func:`compress` without its warning."""
     from tqdm.auto import tqdm
 
@@ -181,7 +205,7 @@ def _swap_linears(model: nn.Module, masks: Mapping[str, torch.Tensor] | None, au
             continue
         candidates.append((name, module))
     report = CompressReport()
-    timings: dict[tuple, tuple[float, float]] = {}
+    timings: dict[tuple, dict[str, dict[int, float]]] = {}
     for name, module in tqdm(candidates, desc="compress", disable=not progress or len(candidates) < 8):
         weight = module.weight.detach()
         shape = tuple(weight.shape)
@@ -191,37 +215,69 @@ def _swap_linears(model: nn.Module, masks: Mapping[str, torch.Tensor] | None, au
             if backend in ("torch24", "packed24") or sparsity_of(weight) < BITMASK_MIN_SPARSITY:
                 report.not_24.append(name)
                 continue
-        chosen, reason = choose_backend(weight, backend)
-        if chosen == "dense":
-            report.layers.append(LayerDecision(name, shape, "dense", reason))
-            continue
-        new = SparseLinear(weight, module.bias, chosen)
-        dense_ms = sparse_ms = None
-        if auto:
-            key = (shape, weight.dtype, chosen, module.bias is not None)
+        if plan is not None and name in plan:
+            chosen, below = plan[name]
+            reason, times = "planned", None
+        elif auto and _timed_backends(weight, backend):
+            names = _timed_backends(weight, backend)
+            key = (shape, weight.dtype, module.bias is not None, tuple(names))
             if key not in timings:
-                timings[key] = _time_layer(module, new, tokens)
-            dense_ms, sparse_ms = timings[key]
-            if sparse_ms >= dense_ms:
-                report.layers.append(LayerDecision(name, shape, "dense", f"{chosen} slower than dense here",
-                                                   dense_ms, sparse_ms))
-                continue
-        _set_module(model, name, new)
-        report.layers.append(LayerDecision(name, shape, chosen, reason, dense_ms, sparse_ms))
+                timings[key] = _time_candidates(module, names, tokens)
+            times = timings[key]
+            chosen, below, reason = plan_backend(times, dense_copy)
+        else:
+            (chosen, reason), below, times = choose_backend(weight, backend), 0, None
+        dense_ms = sparse_ms = None
+        if times is not None:
+            dense_ms = sum(times["dense"].values())
+            sparse_ms = _chosen_ms(times, chosen, below)
+        if chosen == "dense":
+            report.layers.append(LayerDecision(name, shape, "dense", reason, dense_ms, sparse_ms, 0, times))
+            continue
+        _set_module(model, name, SparseLinear(weight, module.bias, chosen, below))
+        report.layers.append(LayerDecision(name, shape, chosen, reason, dense_ms, sparse_ms, below, times))
     logger.info("compress: %s", report.counts())
     return report
 
 
+def _timed_backends(weight: torch.Tensor, backend: str) -> list[str]:
+    """The compressed backends ``auto=True`` times against dense: those available here for ``"auto"``, else the
+    named one (none for ``"dense"``)."""
+    if backend == "auto":
+        return list(sparse_candidates(weight))
+    chosen = choose_backend(weight, backend)[0]
+    return [] if chosen == "dense" else [chosen]
+
+
+def _chosen_ms(times: Mapping[str, Mapping[int, float]], chosen: str, below: int) -> float | None:
+    """Summed ms of the chosen path (dense under ``below``), or of the fastest compressed one when dense won."""
+    dense = times["dense"]
+    if chosen == "dense":
+        sparse = [sum(v.values()) for k, v in times.items() if k != "dense"]
+        return min(sparse) if sparse else None
+    return sum(dense[t] if t < below else times[chosen][t] for t in dense)
+
+
 @torch.no_grad()
-def _time_layer(dense: nn.Linear, sparse: SparseLinear, tokens: Iterable[int]) -> tuple[float, float]:
-    """Summed median times (ms) of the dense and the sparse layer over inputs of ``tokens`` rows."""
+def _time_candidates(dense: nn.Linear, names: Sequence[str], tokens: Iterable[int]) -> dict[str, dict[int, float]]:
+    """``{backend: {tokens: median ms}}`` of the dense layer and of a :class:`SparseLinear` per backend in
+    ``names``, on inputs of ``tokens`` rows (one layer built per backend, timed side by side)."""
     device, dtype = dense.weight.device, dense.weight.dtype
-    total_dense = total_sparse = 0.0
+    layers: dict[str, nn.Module] = {"dense": dense}
+    for name in names:
+        layers[name] = SparseLinear(dense.weight, dense.bias, name)
+    times: dict[str, dict[int, float]] = {name: {} for name in layers}
     for t in tokens:
         x = torch.randn(int(t), dense.in_features, device=device, dtype=dtype)
-        total_dense += _median_ms(lambda x=x: dense(x), device)
-        total_sparse += _median_ms(lambda x=x: sparse(x), device)
-    return total_dense, total_sparse
+        for name, layer in layers.items():
+            times[name][int(t)] = _median_ms(lambda x=x, layer=layer: layer(x), device)
+    return times
+
+
+def _can_hold(weight: torch.Tensor, backend: str) -> bool:
+    """Whether ``backend`` is one of the fast compressed paths for ``weight`` on its device (a plan measured on
+    another machine is not applied where its backend would be a slow fallback)."""
+    return backend in sparse_candidates(weight.detach())
 
 
 def decompress(model: nn.Module) -> int:
@@ -476,9 +532,15 @@ def load_compressed(
     if as_sparse:
         packed = {key[: -len(".weight")] for key, e in index["tensors"].items()
                   if e["format"] in ("packed24", "bitmask") and key.endswith(".weight")}
+        planned = None
         if index.get("plan"):
-            packed &= {layer["name"] for layer in index["plan"]["layers"] if layer["backend"] != "dense"}
-        report = _swap_linears(model, None, False, backend, lambda _m, name: name in packed, (1,), False)
+            layers = {layer["name"]: layer for layer in index["plan"]["layers"]}
+            packed &= {name for name, layer in layers.items() if layer["backend"] != "dense"}
+            if backend == "auto":  # the measured decisions, where this device can hold them
+                planned = {name: (layers[name]["backend"], int(layers[name].get("dense_below", 0))) for name in packed
+                           if _can_hold(model.get_submodule(name).weight, layers[name]["backend"])}
+        report = _swap_linears(model, None, False, backend, lambda _m, name: name in packed, (1,), False,
+                               plan=planned)
         if not report.swapped:
             why = _why_nothing_swapped(report, backend) if packed else "no weight is stored as packed 2:4 or bitmask"
             logger.warning("load_compressed(as_sparse=True): none of the %d sparse layers was swapped for SparseLinear "
