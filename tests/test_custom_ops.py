@@ -178,3 +178,38 @@ def test_compile_fullgraph_tiny_llama_with_sparse_lora(one_thread):
     assert len(got) == 1 + 2 * len(masks)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_opcheck_inference_ops_on_cpu(backend, native):
+    """``vlmsparse::packed24_linear`` and ``vlmsparse::bitmask_linear`` over the reference twins and the native
+    CPU kernels (the CPU default for float32 / bfloat16), and the public functions equal to the op."""
+    from vlmsparse.bitmask import pack_bitmask_weight
+
+    x, weight, _, _, _, bias = _problem()
+    packed, stored = pack24(weight), pack_bitmask_weight(weight)
+    x, bias = x.detach(), bias.detach()
+    for args in ((x, packed.values, packed.meta, bias, backend), (x, packed.values, packed.meta, None, backend)):
+        torch.library.opcheck(torch.ops.vlmsparse.packed24_linear.default, args)
+    for b in (bias, None):
+        args = (x, stored.values, stored.bitmask, stored.row_offsets, b, backend)
+        torch.library.opcheck(torch.ops.vlmsparse.bitmask_linear.default, args)
+        torch.testing.assert_close(ops.bitmask_linear(*args[:5], backend=backend),
+                                   torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+        assert torch.equal(ops.bitmask_linear(*args[:5], backend=backend), torch.ops.vlmsparse.bitmask_linear(*args))
+
+
+def test_bitmask_backend_choice_and_errors(monkeypatch, native):
+    """bitmask_matmul: native by default for float32 / bfloat16 CPU inputs, reference for other dtypes; no
+    backend but those two implements it; native refuses what it cannot run with what is allowed."""
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    assert ops.resolve_backend("cpu", op="bitmask_matmul", dtype=torch.bfloat16) == "native"
+    assert ops.resolve_backend("cpu", op="bitmask_matmul", dtype=torch.float64) == "reference"
+    with pytest.raises(ValueError, match="does not implement bitmask_matmul; allowed: reference, native"):
+        ops.resolve_backend("cpu", "triton", op="bitmask_matmul")
+    with pytest.raises(RuntimeError, match=r"backend 'native' \(argument\) takes torch.float32, torch.bfloat16"):
+        ops.resolve_backend("cpu", "native", op="bitmask_matmul", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="runs on CPU tensors, got a cuda tensor"):
+        ops.resolve_backend("cuda", "native", op="packed24_matmul")
+    with ops.use_backend("native"):  # a model-wide choice still trains SparseLoRA layers (device default)
+        assert ops.resolve_backend("cpu", op="sparse_lora") == "reference"
