@@ -12,7 +12,8 @@ every run), the same calibration windows, the same decoder linears (``lm_head`` 
 SparseGPT block size and dampening. The calibration windows are drawn from an order-2 Markov chain over the
 vocabulary, the perplexity is measured on a held-out walk of the same chain; ``--train-steps N`` first trains
 the model on the chain for N AdamW steps, so that pruning costs real perplexity. Rows (``bench``:
-``prune-compare``, one per tool and setting, with the load average) go to the same file. llm-compressor is an
+``prune-compare``, one per tool and setting: the fastest of ``--repeats`` alternated runs, all run times and the
+load average before each) go to the same file. llm-compressor is an
 optional package, never a dependency of vlmsparse: ``pip install -e ".[compare]"`` (after torch) or
 ``pip install --no-deps llmcompressor compressed-tensors loguru datasets requests`` to keep the
 transformers you have (llmcompressor 0.14 pins ``transformers<=5.17``).
@@ -247,10 +248,20 @@ def compare_llmcompressor(args: argparse.Namespace, device_name: str) -> list[di
         raise SystemExit(f"{LLMCOMPRESSOR_MISSING} ({error})") from None
     from transformers.utils import logging as hf_logging
 
+    loguru_logger.disable("llmcompressor")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _compare(args, device_name, llmcompressor.__version__)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _compare(args: argparse.Namespace, device_name: str, llmcompressor_version: str) -> list[dict]:
+    """The comparison itself (llmcompressor imported, its logging and transformers' bars off)."""
     from vlmsparse.data.vocab import build_tokenizer
 
-    loguru_logger.disable("llmcompressor")
-    hf_logging.disable_progress_bar()
     train = markov_tokens(max(args.samples * args.seqlen * 4, 65536), args.vocab, seed=1)
     held_out = markov_tokens(args.eval_tokens, args.vocab, seed=2)
     starts = torch.randint(0, len(train) - args.seqlen, (args.samples,), generator=torch.Generator().manual_seed(0))
@@ -265,7 +276,7 @@ def compare_llmcompressor(args: argparse.Namespace, device_name: str) -> list[di
         "bench": "prune-compare", "layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
         "vocab": args.vocab, "tokens": f"{args.samples}x{args.seqlen}", "batch_size": args.batch_size,
         "dtype": args.dtype, "train_steps": args.train_steps, "eval_tokens": args.eval_tokens,
-        "llmcompressor": llmcompressor.__version__,
+        "llmcompressor": llmcompressor_version,
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-prune-") as folder:
@@ -279,12 +290,21 @@ def compare_llmcompressor(args: argparse.Namespace, device_name: str) -> list[di
               f"{common['dense_perplexity']:.4f}", flush=True)
         for pattern in args.sparsity.split(","):
             for method in COMPARE_METHODS:
-                reference, ours = _compare_run("vlmsparse", folder, method, pattern, batches, {}, tokenizer,
-                                               held_out, args)
-                _, theirs = _compare_run("llmcompressor", folder, method, pattern, batches, reference, tokenizer,
-                                         held_out, args)
-                rows += [{**common, **ours, **_environment(args, device_name)},
-                         {**common, **theirs, **_environment(args, device_name)}]
+                runs: dict[str, list[dict]] = {"vlmsparse": [], "llmcompressor": []}
+                for _ in range(args.repeats):  # alternated, each on a fresh copy of the model
+                    reference, ours = _compare_run("vlmsparse", folder, method, pattern, batches, {}, tokenizer,
+                                                   held_out, args)
+                    runs["vlmsparse"].append(ours)
+                    runs["llmcompressor"].append(_compare_run("llmcompressor", folder, method, pattern, batches,
+                                                              reference, tokenizer, held_out, args)[1])
+                best = {}
+                for tool, tool_runs in runs.items():
+                    seconds = [r["total_s"] for r in tool_runs]
+                    best[tool] = {**common, **tool_runs[-1], "total_s": min(seconds), "runs_s": seconds,
+                                  "loadavg_1m_runs": [r["loadavg_1m_before"] for r in tool_runs],
+                                  **_environment(args, device_name)}
+                    rows.append(best[tool])
+                ours, theirs = best["vlmsparse"], best["llmcompressor"]
                 print(f"{method:>9} {pattern:>4}: vlmsparse {ours['total_s']:7.2f} s ppl {ours['perplexity']:9.4f}"
                       f" | llm-compressor {theirs['total_s']:7.2f} s ppl {theirs['perplexity']:9.4f} | speed-up "
                       f"{theirs['total_s'] / ours['total_s']:5.2f}x, perplexity ratio "
@@ -313,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="Wanda and SparseGPT, vlmsparse vs llm-compressor's oneshot (optional package)")
     parser.add_argument("--train-steps", type=int, default=0,
                         help="--compare-llmcompressor: train the model on the Markov text first")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="--compare-llmcompressor: runs per tool and setting, alternated; rows keep the fastest")
     parser.add_argument("--eval-tokens", type=int, default=16384,
                         help="--compare-llmcompressor: held-out tokens for the perplexity")
     args = parser.parse_args(argv)
