@@ -73,6 +73,9 @@ def test_check_pruned_alike(bench):
     assert bench.check_pruned_alike(model, reference, "2:4", "same") == reference
     with pytest.raises(RuntimeError, match="pruned other linears"):
         bench.check_pruned_alike(model, {**reference, "lm_head": 0.5}, "2:4", "other")
+    with torch.no_grad():  # a zero row in a dense weight (a padding embedding tied to lm_head) is not pruning
+        model.lm_head.weight[0] = 0
+    assert bench.check_pruned_alike(model, reference, "2:4", "same")["lm_head"] > 0
     with pytest.raises(RuntimeError, match="not 0.75"):
         bench.check_pruned_alike(model, reference, "0.75", "other")
     down = model.model.layers[0].mlp.down_proj.weight
