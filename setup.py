@@ -100,6 +100,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "dev": ["triton>=3.6", "pytest>=8", "ruff>=0.6", "matplotlib"],
+        # benchmarks/bench_prune.py --compare-llmcompressor only; llmcompressor 0.14 pins transformers<=5.17
+        "compare": ["llmcompressor>=0.14"],
     },
     entry_points={"console_scripts": ["vlmsparse=vlmsparse.cli:main"]},
     **_native_build(),

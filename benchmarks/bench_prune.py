@@ -6,20 +6,37 @@ time (sum over layers of the per-layer algorithm time: masks, Hessian inverse, O
 (calibration forwards through the blocks, input statistics incl. X^T X), and the peak memory.
 Rows are appended to ``benchmarks/results/prune-<device>.jsonl`` with the device, versions, git commit, date.
 
+``--compare-llmcompressor``: vlmsparse's ``prune_model`` and llm-compressor's ``oneshot`` side by side, Wanda
+and SparseGPT at each ``--sparsity`` (default ``2:4,0.5``), on the same model (saved once, loaded fresh for
+every run), the same calibration windows, the same decoder linears (``lm_head`` left dense by both), the same
+SparseGPT block size and dampening. The calibration windows are drawn from an order-2 Markov chain over the
+vocabulary, the perplexity is measured on a held-out walk of the same chain; ``--train-steps N`` first trains
+the model on the chain for N AdamW steps, so that pruning costs real perplexity. Rows (``bench``:
+``prune-compare``, one per tool and setting: the fastest of ``--repeats`` alternated runs, all run times and the
+load average before each) go to the same file. llm-compressor is an
+optional package, never a dependency of vlmsparse: ``pip install -e ".[compare]"`` (after torch) or
+``pip install --no-deps llmcompressor compressed-tensors loguru datasets requests`` to keep the
+transformers you have (llmcompressor 0.14 pins ``transformers<=5.17``).
+
     python benchmarks/bench_prune.py                       # all methods, the 135M shape
     python benchmarks/bench_prune.py --layers 4 --methods wanda   # a quick run
+    python benchmarks/bench_prune.py --compare-llmcompressor --layers 4 --hidden 256 --intermediate 704 \
+        --vocab 1024 --train-steps 300                   # a trained small Llama, both tools
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
+import math
 import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +60,21 @@ def _device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} cpu x{torch.get_num_threads()} threads"
 
 
+def _environment(args: argparse.Namespace, device_name: str) -> dict:
+    """The fields every row carries: device, threads, versions, git commit, date, note."""
+    return {
+        "device": device_name,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "note": args.note,
+    }
+
+
 def build_model(layers: int, hidden: int, intermediate: int, vocab: int, dtype: torch.dtype, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -55,10 +87,236 @@ def build_model(layers: int, hidden: int, intermediate: int, vocab: int, dtype: 
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
+# ------------------------------------------------------------------------------ --compare-llmcompressor
+COMPARE_METHODS = ("wanda", "sparsegpt")
+LLMCOMPRESSOR_MISSING = (
+    "--compare-llmcompressor needs the optional llmcompressor package (never a dependency of vlmsparse): "
+    "pip install -e \".[compare]\" after torch (llmcompressor 0.14 pins transformers<=5.17), or "
+    "pip install --no-deps llmcompressor compressed-tensors loguru datasets requests to keep your transformers"
+)
+
+
+def markov_tokens(n: int, vocab: int, seed: int) -> torch.Tensor:
+    """``[n]`` token ids in ``[3, vocab)``: a walk of an order-2 Markov chain. A fixed random table (the same
+    for every ``seed``) gives each context (the previous two tokens, hashed to one of ``vocab`` rows) four
+    successors; the walk (drawn with ``seed``) takes the first one half of the time, else one of the four."""
+    table = torch.Generator().manual_seed(0)
+    successors = torch.randint(3, vocab, (vocab, 4), generator=table).tolist()
+    mix = torch.randint(0, vocab, (vocab,), generator=table).tolist()
+    walk = torch.Generator().manual_seed(seed)
+    choice = torch.randint(0, 4, (n,), generator=walk).tolist()
+    first = (torch.rand(n, generator=walk) < 0.5).tolist()
+    out = [3, 4]
+    for i in range(n - 2):
+        context = (mix[out[-2]] + out[-1]) % vocab
+        out.append(successors[context][0 if first[i] else choice[i]])
+    return torch.tensor(out[:n], dtype=torch.long)
+
+
+def train_on_tokens(model, tokens: torch.Tensor, steps: int, seqlen: int, batch_size: int = 16,
+                    lr: float = 2e-3) -> float:
+    """``steps`` AdamW steps of next-token loss on random ``[batch_size, seqlen]`` windows of ``tokens``;
+    returns the last loss."""
+    generator = torch.Generator().manual_seed(1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        starts = torch.randint(0, len(tokens) - seqlen, (batch_size,), generator=generator).tolist()
+        x = torch.stack([tokens[s : s + seqlen] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return loss.item()
+
+
+@torch.no_grad()
+def heldout_perplexity(model, tokens: torch.Tensor, seqlen: int, batch_size: int) -> float:
+    """``exp`` of the mean next-token NLL over ``tokens`` cut into consecutive ``seqlen`` windows."""
+    windows = tokens[: len(tokens) // seqlen * seqlen].reshape(-1, seqlen)
+    total, count = 0.0, 0
+    for chunk in windows.split(batch_size):
+        logits = model(input_ids=chunk).logits[:, :-1].float()
+        targets = chunk[:, 1:]
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                         reduction="sum"))
+        count += targets.numel()
+    return math.exp(total / count)
+
+
+def linear_sparsities(model) -> dict[str, float]:
+    """``{module name: fraction of zero weights}`` for every ``nn.Linear`` of ``model``."""
+    from vlmsparse.sparsity import sparsity_of
+
+    return {name: sparsity_of(m.weight) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def check_pruned_alike(model, reference: dict[str, float], pattern: str, tool: str) -> dict[str, float]:
+    """The per-linear sparsities of ``model``; raises ``RuntimeError`` unless exactly the linears pruned (over 1%
+    zeros) in ``reference`` (the other tool's run) are pruned, each to ``pattern``: every N:M group, or the whole matrix
+    for unstructured (SparseGPT picks its mask per column block, so rows differ)."""
+    from vlmsparse.sparsity import check_pattern, parse_pattern
+
+    got = linear_sparsities(model)
+    target = parse_pattern(pattern).sparsity
+    pruned = {name for name, s in got.items() if s > 0.01}  # a dense weight may hold a zero row (padding)
+    want = {name for name, s in reference.items() if s > 0.01}
+    if pruned != want:
+        raise RuntimeError(f"{tool} pruned other linears than vlmsparse: only {sorted(pruned ^ want)[:6]} differ")
+    modules = dict(model.named_modules())
+    for name in pruned:
+        if abs(got[name] - target) > 1e-3 or not check_pattern(modules[name].weight.detach(), pattern, scope="matrix"):
+            raise RuntimeError(f"{tool}: {name} has sparsity {got[name]:.4f}, not {pattern}")
+    return got
+
+
+def _prune_with_vlmsparse(model, method: str, pattern: str, batches: list) -> float:
+    from vlmsparse.pipeline.prune import prune_model
+
+    start = time.perf_counter()
+    prune_model(model, method=method, sparsity=pattern, calibration=batches, progress=False, blocksize=128,
+                dampening=0.01, report_error=method == "sparsegpt")
+    return time.perf_counter() - start
+
+
+def _prune_with_llmcompressor(model, method: str, pattern: str, batches: list, tokenizer) -> float:
+    """llm-compressor's ``oneshot`` with its sequential pipeline (one decoder block at a time, pruned outputs
+    propagated), every ``Linear`` but ``lm_head``, the batches as given (a DataLoader of ready batches)."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    from torch.utils.data import DataLoader
+
+    from vlmsparse.sparsity import parse_pattern
+
+    parsed = parse_pattern(pattern)
+    common = {"sparsity": parsed.sparsity, "mask_structure": f"{parsed.n}:{parsed.m}" if parsed.is_nm else "0:0",
+              "targets": ["Linear"], "ignore": ["re:.*lm_head"]}
+    modifier = (WandaPruningModifier(**common) if method == "wanda"
+                else SparseGPTModifier(**common, block_size=128, dampening_frac=0.01))
+    start = time.perf_counter()
+    oneshot(model=model, tokenizer=tokenizer, dataset=DataLoader(batches, batch_size=None), recipe=[modifier],
+            pipeline="sequential")
+    return time.perf_counter() - start
+
+
+def _compare_run(tool: str, folder: str, method: str, pattern: str, batches: list, reference: dict[str, float],
+                 tokenizer, held_out: torch.Tensor, args: argparse.Namespace) -> tuple[dict[str, float], dict]:
+    """One tool on a fresh copy of the saved model: ``(per-linear sparsities, row fields)``."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    load_before = os.getloadavg()[0]
+    if tool == "vlmsparse":
+        seconds = _prune_with_vlmsparse(model, method, pattern, copy.deepcopy(batches))
+        reference = linear_sparsities(model)
+    else:
+        seconds = _prune_with_llmcompressor(model, method, pattern, copy.deepcopy(batches), tokenizer)
+    load_after = os.getloadavg()[0]
+    sparsities = check_pruned_alike(model, reference, pattern, tool)
+    pruned = [s for s in sparsities.values() if s > 0.01]
+    fields = {
+        "tool": tool, "method": method, "sparsity": pattern, "params": sum(p.numel() for p in model.parameters()),
+        "total_s": round(seconds, 3), "perplexity": round(heldout_perplexity(model, held_out, args.seqlen,
+                                                                             args.batch_size), 4),
+        "linears_pruned": len(pruned), "linear_sparsity": round(sum(pruned) / len(pruned), 6),
+        "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(load_after, 2),
+    }
+    return sparsities, fields
+
+
+def _warm_up(folder: str, batches: list, tokenizer, args: argparse.Namespace) -> None:
+    """One untimed run of each tool and method on a one-block model: the first call of each pays for lazy
+    imports and library initialisation (about 3 s for either tool on this machine), which is not pruning."""
+    from transformers import LlamaForCausalLM
+
+    build_model(1, args.hidden, args.intermediate, args.vocab, getattr(torch, args.dtype), "cpu").save_pretrained(folder)
+    for method in COMPARE_METHODS:
+        for prune in (_prune_with_vlmsparse, _prune_with_llmcompressor):
+            model = LlamaForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(args.device)
+            extra = (tokenizer,) if prune is _prune_with_llmcompressor else ()
+            prune(model.eval(), method, "2:4", copy.deepcopy(batches[:1]), *extra)
+
+
+def compare_llmcompressor(args: argparse.Namespace, device_name: str) -> list[dict]:
+    """Both tools on every (method, pattern), vlmsparse first; returns the rows (see the module docstring)."""
+    try:
+        import llmcompressor
+        from loguru import logger as loguru_logger
+    except ImportError as error:
+        raise SystemExit(f"{LLMCOMPRESSOR_MISSING} ({error})") from None
+    from transformers.utils import logging as hf_logging
+
+    loguru_logger.disable("llmcompressor")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _compare(args, device_name, llmcompressor.__version__)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _compare(args: argparse.Namespace, device_name: str, llmcompressor_version: str) -> list[dict]:
+    """The comparison itself (llmcompressor imported, its logging and transformers' bars off)."""
+    from vlmsparse.data.vocab import build_tokenizer
+
+    train = markov_tokens(max(args.samples * args.seqlen * 4, 65536), args.vocab, seed=1)
+    held_out = markov_tokens(args.eval_tokens, args.vocab, seed=2)
+    starts = torch.randint(0, len(train) - args.seqlen, (args.samples,), generator=torch.Generator().manual_seed(0))
+    windows = torch.stack([train[s : s + args.seqlen] for s in starts.tolist()])
+    batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in windows.split(args.batch_size)]
+    model = build_model(args.layers, args.hidden, args.intermediate, args.vocab, torch.float32, "cpu")
+    train_start = time.perf_counter()
+    last_loss = train_on_tokens(model, train, args.train_steps, args.seqlen) if args.train_steps else float("nan")
+    train_s = time.perf_counter() - train_start
+    tokenizer = build_tokenizer([f"t{i}" for i in range(16)])  # oneshot wants one; the batches are tokenized
+    common = {
+        "bench": "prune-compare", "layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
+        "vocab": args.vocab, "tokens": f"{args.samples}x{args.seqlen}", "batch_size": args.batch_size,
+        "dtype": args.dtype, "train_steps": args.train_steps, "eval_tokens": args.eval_tokens,
+        "llmcompressor": llmcompressor_version,
+    }
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-prune-") as folder:
+        model.to(getattr(torch, args.dtype)).save_pretrained(folder)  # oneshot reads model.config.name_or_path
+        common["dense_perplexity"] = round(heldout_perplexity(model.to(args.device), held_out, args.seqlen,
+                                                              args.batch_size), 4)
+        del model
+        _warm_up(os.path.join(folder, "warm-up"), batches, tokenizer, args)
+        print(f"model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, trained {args.train_steps} "
+              f"steps ({train_s:.0f} s, last loss {last_loss:.3f}); dense held-out perplexity "
+              f"{common['dense_perplexity']:.4f}", flush=True)
+        for pattern in args.sparsity.split(","):
+            for method in COMPARE_METHODS:
+                runs: dict[str, list[dict]] = {"vlmsparse": [], "llmcompressor": []}
+                for _ in range(args.repeats):  # alternated, each on a fresh copy of the model
+                    reference, ours = _compare_run("vlmsparse", folder, method, pattern, batches, {}, tokenizer,
+                                                   held_out, args)
+                    runs["vlmsparse"].append(ours)
+                    runs["llmcompressor"].append(_compare_run("llmcompressor", folder, method, pattern, batches,
+                                                              reference, tokenizer, held_out, args)[1])
+                best = {}
+                for tool, tool_runs in runs.items():
+                    seconds = [r["total_s"] for r in tool_runs]
+                    best[tool] = {**common, **tool_runs[-1], "total_s": min(seconds), "runs_s": seconds,
+                                  "loadavg_1m_runs": [r["loadavg_1m_before"] for r in tool_runs],
+                                  **_environment(args, device_name)}
+                    rows.append(best[tool])
+                ours, theirs = best["vlmsparse"], best["llmcompressor"]
+                print(f"{method:>9} {pattern:>4}: vlmsparse {ours['total_s']:7.2f} s ppl {ours['perplexity']:9.4f}"
+                      f" | llm-compressor {theirs['total_s']:7.2f} s ppl {theirs['perplexity']:9.4f} | speed-up "
+                      f"{theirs['total_s'] / ours['total_s']:5.2f}x, perplexity ratio "
+                      f"{ours['perplexity'] / theirs['perplexity']:.4f}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
-    parser.add_argument("--sparsity", default="0.5")
+    parser.add_argument("--sparsity", default=None,
+                        help="comma-separated patterns (default 0.5; 2:4,0.5 with --compare-llmcompressor)")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--intermediate", type=int, default=1536)
@@ -71,7 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-error", action="store_true", help="Wanda/magnitude: also accumulate X^T X")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--note", default="", help="free text stored with the rows (e.g. 'shared machine')")
+    parser.add_argument("--compare-llmcompressor", action="store_true",
+                        help="Wanda and SparseGPT, vlmsparse vs llm-compressor's oneshot (optional package)")
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="--compare-llmcompressor: train the model on the Markov text first")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="--compare-llmcompressor: runs per tool and setting, alternated; rows keep the fastest")
+    parser.add_argument("--eval-tokens", type=int, default=16384,
+                        help="--compare-llmcompressor: held-out tokens for the perplexity")
     args = parser.parse_args(argv)
+    if args.sparsity is None:
+        args.sparsity = "2:4,0.5" if args.compare_llmcompressor else "0.5"
 
     from vlmsparse.pipeline.prune import prune_model, report_of
 
@@ -85,8 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")[:60]
     out_file = out_dir / f"prune-{slug}.jsonl"
-    rows = []
-    for method in args.methods.split(","):
+    if args.compare_llmcompressor:
+        rows = compare_llmcompressor(args, device_name)
+        methods = []
+    else:
+        rows, methods = [], args.methods.split(",")
+    for method in methods:
         model = build_model(args.layers, args.hidden, args.intermediate, args.vocab, dtype, args.device)
         params = sum(p.numel() for p in model.parameters())
         if args.device.startswith("cuda"):
@@ -118,15 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_memory_mib": round(peak / 2**20, 1),
             "peak_memory_kind": "cuda max allocated" if args.device.startswith("cuda") else "process max RSS",
             "sparsity_achieved": round(masks.sparsity(), 6),
-            "device": device_name,
-            "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "python": platform.python_version(),
-            "git_commit": _git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "note": args.note,
+            **_environment(args, device_name),
         }
         rows.append(row)
         print(f"{method:>10}: total {total:7.2f} s  prune {prune_s:7.2f} s  calibration {total - prune_s:7.2f} s  "

@@ -196,3 +196,144 @@ def test_cli_prune_turns_transformers_progress_bars_off_while_it_runs(tmp_path, 
     hf_logging.enable_progress_bar()
     assert main(["prune", str(llama_folder), str(tmp_path / "out"), "--method", "magnitude", "--quiet"]) == 0
     assert seen == [False] and hf_logging.is_progress_bar_enabled()  # off during the run, restored after
+
+
+def test_counts_are_refused_before_the_source_is_read(tmp_path, tokenizer):
+    absent = tmp_path / "absent.txt"  # never read: the counts fail first
+    for kwargs, name in (({"nsamples": 0}, "nsamples"), ({"nsamples": -3}, "nsamples"),
+                         ({"nsamples": True}, "nsamples"), ({"seqlen": 0}, "seqlen"), ({"seqlen": -1}, "seqlen"),
+                         ({"batch_size": 0}, "batch_size")):
+        with pytest.raises(ValueError, match=rf"{name} must be an int >= 1 .*got {list(kwargs.values())[0]!r}"):
+            text_calibration_batches(absent, tokenizer, **kwargs)
+    for nsamples in (0, -1):
+        with pytest.raises(ValueError, match=f"nsamples must be an int >= 1 .*got {nsamples}"):
+            load_calibration_samples(absent, nsamples=nsamples)
+    with pytest.raises(ValueError, match="seqlen must be an int >= 1"):
+        text_calibration_windows(["w1 w2"], tokenizer, nsamples=1, seqlen=0)
+
+
+def test_every_bad_text_source_names_its_path(tmp_path, tokenizer):
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3 w4")
+    with pytest.raises(ValueError, match=rf"{short}'? holds 4 tokens, fewer than one window of seqlen=5"):
+        text_calibration_batches(short, tokenizer, nsamples=1, seqlen=5)
+    assert text_calibration_batches(short, tokenizer, nsamples=1, seqlen=4)[0]["input_ids"].shape == (1, 4)
+    blanks = tmp_path / "blanks"  # a folder whose .txt files hold only whitespace
+    blanks.mkdir()
+    (blanks / "a.txt").write_text("\n \n")
+    (blanks / "b.txt").write_text("")
+    with pytest.raises(ValueError, match=rf"{blanks}'? is empty"):
+        load_calibration_text(blanks)
+    (tmp_path / "bad-utf8").mkdir()
+    (tmp_path / "bad-utf8" / "x.txt").write_bytes(b"w1 \xff\xfe w2")
+    with pytest.raises(ValueError, match=r"bad-utf8/x\.txt: not UTF-8"):
+        load_calibration_text(tmp_path / "bad-utf8")
+
+
+def test_bad_record_and_image_folder_sources(tmp_path):
+    from PIL import Image
+
+    cases = {
+        "empty.json": (b"", r"empty\.json is empty"),
+        "latin1.json": ('[{"text": "caf\xe9"}]'.encode("latin-1"), r"latin1\.json: not UTF-8"),
+        "latin1.jsonl": ('{"text": "caf\xe9"}\n'.encode("latin-1"), r"latin1\.jsonl: not UTF-8"),
+        "broken.json": (b"[{", r"broken\.json: invalid JSON"),
+        "broken.jsonl": (b'{"text": "a"}\n{oops\n', r"broken\.jsonl:2: not valid JSON"),
+        "blank.jsonl": (b"\n\n", r"blank\.jsonl'? holds no samples"),
+        "object.json": (b'{"text": "a"}', r"object\.json: expected a JSON list of records"),
+        "no-text.jsonl": (b'{"image": "x.png", "label": 3}\n', r"no-text\.jsonl record 0: record has no text"),
+        "number.json": (b"[3]", r"number\.json record 0: expected an object, got int"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=message):
+            load_calibration_samples(tmp_path / name, nsamples=4)
+    (tmp_path / "missing-image.jsonl").write_text('{"image": "gone.png", "text": "a cat"}\n')
+    with pytest.raises(ValueError, match=r"missing-image\.jsonl record 0: image file .*gone\.png.* does not exist"):
+        load_calibration_samples(tmp_path / "missing-image.jsonl")
+
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=rf"{empty} holds no images .*no metadata\.jsonl and no \.txt files"):
+        load_calibration_samples(empty)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "captions.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"captions\.json: invalid JSON"):
+        load_calibration_samples(folder)
+    (folder / "captions.json").write_text('["a caption"]')
+    with pytest.raises(ValueError, match=r"captions\.json: expected an object"):
+        load_calibration_samples(folder)
+    (folder / "captions.json").unlink()
+    with pytest.raises(ValueError, match=r"a\.png: no caption"):
+        load_calibration_samples(folder)
+    (folder / "a.txt").write_bytes(b"\xff")
+    with pytest.raises(ValueError, match=r"a\.txt: not UTF-8"):
+        load_calibration_samples(folder)
+    (folder / "a.txt").write_text("a black square")
+    assert [s.text for s in load_calibration_samples(folder)] == ["a black square"]
+
+
+def test_broken_datasets_folders(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"text": ["w1 w2 w3 " * 40] * 30}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "truncated"))
+    for arrow in (tmp_path / "truncated").glob("*.arrow"):
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "no-shards"))
+    for arrow in (tmp_path / "no-shards").glob("*.arrow"):
+        arrow.unlink()
+    for name in ("truncated", "no-shards"):
+        with pytest.raises(ValueError, match=rf"{tmp_path / name}: unreadable datasets folder"):
+            load_calibration_text(tmp_path / name)
+    datasets.Dataset.from_dict({"text": [1, 2]}).save_to_disk(str(tmp_path / "numbers-as-text"))
+    with pytest.raises(ValueError, match=r"numbers-as-text: the dataset's 'text' column holds .*int64.*not strings"):
+        load_calibration_text(tmp_path / "numbers-as-text")
+    datasets.Dataset.from_dict({"text": ["", None]}).save_to_disk(str(tmp_path / "blank-rows"))
+    with pytest.raises(ValueError, match=r"blank-rows'? is empty"):
+        load_calibration_text(tmp_path / "blank-rows")
+
+
+def _tree(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cli_bad_records_fail_before_loading_and_a_failed_prune_leaves_the_output_untouched(
+        tmp_path, llama_folder, capsys, monkeypatch):
+    import vlmsparse.pipeline.prune as prune
+    import vlmsparse.pipeline.save as save
+
+    records = tmp_path / "records.jsonl"
+    records.write_text("\n".join(json.dumps({"text": _text(30, seed)}) for seed in range(4)))
+    out = tmp_path / "pruned"
+    assert main(["prune", str(llama_folder), str(out), "--method", "wanda", "--calibration", str(records),
+                 "--nsamples", "4", "--quiet"]) == 0  # text-only records calibrate a language model
+    before = _tree(out)
+    assert "model.safetensors" in before
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the calibration records were checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(save, "load_model", no_model)
+        (tmp_path / "broken.jsonl").write_text('{"text": "w1"}\n{oops\n')
+        (tmp_path / "empty-folder").mkdir()
+        for source, message in (("broken.jsonl", "broken.jsonl:2: not valid JSON"),
+                                ("empty-folder", "holds no images"),
+                                ("absent.jsonl", "does not exist")):
+            for target, flags in ((tmp_path / "new-out", []), (out, ["--overwrite"])):
+                code = main(["prune", str(llama_folder), str(target), "--method", "sparsegpt", "--calibration",
+                             str(tmp_path / source), "--quiet", *flags])
+                assert code == 2 and message in capsys.readouterr().err
+                assert not (tmp_path / "new-out").exists() and _tree(out) == before
+
+    def failing_prune(*args, **kwargs):  # pruning fails after the model has loaded
+        raise ValueError("calibration activations are not finite")
+
+    monkeypatch.setattr(prune, "prune_model", failing_prune)
+    for target, flags in ((tmp_path / "new-out", []), (out, ["--overwrite"])):
+        assert main(["prune", str(llama_folder), str(target), "--method", "wanda", "--calibration", str(records),
+                     "--nsamples", "4", "--quiet", *flags]) == 2
+        assert "not finite" in capsys.readouterr().err
+        assert not (tmp_path / "new-out").exists() and _tree(out) == before

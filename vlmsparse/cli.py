@@ -314,6 +314,9 @@ def _prune(args: argparse.Namespace) -> int:
         seqlen = args.seqlen or _default_seqlen(args.model)
         calibration = text_calibration_batches(args.calibration, processor, args.nsamples, seqlen, args.seed,
                                                args.batch_size)
+    samples = None
+    if needs_calibration and not text and args.calibration != "synthetic":  # bad records fail before the model loads
+        samples = load_calibration_samples(args.calibration, args.nsamples, args.seed, image_root=args.image_root)
     model = load_model(args.model, device=device, dtype=dtype)
     present = {stage.part for stage in get_arch_spec(model).resolve(model)}
     allocation = part_allocation(args.allocation, args.sparsity, flags, present)
@@ -324,9 +327,9 @@ def _prune(args: argparse.Namespace) -> int:
                              f"the {', '.join(sorted(pruned - {'language'}))} part(s) of this model; use "
                              "--allocation language, or image-text records (.json/.jsonl, an image folder)")
     elif needs_calibration:
-        size = getattr(getattr(model.config, "vision_config", None), "image_size", 336)
-        samples = load_calibration_samples(args.calibration, args.nsamples, args.seed, image_size=size,
-                                           image_root=args.image_root)
+        if samples is None:  # the synthetic set, drawn at the vision tower's image size
+            size = getattr(getattr(model.config, "vision_config", None), "image_size", 336)
+            samples = load_calibration_samples(args.calibration, args.nsamples, args.seed, image_size=size)
         calibration = build_calibration_batches(samples, processor, args.batch_size, args.max_words,
                                                 decoder_start_token_id=decoder_start_token_id(model))
     masks = prune_model(

@@ -62,6 +62,22 @@ _IMAGE_KEYS = ("image", "image_path", "file_name", "filename")
 _TEXT_KEYS = ("text", "caption", "captions", "conversations")
 
 
+def _check_count(name: str, value: Any, what: str) -> None:
+    """``ValueError`` unless ``value`` is an int >= 1 (``what``: what it counts, for the message)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1 ({what}), got {value!r}")
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``; ``ValueError`` naming it when it is not UTF-8 or cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise ValueError(f"{path}: cannot be read: {error.strerror or error}") from None
+
+
 @dataclass
 class CalibrationSample:
     """One image-text pair; ``image`` is a PIL image, a path (loaded lazily), or None (text only)."""
@@ -109,8 +125,15 @@ def _from_records(records: list, base: Path, source: str, image_root: Path | Non
 
 def _read_records(path: Path) -> list:
     if path.suffix == ".jsonl":
-        return [row for _, row in iter_jsonl(path)]
-    text = path.read_text(encoding="utf-8")
+        try:
+            return [row for _, row in iter_jsonl(path)]
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        except OSError as error:
+            raise ValueError(f"{path}: cannot be read: {error.strerror or error}") from None
+    text = _read_text(path)
+    if not text.strip():
+        raise ValueError(f"{path} is empty; expected a JSON list of records")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -122,21 +145,34 @@ def _read_records(path: Path) -> list:
     return data
 
 
+def _read_captions(path: Path) -> dict:
+    """``{image file name: caption}`` from an image folder's ``captions.json`` (``{}`` when there is none)."""
+    if not path.exists():
+        return {}
+    try:
+        captions = json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON: {error}") from None
+    if not isinstance(captions, dict):
+        raise ValueError(f"{path}: expected an object {{image file name: caption}}, got {type(captions).__name__}")
+    return captions
+
+
 def _from_folder(folder: Path) -> list[CalibrationSample]:
     metadata = folder / "metadata.jsonl"
     if metadata.exists():
         return _from_records(_read_records(metadata), folder, str(metadata), None)
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
-        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no metadata.jsonl")
-    captions_file = folder / "captions.json"
-    captions = json.loads(captions_file.read_text(encoding="utf-8")) if captions_file.exists() else {}
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}), no metadata.jsonl and no "
+                         f"{', '.join(TEXT_EXTENSIONS)} files: nothing to calibrate with (calibration sources: {_SOURCES})")
+    captions = _read_captions(folder / "captions.json")
     out = []
     for image in images:
         text = captions.get(image.name)
         sidecar = image.with_suffix(".txt")
         if text is None and sidecar.exists():
-            text = sidecar.read_text(encoding="utf-8").strip()
+            text = _read_text(sidecar).strip()
         if not text:
             raise ValueError(
                 f"{image}: no caption; give {image.stem}.txt beside it, an entry in captions.json or metadata.jsonl"
@@ -154,8 +190,7 @@ def load_calibration_samples(
 ) -> list[CalibrationSample]:
     """``nsamples`` image-text pairs from ``source`` (a JSON/JSONL file, an image folder or ``"synthetic"``),
     images loaded (a file that fails to load raises ``ValueError`` naming it)."""
-    if not isinstance(nsamples, int) or nsamples < 1:
-        raise ValueError(f"nsamples must be a positive int, got {nsamples!r}")
+    _check_count("nsamples", nsamples, "calibration samples")
     if str(source) == "synthetic":
         from .synthetic import synthetic_captions
 
@@ -202,8 +237,7 @@ def build_calibration_batches(
     docstring), padded on the right."""
     if not samples:
         raise ValueError("calibration set is empty")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_count("batch_size", batch_size, "calibration samples per forward")
     has_images = hasattr(processor, "image_processor")
     batches = []
     for start in range(0, len(samples), batch_size):
@@ -264,39 +298,41 @@ def is_text_source(source: str | os.PathLike) -> bool:
     return not has_images and any(p.suffix.lower() in TEXT_EXTENSIONS for p in names)
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except OSError as error:
-        raise ValueError(f"{path}: cannot be read: {error.strerror or error}") from None
-
-
 def _dataset_texts(path: Path) -> list[str]:
     try:
         import datasets
     except ImportError:
         raise ValueError(f"{path} is a Hugging Face datasets folder; reading it needs the optional 'datasets' "
                          "package (pip install datasets), or give a .txt file / a folder of .txt files") from None
-    try:
+    try:  # datasets / pyarrow raise many types for a broken folder, some only when the rows are read
         data = datasets.load_from_disk(str(path))
-    except Exception as error:  # datasets raises many types for a broken folder
+        if isinstance(data, datasets.DatasetDict):
+            if not data:
+                raise ValueError(f"{path}: the DatasetDict holds no split")
+            split = "train" if "train" in data else next(iter(data))
+            data = data[split]
+        column = _text_column(data, path)
+        return [str(t) for t in data[column] if t]
+    except ValueError as error:
+        if str(path) in str(error):
+            raise
         raise ValueError(f"{path}: unreadable datasets folder ({type(error).__name__}: {error})") from None
-    if isinstance(data, datasets.DatasetDict):
-        if not data:
-            raise ValueError(f"{path}: the DatasetDict holds no split")
-        split = "train" if "train" in data else next(iter(data))
-        data = data[split]
-    column = "text" if "text" in data.column_names else None
-    if column is None:
-        strings = [name for name, feature in data.features.items()
-                   if getattr(feature, "dtype", None) in ("string", "large_string")]
-        if not strings:
-            raise ValueError(f"{path}: the dataset has no text column (columns: {', '.join(data.column_names)}); "
-                             "calibration reads the 'text' column, or else the first string column")
-        column = strings[0]
-    return [str(t) for t in data[column] if t]
+    except Exception as error:  # noqa: BLE001 -- turned into one clear error naming the folder
+        raise ValueError(f"{path}: unreadable datasets folder ({type(error).__name__}: {error})") from None
+
+
+def _text_column(data: Any, path: Path) -> str:
+    """The dataset's ``text`` column (it must hold strings), or else its first string column."""
+    strings = [name for name, feature in data.features.items()
+               if getattr(feature, "dtype", None) in ("string", "large_string")]
+    if "text" in data.column_names:
+        if "text" not in strings:
+            raise ValueError(f"{path}: the dataset's 'text' column holds {data.features['text']}, not strings")
+        return "text"
+    if not strings:
+        raise ValueError(f"{path}: the dataset has no text column (columns: {', '.join(data.column_names)}); "
+                         "calibration reads the 'text' column, or else the first string column")
+    return strings[0]
 
 
 def load_calibration_text(source: str | os.PathLike) -> list[str]:
@@ -325,17 +361,15 @@ def load_calibration_text(source: str | os.PathLike) -> list[str]:
 
 
 def text_calibration_windows(docs: list[str], tokenizer: Any, nsamples: int = 128, seqlen: int = 512,
-                             seed: int = 0) -> torch.Tensor:
+                             seed: int = 0, source: str = "calibration text") -> torch.Tensor:
     """``input_ids [nsamples, seqlen]``: random windows of the tokenized, concatenated ``docs`` (see the module
-    docstring). Raises ``ValueError`` when the text holds fewer than ``seqlen`` tokens."""
-    if not isinstance(nsamples, int) or nsamples < 1:
-        raise ValueError(f"nsamples must be a positive int, got {nsamples!r}")
-    if not isinstance(seqlen, int) or seqlen < 1:
-        raise ValueError(f"seqlen must be a positive int, got {seqlen!r}")
+    docstring). Raises ``ValueError`` (naming ``source``) when the text holds fewer than ``seqlen`` tokens."""
+    _check_count("nsamples", nsamples, "calibration windows")
+    _check_count("seqlen", seqlen, "tokens per calibration window")
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
     ids = tokenizer("\n\n".join(docs), add_special_tokens=False, verbose=False)["input_ids"]
     if len(ids) < seqlen:
-        raise ValueError(f"calibration text holds {len(ids)} tokens, fewer than one window of seqlen={seqlen}; "
+        raise ValueError(f"{source} holds {len(ids)} tokens, fewer than one window of seqlen={seqlen}; "
                          "give more text or a smaller seqlen")
     ids = torch.tensor(ids, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
@@ -346,8 +380,11 @@ def text_calibration_windows(docs: list[str], tokenizer: Any, nsamples: int = 12
 def text_calibration_batches(source: str | os.PathLike, tokenizer: Any, nsamples: int = 128, seqlen: int = 512,
                              seed: int = 0, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
     """Calibration batches for a language model from a text source: ``{"input_ids", "attention_mask"}``
-    ``[<= batch_size, seqlen]`` (no padding: the mask is all ones), ``nsamples`` windows in all."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    windows = text_calibration_windows(load_calibration_text(source), tokenizer, nsamples, seqlen, seed)
+    ``[<= batch_size, seqlen]`` (no padding: the mask is all ones), ``nsamples`` windows in all. The counts are
+    checked before the source is read."""
+    _check_count("nsamples", nsamples, "calibration windows")
+    _check_count("seqlen", seqlen, "tokens per calibration window")
+    _check_count("batch_size", batch_size, "calibration windows per forward")
+    windows = text_calibration_windows(load_calibration_text(source), tokenizer, nsamples, seqlen, seed,
+                                       source=f"calibration source {str(source)!r}")
     return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in windows.split(batch_size)]
