@@ -204,6 +204,10 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
     p.add_argument("--no-error", action="store_true", help="skip the reconstruction error of magnitude/Wanda")
     p.add_argument("--device", default=None, help="device to prune on (default: cuda if available, else cpu)")
+    p.add_argument("--offload", action="store_true",
+                   help="for a model larger than the device's memory: keep the weights on the CPU and move one "
+                   "block at a time to --device for calibration and pruning (peak device memory: about one block "
+                   "plus activations; host memory: the whole model)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
@@ -314,7 +318,7 @@ def _prune(args: argparse.Namespace) -> int:
         seqlen = args.seqlen or _default_seqlen(args.model)
         calibration = text_calibration_batches(args.calibration, processor, args.nsamples, seqlen, args.seed,
                                                args.batch_size)
-    model = load_model(args.model, device=device, dtype=dtype)
+    model = load_model(args.model, device=None if args.offload else device, dtype=dtype)
     present = {stage.part for stage in get_arch_spec(model).resolve(model)}
     allocation = part_allocation(args.allocation, args.sparsity, flags, present)
     if text:
@@ -332,7 +336,7 @@ def _prune(args: argparse.Namespace) -> int:
     masks = prune_model(
         model, method=args.method, sparsity=args.sparsity, allocation=allocation, calibration=calibration,
         scope=args.scope, blocksize=args.blocksize, dampening=args.dampening, report_error=not args.no_error,
-        progress=not args.quiet,
+        progress=not args.quiet, device=device if args.offload else None,
     )
     out = save_pruned(model, masks, args.output, processor=processor, overwrite=args.overwrite, source=args.model)
     if args.json:
