@@ -10,10 +10,20 @@ the same pruning done on a model that never moves. The GPU tier bounds real devi
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
-from factories import llava_inputs, text_inputs, tiny_llama, tiny_llava
+from factories import (
+    blip2_inputs,
+    blip2_t5_inputs,
+    llava_inputs,
+    text_inputs,
+    tiny_blip2,
+    tiny_blip2_t5,
+    tiny_llama,
+    tiny_llava,
+)
 from test_prune_model_cli import llava_folder, processor  # noqa: F401  (fixtures)
 from torch import nn
 
@@ -103,6 +113,12 @@ CASES = {
                                   dict(method="sparsegpt", allocation={"vision": "2:4", "language": 0.5,
                                                                        "connector": 0.5})),
     "llava-magnitude": (tiny_llava, None, dict(method="magnitude", sparsity=0.5)),
+    # query tokens on the root, the Q-Former as the connector block, OPT blocks
+    "blip2-wanda-connector": (tiny_blip2, lambda m: [blip2_inputs(seed=1), blip2_inputs(seed=2)],
+                              dict(method="wanda", allocation={"vision": 0.5, "language": 0.5, "connector": 0.5})),
+    # T5 stages capture every block's own arguments (the capture runs each block of the stage, one at a time)
+    "blip2-t5-sparsegpt": (tiny_blip2_t5, lambda m: [blip2_t5_inputs(seed=1), blip2_t5_inputs(seed=2)],
+                           dict(method="sparsegpt", sparsity=0.5)),
 }
 
 
@@ -283,3 +299,105 @@ def test_gpu_llava_offloaded_equals_pruned_on_the_gpu():
         assert torch.equal(masks[name], expected[name]), name
     for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(ta.cpu(), tb), name
+
+
+# ------------------------------------------------------------------------------------------- streaming
+def test_streamed_pruning_writes_the_same_model(tmp_path):
+    """Weights read from safetensors shards per block and pruned blocks written out: the folder loads as the
+    model pruned in memory, bit for bit, with the same masks; the meta model holds no storage afterwards."""
+    from vlmsparse.pipeline.stream import empty_model, prune_streamed
+
+    source = tmp_path / "source"
+    tiny_llama(layers=3).save_pretrained(source, max_shard_size="20KB")  # several shards, blocks split across
+    reference = tiny_llama(layers=3)
+    batches = _llama_batches(reference)
+    options = dict(method="sparsegpt", sparsity="2:4", calibration=batches, progress=False)
+    expected = prune_model(reference, **options)
+
+    model = empty_model(source)
+    out, masks = prune_streamed(model, source, tmp_path / "out", **options)
+    assert all(p.is_meta for p in model.parameters())
+    _assert_same_masks(masks, expected)
+    loaded, saved_masks = load_pruned(out)
+    _assert_same_model(loaded, reference)
+    _assert_same_masks(saved_masks, expected)
+    assert not list(tmp_path.glob(".out.*"))  # no temporary folder left
+
+
+def test_streamed_pruning_refuses_renamed_checkpoints_and_leaves_nothing(tmp_path):
+    from vlmsparse.pipeline.stream import StreamedWeights, empty_model, prune_streamed
+
+    source = tmp_path / "llava"
+    tiny_llava().save_pretrained(source)  # transformers writes LLaVA with its older key names
+    model = empty_model(source)
+    with pytest.raises(ValueError, match="not in the safetensors files"):
+        StreamedWeights(model, source, tmp_path / "x")
+    llama = tmp_path / "llama"
+    tiny_llama().save_pretrained(llama)
+    with pytest.raises(ValueError, match="meta device"):
+        prune_streamed(tiny_llama(), llama, tmp_path / "out", method="magnitude", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+_RSS_SCRIPT = r"""
+import json, re, sys, torch
+from vlmsparse.pipeline.prune import prune_model
+from vlmsparse.pipeline.save import load_model
+from vlmsparse.pipeline.stream import empty_model, prune_streamed
+
+def status(field):
+    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+source, out, mode = sys.argv[1:4]
+g = torch.Generator().manual_seed(0)
+batches = [{"input_ids": torch.randint(0, 1024, (1, 32), generator=g)} for _ in range(2)]
+options = dict(method="wanda", sparsity="2:4", calibration=batches, progress=False, report_error=False)
+model = empty_model(source) if mode == "stream" else None
+with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on (the import's peak, and the parent's,
+    f.write("5")                              # which a child inherits in getrusage's ru_maxrss, do not count)
+base = status("VmRSS")
+if mode == "stream":
+    prune_streamed(model, source, out, **options)
+else:  # the control: pruned in memory (magnitude: no forward passes, every weight read and rewritten)
+    model = load_model(source)
+    prune_model(model, method="magnitude", sparsity="2:4", progress=False, report_error=False)
+print(json.dumps({"grew_bytes": status("VmHWM") - base}))
+"""
+
+
+def _rss_growth(source, out, mode) -> int:
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(source), str(out), mode], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])["grew_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+def test_streamed_pruning_peak_host_memory_is_far_below_the_model(tmp_path):
+    """A 24-block Llama (fp32, about 300 MiB) in 20 MB shards: the peak RSS of a process that prunes it streamed
+    (Wanda 2:4) grows by less than 0.6x the model's bytes (one block read, pruned and written, plus the masks at
+    one byte per weight, a quarter of fp32), while a process that loads it and prunes it in memory grows by more
+    than the model's bytes (the measurement sees a whole model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=24,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128)
+    model = LlamaForCausalLM(config)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    block_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    model.save_pretrained(tmp_path / "source", max_shard_size="20MB")
+    del model
+    streamed = _rss_growth(tmp_path / "source", tmp_path / "streamed", "stream")
+    loaded = _rss_growth(tmp_path / "source", tmp_path / "unused", "load")
+    print(f"model {model_bytes / 2**20:.0f} MiB, block {block_bytes / 2**20:.1f} MiB; peak RSS growth: streamed "
+          f"{streamed / 2**20:.0f} MiB, loaded {loaded / 2**20:.0f} MiB")
+    assert loaded > model_bytes
+    assert streamed < 0.6 * model_bytes
+    pruned, masks = load_pruned(tmp_path / "streamed")  # checks every weight is zero where its mask prunes
+    assert len(masks) == 24 * 7 and masks.sparsity() == 0.5

@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -326,15 +326,28 @@ def _home_of(module: nn.Module, recurse: bool) -> torch.device | None:
     return None
 
 
+class WeightSource(Protocol):
+    """Where the weights of a model built on the meta device live (e.g. :class:`~vlmsparse.pipeline.stream.
+    StreamedWeights`): ``load`` materialises a module's tensors (its own only without ``recurse``) on ``device``,
+    ``unload`` keeps what changed and returns them to the meta device."""
+
+    def load(self, module: nn.Module, device: torch.device, recurse: bool) -> None: ...
+
+    def unload(self, module: nn.Module, recurse: bool) -> None: ...
+
+
 class _Onload:
-    """Weights at home (where :func:`prune_model` found them), visiting the execution device one block at a time.
+    """Weights at home (where :func:`prune_model` found them, or a :class:`WeightSource`), visiting the execution
+    device one block at a time.
 
     Units: every block of every stage (moved whole), and every other module holding tensors of its own
     (embeddings, norms, rotary tables, BLIP-2's query tokens on the root; moved without its children).
     """
 
-    def __init__(self, model: nn.Module, stages: list[ResolvedStage], device: torch.device) -> None:
+    def __init__(self, model: nn.Module, stages: list[ResolvedStage], device: torch.device,
+                 source: WeightSource | None = None) -> None:
         self.device = device
+        self.source = source
         self.blocks = [block for stage in stages for block in stage.blocks]
         inside = {id(m) for block in self.blocks for m in block.modules()}
         self.others = [m for m in model.modules()
@@ -346,11 +359,16 @@ class _Onload:
                 self.home[id(module)] = home
 
     def load(self, module: nn.Module, recurse: bool = True) -> None:
-        _place(module, self.device, recurse)
+        if self.source is not None:
+            self.source.load(module, self.device, recurse)
+        else:
+            _place(module, self.device, recurse)
 
     def unload(self, module: nn.Module, recurse: bool = True) -> None:
         home = self.home.get(id(module))
-        if home is not None:
+        if self.source is not None:
+            self.source.unload(module, recurse)
+        elif home is not None:
             _place(module, home, recurse)
 
     @contextmanager
@@ -695,6 +713,7 @@ def prune_model(
     sparsity: Any = 0.5,
     allocation: Any = "equal",
     calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    weights: WeightSource | None = None,
     **options: Any,
 ) -> MaskSet:
     """Prune ``model`` in place and return its :class:`~vlmsparse.masks.MaskSet`.
@@ -703,6 +722,9 @@ def prune_model(
     ...), each one batch; not needed for magnitude pruning without OWL. ``options``: the other fields of
     :class:`PruneConfig` (``scope``, ``owl``, ``blocksize``, ``dampening``, ``report_error``, ``offload``...).
     The per-layer report is in ``masks.info["report"]`` (JSON; see :func:`report_of`).
+    ``device``: run there, moving one block at a time (see :class:`PruneConfig`). ``weights``: for a model built
+    on the meta device, where its weights come from and go to (e.g. streamed from safetensors shards:
+    :func:`vlmsparse.pipeline.stream.prune_streamed`); needs ``device``.
     """
     known = {f.name for f in fields(PruneConfig)} - {"method", "sparsity", "allocation"}
     unknown = sorted(set(options) - known)
@@ -712,6 +734,9 @@ def prune_model(
         raise TypeError("prune_model: calibration is one batch (a dict of model inputs); pass an iterable of "
                         "batches, e.g. [batch]")
     cfg = PruneConfig(method=method, sparsity=sparsity, allocation=allocation, **options)
+    if weights is not None and cfg.device is None:
+        raise ValueError("prune_model: weights (a source of streamed weights) needs device, the execution device "
+                         "each block visits (e.g. device='cuda')")
     spec = get_arch_spec(model)
     stages = spec.resolve(model)
     plan = _plan(spec, stages, cfg)
@@ -728,7 +753,7 @@ def prune_model(
     device = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    onload = _Onload(model, stages, device) if cfg.device is not None else None
+    onload = _Onload(model, stages, device, weights) if cfg.device is not None else None
     offload = cfg.offload if cfg.offload is not None else device.type != "cpu"
     store = torch.device("cpu") if offload else None
     hessian = cfg.method == "sparsegpt" or (cfg.report_error and bool(batches))
