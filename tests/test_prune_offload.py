@@ -24,6 +24,7 @@ from factories import (
     tiny_llama,
     tiny_llava,
 )
+from test_calibration_text import _text, llama_folder, tokenizer  # noqa: F401  (fixtures)
 from test_prune_model_cli import llava_folder, processor  # noqa: F401  (fixtures)
 from torch import nn
 
@@ -337,6 +338,21 @@ def test_streamed_pruning_refuses_renamed_checkpoints_and_leaves_nothing(tmp_pat
     with pytest.raises(ValueError, match="meta device"):
         prune_streamed(tiny_llama(), llama, tmp_path / "out", method="magnitude", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_stream_gives_the_same_pruned_folder(tmp_path, llama_folder):  # noqa: F811
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(_text(200))
+    common = ["--method", "sparsegpt", "--sparsity", "2:4", "--calibration", str(corpus), "--nsamples", "3",
+              "--batch-size", "2", "--quiet", "--device", "cpu"]
+    assert main(["prune", str(llama_folder), str(tmp_path / "plain"), *common]) == 0
+    assert main(["prune", str(llama_folder), str(tmp_path / "streamed"), *common, "--stream"]) == 0
+    plain, plain_masks = load_pruned(tmp_path / "plain")
+    streamed, streamed_masks = load_pruned(tmp_path / "streamed")
+    _assert_same_model(plain, streamed)
+    _assert_same_masks(plain_masks, streamed_masks)
+    assert (tmp_path / "streamed" / "tokenizer_config.json").exists()
+    assert main(["prune", str(llama_folder), str(tmp_path / "streamed"), *common, "--stream"]) == 2  # exists
 
 
 _RSS_SCRIPT = r"""

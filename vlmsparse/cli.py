@@ -208,6 +208,10 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                    help="for a model larger than the device's memory: keep the weights on the CPU and move one "
                    "block at a time to --device for calibration and pruning (peak device memory: about one block "
                    "plus activations; host memory: the whole model)")
+    p.add_argument("--stream", action="store_true",
+                   help="for a model larger than host memory too: build it empty, read each block's weights from the "
+                   "folder's safetensors when it is pruned and write it to OUTPUT right after (host memory: about "
+                   "one block plus the masks); needs checkpoint keys equal to the model's names (causal LMs)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
@@ -318,7 +322,12 @@ def _prune(args: argparse.Namespace) -> int:
         seqlen = args.seqlen or _default_seqlen(args.model)
         calibration = text_calibration_batches(args.calibration, processor, args.nsamples, seqlen, args.seed,
                                                args.batch_size)
-    model = load_model(args.model, device=None if args.offload else device, dtype=dtype)
+    if args.stream:
+        from .pipeline.stream import empty_model, prune_streamed
+
+        model = empty_model(args.model, dtype)
+    else:
+        model = load_model(args.model, device=None if args.offload else device, dtype=dtype)
     present = {stage.part for stage in get_arch_spec(model).resolve(model)}
     allocation = part_allocation(args.allocation, args.sparsity, flags, present)
     if text:
@@ -333,12 +342,16 @@ def _prune(args: argparse.Namespace) -> int:
                                            image_root=args.image_root)
         calibration = build_calibration_batches(samples, processor, args.batch_size, args.max_words,
                                                 decoder_start_token_id=decoder_start_token_id(model))
-    masks = prune_model(
-        model, method=args.method, sparsity=args.sparsity, allocation=allocation, calibration=calibration,
-        scope=args.scope, blocksize=args.blocksize, dampening=args.dampening, report_error=not args.no_error,
-        progress=not args.quiet, device=device if args.offload else None,
-    )
-    out = save_pruned(model, masks, args.output, processor=processor, overwrite=args.overwrite, source=args.model)
+    options = dict(method=args.method, sparsity=args.sparsity, allocation=allocation, calibration=calibration,
+                   scope=args.scope, blocksize=args.blocksize, dampening=args.dampening,
+                   report_error=not args.no_error, progress=not args.quiet)
+    if args.stream:
+        out, masks = prune_streamed(model, args.model, args.output, device=device, processor=processor,
+                                    overwrite=args.overwrite, dtype=dtype, **options)
+    else:
+        masks = prune_model(model, device=device if args.offload else None, **options)
+        out = save_pruned(model, masks, args.output, processor=processor, overwrite=args.overwrite,
+                          source=args.model)
     if args.json:
         _print_json({"output": str(out), "sparsity": masks.sparsity(), "method": masks.method,
                      "layers": [vars(r) for r in report_of(masks)]})
