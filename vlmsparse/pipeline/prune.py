@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Protocol
 
 import torch
@@ -340,8 +340,10 @@ class _Onload:
     """Weights at home (where :func:`prune_model` found them, or a :class:`WeightSource`), visiting the execution
     device one block at a time.
 
-    Units: every block of every stage (moved whole), and every other module holding tensors of its own
-    (embeddings, norms, rotary tables, BLIP-2's query tokens on the root; moved without its children).
+    Units: every block of every stage (moved whole); outside the blocks, every module that holds no block
+    (embeddings, norms, rotary tables, a vision pooling head; moved whole, so a parent using a child's weight
+    without calling it, as ``nn.MultiheadAttention`` does with ``out_proj``, finds it there) and the own tensors
+    of every module that holds blocks (BLIP-2's query tokens on the root; moved without their children).
     """
 
     def __init__(self, model: nn.Module, stages: list[ResolvedStage], device: torch.device,
@@ -349,11 +351,22 @@ class _Onload:
         self.device = device
         self.source = source
         self.blocks = [block for stage in stages for block in stage.blocks]
-        inside = {id(m) for block in self.blocks for m in block.modules()}
-        self.others = [m for m in model.modules()
-                       if id(m) not in inside and next(_own_tensors(m, recurse=False), None) is not None]
+        block_names = [name for stage in stages for name in stage.block_names]
+        holders = {""} | {name.rsplit(".", i)[0] for name in block_names for i in range(1, name.count(".") + 1)}
+        holders -= set(block_names)
+        self.others: list[tuple[nn.Module, bool]] = []  # (module, recurse)
+        for name, module in model.named_modules():
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            if name in holders:
+                unit = (module, False)
+            elif name and parent in holders and name not in block_names:
+                unit = (module, True)
+            else:
+                continue
+            if next(_own_tensors(*unit), None) is not None:
+                self.others.append(unit)
         self.home: dict[int, torch.device] = {}
-        for module, recurse in [(b, True) for b in self.blocks] + [(m, False) for m in self.others]:
+        for module, recurse in [(b, True) for b in self.blocks] + self.others:
             home = _home_of(module, recurse)
             if home is not None:
                 self.home[id(module)] = home
@@ -403,17 +416,18 @@ class _Onload:
             handles.append(block.register_forward_pre_hook(
                 lambda m, a, k: pre(m, a, k, True), with_kwargs=True))
             handles.append(block.register_forward_hook(post))
-        for module in self.others:
+        recurses = {id(b): True for b in self.blocks}
+        for module, recurse in self.others:
+            recurses[id(module)] = recurse
             handles.append(module.register_forward_pre_hook(
-                lambda m, a, k: pre(m, a, k, False), with_kwargs=True))
-        blocks = {id(b) for b in self.blocks}
+                lambda m, a, k, r=recurse: pre(m, a, k, r), with_kwargs=True))
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
             for key, module in loaded.items():
-                self.unload(module, recurse=key in blocks)
+                self.unload(module, recurse=recurses[key])
 
 
 def _visit(onload: _Onload | None, block: nn.Module):
@@ -737,6 +751,8 @@ def prune_model(
     if weights is not None and cfg.device is None:
         raise ValueError("prune_model: weights (a source of streamed weights) needs device, the execution device "
                          "each block visits (e.g. device='cuda')")
+    if weights is not None and cfg.restore_on_error:  # the source never changes: nothing to restore, and the
+        cfg = replace(cfg, restore_on_error=False)    # copies would hold every pruned weight in host memory
     spec = get_arch_spec(model)
     stages = spec.resolve(model)
     plan = _plan(spec, stages, cfg)
@@ -751,6 +767,8 @@ def prune_model(
     if needs_data or batches:
         _check_batches(spec, model, batches)
     device = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"PruneConfig.device: got {cfg.device!r}, but CUDA is not available on this machine")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     onload = _Onload(model, stages, device, weights) if cfg.device is not None else None
