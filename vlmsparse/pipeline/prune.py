@@ -18,7 +18,8 @@ a capture, the modules the forward reaches before the stage (embeddings, patch e
 vision blocks before a language stage) go to ``device`` when called: a block goes back when its call returns,
 a module outside the blocks when the capture ends. Peak device memory: one block, its statistics and one
 calibration batch's activations (plus, during a capture, the embeddings). Every move goes through
-:func:`_place`.
+:func:`_place`, or, for a model built on the meta device, through a :class:`WeightSource` that reads each
+module's weights when it arrives and writes a pruned block out when it leaves (:mod:`vlmsparse.pipeline.stream`).
 
 Before any weight changes, the configuration, every target weight (NaN/inf, N:M divisibility) and every
 calibration batch (image tokens) are checked. If anything fails during pruning (e.g. NaN activations), the
@@ -52,7 +53,7 @@ from ..pruning import (
 )
 from ..sparsity import SparsityPattern, parse_pattern
 
-__all__ = ["PruneConfig", "LayerReport", "prune_model", "report_of", "format_report", "ALLOCATIONS"]
+__all__ = ["PruneConfig", "LayerReport", "WeightSource", "prune_model", "report_of", "format_report", "ALLOCATIONS"]
 
 log = logging.getLogger(__name__)
 
