@@ -304,7 +304,7 @@ def test_gpu_peak_memory_is_about_one_block():
     print(f"offload peak {peak / 2**20:.1f} MiB; one-block model on the GPU {reference_peak / 2**20:.1f} MiB; "
           f"block {block_bytes / 2**20:.1f} MiB; model {model_bytes / 2**20:.1f} MiB")
     assert peak <= 1.2 * reference_peak
-    assert model_bytes > 6 * peak  # the bound is far below the model: the test could not pass with it resident
+    assert model_bytes > 4 * peak  # far below the model: the test could not pass with the model resident
     assert all(t.device.type == "cpu" for t in model.state_dict().values())
     masks = result["masks"]
     assert list(masks) == list(expected)
