@@ -204,6 +204,14 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
     p.add_argument("--no-error", action="store_true", help="skip the reconstruction error of magnitude/Wanda")
     p.add_argument("--device", default=None, help="device to prune on (default: cuda if available, else cpu)")
+    p.add_argument("--offload", action="store_true",
+                   help="for a model larger than the device's memory: keep the weights on the CPU and move one "
+                   "block at a time to --device for calibration and pruning (peak device memory: about one block "
+                   "plus activations; host memory: the whole model)")
+    p.add_argument("--stream", action="store_true",
+                   help="for a model larger than host memory too: build it empty, read each block's weights from the "
+                   "folder's safetensors when it is pruned and write it to OUTPUT right after (host memory: about "
+                   "one block plus the masks); needs checkpoint keys equal to the model's names (causal LMs)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
@@ -317,7 +325,12 @@ def _prune(args: argparse.Namespace) -> int:
     samples = None
     if needs_calibration and not text and args.calibration != "synthetic":  # bad records fail before the model loads
         samples = load_calibration_samples(args.calibration, args.nsamples, args.seed, image_root=args.image_root)
-    model = load_model(args.model, device=device, dtype=dtype)
+    if args.stream:
+        from .pipeline.stream import empty_model, prune_streamed
+
+        model = empty_model(args.model, dtype)
+    else:
+        model = load_model(args.model, device=None if args.offload else device, dtype=dtype)
     present = {stage.part for stage in get_arch_spec(model).resolve(model)}
     allocation = part_allocation(args.allocation, args.sparsity, flags, present)
     if text:
@@ -332,12 +345,16 @@ def _prune(args: argparse.Namespace) -> int:
             samples = load_calibration_samples(args.calibration, args.nsamples, args.seed, image_size=size)
         calibration = build_calibration_batches(samples, processor, args.batch_size, args.max_words,
                                                 decoder_start_token_id=decoder_start_token_id(model))
-    masks = prune_model(
-        model, method=args.method, sparsity=args.sparsity, allocation=allocation, calibration=calibration,
-        scope=args.scope, blocksize=args.blocksize, dampening=args.dampening, report_error=not args.no_error,
-        progress=not args.quiet,
-    )
-    out = save_pruned(model, masks, args.output, processor=processor, overwrite=args.overwrite, source=args.model)
+    options = dict(method=args.method, sparsity=args.sparsity, allocation=allocation, calibration=calibration,
+                   scope=args.scope, blocksize=args.blocksize, dampening=args.dampening,
+                   report_error=not args.no_error, progress=not args.quiet)
+    if args.stream:
+        out, masks = prune_streamed(model, args.model, args.output, device=device, processor=processor,
+                                    overwrite=args.overwrite, dtype=dtype, **options)
+    else:
+        masks = prune_model(model, device=device if args.offload else None, **options)
+        out = save_pruned(model, masks, args.output, processor=processor, overwrite=args.overwrite,
+                          source=args.model)
     if args.json:
         _print_json({"output": str(out), "sparsity": masks.sparsity(), "method": masks.method,
                      "layers": [vars(r) for r in report_of(masks)]})

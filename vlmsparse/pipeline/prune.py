@@ -11,6 +11,16 @@ Flow, per stage of the model (vision blocks, connector, language blocks; see ``v
    pruned block to get the next block's inputs. Only one block's activations and statistics are resident;
    with ``offload`` they live on the CPU between uses.
 
+With ``device`` (an execution device, e.g. ``cuda``) the weights stay where they are (the CPU): each block is
+moved to ``device`` for its statistics, pruning and outputs, then moved back (:class:`_Onload`; the way
+SparseGPT's reference script and llm-compressor's sequential pipeline treat models larger than the GPU). During
+a capture, the modules the forward reaches before the stage (embeddings, patch embeddings, the projector, the
+vision blocks before a language stage) go to ``device`` when called: a block goes back when its call returns,
+a module outside the blocks when the capture ends. Peak device memory: one block, its statistics and one
+calibration batch's activations (plus, during a capture, the embeddings). Every move goes through
+:func:`_place`, or, for a model built on the meta device, through a :class:`WeightSource` that reads each
+module's weights when it arrives and writes a pruned block out when it leaves (:mod:`vlmsparse.pipeline.stream`).
+
 Before any weight changes, the configuration, every target weight (NaN/inf, N:M divisibility) and every
 calibration batch (image tokens) are checked. If anything fails during pruning (e.g. NaN activations), the
 weights changed so far are restored and the error is raised.
@@ -22,9 +32,10 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -42,7 +53,7 @@ from ..pruning import (
 )
 from ..sparsity import SparsityPattern, parse_pattern
 
-__all__ = ["PruneConfig", "LayerReport", "prune_model", "report_of", "format_report", "ALLOCATIONS"]
+__all__ = ["PruneConfig", "LayerReport", "WeightSource", "prune_model", "report_of", "format_report", "ALLOCATIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +79,11 @@ class PruneConfig:
     - ``blocksize``, ``dampening``: SparseGPT column block and Hessian dampening (fraction of mean diagonal).
     - ``report_error``: accumulate ``X^T X`` for every layer to report the reconstruction error (always on
       for SparseGPT; costs about one extra forward for Wanda).
-    - ``offload``: keep calibration activations on the CPU between blocks (``None``: when the model is on an
-      accelerator).
+    - ``offload``: keep calibration activations on the CPU between blocks (``None``: when the execution device
+      is an accelerator).
+    - ``device``: the execution device (``"cuda"``, ``"cuda:1"``, ``"cpu"``). ``None``: run where the model is.
+      Given: the weights stay where they are (e.g. the CPU, for a model larger than the GPU's memory) and each
+      block is moved to ``device`` in turn for calibration and pruning, then moved back.
     - ``stack_shared``: SparseGPT prunes linears that share an input (q/k/v, gate/up) as one stacked weight.
     - ``restore_on_error``: keep a CPU copy of each weight before it changes, to restore the model if pruning
       fails half-way (e.g. NaN activations); costs host memory of the pruned weights until the end.
@@ -86,6 +100,7 @@ class PruneConfig:
     dampening: float = 0.01
     report_error: bool = True
     offload: bool | None = None
+    device: str | torch.device | None = None
     stack_shared: bool = True
     progress: bool = True
     restore_on_error: bool = True
@@ -127,6 +142,12 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.blocksize: got {self.blocksize!r}; allowed: a positive int")
         if not 0.0 < self.dampening < 1.0:
             raise ValueError(f"PruneConfig.dampening: got {self.dampening}; allowed: (0, 1)")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"PruneConfig.device: got {self.device!r}; allowed: None or a device name such as "
+                                 "cpu, cuda, cuda:1") from None
         if self.use_owl and any(p.is_nm for p in self.part_patterns_unchecked().values()):
             raise ValueError("PruneConfig: OWL assigns layer-wise unstructured sparsity; it does not apply to N:M")
 
@@ -164,6 +185,7 @@ class _Target:
     pattern: SparsityPattern
     scope: str
     reads_tail: bool = False  # reads only the masked tail of the stage's sequence (StageSpec.masked_tail)
+    checked: bool = False  # check_weight passed (weights on the meta device are checked when their block arrives)
 
 
 @dataclass
@@ -274,6 +296,145 @@ def _check_batches(spec: ArchSpec, model: nn.Module, batches: list) -> None:
             raise ValueError(f"calibration batch {i}: {error}") from None
 
 
+# ------------------------------------------------------------------------------------- weight placement
+def _own_tensors(module: nn.Module, recurse: bool) -> Iterator[torch.Tensor]:
+    for m in module.modules() if recurse else (module,):
+        yield from (t for t in m._parameters.values() if t is not None)
+        yield from (t for t in m._buffers.values() if t is not None)
+
+
+def _place(module: nn.Module, device: torch.device, recurse: bool = True) -> None:
+    """Move ``module``'s parameters and buffers (only its own with ``recurse=False``) to ``device`` in place.
+    Parameters stay the same objects (``.data`` is replaced), so tied weights stay tied. Every move of weights
+    by the pipeline goes through this function."""
+    for m in module.modules() if recurse else (module,):
+        for name, p in m._parameters.items():
+            if p is None or p.device == device:
+                continue
+            if p.is_meta:
+                raise ValueError(f"{type(m).__name__}.{name} is on the meta device (not loaded): load the model's "
+                                 "weights (e.g. on the CPU) before pruning with a device")
+            p.data = p.data.to(device)
+        for name, b in m._buffers.items():
+            if b is not None and b.device != device:
+                m._buffers[name] = b.to(device)
+
+
+def _home_of(module: nn.Module, recurse: bool) -> torch.device | None:
+    """Where ``module``'s tensors are (the first one's device); None when it holds none."""
+    for t in _own_tensors(module, recurse):
+        return t.device
+    return None
+
+
+class WeightSource(Protocol):
+    """Where the weights of a model built on the meta device live (e.g. :class:`~vlmsparse.pipeline.stream.
+    StreamedWeights`): ``load`` materialises a module's tensors (its own only without ``recurse``) on ``device``,
+    ``unload`` keeps what changed and returns them to the meta device."""
+
+    def load(self, module: nn.Module, device: torch.device, recurse: bool) -> None: ...
+
+    def unload(self, module: nn.Module, recurse: bool) -> None: ...
+
+
+class _Onload:
+    """Weights at home (where :func:`prune_model` found them, or a :class:`WeightSource`), visiting the execution
+    device one block at a time.
+
+    Units: every block of every stage (moved whole); outside the blocks, every module that holds no block
+    (embeddings, norms, rotary tables, a vision pooling head; moved whole, so a parent using a child's weight
+    without calling it, as ``nn.MultiheadAttention`` does with ``out_proj``, finds it there) and the own tensors
+    of every module that holds blocks (BLIP-2's query tokens on the root; moved without their children).
+    """
+
+    def __init__(self, model: nn.Module, stages: list[ResolvedStage], device: torch.device,
+                 source: WeightSource | None = None) -> None:
+        self.device = device
+        self.source = source
+        self.blocks = [block for stage in stages for block in stage.blocks]
+        block_names = [name for stage in stages for name in stage.block_names]
+        holders = {""} | {name.rsplit(".", i)[0] for name in block_names for i in range(1, name.count(".") + 1)}
+        holders -= set(block_names)
+        self.others: list[tuple[nn.Module, bool]] = []  # (module, recurse)
+        for name, module in model.named_modules():
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            if name in holders:
+                unit = (module, False)
+            elif name and parent in holders and name not in block_names:
+                unit = (module, True)
+            else:
+                continue
+            if next(_own_tensors(*unit), None) is not None:
+                self.others.append(unit)
+        self.home: dict[int, torch.device] = {}
+        for module, recurse in [(b, True) for b in self.blocks] + self.others:
+            home = _home_of(module, recurse)
+            if home is not None:
+                self.home[id(module)] = home
+
+    def load(self, module: nn.Module, recurse: bool = True) -> None:
+        if self.source is not None:
+            self.source.load(module, self.device, recurse)
+        else:
+            _place(module, self.device, recurse)
+
+    def unload(self, module: nn.Module, recurse: bool = True) -> None:
+        home = self.home.get(id(module))
+        if self.source is not None:
+            self.source.unload(module, recurse)
+        elif home is not None:
+            _place(module, home, recurse)
+
+    @contextmanager
+    def visit(self, block: nn.Module) -> Iterator[None]:
+        """``block`` on the execution device inside the ``with``; back home after it (also on errors)."""
+        self.load(block)
+        try:
+            yield
+        finally:
+            self.unload(block)
+
+    @contextmanager
+    def on_call(self) -> Iterator[None]:
+        """Inside the ``with``, a unit goes to the execution device when the forward calls it, with its tensor
+        arguments: a block goes home when its call returns, the others when the ``with`` ends. Hooks that must
+        act before a block moves (a capture's stop) are registered with ``prepend=True``."""
+        loaded: dict[int, nn.Module] = {}
+
+        def pre(module, args, kwargs, recurse):
+            if id(module) not in loaded:
+                self.load(module, recurse)
+                loaded[id(module)] = module
+            memo: dict = {}
+            return _move(args, self.device, memo), _move(kwargs, self.device, memo)
+
+        def post(module, args, output):
+            self.unload(module)
+            loaded.pop(id(module), None)
+
+        handles = []
+        for block in self.blocks:
+            handles.append(block.register_forward_pre_hook(
+                lambda m, a, k: pre(m, a, k, True), with_kwargs=True))
+            handles.append(block.register_forward_hook(post))
+        recurses = {id(b): True for b in self.blocks}
+        for module, recurse in self.others:
+            recurses[id(module)] = recurse
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, k, r=recurse: pre(m, a, k, r), with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for key, module in loaded.items():
+                self.unload(module, recurse=recurses[key])
+
+
+def _visit(onload: _Onload | None, block: nn.Module):
+    return onload.visit(block) if onload is not None else nullcontext()
+
+
 # ---------------------------------------------------------------------------------------------- planning
 def _plan(
     spec: ArchSpec, stages: list[ResolvedStage], cfg: PruneConfig
@@ -315,9 +476,18 @@ def _plan(
 
 # ------------------------------------------------------------------------------------------ calibration
 def _capture(
+    model: nn.Module, stage: ResolvedStage, batches: list, device: torch.device, store: torch.device | None,
+    onload: _Onload | None = None,
+) -> list[_Batch]:
+    """Inputs of the stage's first block (and of every block when kwargs cannot be reused), per batch. With
+    ``onload``, the modules the forward calls visit ``device`` while needed (:meth:`_Onload.on_call`)."""
+    with onload.on_call() if onload is not None else nullcontext():
+        return _capture_batches(model, stage, batches, device, store)
+
+
+def _capture_batches(
     model: nn.Module, stage: ResolvedStage, batches: list, device: torch.device, store: torch.device | None
 ) -> list[_Batch]:
-    """Inputs of the stage's first block (and of every block when kwargs cannot be reused), per batch."""
     blocks = stage.blocks
     all_blocks = not stage.spec.reuse_kwargs and len(blocks) > 1
     captured: list[_Batch] = []
@@ -332,7 +502,8 @@ def _capture(
         def last_hook(module, args, output):
             raise _Stop
 
-        handles = [b.register_forward_pre_hook(pre_hook, with_kwargs=True) for b in (blocks if all_blocks else blocks[:1])]
+        handles = [b.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)  # before an onload
+                   for b in (blocks if all_blocks else blocks[:1])]
         if all_blocks:
             handles.append(blocks[-1].register_forward_hook(last_hook))
         try:
@@ -557,6 +728,7 @@ def prune_model(
     sparsity: Any = 0.5,
     allocation: Any = "equal",
     calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    weights: WeightSource | None = None,
     **options: Any,
 ) -> MaskSet:
     """Prune ``model`` in place and return its :class:`~vlmsparse.masks.MaskSet`.
@@ -565,6 +737,9 @@ def prune_model(
     ...), each one batch; not needed for magnitude pruning without OWL. ``options``: the other fields of
     :class:`PruneConfig` (``scope``, ``owl``, ``blocksize``, ``dampening``, ``report_error``, ``offload``...).
     The per-layer report is in ``masks.info["report"]`` (JSON; see :func:`report_of`).
+    ``device``: run there, moving one block at a time (see :class:`PruneConfig`). ``weights``: for a model built
+    on the meta device, where its weights come from and go to (e.g. streamed from safetensors shards:
+    :func:`vlmsparse.pipeline.stream.prune_streamed`); needs ``device``.
     """
     known = {f.name for f in fields(PruneConfig)} - {"method", "sparsity", "allocation"}
     unknown = sorted(set(options) - known)
@@ -574,18 +749,30 @@ def prune_model(
         raise TypeError("prune_model: calibration is one batch (a dict of model inputs); pass an iterable of "
                         "batches, e.g. [batch]")
     cfg = PruneConfig(method=method, sparsity=sparsity, allocation=allocation, **options)
+    if weights is not None and cfg.device is None:
+        raise ValueError("prune_model: weights (a source of streamed weights) needs device, the execution device "
+                         "each block visits (e.g. device='cuda')")
+    if weights is not None and cfg.restore_on_error:  # the source never changes: nothing to restore, and the
+        cfg = replace(cfg, restore_on_error=False)    # copies would hold every pruned weight in host memory
     spec = get_arch_spec(model)
     stages = spec.resolve(model)
     plan = _plan(spec, stages, cfg)
     for _, per_block in plan:
         for targets in per_block:
             for t in targets:
-                check_weight(t.module.weight.detach(), t.pattern, t.name)
+                if not t.module.weight.is_meta:  # else when its block arrives on the device
+                    check_weight(t.module.weight.detach(), t.pattern, t.name)
+                    t.checked = True
     needs_data = cfg.method != "magnitude" or cfg.use_owl
     batches = list(calibration) if calibration is not None else []
     if needs_data or batches:
         _check_batches(spec, model, batches)
-    device = _model_device(model)
+    device = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"PruneConfig.device: got {cfg.device!r}, but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    onload = _Onload(model, stages, device, weights) if cfg.device is not None else None
     offload = cfg.offload if cfg.offload is not None else device.type != "cpu"
     store = torch.device("cpu") if offload else None
     hessian = cfg.method == "sparsegpt" or (cfg.report_error and bool(batches))
@@ -599,9 +786,10 @@ def prune_model(
     try:
         with torch.no_grad():
             if cfg.use_owl:
-                _apply_owl(model, plan, batches, device, store, cfg)
+                _apply_owl(model, plan, batches, device, store, cfg, onload)
             for stage, per_block in plan:
-                _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups)
+                _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups,
+                             onload)
     except BaseException:
         with torch.no_grad():
             modules = dict(model.named_modules())
@@ -635,40 +823,57 @@ def _backup(targets: list[_Target], backups: dict[str, torch.Tensor], cfg: Prune
         backups[t.name] = t.module.weight.detach().to("cpu", copy=True)
 
 
-def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups) -> None:
+def _check_arrived(targets: list[_Target]) -> None:
+    """``check_weight`` for the targets not checked up front (their weights were on the meta device)."""
+    for t in targets:
+        if not t.checked:
+            check_weight(t.module.weight.detach(), t.pattern, t.name)
+            t.checked = True
+
+
+def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups,
+                 onload: _Onload | None = None) -> None:
     needs_data = cfg.method != "magnitude" or (cfg.report_error and bool(batches))
+    blocks = _progress(list(zip(stage.blocks, per_block)), f"prune {stage.part}", cfg.progress, len(per_block))
     if not needs_data:
-        for targets in _progress(per_block, f"prune {stage.part}", cfg.progress, len(per_block)):
-            _backup(targets, backups, cfg)
-            _prune_block(targets, {}, {}, cfg, masks, report)
+        for block, targets in blocks:
+            if targets:
+                with _visit(onload, block):
+                    _check_arrived(targets)
+                    _backup(targets, backups, cfg)
+                    _prune_block(targets, {}, {}, cfg, masks, report)
         return
-    captured = _capture(model, stage, batches, device, store)
+    captured = _capture(model, stage, batches, device, store, onload)
     last = len(stage.blocks) - 1
-    for index, (block, targets) in enumerate(
-        _progress(list(zip(stage.blocks, per_block)), f"prune {stage.part}", cfg.progress, len(per_block))
-    ):
-        if targets:
-            stats, group_of, _ = _collect_stats(block, index, targets, captured, device, hessian, False, store)
-            _backup(targets, backups, cfg)
-            _prune_block(targets, stats, group_of, cfg, masks, report)
-            del stats
-        if index < last:
-            for b in captured:
-                out = _run_block(block, index, b, device).detach()
-                b.hidden = out.to(store) if store is not None else out
+    for index, (block, targets) in enumerate(blocks):
+        if not targets and index == last:
+            continue
+        with _visit(onload, block):
+            if targets:
+                _check_arrived(targets)
+                stats, group_of, _ = _collect_stats(block, index, targets, captured, device, hessian, False, store)
+                _backup(targets, backups, cfg)
+                _prune_block(targets, stats, group_of, cfg, masks, report)
+                del stats
+            if index < last:
+                for b in captured:
+                    out = _run_block(block, index, b, device).detach()
+                    b.hidden = out.to(store) if store is not None else out
 
 
-def _apply_owl(model, plan, batches, device, store, cfg: PruneConfig) -> None:
+def _apply_owl(model, plan, batches, device, store, cfg: PruneConfig, onload: _Onload | None = None) -> None:
     """Dense pre-pass: outlier ratio per block, then the block's targets get OWL sparsities (per part)."""
     for stage, per_block in plan:
-        captured = _capture(model, stage, batches, device, store)
+        captured = _capture(model, stage, batches, device, store, onload)
         scores = []
         for index, (block, targets) in enumerate(zip(stage.blocks, per_block)):
             if not targets:
                 scores.append(0.0)
                 continue
-            stats, _, outputs = _collect_stats(block, index, targets, captured, device, False, True, store)
-            scores.append(_outlier_ratio(targets, stats, cfg.owl_threshold))
+            with _visit(onload, block):
+                _check_arrived(targets)
+                stats, _, outputs = _collect_stats(block, index, targets, captured, device, False, True, store)
+                scores.append(_outlier_ratio(targets, stats, cfg.owl_threshold))
             for b, out in zip(captured, outputs):
                 b.hidden = out
         target = per_block[0][0].pattern.sparsity if per_block and per_block[0] else 0.0
