@@ -94,9 +94,10 @@ def test_many_rows_go_through_the_dense_expansion(native, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_row_count_across_the_thresholds(native, dtype):
-    """M = 1 .. 40 rows of x (decode, the row kernels' blocks, DENSE_FROM_ROWS and the dense GEMM path) against
-    float64; 67 weight rows (groups of 4 and remainders)."""
+def test_every_row_count_across_the_thresholds(native, dtype, monkeypatch):
+    """M = 1 .. 40 rows of x (decode, the row kernels' blocks, DENSE_FROM_ROWS moved to 24 and the dense GEMM
+    path) against float64; 67 weight rows (groups of 4 and remainders)."""
+    monkeypatch.setattr(native, "DENSE_FROM_ROWS", 24)
     weight24, weight_bm = _weight24(67, 136, dtype), _weight_unstructured(67, 136, dtype)
     packed, bm = pack24(weight24), pack_bitmask_weight(weight_bm)
     bias = torch.randn(67).to(dtype)

@@ -231,9 +231,10 @@ at::Tensor densify(const SparseWeight& w, const at::Tensor& values) {
   return dense;
 }
 
-// Bytes of dense weight rows one block of dense_linear expands (about the size of a core's L2 share of the last
-// level cache; measured with benchmarks/bench_cpu.py --prefill).
-constexpr int64_t kDenseBlockBytes = 4 << 20;
+// Bytes of dense weight rows one block of dense_linear expands: half the last-level cache here (32 MB), so that
+// a block is still cached when its GEMM reads it, and few blocks (each costs two parallel regions, expensive on
+// a loaded machine: 4 MB blocks were slower with 2 threads, benchmarks/bench_cpu.py --prefill).
+constexpr int64_t kDenseBlockBytes = 16 << 20;
 
 // y [..., n] = x [..., k] @ W.T + bias for inputs with many rows (prefill), as dense GEMMs over blocks of weight
 // rows: about `block_rows` rows a block (0: kDenseBlockBytes of dense weight, at least 64 rows), the n rows split

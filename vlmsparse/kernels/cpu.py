@@ -11,7 +11,7 @@ x and values are float32 or bfloat16 (the same dtype); arithmetic is fp32, the r
 row is read once per call and serves blocks of 4 rows of x (decode, small batches); rows are split over
 torch's intra-op threads. From ``DENSE_FROM_ROWS`` rows of x on (prefill), :func:`packed24_matmul` and
 :func:`bitmask_matmul` instead run dense GEMMs (``packed24_linear_dense`` / ``bitmask_linear_dense``): the weight
-is expanded block by block of rows (about 4 MB each) into one buffer that the call reuses, and each block is one
+is expanded block by block of rows (about 16 MB each) into one buffer that the call reuses, and each block is one
 ``addmm`` into its columns of y (bit for bit ``F.linear(x, dense W, b)``; no full-size dense copy, no page faults
 of a fresh full-size allocation per call). ``packed24_to_dense`` / ``bitmask_to_dense`` give the whole dense
 weight. ISA tiers: ``scalar``, ``avx2`` (AVX2 + FMA), ``avx512`` (F, BW, VL, DQ), ``avx512bf16``
@@ -44,8 +44,10 @@ __all__ = [
 ]
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
-# Rows of x from which the dense-GEMM path runs (measured: benchmarks/bench_cpu.py --crossover).
-DENSE_FROM_ROWS = 32
+# Rows of x from which the dense-GEMM path runs: the smallest crossover measured by benchmarks/bench_cpu.py
+# --prefill (4096->11008, 2-core AMD EPYC, 1 and 2 threads): 512 for packed 2:4 bf16 (1 thread), 1024 for
+# fp32 and 2 threads; at 128 rows the row kernels were 2.2-4.5x faster than the dense path.
+DENSE_FROM_ROWS = 512
 _MODULE = "vlmsparse._native_cpu"
 
 
