@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-layers", action="store_true", help="skip the layer rows")
     parser.add_argument("--e2e", action="store_true", help="also the end-to-end greedy decoding row")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None,
+                        help="layer shapes (default: all three)")
     parser.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 and all")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -308,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or sorted({1, torch.get_num_threads()})
     rows = []
     if not args.no_layers:
-        rows += bench_layers(QUICK_SHAPES if args.quick else SHAPES, tuple(args.tokens), threads, args.repeats, env)
+        shapes = QUICK_SHAPES if args.quick else {name: SHAPES[name] for name in args.shapes or SHAPES}
+        rows += bench_layers(shapes, tuple(args.tokens), threads, args.repeats, env)
     if args.prefill:
         shape = (512, 1024) if args.quick else tuple(args.prefill_shape)
         rows += bench_prefill(shape, tuple(args.prefill_tokens), threads, args.repeats, env)
