@@ -39,6 +39,7 @@ def test_bench_cpu_quick_rows(tmp_path, capsys, native):
     assert len(e2e) == 2 and all(r["same_tokens"] and r["swapped"].get("packed24", 0) > 0 for r in e2e)
     printed = capsys.readouterr().out
     assert "crossover packed24 bf16 t=1: dense GEMM path from M =" in printed
+    assert all(r["clock"] == "wall" for r in rows)
     assert "| goal | measured | met |" in printed and "packed24 bf16 weights, M=1" in printed and "end to end" in printed
 
 
