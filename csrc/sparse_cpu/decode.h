@@ -51,8 +51,9 @@ namespace {
 
 // One pass over R weight rows (r, r+1, ...) against MB rows of x [., k], in steps of the tier's width: each load
 // of x serves R rows, each weight vector MB rows; U = 2 accumulators per pair for one row of x (decode: two
-// independent chains per row, measured faster) or where R * MB alone gives too few independent FMA chains. out[i * MB + m]. A tier provides `Vec`, `zero`, `add`, `sum` (horizontal), the inputs
-// per step of each format and `step<kPacked, V, X, MB, R, U>`.
+// independent chains per row, measured faster) or where R * MB alone gives too few independent FMA chains.
+// out[i * MB + m]. A tier provides `Vec`, `zero`, `add`, `sum` (horizontal), the inputs per step of each format,
+// `step<kPacked, V, X, MB, R, U>`, kDotRows (rows of x per block) and rows(packed, decode) (weight rows per pass).
 template <class Tier, bool kPacked, typename V, typename X, int MB, int R>
 void row_pass(const SparseWeight& w, const V* values, const X* x, int64_t r, float* out) {
   using Vec = typename Tier::Vec;
