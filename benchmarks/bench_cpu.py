@@ -12,7 +12,15 @@ heads, 4 KV heads; 8 layers, vocab 4096; random weights), every decoder linear p
 decoding of ``--new-tokens`` tokens with the pruned weights stored dense (``F.linear``) vs the same model after
 ``vlmsparse.compress`` (packed 2:4 through the native kernels); the two must produce the same tokens.
 
-Times are medians over repeats after a warm-up (``time.perf_counter``); each call reads the next of several
+Prefill rows (``--prefill``): for 4096->11008 (``--prefill-shape``), packed 2:4 and 70% bitmask, fp32 and bf16,
+rows of x M in ``--prefill-tokens``: the row kernels (``*_linear``), the dense-GEMM path (``*_linear_dense``: the
+weight expanded block by block into one reused buffer, one addmm per block) and the former dense path (the whole
+weight expanded into a fresh allocation, then ``F.linear``). ``crossover`` (printed) is the smallest M from which
+the dense-GEMM path is faster at every larger measured M: what ``DENSE_FROM_ROWS`` in vlmsparse/kernels/cpu.py is
+set from.
+
+Times are medians over repeats after a warm-up (``time.perf_counter``, or the thread's CPU time with ``--clock
+cpu`` and one thread: for a shared machine); each call reads the next of several
 copies of its weight, at least ``ROTATE_BYTES`` in all, so no weight is served from the last-level cache. Rows are appended to ``--out`` (default ``benchmarks/results/cpu-<machine>.jsonl``) with the
 machine, versions, git commit and date; the goal table of issue 14 is printed last.
 """
@@ -49,13 +57,20 @@ GOALS = {  # format -> (tokens, minimum speedup over the faster dense) from issu
 }
 
 
+# The clock of the layer and prefill rows: wall time, or with --clock cpu the calling thread's CPU time
+# (time.thread_time; only with --threads 1, where torch and the native kernels run in the calling thread): on a
+# machine that other processes share, time spent waiting for a core then does not count.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+_clock = CLOCKS["wall"]
+
+
 def _median_ms(fn, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = _clock()
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((_clock() - start) * 1e3)
     return statistics.median(times)
 
 
@@ -135,7 +150,7 @@ def bench_layers(shapes: dict, tokens: tuple[int, ...], threads: list[int], repe
                             "limit": round(dense_bytes / sparse.weight_bytes(), 3),
                             "gbps": round(sparse.weight_bytes() / sparse_ms / 1e6, 2),
                             "dense_gbps": round(dense_bytes / dense_ms[best] / 1e6, 2),
-                            "isa": cpu.isa(), **env,
+                            "isa": cpu.isa(), "load": [round(v, 2) for v in os.getloadavg()], **env,
                         })
                         print(_layer_line(rows[-1]), flush=True)
     return rows
@@ -146,6 +161,63 @@ def _layer_line(row: dict) -> str:
             f"dense fp32 {row['dense_fp32_ms']:8.3f} bf16 {row['dense_bf16_ms']:8.3f} ms | sparse "
             f"{row['sparse_ms']:8.3f} ms = {row['speedup']:.2f}x (byte limit {row['limit']:.2f}x; "
             f"{row['gbps']:.1f} GB/s vs dense {row['dense_gbps']:.1f})")
+
+
+def bench_prefill(shape: tuple[int, int], tokens: tuple[int, ...], threads: list[int], repeats: int,
+                  env: dict) -> list[dict]:
+    """Row kernels vs the dense-GEMM path vs the former full expansion, per format, dtype, thread count and M."""
+    from vlmsparse.bitmask import pack_bitmask_weight
+    from vlmsparse.sparse24 import pack24
+
+    ops = torch.ops.vlmsparse_native
+    in_features, out_features = shape
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for fmt in ("packed24", "bitmask70"):
+        master = _sparse_weight(in_features, out_features, fmt, generator)
+        for dtype_name, dtype in DTYPES.items():
+            weight = master.to(dtype)
+            if fmt == "packed24":
+                packed = pack24(weight)
+                args = (packed.values, packed.meta)
+                paths = {"rows": lambda x, a=args: ops.packed24_linear(x, *a, None),
+                         "dense_blocks": lambda x, a=args: ops.packed24_linear_dense(x, *a, None),
+                         "dense_full": lambda x, a=args: torch.nn.functional.linear(x, ops.packed24_to_dense(*a))}
+            else:
+                packed = pack_bitmask_weight(weight)
+                args = (packed.values, packed.bitmask, packed.row_offsets)
+                paths = {"rows": lambda x, a=args: ops.bitmask_linear(x, *a, None),
+                         "dense_blocks": lambda x, a=args: ops.bitmask_linear_dense(x, *a, None),
+                         "dense_full": lambda x, a=args: torch.nn.functional.linear(
+                             x, ops.bitmask_to_dense(*a, in_features))}
+            for n_threads in threads:
+                torch.set_num_threads(n_threads)
+                measured = []
+                for m in tokens:
+                    x = torch.randn(m, in_features, generator=generator).to(dtype)
+                    ms = {name: _median_ms(lambda f=fn, xs=x: f(xs), repeats) for name, fn in paths.items()}
+                    rows.append({"bench": "cpu_prefill", "shape": f"{in_features}->{out_features}", "in": in_features,
+                                 "out": out_features, "format": fmt, "dtype": dtype_name, "threads": n_threads,
+                                 "tokens": m, **{f"{name}_ms": round(t, 3) for name, t in ms.items()},
+                                 "load": [round(v, 2) for v in os.getloadavg()], **env})
+                    measured.append((m, ms["rows"], ms["dense_blocks"]))
+                    print(f"prefill {fmt:9s} {dtype_name} t={n_threads} M={m:<4d} rows {ms['rows']:9.2f} ms | dense "
+                          f"blocks {ms['dense_blocks']:9.2f} ms | dense full copy {ms['dense_full']:9.2f} ms",
+                          flush=True)
+                print(f"crossover {fmt} {dtype_name} t={n_threads}: dense GEMM path from M = "
+                      f"{crossover(measured)}", flush=True)
+    return rows
+
+
+def crossover(measured: list[tuple[int, float, float]]) -> int | None:
+    """Smallest M from which ``dense_ms < rows_ms`` at every larger measured M (``(M, rows_ms, dense_ms)``);
+    None when the dense path never wins at the largest M."""
+    found = None
+    for m, rows_ms, dense_ms in sorted(measured, reverse=True):
+        if dense_ms >= rows_ms:
+            break
+        found = m
+    return found
 
 
 def _e2e_model(layers: int, hidden: int, intermediate: int, vocab: int, dtype: torch.dtype):
@@ -226,22 +298,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-layers", action="store_true", help="skip the layer rows")
     parser.add_argument("--e2e", action="store_true", help="also the end-to-end greedy decoding row")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None,
+                        help="layer shapes (default: all three)")
     parser.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 and all")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prefill", action="store_true", help="also the prefill rows (row kernels vs dense GEMMs)")
+    parser.add_argument("--prefill-shape", type=int, nargs=2, default=[4096, 11008], metavar=("IN", "OUT"))
+    parser.add_argument("--prefill-tokens", type=int, nargs="+", default=[8, 12, 16, 24, 32, 48, 64, 128, 512])
     parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="cpu: the calling thread's CPU time (needs --threads 1)")
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != [1]:
+        parser.error("--clock cpu needs --threads 1 (other threads' CPU time would not be counted)")
+    global _clock
+    _clock = CLOCKS[args.clock]
 
     from vlmsparse.kernels import cpu
 
     if not cpu.native_available():
         print(f"native CPU kernels not available: {cpu.unavailable_reason()}", file=sys.stderr)
         return 2
-    env = {**_env(), "machine": _machine(), "isa": cpu.isa()}
+    env = {**_env(), "machine": _machine(), "isa": cpu.isa(), "clock": args.clock}
     threads = args.threads or sorted({1, torch.get_num_threads()})
     rows = []
     if not args.no_layers:
-        rows += bench_layers(QUICK_SHAPES if args.quick else SHAPES, tuple(args.tokens), threads, args.repeats, env)
+        shapes = QUICK_SHAPES if args.quick else {name: SHAPES[name] for name in args.shapes or SHAPES}
+        rows += bench_layers(shapes, tuple(args.tokens), threads, args.repeats, env)
+    if args.prefill:
+        shape = (512, 1024) if args.quick else tuple(args.prefill_shape)
+        rows += bench_prefill(shape, tuple(args.prefill_tokens), threads, args.repeats, env)
     if args.e2e:
         for dtype_name in DTYPES:
             rows.append(bench_e2e(dtype_name, max(threads), args.new_tokens, args.prompt, args.quick, env))

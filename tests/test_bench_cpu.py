@@ -15,8 +15,8 @@ def test_bench_cpu_quick_rows(tmp_path, capsys, native):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "rows.jsonl"
-    assert bench.main(["--quick", "--e2e", "--out", str(out), "--threads", "1", "--repeats", "1",
-                       "--new-tokens", "4"]) == 0
+    assert bench.main(["--quick", "--e2e", "--prefill", "--prefill-tokens", "2", "40", "--out", str(out),
+                       "--threads", "1", "--repeats", "1", "--new-tokens", "4"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     layers = [r for r in rows if r["bench"] == "cpu_layer"]
     assert {(r["format"], r["dtype"], r["tokens"]) for r in layers} == {
@@ -30,7 +30,24 @@ def test_bench_cpu_quick_rows(tmp_path, capsys, native):
         assert abs(row["speedup"] - best / row["sparse_ms"]) <= 0.002 * row["speedup"] + 1e-3
         for key in ("machine", "torch", "commit", "date", "threads", "gbps"):
             assert key in row
+    prefill = [r for r in rows if r["bench"] == "cpu_prefill"]
+    assert {(r["format"], r["dtype"], r["tokens"]) for r in prefill} == {
+        (f, d, m) for f in ("packed24", "bitmask70") for d in bench.DTYPES for m in (2, 40)}
+    assert all(r[f"{path}_ms"] > 0 for r in prefill for path in ("rows", "dense_blocks", "dense_full"))
+    assert all(len(r["load"]) == 3 for r in rows if r["bench"] != "cpu_e2e")
     e2e = [r for r in rows if r["bench"] == "cpu_e2e"]
     assert len(e2e) == 2 and all(r["same_tokens"] and r["swapped"].get("packed24", 0) > 0 for r in e2e)
     printed = capsys.readouterr().out
+    assert "crossover packed24 bf16 t=1: dense GEMM path from M =" in printed
+    assert all(r["clock"] == "wall" for r in rows)
     assert "| goal | measured | met |" in printed and "packed24 bf16 weights, M=1" in printed and "end to end" in printed
+
+
+def test_crossover_is_the_first_m_from_which_dense_always_wins():
+    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # (M, row kernels ms, dense ms): dense wins from 24 on; the win at 8 is noise, not a crossover
+    measured = [(8, 2.0, 1.9), (16, 3.0, 3.5), (24, 4.0, 3.9), (32, 5.0, 4.0), (64, 9.0, 6.0)]
+    assert bench.crossover(measured) == 24
+    assert bench.crossover([(8, 1.0, 2.0), (64, 5.0, 6.0)]) is None

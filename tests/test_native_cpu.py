@@ -53,7 +53,7 @@ def _check(result, x, weight, bias):
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("in_features", [4, 100, 148, 256])  # tails of every vector width, and none
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # blocks of 4 rows of x and their remainders
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 17])  # blocks of 4 rows of x and their remainders
 def test_packed24_matches_float64(isa, native, dtype, in_features, rows):
     weight = _weight24(41, in_features, dtype)  # odd: weight rows in pairs and one alone
     packed = pack24(weight)
@@ -65,7 +65,7 @@ def test_packed24_matches_float64(isa, native, dtype, in_features, rows):
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("in_features", [3, 100, 150, 256])
-@pytest.mark.parametrize("rows", [1, 2, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 9, 17])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])  # empty rows, 70% sparse, every entry stored
 def test_bitmask_matches_float64(isa, native, dtype, in_features, rows, density):
     weight = _weight_unstructured(41, in_features, dtype, density)
@@ -91,6 +91,44 @@ def test_many_rows_go_through_the_dense_expansion(native, dtype, monkeypatch):
     _check(native.packed24_matmul(x[:kernel_rows], packed.values, packed.meta), x[:kernel_rows], weight24, None)
     monkeypatch.setattr(native, "DENSE_FROM_ROWS", 1 << 30)  # the row kernels for every size
     _check(native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets), x, weight_bm, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_row_count_across_the_thresholds(native, dtype, monkeypatch):
+    """M = 1 .. 40 rows of x (decode, the row kernels' blocks, DENSE_FROM_ROWS moved to 24 and the dense GEMM
+    path) against float64; 67 weight rows (groups of 4 and remainders)."""
+    monkeypatch.setattr(native, "DENSE_FROM_ROWS", 24)
+    weight24, weight_bm = _weight24(67, 136, dtype), _weight_unstructured(67, 136, dtype)
+    packed, bm = pack24(weight24), pack_bitmask_weight(weight_bm)
+    bias = torch.randn(67).to(dtype)
+    for rows in range(1, 41):
+        x = torch.randn(rows, 136).to(dtype)
+        _check(native.packed24_matmul(x, packed.values, packed.meta, bias), x, weight24, bias)
+        _check(native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets, None), x, weight_bm, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_rows", [0, 32, 45, 1000])  # one block; blocks of 32-33, 45-46 rows; one block
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dense_gemm_path_is_flinear_bit_for_bit(native, dtype, block_rows, with_bias):
+    """The prefill path (weight rows expanded block by block into one reused buffer, one addmm per block) gives
+    exactly F.linear(x, dense W, b) from 12 rows of x on (below that torch's fp32 GEMM picks kernels by the
+    number of output columns, so blocks could differ in the last bit; the path starts at DENSE_FROM_ROWS)."""
+    assert native.DENSE_FROM_ROWS >= 12
+    ops_ = torch.ops.vlmsparse_native
+    weight24, weight_bm = _weight24(197, 264, dtype), _weight_unstructured(197, 264, dtype)
+    packed, bm = pack24(weight24), pack_bitmask_weight(weight_bm)
+    bias = torch.randn(197).to(dtype) if with_bias else None
+    for rows in (6, 16, 20, 37):  # 12, 32, 40, 74 rows of x
+        x = torch.randn(2, rows, 264).to(dtype)
+        got24 = ops_.packed24_linear_dense(x, packed.values, packed.meta, bias, block_rows)
+        got_bm = ops_.bitmask_linear_dense(x, bm.values, bm.bitmask, bm.row_offsets, bias, block_rows)
+        assert got24.shape == (2, rows, 197) and got24.dtype == got_bm.dtype == dtype
+        assert torch.equal(got24, nn.functional.linear(x, weight24, bias))
+        assert torch.equal(got_bm, nn.functional.linear(x, weight_bm, bias))
+    assert ops_.packed24_linear_dense(torch.randn(0, 264).to(dtype), packed.values, packed.meta, bias).shape == (0, 197)
+    with pytest.raises(RuntimeError, match="block_rows must be >= 0"):
+        ops_.packed24_linear_dense(x, packed.values, packed.meta, bias, -1)
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
@@ -157,6 +195,9 @@ def test_opcheck_both_ops(native):
                           (x, bm.values, bm.bitmask, bm.row_offsets, None))
     torch.library.opcheck(torch.ops.vlmsparse_native.packed24_to_dense, (packed.values, packed.meta))
     torch.library.opcheck(torch.ops.vlmsparse_native.bitmask_to_dense, (bm.values, bm.bitmask, bm.row_offsets, 32))
+    torch.library.opcheck(torch.ops.vlmsparse_native.packed24_linear_dense, (x, packed.values, packed.meta, bias))
+    torch.library.opcheck(torch.ops.vlmsparse_native.bitmask_linear_dense,
+                          (x, bm.values, bm.bitmask, bm.row_offsets, None, 32))
 
 
 @pytest.mark.parametrize("backend", ["packed24", "bitmask"])

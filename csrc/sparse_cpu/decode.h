@@ -50,13 +50,14 @@ namespace vlmsparse_cpu {
 namespace {
 
 // One pass over R weight rows (r, r+1, ...) against MB rows of x [., k], in steps of the tier's width: each load
-// of x serves R rows, each weight vector MB rows; U accumulators per pair where R * MB alone gives too few
-// independent FMA chains. out[i * MB + m]. A tier provides `Vec`, `zero`, `add`, `sum` (horizontal), the inputs
-// per step of each format and `step<kPacked, V, X, MB, R, U>`.
+// of x serves R rows, each weight vector MB rows; U = 2 accumulators per pair for one row of x (decode: two
+// independent chains per row, measured faster) or where R * MB alone gives too few independent FMA chains.
+// out[i * MB + m]. A tier provides `Vec`, `zero`, `add`, `sum` (horizontal), the inputs per step of each format,
+// `step<kPacked, V, X, MB, R, U>`, kDotRows (rows of x per block) and rows(packed, decode) (weight rows per pass).
 template <class Tier, bool kPacked, typename V, typename X, int MB, int R>
 void row_pass(const SparseWeight& w, const V* values, const X* x, int64_t r, float* out) {
   using Vec = typename Tier::Vec;
-  constexpr int U = R * MB >= 4 ? 1 : 2;
+  constexpr int U = MB > 1 && R * MB >= 4 ? 1 : 2;
   constexpr int64_t S = kPacked ? Tier::kPackedInputs : Tier::kBitmaskInputs;
   const int64_t k = w.k;
   const V* v[R];
@@ -89,38 +90,35 @@ void row_pass(const SparseWeight& w, const V* values, const X* x, int64_t r, flo
   }
 }
 
-// One row pass for R weight rows from r and `block` (<= kDotRows) rows of x, in the weight's format.
-template <class Tier, typename V, typename X, int R>
+// One row pass for R weight rows from r and `block` (1 <= block <= MB) rows of x.
+template <class Tier, bool kPacked, typename V, typename X, int R, int MB>
 inline void dot_block(const SparseWeight& w, const V* values, const X* x, int64_t r, int64_t block, float* out) {
-  const bool packed = w.format == kPacked24;
-  switch (block) {
-    case 1: packed ? row_pass<Tier, true, V, X, 1, R>(w, values, x, r, out)
-                   : row_pass<Tier, false, V, X, 1, R>(w, values, x, r, out); break;
-    case 2: packed ? row_pass<Tier, true, V, X, 2, R>(w, values, x, r, out)
-                   : row_pass<Tier, false, V, X, 2, R>(w, values, x, r, out); break;
-    case 3: packed ? row_pass<Tier, true, V, X, 3, R>(w, values, x, r, out)
-                   : row_pass<Tier, false, V, X, 3, R>(w, values, x, r, out); break;
-    default: packed ? row_pass<Tier, true, V, X, 4, R>(w, values, x, r, out)
-                    : row_pass<Tier, false, V, X, 4, R>(w, values, x, r, out); break;
+  if constexpr (MB > 1) {
+    if (block < MB) {
+      dot_block<Tier, kPacked, V, X, R, MB - 1>(w, values, x, r, block, out);
+      return;
+    }
   }
+  row_pass<Tier, kPacked, V, X, MB, R>(w, values, x, r, out);
 }
 
-// The row loop of a vector tier: weight rows in pairs (each load of x serves both), each pair read once per
-// block of up to kDotRows rows of x (the pair stays in L1 between blocks); an odd last row alone.
-// x [m, k] is fp32 (X = float) or, for the bf16 dot-product tier, bf16 bits (X = uint16_t).
-template <class Tier, typename V, typename X>
-void tier_rows(const SparseWeight& w, const V* values, const X* x, int64_t m, const float* bias, float* y,
-               int64_t row_begin, int64_t row_end) {
+// The row loop of a vector tier: weight rows in groups of R (each load of x serves the group), each group read
+// once per block of up to Tier::kDotRows rows of x (the group stays in L1 between blocks); the last rows that
+// make no full group one at a time.
+template <class Tier, bool kPacked, int R, typename V, typename X>
+void group_rows(const SparseWeight& w, const V* values, const X* x, int64_t m, const float* bias, float* y,
+                int64_t row_begin, int64_t row_end) {
+  constexpr int kBlock = Tier::kDotRows;
   const int64_t n = w.n, k = w.k;
-  float out[2 * kDotRows];
+  float out[R * kBlock];
   for (int64_t r = row_begin; r < row_end;) {
-    const int rows = r + 1 < row_end ? 2 : 1;
-    for (int64_t m0 = 0; m0 < m; m0 += kDotRows) {
-      const int64_t block = m - m0 < kDotRows ? m - m0 : kDotRows;
-      if (rows == 2) {
-        dot_block<Tier, V, X, 2>(w, values, x + m0 * k, r, block, out);
+    const int rows = r + R <= row_end ? R : 1;
+    for (int64_t m0 = 0; m0 < m; m0 += kBlock) {
+      const int64_t block = m - m0 < kBlock ? m - m0 : kBlock;
+      if (rows == R) {
+        dot_block<Tier, kPacked, V, X, R, kBlock>(w, values, x + m0 * k, r, block, out);
       } else {
-        dot_block<Tier, V, X, 1>(w, values, x + m0 * k, r, block, out);
+        dot_block<Tier, kPacked, V, X, 1, kBlock>(w, values, x + m0 * k, r, block, out);
       }
       for (int i = 0; i < rows; ++i) {
         const float b = bias ? bias[r + i] : 0.0f;
@@ -128,6 +126,22 @@ void tier_rows(const SparseWeight& w, const V* values, const X* x, int64_t m, co
       }
     }
     r += rows;
+  }
+}
+
+// The rows [row_begin, row_end) of y for the weight's format, with the tier's group size for one row of x
+// (decode) or more (Tier::rows(packed, decode)). x [m, k] is fp32 (X = float) or, for the bf16 dot-product
+// tier, bf16 bits (X = uint16_t).
+template <class Tier, typename V, typename X>
+void tier_rows(const SparseWeight& w, const V* values, const X* x, int64_t m, const float* bias, float* y,
+               int64_t row_begin, int64_t row_end) {
+  const bool decode = m == 1;
+  if (w.format == kPacked24) {
+    decode ? group_rows<Tier, true, Tier::rows(true, true)>(w, values, x, m, bias, y, row_begin, row_end)
+           : group_rows<Tier, true, Tier::rows(true, false)>(w, values, x, m, bias, y, row_begin, row_end);
+  } else {
+    decode ? group_rows<Tier, false, Tier::rows(false, true)>(w, values, x, m, bias, y, row_begin, row_end)
+           : group_rows<Tier, false, Tier::rows(false, false)>(w, values, x, m, bias, y, row_begin, row_end);
   }
 }
 

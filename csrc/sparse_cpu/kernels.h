@@ -37,7 +37,6 @@ struct Input {
 };
 
 constexpr int64_t kBitmaskPadding = 32;  // entries after the last stored value (vector loads of up to 32 bf16)
-constexpr int64_t kDotRows = 4;  // rows of x a vector tier's row pass serves at once (accumulators in registers)
 
 // Computes y[:, r] for r in [row_begin, row_end): y [m, n] fp32 row-major, bias [n] fp32 or null.
 using RowsFn = void (*)(const SparseWeight&, const Input&, const float* bias, float* y, int64_t row_begin,

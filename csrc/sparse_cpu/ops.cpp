@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <cstdlib>
@@ -182,11 +183,12 @@ at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& values, const a
   return run(w, x, bias);
 }
 
-// The dense [n, k] weight (for inputs with many rows, where a dense GEMM beats the row-dot kernels).
+// Rows [row_begin, row_end) of the dense [n, k] weight, row r written at dense + (r - first_row) * k.
 template <typename V>
-void densify_rows(const SparseWeight& w, const V* values, V* dense, int64_t row_begin, int64_t row_end) {
+void densify_rows(const SparseWeight& w, const V* values, V* dense, int64_t first_row, int64_t row_begin,
+                  int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; ++r) {
-    V* out = dense + r * w.k;  // written once, front to back (no memset first)
+    V* out = dense + (r - first_row) * w.k;  // written once, front to back (no memset first)
     const uint8_t* meta = w.meta + r * w.meta_stride;
     if (w.format == kPacked24) {
       const V* v = values + r * (w.k / 2);
@@ -198,22 +200,78 @@ void densify_rows(const SparseWeight& w, const V* values, V* dense, int64_t row_
         std::memcpy(out + 4 * g, group, sizeof(group));
       }
     } else {
+      // branch free (the bits of a pruned row are random): reads the next stored value, within the padding
       const V* v = values + w.row_offsets[r];
-      for (int64_t col = 0; col < w.k; ++col) out[col] = ((meta[col >> 3] >> (col & 7)) & 1) ? *v++ : V(0);
+      for (int64_t col = 0; col < w.k; ++col) {
+        const int bit = (meta[col >> 3] >> (col & 7)) & 1;
+        const V next = *v;
+        out[col] = bit ? next : V(0);
+        v += bit;
+      }
     }
   }
 }
 
-at::Tensor densify(const SparseWeight& w, const at::Tensor& values) {
-  at::Tensor dense = at::empty({w.n, w.k}, values.options());
-  at::parallel_for(0, w.n, 16, [&](int64_t begin, int64_t end) {
+// Rows [row_begin, row_end) of the dense weight into `dense` [row_end - row_begin, k] (contiguous), the rows
+// split over threads.
+void densify_into(const SparseWeight& w, at::Tensor& dense, int64_t row_begin, int64_t row_end) {
+  at::parallel_for(row_begin, row_end, 16, [&](int64_t begin, int64_t end) {
     if (w.values_bf16) {
-      densify_rows(w, static_cast<const uint16_t*>(w.values), static_cast<uint16_t*>(dense.data_ptr()), begin, end);
+      densify_rows(w, static_cast<const uint16_t*>(w.values), static_cast<uint16_t*>(dense.data_ptr()), row_begin,
+                   begin, end);
     } else {
-      densify_rows(w, static_cast<const float*>(w.values), dense.data_ptr<float>(), begin, end);
+      densify_rows(w, static_cast<const float*>(w.values), dense.data_ptr<float>(), row_begin, begin, end);
     }
   });
+}
+
+at::Tensor densify(const SparseWeight& w, const at::Tensor& values) {
+  at::Tensor dense = at::empty({w.n, w.k}, values.options());
+  densify_into(w, dense, 0, w.n);
   return dense;
+}
+
+// Bytes of dense weight rows one block of dense_linear expands: half the last-level cache here (32 MB), so that
+// a block is still cached when its GEMM reads it, and few blocks (each costs two parallel regions, expensive on
+// a loaded machine: 4 MB blocks were slower with 2 threads, benchmarks/bench_cpu.py --prefill).
+constexpr int64_t kDenseBlockBytes = 16 << 20;
+
+// y [..., n] = x [..., k] @ W.T + bias for inputs with many rows (prefill), as dense GEMMs over blocks of weight
+// rows: about `block_rows` rows a block (0: kDenseBlockBytes of dense weight, at least 64 rows), the n rows split
+// evenly, each block expanded into one buffer that every block of the call reuses, then one at::addmm / at::mm
+// into the block's columns of y. Nothing of full weight size is allocated, and the buffer is the call's own
+// (thread safe; freed on return). y is F.linear(x, dense W, bias) bit for bit as long as torch's GEMM picks the
+// same kernel for a block as for the whole weight: for fp32 here from 12 rows of x and 12 rows a block on
+// (tests/test_native_cpu.py checks blocks of >= 32 rows from 12 rows of x on), for bf16 always.
+at::Tensor dense_linear(const SparseWeight& w, const at::Tensor& x, const at::Tensor& values,
+                        const std::optional<at::Tensor>& bias, int64_t block_rows) {
+  const int64_t k = w.k, n = w.n;
+  TORCH_CHECK(block_rows >= 0, "block_rows must be >= 0 (0: the default), got ", block_rows);
+  const at::Tensor x2 = x.reshape({-1, k}).contiguous();
+  at::Tensor y = at::empty({x2.size(0), n}, x2.options());
+  const int64_t row_bytes = std::max<int64_t>(k * values.element_size(), 1);
+  const int64_t target = block_rows > 0 ? block_rows : std::max<int64_t>(64, kDenseBlockBytes / row_bytes);
+  const int64_t blocks = std::max<int64_t>((n + target - 1) / target, 1);
+  const int64_t base = n / blocks, extra = n % blocks;  // blocks of base + 1 rows first, then of base
+  at::Tensor buffer = at::empty({base + (extra > 0 ? 1 : 0), k}, values.options());
+  at::Tensor bias_x;
+  if (bias.has_value()) bias_x = bias->to(x.scalar_type());
+  int64_t r0 = 0;
+  for (int64_t i = 0; i < blocks && x2.size(0) > 0 && n > 0; ++i) {
+    const int64_t count = base + (i < extra ? 1 : 0);
+    at::Tensor block = buffer.narrow(0, 0, count);
+    densify_into(w, block, r0, r0 + count);
+    at::Tensor out = y.narrow(1, r0, count);
+    if (bias_x.defined()) {
+      at::addmm_out(out, bias_x.narrow(0, r0, count), x2, block.t());
+    } else {
+      at::mm_out(out, x2, block.t());
+    }
+    r0 += count;
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return y.view(shape);
 }
 
 at::Tensor packed24_to_dense(const at::Tensor& values, const at::Tensor& meta) {
@@ -247,6 +305,37 @@ at::Tensor bitmask_to_dense(const at::Tensor& values, const at::Tensor& bitmask,
   return densify(w, v);
 }
 
+at::Tensor packed24_linear_dense(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                                 const std::optional<at::Tensor>& bias, int64_t block_rows) {
+  const char* op = "vlmsparse_native::packed24_linear_dense";
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 4 == 0, op, ": in-features must be a multiple of 4, got ",
+              x.sizes());
+  TORCH_CHECK(values.dim() == 2 && values.size(1) * 2 == x.size(-1), op, ": values must be [out, ",
+              x.size(-1) / 2, "], got ", values.sizes());
+  const int64_t n = values.size(0);
+  check_common(op, x, values, meta, n, bias);
+  const at::Tensor v = values.contiguous();
+  const at::Tensor mt = meta.contiguous();
+  const SparseWeight w{kPacked24, n, x.size(-1), v.data_ptr(), v.scalar_type() == at::kBFloat16,
+                       mt.data_ptr<uint8_t>(), mt.size(1), nullptr};
+  return dense_linear(w, x, v, bias, block_rows);
+}
+
+at::Tensor bitmask_linear_dense(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
+                                const at::Tensor& row_offsets, const std::optional<at::Tensor>& bias,
+                                int64_t block_rows) {
+  const char* op = "vlmsparse_native::bitmask_linear_dense";
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  const int64_t n = bitmask.dim() == 2 ? bitmask.size(0) : -1;
+  check_common(op, x, values, bitmask, n, bias);
+  const at::Tensor offsets = checked_offsets(op, values, row_offsets, n);
+  const at::Tensor v = values.contiguous();
+  const at::Tensor mt = bitmask.contiguous();
+  const SparseWeight w{kBitmask, n, x.size(-1), v.data_ptr(), v.scalar_type() == at::kBFloat16,
+                       mt.data_ptr<uint8_t>(), mt.size(1), offsets.data_ptr<int64_t>()};
+  return dense_linear(w, x, v, bias, block_rows);
+}
+
 }  // namespace
 }  // namespace vlmsparse_cpu
 
@@ -255,6 +344,9 @@ TORCH_LIBRARY(vlmsparse_native, m) {
   m.def("bitmask_linear(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, Tensor? bias) -> Tensor");
   m.def("packed24_to_dense(Tensor values, Tensor meta) -> Tensor");
   m.def("bitmask_to_dense(Tensor values, Tensor bitmask, Tensor row_offsets, int in_features) -> Tensor");
+  m.def("packed24_linear_dense(Tensor x, Tensor values, Tensor meta, Tensor? bias, int block_rows=0) -> Tensor");
+  m.def("bitmask_linear_dense(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, Tensor? bias, "
+        "int block_rows=0) -> Tensor");
   m.def("isa() -> str", &vlmsparse_cpu::isa);
   m.def("set_isa(str name) -> str", &vlmsparse_cpu::set_isa);
   m.def("supported_isas() -> str[]", &vlmsparse_cpu::supported_isas);
@@ -265,4 +357,6 @@ TORCH_LIBRARY_IMPL(vlmsparse_native, CPU, m) {
   m.impl("bitmask_linear", &vlmsparse_cpu::bitmask_linear);
   m.impl("packed24_to_dense", &vlmsparse_cpu::packed24_to_dense);
   m.impl("bitmask_to_dense", &vlmsparse_cpu::bitmask_to_dense);
+  m.impl("packed24_linear_dense", &vlmsparse_cpu::packed24_linear_dense);
+  m.impl("bitmask_linear_dense", &vlmsparse_cpu::bitmask_linear_dense);
 }

@@ -10,8 +10,11 @@ Ops, in the torch.library namespace ``vlmsparse_native`` (defined in C++, fake i
 x and values are float32 or bfloat16 (the same dtype); arithmetic is fp32, the result has x's dtype. Each weight
 row is read once per call and serves blocks of 4 rows of x (decode, small batches); rows are split over
 torch's intra-op threads. From ``DENSE_FROM_ROWS`` rows of x on (prefill), :func:`packed24_matmul` and
-:func:`bitmask_matmul` instead expand the weight to dense (``packed24_to_dense`` / ``bitmask_to_dense``, a
-transient full-size copy) and call ``F.linear``: there the GEMM's reuse of each weight tile across rows wins. ISA tiers: ``scalar``, ``avx2`` (AVX2 + FMA), ``avx512`` (F, BW, VL, DQ), ``avx512bf16``
+:func:`bitmask_matmul` instead run dense GEMMs (``packed24_linear_dense`` / ``bitmask_linear_dense``): the weight
+is expanded block by block of rows (about 16 MB each) into one buffer that the call reuses, and each block is one
+``addmm`` into its columns of y (bit for bit ``F.linear(x, dense W, b)``; no full-size dense copy, no page faults
+of a fresh full-size allocation per call). ``packed24_to_dense`` / ``bitmask_to_dense`` give the whole dense
+weight. ISA tiers: ``scalar``, ``avx2`` (AVX2 + FMA), ``avx512`` (F, BW, VL, DQ), ``avx512bf16``
 (also AVX512_BF16 and VBMI2: bf16 weights times bf16 inputs with VDPBF16PS, exact products summed in fp32;
 bf16 denormal inputs count as zero): the best the CPU has, or ``$VLMSPARSE_CPU_ISA``, or :func:`set_isa`.
 
@@ -41,8 +44,10 @@ __all__ = [
 ]
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
-# Rows of x from which the weight is expanded to dense for one F.linear (see benchmarks/bench_cpu.py --crossover).
-DENSE_FROM_ROWS = 32
+# Rows of x from which the dense-GEMM path runs: the smallest crossover measured by benchmarks/bench_cpu.py
+# --prefill (4096->11008, 2-core AMD EPYC, 1 and 2 threads): 512 for packed 2:4 bf16 (1 thread), 1024 for
+# fp32 and 2 threads; at 128 rows the row kernels were 2.2-4.5x faster than the dense path.
+DENSE_FROM_ROWS = 512
 _MODULE = "vlmsparse._native_cpu"
 
 
@@ -78,6 +83,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("vlmsparse_native::bitmask_to_dense")
     def _(values, bitmask, row_offsets, in_features):
         return values.new_empty((bitmask.shape[0], in_features))
+
+    @torch.library.register_fake("vlmsparse_native::packed24_linear_dense")
+    def _(x, values, meta, bias, block_rows=0):
+        return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+    @torch.library.register_fake("vlmsparse_native::bitmask_linear_dense")
+    def _(x, values, bitmask, row_offsets, bias, block_rows=0):
+        return x.new_empty((*x.shape[:-1], bitmask.shape[0]))
 
 
 # Loaded when this module is imported (a prebuilt library, milliseconds; vlmsparse imports this module only
@@ -144,7 +157,7 @@ def packed24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     _check(x, values, "packed24_matmul (native)")
     bias = None if bias is None else bias.to(x.dtype)
     if x.numel() >= DENSE_FROM_ROWS * x.shape[-1]:
-        return torch.nn.functional.linear(x, _ops().packed24_to_dense(values, meta), bias)
+        return _ops().packed24_linear_dense(x, values, meta, bias)
     return _ops().packed24_linear(x, values, meta, bias)
 
 
@@ -156,6 +169,5 @@ def bitmask_matmul(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor,
     _check(x, values, "bitmask_matmul (native)")
     bias = None if bias is None else bias.to(x.dtype)
     if x.numel() >= DENSE_FROM_ROWS * x.shape[-1]:
-        dense = _ops().bitmask_to_dense(values, bitmask, row_offsets, x.shape[-1])
-        return torch.nn.functional.linear(x, dense, bias)
+        return _ops().bitmask_linear_dense(x, values, bitmask, row_offsets, bias)
     return _ops().bitmask_linear(x, values, bitmask, row_offsets, bias)
