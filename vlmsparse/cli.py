@@ -493,7 +493,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             report.update(vqa.to_dict(with_predictions=args.output is not None))
             text = scores(vqa) + "\n" + text
     if args.output:
-        from .masks import atomic_write
+        from ._io import atomic_write
 
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:

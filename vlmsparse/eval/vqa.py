@@ -547,7 +547,7 @@ class VQAReport:
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        from ..masks import atomic_write
+        from .._io import atomic_write
 
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
@@ -731,7 +731,7 @@ def _filling(rows: Sequence[VQARow], fmt: str, fill_from: str | os.PathLike | No
 def _write_results(path: Path, rows: Sequence[VQARow], predictions: Sequence[str], fmt: str,
                    filling: list[dict]) -> None:
     """Write the checked rows' results file (format ``fmt``, then ``filling``) atomically."""
-    from ..masks import atomic_write
+    from .._io import atomic_write
 
     if fmt == "vqav2":
         records = [{"question_id": row.question_id, "answer": normalize_answer(pred)}

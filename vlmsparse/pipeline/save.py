@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..masks import MASKS_FILENAME, MaskSet, current_umask
+from .._io import write_folder_atomically
+from ..masks import MASKS_FILENAME, MaskSet
 from ..models import model_class_for
 
 __all__ = [
@@ -30,12 +28,9 @@ __all__ = [
     "load_processor",
     "check_masks",
     "check_output_folder",
-    "write_folder_atomically",
 ]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 def _source_dirs(model: nn.Module) -> list[Path]:
@@ -78,60 +73,6 @@ def check_output_file(path: str | os.PathLike, inputs: list[str | os.PathLike | 
     if path.exists() and not overwrite:
         raise FileExistsError(f"{flag} {path}: the file already exists; pass --overwrite to replace it")
     return path
-
-
-def _follow_umask(folder: Path, only: Collection[Path] | None = None) -> None:
-    """Give ``folder``, its subfolders and files the modes a fresh ``mkdir`` / ``open()`` would:
-    ``0o777 & ~umask`` / ``0o666 & ~umask`` (links left). With ``only``, just those paths (files or folders)."""
-    umask = current_umask()
-    if only is not None:
-        for path in only:
-            if not os.path.islink(path):
-                os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
-        return
-    os.chmod(folder, 0o777 & ~umask)
-    for root, dirs, files in os.walk(folder):
-        for names, mode in ((dirs, 0o777), (files, 0o666)):
-            for name in names:
-                path = os.path.join(root, name)
-                if not os.path.islink(path):
-                    os.chmod(path, mode & ~umask)
-
-
-def write_folder_atomically(out: str | os.PathLike, write: Callable[[Path], T]) -> T:
-    """Call ``write(tmp)`` to fill a new temporary sibling folder of ``out``, then rename it onto ``out``
-    (replacing what is there: check with :func:`check_output_folder` first). Returns what ``write`` returns.
-
-    Before the rename every folder in it gets mode ``0o777 & ~umask`` and every file ``0o666 & ~umask``, as
-    ``mkdir`` / ``open()`` give, not the private ``0o700`` / ``0o600`` of ``mkdtemp`` and of safetensors >= 0.8
-    (which ``save_pretrained`` writes through). On an error the temporary folder is removed and an existing
-    ``out`` is left as it was.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        result = write(tmp)
-        _follow_umask(tmp)
-        old = None
-        if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out)
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    return result
 
 
 def check_masks(model: nn.Module, masks: MaskSet) -> None:

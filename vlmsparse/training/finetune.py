@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..masks import MASKS_FILENAME, MaskSet, atomic_write
+from .._io import atomic_write
+from ..masks import MASKS_FILENAME, MaskSet
 from .config import FinetuneConfig
 
 __all__ = ["finetune", "FinetuneError", "mask_violations", "RECORD_FILENAME", "MERGED_DIRNAME"]
