@@ -89,7 +89,7 @@ def file_identities(folder: str | os.PathLike) -> dict[Path, tuple[int, int]]:
 
 def write_folder_atomically(out: str | os.PathLike, write: Callable[[Path], T]) -> T:
     """Call ``write(tmp)`` to fill a new temporary sibling folder of ``out``, then rename it onto ``out``
-    (replacing what is there: check with :func:`vlmsparse.pipeline.save.check_output_folder` first). Returns what
+    (replacing what is there: check with :func:`vlmsparse.pipeline.guards.check_output_folder` first). Returns what
     ``write`` returns.
 
     Before the rename every folder in it gets mode ``0o777 & ~umask`` and every file ``0o666 & ~umask``, as

@@ -442,7 +442,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from .eval.vqa import check_results_path, evaluate_folder, load_model_folder, write_folder_results
-    from .pipeline.save import check_output_file
+    from .pipeline.guards import check_output_file
 
     def scores(vqa) -> str:
         kinds = ", ".join(f"{k} {v:.3f}" for k, v in vqa.per_kind.items())

@@ -665,7 +665,7 @@ def check_results_path(path: str | os.PathLike, overwrite: bool = False,
                        inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Refuse a results ``path`` that is a folder, one of the ``inputs`` files, or an existing file unless
     ``overwrite`` (ValueError / FileExistsError); returns it as a Path."""
-    from ..pipeline.save import check_output_file
+    from ..pipeline.guards import check_output_file
 
     return check_output_file(path, list(inputs), overwrite, "--results")
 
