@@ -30,6 +30,7 @@ import vlmsparse
 from vlmsparse._io import atomic_write, write_folder_atomically
 from vlmsparse.data import synthetic
 from vlmsparse.eval.vqa import VQAReport, VQARow, evaluate_vqa
+from vlmsparse.pruning import METHODS
 from vlmsparse.training.pretrain import PretrainConfig, encode_vqa, pretrain
 
 __all__ = ["DemoConfig", "demo_config", "default_workdir", "run_demo", "load_or_train", "print_tables",
@@ -37,7 +38,6 @@ __all__ = ["DemoConfig", "demo_config", "default_workdir", "run_demo", "load_or_
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("0.5", "0.7", "2:4")
 ALLOCATIONS = ("equal", "language", "vision")
 RESTORE_METHODS = ("lora", "lora-remask", "sparselora", "sparselora+distill")
