@@ -246,7 +246,7 @@ def test_instructblip_answers_depend_on_the_qformer_instruction(vqa_rows):
 
 
 def test_left_padded_qformer_instruction_is_right_padded():
-    from vlmsparse.eval.vqa import _right_pad
+    from vlmsparse.eval.vqa.generation import _right_pad
 
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 0, 12]])
     mask = (ids != 0).long()
