@@ -1,4 +1,4 @@
-"""MaskSet: the keep-masks of a pruned model, saved beside it (layer 0: torch + safetensors).
+"""MaskSet: the keep-masks of a pruned model, saved beside it (layer 0 of docs/ARCHITECTURE.md: torch + safetensors).
 
 ``MaskSet.masks`` maps a module name (as in ``model.named_modules()``) to a bool keep-mask ``[out, in]``
 (``True`` = kept). ``patterns`` records the pattern each module was pruned to (``"0.5"``, ``"2:4"``),

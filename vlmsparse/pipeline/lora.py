@@ -1,4 +1,4 @@
-"""Whole-model SparseLoRA verbs (layer 5): add adapters, merge them, undo them, mask gradients.
+"""Whole-model SparseLoRA verbs (layer 5 of docs/ARCHITECTURE.md): add adapters, merge them, undo them, mask gradients.
 
 Methods the research compares, selectable by name (``METHODS``):
 
