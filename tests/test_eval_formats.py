@@ -371,12 +371,12 @@ def test_eval_cli_results_filled_with_every_test_question(tmp_path, model_folder
     assert main(["eval", str(folder), "--data", str(q_path), "--fill-questions", str(q_path)]) == 2
     assert "--fill-questions goes with --results" in capsys.readouterr().err
     # a fill file that does not fit is refused before the model loads (not after every answer is generated)
-    import vlmsparse.eval.vqa as vqa
+    import vlmsparse.eval.vqa.results as vqa_results
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(vqa, "_load_vqa_model", no_load)
+    monkeypatch.setattr(vqa_results, "load_vqa_model", no_load)
     assert main(["eval", str(folder), "--data", str(q_path), "--image-root", str(tmp_path), "--results",
                  str(tmp_path / "r.json"), "--fill-questions", str(other)]) == 2
     assert "3 answered question ids are not in" in capsys.readouterr().err

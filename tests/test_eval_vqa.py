@@ -142,9 +142,16 @@ def test_eval_blip2_folder_uses_the_image_tokens(tmp_path, capsys):
     model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
     model.save_pretrained(tmp_path / "blip")
     processor.save_pretrained(tmp_path / "blip")
-    assert main(["eval", str(tmp_path / "blip"), "--data", str(data), "--json", "--max-new-tokens", "2"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["num"] == 6 and 0.0 <= report["accuracy"] <= 1.0
+    assert main(["eval", str(tmp_path / "blip"), "--data", str(data), "--json", "--max-new-tokens", "2",
+                 "-o", str(tmp_path / "report.json")]) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "report.json").read_text())
+    # the score is that of the written predictions against the file's answers, one per question of the file
+    rows = [json.loads(line) for line in open(data, encoding="utf-8")]
+    assert report["num"] == len(rows) == len(report["predictions"]) == 6
+    assert [p["answers"] for p in report["predictions"]] == [r["answers"] for r in rows]
+    assert report["accuracy"] == pytest.approx(
+        sum(vqa_accuracy(p["prediction"], p["answers"]) for p in report["predictions"]) / 6)
 
     model.config.image_token_index = model.config.image_token_index + 1  # a token the processor never writes
     model.save_pretrained(tmp_path / "blind")
@@ -246,7 +253,7 @@ def test_instructblip_answers_depend_on_the_qformer_instruction(vqa_rows):
 
 
 def test_left_padded_qformer_instruction_is_right_padded():
-    from vlmsparse.eval.vqa import _right_pad
+    from vlmsparse.eval.vqa.generation import _right_pad
 
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 0, 12]])
     mask = (ids != 0).long()

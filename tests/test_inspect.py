@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,9 +95,16 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_entry_points_list_subcommands():
-    for cmd in (["-m", "vlmsparse", "--help"],):
-        out = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, check=True).stdout
-        assert "inspect" in out
+    """Both entry points (the console script and ``python -m vlmsparse``) run the CLI and list every subcommand."""
+    from vlmsparse.cli import _COMMANDS
+
+    names = [name for name, _add, _run in _COMMANDS]
+    assert {"prune", "finetune", "eval", "compress", "inspect", "demo"} <= set(names)
+    script = Path(sys.executable).with_name("vlmsparse")
+    for cmd in ([sys.executable, "-m", "vlmsparse", "--help"], [str(script), "--help"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        listed = re.findall(r"^    (\S+)", out, re.MULTILINE)
+        assert listed == names, out
 
 
 def test_import_is_light():

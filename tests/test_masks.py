@@ -9,7 +9,8 @@ import stat
 import pytest
 import torch
 
-from vlmsparse.masks import MASKS_FILENAME, MaskSet, atomic_write, current_umask, pack_bitmask, unpack_bitmask
+from vlmsparse._io import atomic_write, current_umask
+from vlmsparse.masks import MASKS_FILENAME, MaskSet, pack_bitmask, unpack_bitmask
 from vlmsparse.sparsity import mask_nm
 
 

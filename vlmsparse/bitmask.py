@@ -1,4 +1,4 @@
-"""The bitmask weight format for unstructured sparsity (layer 0: torch only).
+"""The bitmask weight format for unstructured sparsity (layer 0 of docs/ARCHITECTURE.md: torch only).
 
 A weight ``W [out, in]`` is stored as:
 

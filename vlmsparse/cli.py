@@ -17,6 +17,34 @@ from pathlib import Path
 from . import __version__
 
 
+class _LibraryChoices:
+    """The allowed values of an option, read from the library on first use (``name`` in ``module``), so the one
+    definition of each vocabulary is used and ``vlmsparse --help`` still imports no torch (a subcommand's
+    ``--help`` and its parsing do). Give the option a ``metavar``: argparse would list the choices in it when
+    the option is added."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def _values(self) -> tuple[str, ...]:
+        import importlib
+
+        return tuple(getattr(importlib.import_module(self.module), self.name))
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._values()
+
+    def __iter__(self):
+        return iter(self._values())
+
+    def __len__(self) -> int:
+        return len(self._values())
+
+
+PRUNE_METHODS = _LibraryChoices("vlmsparse.pruning", "METHODS")
+FINETUNE_METHODS = _LibraryChoices("vlmsparse.pipeline.lora", "METHODS")
+
+
 def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False))
 
@@ -71,7 +99,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="a .json LLaVA conversation file, a .jsonl caption file, or synthetic / synthetic:N")
     p.add_argument("-o", "--output", required=True, help="output folder (checkpoints, merged model, record)")
     p.add_argument("--image-root", default=None, help="folder the data's image paths are relative to (default: the data file's)")
-    p.add_argument("--method", default="sparselora", choices=["sparselora", "lora", "lora-remask", "full"])
+    p.add_argument("--method", default="sparselora", choices=FINETUNE_METHODS, metavar="METHOD",
+                   help="%(choices)s (default %(default)s)")
     p.add_argument("--parts", default="language,vision", help="comma-separated parts that get adapters: language,vision,connector")
     p.add_argument("--rank-language", type=int, default=8)
     p.add_argument("--rank-vision", type=int, default=4)
@@ -167,7 +196,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="local model folder (config.json + weights, processor files)")
     p.add_argument("output", help="output folder (written atomically; never the input folder)")
-    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--method", default="wanda", choices=PRUNE_METHODS, metavar="METHOD",
+                   help="%(choices)s (default %(default)s)")
     p.add_argument("--sparsity", default="0.5",
                    help="pattern of the parts --allocation names: 0.5, 50%%, unstructured:0.7, 2:4, 4:8 (default 0.5)")
     p.add_argument("--allocation", default="equal", choices=["equal", "language", "vision", "owl"],
@@ -462,7 +492,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from .eval.vqa import check_results_path, evaluate_folder, load_model_folder, write_folder_results
-    from .pipeline.save import check_output_file
+    from .pipeline.guards import check_output_file
 
     def scores(vqa) -> str:
         kinds = ", ".join(f"{k} {v:.3f}" for k, v in vqa.per_kind.items())
@@ -513,7 +543,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             report.update(vqa.to_dict(with_predictions=args.output is not None))
             text = scores(vqa) + "\n" + text
     if args.output:
-        from .masks import atomic_write
+        from ._io import atomic_write
 
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 import vlmsparse
+from vlmsparse._io import atomic_write, write_folder_atomically
 from vlmsparse.data import synthetic
 from vlmsparse.eval.vqa import VQAReport, VQARow, evaluate_vqa
-from vlmsparse.masks import atomic_write
+from vlmsparse.pruning import METHODS
 from vlmsparse.training.pretrain import PretrainConfig, encode_vqa, pretrain
 
 __all__ = ["DemoConfig", "demo_config", "default_workdir", "run_demo", "load_or_train", "print_tables",
@@ -37,7 +38,6 @@ __all__ = ["DemoConfig", "demo_config", "default_workdir", "run_demo", "load_or_
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("0.5", "0.7", "2:4")
 ALLOCATIONS = ("equal", "language", "vision")
 RESTORE_METHODS = ("lora", "lora-remask", "sparselora", "sparselora+distill")
@@ -117,18 +117,16 @@ def load_or_train(config: DemoConfig, progress: bool = True) -> tuple[Any, Any, 
         model, processor = load_model_folder(folder)
         return model, processor, {**info, "cached": True, "path": str(folder)}
     result = pretrain(config.pretrain, progress=progress)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    result.model.save_pretrained(tmp)
-    result.processor.save_pretrained(tmp)
     info = {"steps": result.steps, "train_seconds": round(result.seconds, 2),
             "first_token_heldout_accuracy": result.heldout_accuracy, "history": result.history,
             "config": result.config}
-    (tmp / "pretrain.json").write_text(json.dumps(info, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+
+    def write(tmp: Path) -> None:
+        result.model.save_pretrained(tmp)
+        result.processor.save_pretrained(tmp)
+        (tmp / "pretrain.json").write_text(json.dumps(info, indent=2))
+
+    write_folder_atomically(folder, write)
     return result.model, result.processor, {**info, "cached": False, "path": str(folder)}
 
 

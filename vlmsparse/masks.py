@@ -1,4 +1,4 @@
-"""MaskSet: the keep-masks of a pruned model, saved beside it (layer 0: torch + safetensors).
+"""MaskSet: the keep-masks of a pruned model, saved beside it (layer 0 of docs/ARCHITECTURE.md: torch + safetensors).
 
 ``MaskSet.masks`` maps a module name (as in ``model.named_modules()``) to a bool keep-mask ``[out, in]``
 (``True`` = kept). ``patterns`` records the pattern each module was pruned to (``"0.5"``, ``"2:4"``),
@@ -6,22 +6,23 @@
 stores each mask bit-packed (:func:`pack_bitmask`, 8 columns per byte), version 1 (still read) one uint8 per
 entry.
 
-Files are written with :func:`atomic_write` (a temporary file renamed into place) with the permissions a
-plain ``open()`` would give (``0o666 & ~umask``), not ``mkstemp``'s private ``0o600``.
+The file is written with :func:`vlmsparse._io.atomic_write` (a temporary file renamed into place) with the
+permissions a plain ``open()`` would give (``0o666 & ~umask``), not ``mkstemp``'s private ``0o600``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-__all__ = ["MaskSet", "MASKS_FILENAME", "atomic_write", "pack_bitmask", "unpack_bitmask", "current_umask"]
+from ._io import atomic_write
+
+__all__ = ["MaskSet", "MASKS_FILENAME", "pack_bitmask", "unpack_bitmask"]
 
 MASKS_FILENAME = "sparsity_masks.safetensors"
 FORMAT_VERSION = "2"  # bit-packed masks; "1" (one uint8 per entry) is still read
@@ -47,38 +48,6 @@ def unpack_bitmask(bits: torch.Tensor, cols: int) -> torch.Tensor:
                          f"got {bits.dtype} {tuple(bits.shape)}")
     shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
     return ((bits[..., None] >> shifts) & 1).bool().reshape(bits.shape[0], bits.shape[1] * 8)[:, :cols]
-
-
-def current_umask() -> int:
-    """The process umask (read from ``/proc/self/status`` where there is one, so it is never changed; else
-    set and restored at once)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` to write a temporary file beside ``path``, then rename it onto ``path``,
-    so that ``path`` is never left half-written. The file gets mode ``0o666 & ~umask``, as with ``open()``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The packed 2:4 format and torch semi-structured interop (layer 0: torch only).
+"""The packed 2:4 format and torch semi-structured interop (layer 0 of docs/ARCHITECTURE.md: torch only).
 
 Packed 2:4 format of a weight ``W [out, in]`` (``in`` divisible by 4) in which every group of 4 consecutive
 inputs of a row holds at most 2 non-zeros:

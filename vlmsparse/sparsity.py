@@ -1,4 +1,4 @@
-"""Sparsity patterns, mask builders and checkers (layer 0: torch only).
+"""Sparsity patterns, mask builders and checkers (layer 0 of docs/ARCHITECTURE.md: torch only).
 
 A *pattern* is what a user types: ``0.5``, ``50%``, ``unstructured:0.7``, ``2:4``, ``4:8`` or any ``N:M``.
 A *mask* is a bool tensor of the weight's shape, ``True`` where the weight is kept.

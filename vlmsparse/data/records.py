@@ -1,4 +1,4 @@
-"""Reading data files row by row and their images, with errors that name the file and line (layer 6)."""
+"""Reading data files row by row and their images, with errors that name the file and line (layer 4 of docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 

@@ -260,7 +260,7 @@ def export_vqa_jsonl(samples: list[VQASample], out_dir: str, name: str = "questi
     import json
     import os
 
-    from ..masks import atomic_write
+    from .._io import atomic_write
 
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     lines = []

@@ -1,1 +1,2 @@
-"""eval layer (see ../shared/ARCHITECTURE.md)."""
+"""Evaluation: VQA accuracy of VLMs (:mod:`vlmsparse.eval.vqa`) and language-model perplexity
+(:mod:`vlmsparse.eval.perplexity`). See docs/ARCHITECTURE.md for where it sits in the package."""

@@ -1,1 +1,1 @@
-"""integrations layer (see ../shared/ARCHITECTURE.md)."""
+"""Integrations with other libraries: SparseLoRA as a peft LoRA layer (``peft.py``); see docs/ARCHITECTURE.md."""

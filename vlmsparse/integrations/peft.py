@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import file_identities, follow_umask
 from ..masks import MaskSet
 from ..modules.sparse_lora import _check_mask
 from ..ops import sparse_lora_linear, zero_weight
-from ..pipeline.save import _follow_umask
 
 __all__ = [
     "PeftSparseLoRALinear",
@@ -147,17 +147,6 @@ def peft_sparse_masks(peft_model: nn.Module) -> MaskSet:
                    method="sparselora-adapter")
 
 
-def _file_ids(folder: Path) -> dict[Path, tuple[int, int]]:
-    """``{file: (device, inode)}`` of every file under ``folder`` (empty if it does not exist)."""
-    out = {}
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            path = Path(root) / name
-            stat = path.lstat()
-            out[path] = (stat.st_dev, stat.st_ino)
-    return out
-
-
 def save_sparse_lora(peft_model: PeftModel, path: str | os.PathLike, **save_kwargs: Any) -> Path:
     """``peft_model.save_pretrained(path)`` plus the masks beside the adapter (``sparsity_masks.safetensors``).
 
@@ -169,10 +158,10 @@ def save_sparse_lora(peft_model: PeftModel, path: str | os.PathLike, **save_kwar
     if not masks.masks:
         raise ValueError("save_sparse_lora: the model has no SparseLoRA layers (was the mapping registered?)")
     path = Path(path)
-    before = _file_ids(path)
+    before = file_identities(path)
     peft_model.save_pretrained(str(path), **save_kwargs)
     masks.save(path)
-    _follow_umask(path, only=[file for file, ident in _file_ids(path).items() if before.get(file) != ident])
+    follow_umask(path, only=[file for file, ident in file_identities(path).items() if before.get(file) != ident])
     return path
 
 

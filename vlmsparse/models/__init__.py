@@ -1,4 +1,4 @@
-"""Architecture specs (layer 4): the only place naming Hugging Face classes and attribute paths."""
+"""Architecture specs (layer 4 of docs/ARCHITECTURE.md): the only place naming Hugging Face classes and attribute paths."""
 
 from .specs import (
     PARTS,

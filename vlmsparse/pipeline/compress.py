@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import write_folder_atomically
 from ..masks import MASKS_FILENAME, MaskSet, pack_bitmask, unpack_bitmask
 from ..modules.sparse_linear import (
     BITMASK_MIN_SPARSITY,
@@ -43,6 +44,8 @@ from ..modules.sparse_linear import (
     sparsity_of,
 )
 from ..sparse24 import Packed24, pack24, unpack24
+from .guards import check_masks, check_output_folder
+from .guards import model_source_dirs as _source_dirs
 
 __all__ = [
     "FORMAT_VERSION",
@@ -337,8 +340,6 @@ def save_compressed(
     Returns the size report (also stored in the index): ``stored_bytes`` (tensor bytes written) over
     ``dense_bytes`` (the same tensors dense) is ``ratio``; ``file_bytes`` is the weights file on disk.
     """
-    from .save import _source_dirs, check_masks, check_output_folder, write_folder_atomically
-
     _check_min_sparsity("save_compressed", min_sparsity)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
@@ -591,7 +592,7 @@ def compress_folder(
     Returns the report: ``file_bytes`` (on-disk bytes of the weight + mask files of ``dst``, listed in
     ``compressed_files``) over ``dense_bytes`` (the same for ``src``, in ``dense_files``) is ``ratio``;
     ``tensors`` holds :func:`save_compressed`'s tensor-level report."""
-    from .save import check_output_folder, load_model, write_folder_atomically
+    from .save import load_model  # the one edge back to save.py: load_model dispatches to load_compressed
 
     _check_min_sparsity("compress_folder", min_sparsity)
     src = Path(src)
@@ -633,8 +634,6 @@ def compress_folder(
 def decompress_folder(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False) -> Path:
     """A compressed checkpoint folder back to a plain HF folder (``save_pretrained``, dense weights, plus the
     tokenizer / processor / mask files). ``dst`` is written and guarded as in :func:`compress_folder`."""
-    from .save import check_output_folder, write_folder_atomically
-
     src = Path(src)
     out = check_output_folder(dst, [src], overwrite, option="overwrite=True (--overwrite)")
     model = load_compressed(src)

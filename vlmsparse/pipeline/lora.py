@@ -1,4 +1,4 @@
-"""Whole-model SparseLoRA verbs (layer 5): add adapters, merge them, undo them, mask gradients.
+"""Whole-model SparseLoRA verbs (layer 5 of docs/ARCHITECTURE.md): add adapters, merge them, undo them, mask gradients.
 
 Methods the research compares, selectable by name (``METHODS``):
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..masks import MaskSet
+from ..modules.sparse_lora import METHODS as ADAPTER_METHODS
 from ..modules.sparse_lora import SparseLoRALinear, sparse_lora_modules, teacher_mode
 
 __all__ = [
@@ -37,7 +38,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("sparselora", "lora", "lora-remask", "full")
+# the adapter methods of SparseLoRALinear, plus masked full finetuning (no adapter)
+METHODS = (*ADAPTER_METHODS, "full")
 
 Target = Callable[[nn.Module, str], bool] | Iterable[str] | None
 PerModule = int | float | Mapping[str, int | float] | Callable[[str, nn.Module], int | float]

@@ -11,17 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..masks import MASKS_FILENAME, MaskSet, current_umask
+from .._io import write_folder_atomically
+from ..masks import MASKS_FILENAME, MaskSet
 from ..models import model_class_for
+from .compress import INDEX_FILENAME, load_compressed
+from .guards import check_masks, check_output_folder, model_source_dirs
 
 __all__ = [
     "save_pruned",
@@ -30,123 +30,9 @@ __all__ = [
     "load_processor",
     "check_masks",
     "check_output_folder",
-    "write_folder_atomically",
 ]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-def _source_dirs(model: nn.Module) -> list[Path]:
-    out = []
-    for value in (getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None)):
-        if value and os.path.isdir(value):
-            out.append(Path(value).resolve())
-    return out
-
-
-def check_output_folder(out_dir: str | os.PathLike, inputs: list[str | os.PathLike], overwrite: bool,
-                        option: str = "overwrite=True (--overwrite)", allow_empty: bool = False) -> Path:
-    """The resolved output folder, after refusing what would lose data: an output equal to, inside or
-    containing an input folder (replacing it would delete the input), and an existing path unless ``overwrite``
-    (or, with ``allow_empty``, it is an empty folder, as ``save_pretrained`` users create beforehand).
-    Call it before long work, so a bad output is reported before the work is done."""
-    out = Path(out_dir).resolve()
-    for given in inputs:
-        source = Path(given).resolve()
-        if out == source or out in source.parents or source in out.parents:
-            raise ValueError(f"refusing to write {out}: it is, contains or lies inside the input model {source}; "
-                             "choose a folder outside the input")
-    empty_folder = out.is_dir() and not any(out.iterdir())
-    if out.exists() and not overwrite and not (allow_empty and empty_folder):
-        raise FileExistsError(f"{out} already exists; choose another folder or pass {option} to replace it")
-    return out
-
-
-def check_output_file(path: str | os.PathLike, inputs: list[str | os.PathLike | None], overwrite: bool,
-                      flag: str) -> Path:
-    """Refuse an output file ``path`` (the option ``flag`` names it) that is a folder, one of the ``inputs``
-    files, or an existing file unless ``overwrite`` (ValueError / FileExistsError); returns it as a Path. Call it
-    before long work."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{flag} {path}: is a folder; give the path of the JSON file to write")
-    for given in inputs:
-        if given is not None and path.resolve() == Path(given).resolve():
-            raise ValueError(f"{flag} {path}: is the file {given} given as another argument; choose another file")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{flag} {path}: the file already exists; pass --overwrite to replace it")
-    return path
-
-
-def _follow_umask(folder: Path, only: Collection[Path] | None = None) -> None:
-    """Give ``folder``, its subfolders and files the modes a fresh ``mkdir`` / ``open()`` would:
-    ``0o777 & ~umask`` / ``0o666 & ~umask`` (links left). With ``only``, just those paths (files or folders)."""
-    umask = current_umask()
-    if only is not None:
-        for path in only:
-            if not os.path.islink(path):
-                os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
-        return
-    os.chmod(folder, 0o777 & ~umask)
-    for root, dirs, files in os.walk(folder):
-        for names, mode in ((dirs, 0o777), (files, 0o666)):
-            for name in names:
-                path = os.path.join(root, name)
-                if not os.path.islink(path):
-                    os.chmod(path, mode & ~umask)
-
-
-def write_folder_atomically(out: str | os.PathLike, write: Callable[[Path], T]) -> T:
-    """Call ``write(tmp)`` to fill a new temporary sibling folder of ``out``, then rename it onto ``out``
-    (replacing what is there: check with :func:`check_output_folder` first). Returns what ``write`` returns.
-
-    Before the rename every folder in it gets mode ``0o777 & ~umask`` and every file ``0o666 & ~umask``, as
-    ``mkdir`` / ``open()`` give, not the private ``0o700`` / ``0o600`` of ``mkdtemp`` and of safetensors >= 0.8
-    (which ``save_pretrained`` writes through). On an error the temporary folder is removed and an existing
-    ``out`` is left as it was.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        result = write(tmp)
-        _follow_umask(tmp)
-        old = None
-        if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out)
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    return result
-
-
-def check_masks(model: nn.Module, masks: MaskSet) -> None:
-    """Raise ``ValueError`` if a mask names no linear of ``model``, has the wrong shape, or a weight is non-zero
-    where its mask prunes."""
-    modules = dict(model.named_modules())
-    for name, mask in masks.items():
-        module = modules.get(name)
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            raise ValueError(f"mask {name!r} names no module with a weight in {type(model).__name__}")
-        if tuple(weight.shape) != tuple(mask.shape):
-            raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, weight has {tuple(weight.shape)}")
-        if bool((weight.detach()[~mask.to(weight.device)] != 0).any()):
-            raise ValueError(f"{name}: weight is non-zero at positions its mask prunes")
 
 
 def save_pruned(
@@ -164,7 +50,7 @@ def save_pruned(
     unless ``overwrite`` (then the folder is replaced as a whole), into an existing path other than an empty
     folder: the same guard as :func:`vlmsparse.pipeline.compress.save_compressed`.
     """
-    sources = _source_dirs(model) + ([Path(source).resolve()] if source else [])
+    sources = model_source_dirs(model) + ([Path(source).resolve()] if source else [])
     out = check_output_folder(out_dir, sources, overwrite, option="overwrite=True", allow_empty=True)
     check_masks(model, masks)
 
@@ -186,8 +72,6 @@ def check_model_folder(model_dir: str | os.PathLike) -> Path:
     """``model_dir`` as a Path after checking that it is a folder with ``config.json`` and model weights
     (``model.safetensors``, shards with their index, ``pytorch_model.bin`` or a vlmsparse compressed checkpoint;
     the masks file alone is not weights); FileNotFoundError naming what is missing."""
-    from .compress import INDEX_FILENAME
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model folder {str(model_dir)!r} does not exist")
@@ -207,8 +91,6 @@ def load_model(
     """Load a Hugging Face model of a supported architecture from a local folder (by its config's model_type);
     a folder written by :func:`vlmsparse.pipeline.compress.save_compressed` is loaded dense with its
     stored weights."""
-    from .compress import INDEX_FILENAME, load_compressed
-
     path = check_model_folder(path)
     config = path / "config.json"
     if (path / INDEX_FILENAME).exists():

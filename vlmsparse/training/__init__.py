@@ -1,4 +1,4 @@
-"""training layer (see ../shared/ARCHITECTURE.md): finetuning pruned VLMs on HF Trainer.
+"""Finetuning pruned VLMs on HF Trainer (layer 6 of docs/ARCHITECTURE.md).
 
 ``vlmsparse.training.finetune(model, data, output_dir, config)`` is the entry point (``finetune.py``);
 ``FinetuneConfig`` its configuration. Importing this package does not import transformers.

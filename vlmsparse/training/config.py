@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..pipeline.lora import METHODS
+
 __all__ = ["FinetuneConfig", "METHODS", "PARTS"]
 
-METHODS = ("sparselora", "lora", "lora-remask", "full")
 PARTS = ("language", "vision", "connector")
 
 # fields a resume may change: bookkeeping, and the length of the run (max_steps / num_epochs: a finished run

@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..masks import MASKS_FILENAME, MaskSet, atomic_write
+from .._io import atomic_write
+from ..masks import MASKS_FILENAME, MaskSet
 from .config import FinetuneConfig
 
 __all__ = ["finetune", "FinetuneError", "mask_violations", "RECORD_FILENAME", "MERGED_DIRNAME"]
@@ -355,25 +356,17 @@ def finetune(
     resume: True (latest ``checkpoint-N`` in ``output_dir``) or a checkpoint folder; its config must match.
 
     Raises FinetuneError when a method that must keep the masks (all but ``lora``) broke one.
+
+    Steps: :func:`_with_overrides` -> :func:`_load` (student, masks) -> :func:`_resolve_resume` ->
+    :func:`_training_data` -> :func:`_prepare_student` (adapters, teacher) -> :func:`_build_trainer` -> train ->
+    :func:`_merge_trained` (merge and check, gathered under FSDP) -> :func:`_run_record` -> :func:`_save_run`.
     """
-    from transformers import TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from ..data.datasets import VLMCollator, image_token_id, load_dataset
-    from ..pipeline.save import save_pruned
-    from .trainer import LossBarCallback, SparseTrainer
-
-    valid = {f.name for f in fields(FinetuneConfig)}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise ValueError(f"unknown finetune option(s) {unknown}; allowed: {sorted(valid)}")
-    config = replace(config or FinetuneConfig(), **overrides)
-    output_dir = Path(output_dir)
-
-    student, masks, model_name = _load(model, masks, masks_from_zeros, dense_weights=config.teacher_source == "self")
-    processor = _load_processor(model, processor)  # after _load: a missing folder is reported as such
     from ..models import decoder_start_token_id, get_arch_spec
 
+    config = _with_overrides(config, overrides)
+    output_dir = Path(output_dir)
+    student, masks, model_name = _load(model, masks, masks_from_zeros, dense_weights=config.teacher_source == "self")
+    processor = _load_processor(model, processor)  # after _load: a missing folder is reported as such
     text_only = get_arch_spec(student).image_tokens is None  # a language model alone (Llama / OPT)
     if text_only and isinstance(data, (str, os.PathLike)) and str(data).split(":", 1)[0] == "synthetic":
         raise ValueError(f"data {str(data)!r}: the synthetic data set is image-text, but {model_name} is a language "
@@ -381,6 +374,47 @@ def finetune(
     decoder_start = decoder_start_token_id(student)
     run_config = {**config.identity(), "masks": _masks_fingerprint(masks)}
     checkpoint = _resolve_resume(output_dir, resume, run_config)
+    dataset, data_name = _training_data(data, processor, config, image_root, decoder_start, text_only, model_name)
+    teacher_fn, sparsity_before, trainable = _prepare_student(student, masks, config, model_name)
+    trainer = _build_trainer(student, dataset, processor, config, output_dir, run_config, teacher_fn, callbacks)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    fsdp = trainer.is_fsdp_enabled  # the model is sharded when training starts: keep a frame to gather it into
+    frame = _meta_frame(student) if fsdp and trainer.args.should_save else None
+
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_time = time.perf_counter() - start
+    peak = _peak_memory()
+
+    merged, violations, sparsity_after, checkpointing = _merge_trained(trainer, frame, fsdp, config, masks)
+    record = _run_record(
+        model_name=model_name, data_name=data_name, num_examples=len(dataset), config=config, checkpoint=checkpoint,
+        trainer=trainer, result=result, checkpointing=checkpointing, trainable=trainable, train_time=train_time,
+        peak=peak, masks=masks, fingerprint=run_config["masks"], sparsity_before=sparsity_before,
+        sparsity_after=sparsity_after, violations=violations,
+    )
+    _save_run(record, output_dir, trainer, config, masks, merged, violations, processor,
+              source=model if isinstance(model, (str, os.PathLike)) else None)
+    return record
+
+
+def _with_overrides(config: FinetuneConfig | None, overrides: dict[str, Any]) -> FinetuneConfig:
+    """``config`` (default :class:`FinetuneConfig`) with the keyword ``overrides`` of :func:`finetune` applied;
+    an unknown field raises ValueError."""
+    valid = {f.name for f in fields(FinetuneConfig)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown finetune option(s) {unknown}; allowed: {sorted(valid)}")
+    return replace(config or FinetuneConfig(), **overrides)
+
+
+def _training_data(data: str | os.PathLike | torch.utils.data.Dataset, processor: Any, config: FinetuneConfig,
+                   image_root: str | os.PathLike | None, decoder_start: int | None, text_only: bool,
+                   model_name: str) -> tuple[Any, str]:
+    """``(dataset, name)``: ``data`` as given (a Dataset) or read with the processor from a file / spec; its first
+    example is checked against the model's layout (:func:`_check_layout`)."""
+    from ..data.datasets import load_dataset
 
     if isinstance(data, (str, os.PathLike)):
         if processor is None:
@@ -392,12 +426,14 @@ def finetune(
     else:
         dataset, data_name = data, type(data).__name__
     _check_layout(dataset[0], decoder_start, text_only, model_name)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(student.config, "pad_token_id", None) or getattr(
-            getattr(student.config, "text_config", None), "pad_token_id", None) or 0
+    return dataset, data_name
 
+
+def _prepare_student(student: nn.Module, masks: MaskSet, config: FinetuneConfig,
+                     model_name: str) -> tuple[Any, dict[str, float], int]:
+    """Attach the adapters (or unfreeze for ``full``) with the run's seed and build the teacher; returns
+    ``(teacher_fn, sparsity before training by part, number of trainable parameters)``. ``teacher="self"``
+    needs the dense weights kept and a method with adapters (ValueError otherwise)."""
     self_teacher = config.teacher_source == "self"
     dense_kept = _check_weights(student, masks, self_teacher)
     if self_teacher and (not dense_kept or config.method == "full"):
@@ -417,6 +453,29 @@ def finetune(
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     if trainable == 0:
         raise ValueError(f"no trainable parameter: parts {config.parts} have no linear layer in {model_name}")
+    return teacher_fn, sparsity_before, trainable
+
+
+def _pad_token_id(processor: Any, model: nn.Module) -> int:
+    """The tokenizer's pad id, else the model config's (or its text config's), else 0."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(model.config, "pad_token_id", None) or getattr(
+            getattr(model.config, "text_config", None), "pad_token_id", None) or 0
+    return pad_id
+
+
+def _build_trainer(student: nn.Module, dataset: Any, processor: Any, config: FinetuneConfig, output_dir: Path,
+                   run_config: dict, teacher_fn: Any, callbacks: list | None) -> Any:
+    """The :class:`~vlmsparse.training.trainer.SparseTrainer` of the run: ``TrainingArguments`` from ``config``,
+    the VLM collator, distillation, and one loss bar (``progress``) or no printed logs."""
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from ..data.datasets import VLMCollator, image_token_id
+    from ..models import get_arch_spec
+    from .trainer import LossBarCallback, SparseTrainer
 
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -445,8 +504,10 @@ def finetune(
         use_cpu=not torch.cuda.is_available(),
         save_only_model=False,
     )
+    collator = VLMCollator(_pad_token_id(processor, student), image_token_id(processor),
+                           flat_images=get_arch_spec(student).flat_images)
     trainer = SparseTrainer(
-        model=student, args=args, train_dataset=dataset, data_collator=VLMCollator(pad_id, image_token_id(processor), flat_images=get_arch_spec(student).flat_images),
+        model=student, args=args, train_dataset=dataset, data_collator=collator,
         callbacks=callbacks, teacher_fn=teacher_fn, distill_lambda=config.distill_lambda,
         temperature=config.temperature, run_config=run_config,
     )
@@ -455,16 +516,14 @@ def finetune(
         trainer.add_callback(LossBarCallback())
     else:
         trainer.remove_callback(PrinterCallback)  # the losses go to the record
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    fsdp = trainer.is_fsdp_enabled  # the model is sharded when training starts: keep a frame to gather it into
-    frame = _meta_frame(student) if fsdp and args.should_save else None
+    return trainer
 
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_time = time.perf_counter() - start
-    peak = _peak_memory()
 
+def _merge_trained(trainer: Any, frame: nn.Module | None, fsdp: bool, config: FinetuneConfig,
+                   masks: MaskSet) -> tuple[nn.Module | None, dict[str, int], dict[str, float], bool]:
+    """Merge the trained model and check its zeros against ``masks``: ``(merged model or None on a non-main FSDP
+    rank, mask violations, sparsity after by part, whether activation checkpointing was on)``. Under FSDP the
+    full state dict is gathered into ``frame`` first (collective) and the results are broadcast from rank 0."""
     model_out = trainer.accelerator.unwrap_model(trainer.model)
     checkpointing = _checkpointing_on(model_out)
     if fsdp:  # collective; the full tensors land on the main process, which merges, checks and saves
@@ -482,15 +541,23 @@ def finetune(
         from accelerate.utils import broadcast_object_list
 
         violations, sparsity_after = broadcast_object_list([violations, sparsity_after], from_process=0)
-    keeps_masks = config.method != "lora"
+    return merged, violations, sparsity_after, checkpointing
+
+
+def _run_record(*, model_name: str, data_name: str, num_examples: int, config: FinetuneConfig,
+                checkpoint: Path | None, trainer: Any, result: Any, checkpointing: bool, trainable: int,
+                train_time: float, peak: dict[str, float], masks: MaskSet, fingerprint: str,
+                sparsity_before: dict[str, float], sparsity_after: dict[str, float],
+                violations: dict[str, int]) -> dict:
+    """The JSON record of the run (``merged_model`` is filled in by :func:`_save_run`)."""
     losses = [
         {k: entry[k] for k in ("step", "loss", "ce", "kl", "learning_rate", "grad_norm") if k in entry}
         for entry in trainer.state.log_history if "loss" in entry
     ]
-    record = {
+    return {
         "model": model_name,
         "data": data_name,
-        "num_examples": len(dataset),
+        "num_examples": num_examples,
         "config": config.to_dict(),
         "teacher": config.teacher_source,
         "resumed_from": str(checkpoint) if checkpoint else None,
@@ -504,19 +571,29 @@ def finetune(
         "train_time_s": train_time,
         "samples_per_second": result.metrics.get("train_samples_per_second"),
         "peak_memory": peak,
-        "masks": {"modules": len(masks), "sparsity": masks.sparsity(), "fingerprint": run_config["masks"]},
+        "masks": {"modules": len(masks), "sparsity": masks.sparsity(), "fingerprint": fingerprint},
         "sparsity_before": sparsity_before,
         "sparsity_after": sparsity_after,
         "sparsity_lost": max(0.0, sparsity_before["all"] - sparsity_after["all"]),
         "mask_check": {
             "ok": not violations,
-            "required": keeps_masks,
+            "required": config.method != "lora",
             "modules_violating": len(violations),
             "pruned_entries_nonzero": sum(violations.values()),
         },
         "merged_model": None,
         "torch": torch.__version__,
     }
+
+
+def _save_run(record: dict, output_dir: Path, trainer: Any, config: FinetuneConfig, masks: MaskSet,
+              merged: nn.Module | None, violations: dict[str, int], processor: Any,
+              source: str | os.PathLike | None) -> None:
+    """On the main process: write the record and, unless a method that must keep the masks broke one (then
+    FinetuneError after writing the record), the merged model with its masks under ``output_dir/merged``."""
+    from ..pipeline.save import save_pruned
+
+    keeps_masks = config.method != "lora"
     record_path = output_dir / RECORD_FILENAME
     is_main = trainer.args.should_save
     if violations and keeps_masks:
@@ -531,12 +608,11 @@ def finetune(
     record["merged_model"] = str(merged_dir)
     if is_main:
         out_masks = masks if keeps_masks else _masks_from_zeros_or_none(merged, masks)
-        save_pruned(merged, out_masks, merged_dir, processor=processor, overwrite=True,
-                    source=model if isinstance(model, (str, os.PathLike)) else None)
+        save_pruned(merged, out_masks, merged_dir, processor=processor, overwrite=True, source=source)
         _write_json(record_path, record)
-        logger.info("finetune: %d steps in %.1fs, merged model in %s", record["steps"], train_time, merged_dir)
+        logger.info("finetune: %d steps in %.1fs, merged model in %s", record["steps"], record["train_time_s"],
+                    merged_dir)
     trainer.accelerator.wait_for_everyone()
-    return record
 
 
 def _meta_frame(model: nn.Module) -> nn.Module:

@@ -30,7 +30,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..masks import atomic_write
+from .._io import atomic_write
 from .losses import distillation_loss
 
 __all__ = ["SparseTrainer", "LossBarCallback", "TRAINABLE_FILENAME", "RUN_CONFIG_FILENAME", "trainable_state_dict"]
