@@ -298,7 +298,12 @@ def test_blocked_reference_matches_naive(monkeypatch):
 
 
 def test_public_lazy_names():
+    """Every public name of ``vlmsparse`` resolves after a plain ``import vlmsparse`` (the README uses them so)."""
     import vlmsparse
+
+    for name in vlmsparse.__all__:
+        assert getattr(vlmsparse, name) is not None, name
+    assert vlmsparse.generate_answers.__module__.startswith("vlmsparse.eval.vqa")
 
     for name in ("SparseLoRALinear", "add_sparse_lora", "merge_sparse_lora", "remove_sparse_lora",
                  "mask_gradients", "teacher_mode", "sparse_lora_config", "save_sparse_lora", "load_sparse_lora"):

@@ -40,6 +40,7 @@ _LAZY = {
     "finetune": "vlmsparse.training.finetune",
     "FinetuneConfig": "vlmsparse.training.config",
     "evaluate_vqa": "vlmsparse.eval.vqa",
+    "generate_answers": "vlmsparse.eval.vqa",
     "load_vqa_rows": "vlmsparse.eval.vqa",
     "write_results": "vlmsparse.eval.vqa",
     "vqa_accuracy": "vlmsparse.eval.vqa",

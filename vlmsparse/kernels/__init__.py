@@ -1,1 +1,1 @@
-"""kernels layer (see ../shared/ARCHITECTURE.md)."""
+"""Kernels (layer 1 of docs/ARCHITECTURE.md): Triton kernels, their pure-torch twins, the native CPU loader."""

@@ -1,1 +1,1 @@
-"""modules layer (see ../shared/ARCHITECTURE.md)."""
+"""Modules (layer 3 of docs/ARCHITECTURE.md): ``SparseLoRALinear``, ``SparseLinear``."""
