@@ -134,20 +134,30 @@ at::Tensor run(SparseWeight w, const at::Tensor& x, const std::optional<at::Tens
   return y.to(x.scalar_type()).view(shape);
 }
 
-at::Tensor packed24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-                           const std::optional<at::Tensor>& bias) {
-  const char* op = "vlmsparse_native::packed24_linear";
+// A checked sparse weight for x: the contiguous tensors its pointers read, kept alive with it.
+struct CheckedWeight {
+  at::Tensor values, meta, offsets;
+  SparseWeight w;
+};
+
+CheckedWeight checked_packed24(const char* op, const at::Tensor& x, const at::Tensor& values,
+                               const at::Tensor& meta, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 4 == 0, op, ": in-features must be a multiple of 4, got ",
               x.sizes());
   TORCH_CHECK(values.dim() == 2 && values.size(1) * 2 == x.size(-1), op, ": values must be [out, ",
               x.size(-1) / 2, "], got ", values.sizes());
   const int64_t n = values.size(0);
   check_common(op, x, values, meta, n, bias);
-  const at::Tensor v = values.contiguous();
-  const at::Tensor mt = meta.contiguous();
-  SparseWeight w{kPacked24, n, x.size(-1), v.data_ptr(), v.scalar_type() == at::kBFloat16,
-                 mt.data_ptr<uint8_t>(), mt.size(1), nullptr};
-  return run(w, x, bias);
+  CheckedWeight c{values.contiguous(), meta.contiguous(), at::Tensor(), {}};
+  c.w = SparseWeight{kPacked24, n, x.size(-1), c.values.data_ptr(), c.values.scalar_type() == at::kBFloat16,
+                     c.meta.data_ptr<uint8_t>(), c.meta.size(1), nullptr};
+  return c;
+}
+
+at::Tensor packed24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                           const std::optional<at::Tensor>& bias) {
+  const CheckedWeight c = checked_packed24("vlmsparse_native::packed24_linear", x, values, meta, bias);
+  return run(c.w, x, bias);
 }
 
 // Row offsets of a bitmask weight with n rows: int64 [n + 1], from 0, not decreasing, within values (which
@@ -169,18 +179,22 @@ at::Tensor checked_offsets(const char* op, const at::Tensor& values, const at::T
   return offsets;
 }
 
-at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
-                          const at::Tensor& row_offsets, const std::optional<at::Tensor>& bias) {
-  const char* op = "vlmsparse_native::bitmask_linear";
+CheckedWeight checked_bitmask(const char* op, const at::Tensor& x, const at::Tensor& values,
+                              const at::Tensor& bitmask, const at::Tensor& row_offsets,
+                              const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
   const int64_t n = bitmask.dim() == 2 ? bitmask.size(0) : -1;
   check_common(op, x, values, bitmask, n, bias);
-  const at::Tensor offsets = checked_offsets(op, values, row_offsets, n);
-  const at::Tensor v = values.contiguous();
-  const at::Tensor mt = bitmask.contiguous();
-  SparseWeight w{kBitmask, n, x.size(-1), v.data_ptr(), v.scalar_type() == at::kBFloat16,
-                 mt.data_ptr<uint8_t>(), mt.size(1), offsets.data_ptr<int64_t>()};
-  return run(w, x, bias);
+  CheckedWeight c{values.contiguous(), bitmask.contiguous(), checked_offsets(op, values, row_offsets, n), {}};
+  c.w = SparseWeight{kBitmask, n, x.size(-1), c.values.data_ptr(), c.values.scalar_type() == at::kBFloat16,
+                     c.meta.data_ptr<uint8_t>(), c.meta.size(1), c.offsets.data_ptr<int64_t>()};
+  return c;
+}
+
+at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
+                          const at::Tensor& row_offsets, const std::optional<at::Tensor>& bias) {
+  const CheckedWeight c = checked_bitmask("vlmsparse_native::bitmask_linear", x, values, bitmask, row_offsets, bias);
+  return run(c.w, x, bias);
 }
 
 // Rows [row_begin, row_end) of the dense [n, k] weight, row r written at dense + (r - first_row) * k.
@@ -307,33 +321,16 @@ at::Tensor bitmask_to_dense(const at::Tensor& values, const at::Tensor& bitmask,
 
 at::Tensor packed24_linear_dense(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                                  const std::optional<at::Tensor>& bias, int64_t block_rows) {
-  const char* op = "vlmsparse_native::packed24_linear_dense";
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 4 == 0, op, ": in-features must be a multiple of 4, got ",
-              x.sizes());
-  TORCH_CHECK(values.dim() == 2 && values.size(1) * 2 == x.size(-1), op, ": values must be [out, ",
-              x.size(-1) / 2, "], got ", values.sizes());
-  const int64_t n = values.size(0);
-  check_common(op, x, values, meta, n, bias);
-  const at::Tensor v = values.contiguous();
-  const at::Tensor mt = meta.contiguous();
-  const SparseWeight w{kPacked24, n, x.size(-1), v.data_ptr(), v.scalar_type() == at::kBFloat16,
-                       mt.data_ptr<uint8_t>(), mt.size(1), nullptr};
-  return dense_linear(w, x, v, bias, block_rows);
+  const CheckedWeight c = checked_packed24("vlmsparse_native::packed24_linear_dense", x, values, meta, bias);
+  return dense_linear(c.w, x, c.values, bias, block_rows);
 }
 
 at::Tensor bitmask_linear_dense(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
                                 const at::Tensor& row_offsets, const std::optional<at::Tensor>& bias,
                                 int64_t block_rows) {
-  const char* op = "vlmsparse_native::bitmask_linear_dense";
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
-  const int64_t n = bitmask.dim() == 2 ? bitmask.size(0) : -1;
-  check_common(op, x, values, bitmask, n, bias);
-  const at::Tensor offsets = checked_offsets(op, values, row_offsets, n);
-  const at::Tensor v = values.contiguous();
-  const at::Tensor mt = bitmask.contiguous();
-  const SparseWeight w{kBitmask, n, x.size(-1), v.data_ptr(), v.scalar_type() == at::kBFloat16,
-                       mt.data_ptr<uint8_t>(), mt.size(1), offsets.data_ptr<int64_t>()};
-  return dense_linear(w, x, v, bias, block_rows);
+  const CheckedWeight c =
+      checked_bitmask("vlmsparse_native::bitmask_linear_dense", x, values, bitmask, row_offsets, bias);
+  return dense_linear(c.w, x, c.values, bias, block_rows);
 }
 
 }  // namespace
