@@ -124,7 +124,7 @@ def test_mask_per_matrix_matches_brute_force(seed):
     assert not check_pattern(mask, 0.75, scope="matrix")
 
 
-@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4), (3, 8)])
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4), (3, 8), (1, 2), (5, 16)])  # pairwise ranks, kthvalue for 16
 @pytest.mark.parametrize("seed", range(3))
 def test_mask_nm_matches_brute_force(n, m, seed):
     scores = _scores_with_ties(4, 4 * m, seed)
@@ -144,6 +144,14 @@ def test_ties_keep_lower_index():
     scores = torch.zeros(1, 8)
     assert mask_per_row(scores, 0.5).tolist() == [[True] * 4 + [False] * 4]
     assert mask_nm(scores, 2, 4).tolist() == [[True, True, False, False] * 2]
+
+
+def test_huge_finite_scores_are_not_mistaken_for_inf():
+    # their sum overflows to inf: the quick finiteness check must fall back to the exact one
+    scores = torch.full((2, 8), 3e38)
+    scores[:, ::2] = 1e38
+    assert mask_nm(scores, 2, 4).tolist() == [[False, True, False, True] * 2] * 2
+    assert int(mask_per_row(scores, 0.5).sum()) == 8
 
 
 def test_mask_builders_reject_bad_input():

@@ -137,23 +137,49 @@ def num_pruned(count: int, sparsity: float) -> int:
 
 def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Bool mask keeping the ``keep`` largest entries along the last dim; ties keep the lower index."""
-    if keep <= 0 or keep >= scores.shape[-1]:
+    size = scores.shape[-1]
+    if keep <= 0 or keep >= size:
         return torch.full(scores.shape, keep > 0, dtype=torch.bool, device=scores.device)
+    if size <= _PAIRWISE_UP_TO:
+        return _keep_top_pairwise(scores, keep)
     # Selection, not sorting: the keep-th largest score is the threshold; everything above it is kept and,
     # among the entries equal to it, the lowest indices fill the remaining places. About 2x faster than a
     # stable sort (2048 x 8192 at 50%: 0.54 s vs 1.13 s on 2 CPU cores).
     scores = scores.float()
-    threshold = torch.kthvalue(scores, scores.shape[-1] - keep + 1, dim=-1, keepdim=True).values
+    threshold = torch.kthvalue(scores, size - keep + 1, dim=-1, keepdim=True).values
     above = scores > threshold
     tied = scores == threshold
     places_left = keep - above.sum(dim=-1, keepdim=True)
+    if bool((tied.sum(dim=-1, keepdim=True) == places_left).all()):
+        return above | tied  # no row has more ties than places: the cumulative count is not needed
     return above | (tied & (tied.cumsum(dim=-1) <= places_left))
+
+
+# Groups of up to this many entries (N:M patterns) rank by pairwise comparison instead of kthvalue: 2:4 on
+# 4096 x 11008 scores took 0.48 s against 2.1 s (2-core Zen 4, loaded), 4:8 1.4 s against 2.0 s.
+_PAIRWISE_UP_TO = 8
+
+
+def _keep_top_pairwise(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """:func:`_keep_top` for a short last dim ``m``: entry i's rank is the number of entries that beat it
+    (a larger score, or an equal one at a lower index); ranks below ``keep`` are kept."""
+    size = scores.shape[-1]
+    columns = scores.float().movedim(-1, 0).contiguous()  # [m, ...]: each entry of a group is one contiguous slab
+    rank = torch.zeros(columns.shape, dtype=torch.uint8, device=scores.device)
+    for i in range(1, size):
+        for j in range(i):
+            j_wins = columns[j] >= columns[i]  # a tie goes to the lower index j
+            rank[i] += j_wins
+            rank[j] += ~j_wins
+    return (rank < keep).movedim(0, -1)
 
 
 def _check_scores(scores: torch.Tensor) -> None:
     if scores.dim() != 2:
         raise ValueError(f"scores must be a 2-D [out, in] tensor, got shape {tuple(scores.shape)}")
-    if scores.is_floating_point() and not torch.isfinite(scores).all():
+    # one reduction first: a finite sum means no NaN/inf (an overflow to inf falls through to the full check)
+    if (scores.is_floating_point() and not bool(torch.isfinite(scores.sum()))
+            and not bool(torch.isfinite(scores).all())):
         bad = int((~torch.isfinite(scores)).sum())
         raise ValueError(f"scores hold {bad} NaN/inf values; cannot build a mask from them")
 
