@@ -273,10 +273,12 @@ def test_threads_one_only_in_the_sparsegpt_column_loop(method, monkeypatch):
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (7, 8)])
-def test_column_loop_nm_selection_equals_mask_nm_with_ties(n, m):
-    """SparseGPT's per-group N:M selection (a fast path of the column loop) is ``mask_nm``, ties included."""
-    from vlmsparse.pruning.algorithms import _keep_n_of_m
-    from vlmsparse.sparsity import mask_nm
+def test_nm_selection_by_pairwise_ranks_equals_a_stable_sort_with_ties(n, m):
+    """``keep_top_dim0`` (SparseGPT's per-group N:M selection in the column loop, and ``mask_nm``'s) keeps what a
+    stable descending sort keeps first, ties included."""
+    from vlmsparse.sparsity import keep_top_dim0
 
     for scores in (torch.randint(0, 3, (m, 64)).float(), torch.randn(m, 64)):
-        assert torch.equal(_keep_n_of_m(scores, n), mask_nm(scores.T.contiguous(), n, m).T)
+        order = torch.sort(-scores, dim=0, stable=True).indices[:n]  # the n best, ties to the lower index
+        expected = torch.zeros(m, 64, dtype=torch.bool).scatter_(0, order, True)
+        assert torch.equal(keep_top_dim0(scores, n), expected)

@@ -30,6 +30,7 @@ __all__ = [
     "mask_per_matrix",
     "mask_nm",
     "build_mask",
+    "keep_top_dim0",
     "sparsity_of",
     "satisfies_nm",
     "detect_nm",
@@ -161,17 +162,22 @@ _PAIRWISE_UP_TO = 8
 
 
 def _keep_top_pairwise(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """:func:`_keep_top` for a short last dim ``m``: entry i's rank is the number of entries that beat it
-    (a larger score, or an equal one at a lower index); ranks below ``keep`` are kept."""
-    size = scores.shape[-1]
-    columns = scores.float().movedim(-1, 0).contiguous()  # [m, ...]: each entry of a group is one contiguous slab
-    rank = torch.zeros(columns.shape, dtype=torch.uint8, device=scores.device)
+    """:func:`_keep_top` for a short last dim (each entry of a group made one contiguous slab)."""
+    return keep_top_dim0(scores.float().movedim(-1, 0).contiguous(), keep).movedim(0, -1)
+
+
+def keep_top_dim0(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Bool mask ``[m, ...]`` keeping the ``keep`` largest of each group ``scores[:, ...]`` of a short dim 0 (N:M
+    groups); ties keep the lower index. Entry i's rank is the number of entries that beat it (a larger score,
+    or an equal one at a lower index): ``m (m - 1) / 2`` comparisons, no sort or selection."""
+    size = scores.shape[0]
+    rank = torch.zeros(scores.shape, dtype=torch.uint8, device=scores.device)
     for i in range(1, size):
         for j in range(i):
-            j_wins = columns[j] >= columns[i]  # a tie goes to the lower index j
+            j_wins = scores[j] >= scores[i]  # a tie goes to the lower index j
             rank[i] += j_wins
             rank[j] += ~j_wins
-    return (rank < keep).movedim(0, -1)
+    return rank < keep
 
 
 def _check_scores(scores: torch.Tensor) -> None:

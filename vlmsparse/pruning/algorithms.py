@@ -28,7 +28,7 @@ import logging
 
 import torch
 
-from ..sparsity import SparsityPattern, build_mask, num_pruned, parse_pattern
+from ..sparsity import SparsityPattern, build_mask, keep_top_dim0, num_pruned, parse_pattern
 
 __all__ = ["magnitude_prune", "wanda_prune", "sparsegpt_prune", "check_weight", "one_thread"]
 
@@ -234,18 +234,6 @@ def _sparsegpt_columns(
     return pruneT
 
 
-def _keep_n_of_m(group: torch.Tensor, n: int) -> torch.Tensor:
-    """Keep mask ``[m, rows]``: the ``n`` largest of each column of ``group [m, rows]``, ties keeping the lower
-    index (as :func:`vlmsparse.sparsity.mask_nm`). Entry ``i`` is kept when fewer than ``n`` entries beat it
-    (``s_j > s_i``, or ``s_j == s_i`` with ``j < i``): a few ``[m, m, rows]`` comparisons, cheaper per group
-    than a general selection in the per-column loop (called once every M columns)."""
-    m = group.shape[0]
-    earlier = torch.ones(m, m, dtype=torch.bool, device=group.device).tril(-1).unsqueeze(-1)  # [i, j]: j < i
-    mine, other = group.unsqueeze(1), group.unsqueeze(0)  # [i, 1, rows], [1, j, rows]
-    beaten = (other > mine) | ((other == mine) & earlier)
-    return beaten.sum(dim=1) < n
-
-
 def _columns_of_block(W1: torch.Tensor, Err1: torch.Tensor, U1: torch.Tensor, d1: torch.Tensor, P1: torch.Tensor,
                       E1: torch.Tensor, K1: torch.Tensor, inv_d: torch.Tensor, nm: SparsityPattern | None) -> None:
     """The per-column OBS steps inside one block of :func:`_sparsegpt_columns` (all tensors updated in place)."""
@@ -254,7 +242,7 @@ def _columns_of_block(W1: torch.Tensor, Err1: torch.Tensor, U1: torch.Tensor, d1
         if nm is not None and i % nm.m == 0:
             g = slice(i, i + nm.m)
             group = W1[g].square() / d1[g].square().unsqueeze(1)  # [m, rows]
-            P1[g] = ~_keep_n_of_m(group, nm.n)
+            P1[g] = ~keep_top_dim0(group, nm.n)
             E1[g] = P1[g].to(W1.dtype) * inv_d[g]
             K1[g] = (~P1[g]).to(W1.dtype)
         w = W1[i]
