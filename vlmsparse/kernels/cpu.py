@@ -40,7 +40,9 @@ __all__ = [
     "set_isa",
     "supported_isas",
     "packed24_matmul",
+    "packed24_matmul_unchecked",
     "bitmask_matmul",
+    "bitmask_matmul_unchecked",
 ]
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
@@ -148,26 +150,49 @@ def _check(x: torch.Tensor, values: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: needs CPU tensors, got {x.device} and {values.device}")
 
 
+def _dense_rows(x: torch.Tensor) -> bool:
+    """Whether ``x [..., in]`` has ``DENSE_FROM_ROWS`` rows or more (prefill: the dense-GEMM path)."""
+    return x.dim() > 0 and x.numel() >= DENSE_FROM_ROWS * x.shape[-1]
+
+
 def packed24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``y [..., out] = x [..., in] @ unpack24(values, meta).T + b`` with the native kernel."""
+    """``y [..., out] = x [..., in] @ unpack24(values, meta).T + b`` with the native kernel (arguments checked)."""
     check_features(x, 2 * values.shape[-1], "packed24_matmul (native)")
     out_features = check_packed(values, meta, x.shape[-1], "packed24_matmul (native)")
     check_bias(bias, out_features, "packed24_matmul (native)")
     _check(x, values, "packed24_matmul (native)")
-    bias = None if bias is None else bias.to(x.dtype)
-    if x.numel() >= DENSE_FROM_ROWS * x.shape[-1]:
+    return packed24_matmul_unchecked(x, values, meta, bias)
+
+
+def packed24_matmul_unchecked(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`packed24_matmul` without the Python argument checks: what :mod:`vlmsparse.ops` runs, after its own
+    checks or a module's checks at construction. The C++ op still refuses bad shapes, dtypes and devices
+    (``RuntimeError`` naming the op)."""
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if _dense_rows(x):
         return _ops().packed24_linear_dense(x, values, meta, bias)
     return _ops().packed24_linear(x, values, meta, bias)
 
 
 def bitmask_matmul(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``y [..., out] = x [..., in] @ W.T + b``, ``W`` in the bitmask format, with the native kernel."""
+    """``y [..., out] = x [..., in] @ W.T + b``, ``W`` in the bitmask format, with the native kernel (arguments
+    checked)."""
     out_features = check_bitmask(values, bitmask, row_offsets, x.shape[-1], "bitmask_matmul (native)")
     check_bias(bias, out_features, "bitmask_matmul (native)")
     _check(x, values, "bitmask_matmul (native)")
-    bias = None if bias is None else bias.to(x.dtype)
-    if x.numel() >= DENSE_FROM_ROWS * x.shape[-1]:
+    return bitmask_matmul_unchecked(x, values, bitmask, row_offsets, bias)
+
+
+def bitmask_matmul_unchecked(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor,
+                             row_offsets: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`bitmask_matmul` without the Python argument checks (see :func:`packed24_matmul_unchecked`; the C++
+    op checks the row offsets against ``values`` on every call)."""
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if _dense_rows(x):
         return _ops().bitmask_linear_dense(x, values, bitmask, row_offsets, bias)
     return _ops().bitmask_linear(x, values, bitmask, row_offsets, bias)
