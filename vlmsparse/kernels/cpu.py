@@ -18,6 +18,10 @@ weight. ISA tiers: ``scalar``, ``avx2`` (AVX2 + FMA), ``avx512`` (F, BW, VL, DQ)
 (also AVX512_BF16 and VBMI2: bf16 weights times bf16 inputs with VDPBF16PS, exact products summed in fp32;
 bf16 denormal inputs count as zero): the best the CPU has, or ``$VLMSPARSE_CPU_ISA``, or :func:`set_isa`.
 
+:func:`packed24_matmul` / :func:`bitmask_matmul` check their arguments in Python (clear ``ValueError``); the
+``*_unchecked`` twins, which :mod:`vlmsparse.ops` runs after its own checks (or a module's at construction), skip
+that (about 4 us per call on a 2-core CPU) and leave the checks to the C++ ops (``RuntimeError``).
+
 When the extension is not built (no compiler at install time, ``VLMSPARSE_NATIVE=0``, not Linux),
 :func:`native_available` is False and callers use the pure-torch twins in :mod:`vlmsparse.kernels.reference`.
 """
