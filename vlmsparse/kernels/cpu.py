@@ -176,9 +176,10 @@ def packed24_matmul_unchecked(x: torch.Tensor, values: torch.Tensor, meta: torch
     (``RuntimeError`` naming the op)."""
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
+    # .default: the overload itself, ~1 us less per call than the overload packet (which picks one per call)
     if _dense_rows(x):
-        return _ops().packed24_linear_dense(x, values, meta, bias)
-    return _ops().packed24_linear(x, values, meta, bias)
+        return _ops().packed24_linear_dense.default(x, values, meta, bias)
+    return _ops().packed24_linear.default(x, values, meta, bias)
 
 
 def bitmask_matmul(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
@@ -198,5 +199,5 @@ def bitmask_matmul_unchecked(x: torch.Tensor, values: torch.Tensor, bitmask: tor
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     if _dense_rows(x):
-        return _ops().bitmask_linear_dense(x, values, bitmask, row_offsets, bias)
-    return _ops().bitmask_linear(x, values, bitmask, row_offsets, bias)
+        return _ops().bitmask_linear_dense.default(x, values, bitmask, row_offsets, bias)
+    return _ops().bitmask_linear.default(x, values, bitmask, row_offsets, bias)
