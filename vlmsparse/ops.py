@@ -147,6 +147,7 @@ DEVICE_DEFAULTS: dict[str | None, dict[str, tuple[str, ...]]] = {
     "bitmask_matmul": {"cpu": ("native",)},
 }
 
+
 class _Local(threading.local):
     """Per-thread state: ``stack``, the backend override in effect at each :func:`use_backend` level (``None``:
     none), innermost last. Created per thread with an empty stack (a missing attribute would cost ~1 us per
@@ -292,8 +293,8 @@ def resolve_backend(device: torch.device | str, backend: str | None = None, *, o
 
     Eager calls look the answer up in a per-process cache keyed on the arguments, this thread's context override
     and the raw values of ``$VLMSPARSE_BACKEND`` and ``$TRITON_INTERPRET`` (errors are not cached: they are
-    raised again on every call). Under ``torch.compile`` the resolution is traced uncached, so dynamo guards on the
-    context and the environment.
+    raised again on every call). Under ``torch.compile`` the resolution is traced uncached: dynamo guards on the
+    context; the environment variables are read when it traces.
     """
     if torch.compiler.is_compiling():
         return _resolve(device, backend, op, dtype)
