@@ -2,15 +2,18 @@
 revision, side by side in one run.
 
 Tiny layers (default 16 x 16, M = 1 token, fp32, one thread) make the matmul negligible, so the time per call
-is mostly host cost. Cases: ``nn.Linear``; ``SparseLinear`` with dense storage and with packed 2:4 storage;
-``SparseLoRALinear`` forward without and with autograd, and forward + backward; and their floors: the
-functions of the default backend called directly (``*_kernel``: the reference twins on a CPU; on a GPU the
-Triton packed matmul and, now, the dense_gemm functions), each version through its own dispatcher. The overhead
-of a layer is its time minus its floor's: what the module, the dispatcher and autograd add beyond the kernel.
+is mostly host cost. Cases: ``nn.Linear``; ``SparseLinear`` with dense storage, with packed 2:4 storage (fp32
+and, on a CPU with the native kernels, bf16) and with bitmask storage (fp32, native CPU only);
+``SparseLoRALinear`` forward without and with autograd, and forward + backward; and their floors (each row names
+its ``floor``): on a CPU with the native kernels built, the C++ op itself (``native_*_op``:
+``torch.ops.vlmsparse_native``, the same op in both versions) for the native layers; else the functions of the
+default backend called directly (``*_kernel``: the reference twins on a CPU; on a GPU the Triton packed matmul
+and the dense_gemm functions), each version through its own dispatcher. The overhead of a layer is its time
+minus its floor's: what the module, the dispatcher and autograd add beyond the kernel.
 
-Both versions run in child processes (the baseline from ``git archive <rev>`` in a temporary folder), rounds
-alternating between them; each number is the median over rounds of the mean time per call of a round. The
-overhead of a case is its time minus ``nn.Linear``'s in the same process and round.
+Both versions run in child processes (the baseline from ``git archive <rev>`` in a temporary folder, with this
+checkout's built native extension copied in: it is a build output, not in git), rounds alternating between them;
+each number is the median over rounds of the mean time per call of a round.
 
 Run: ``python benchmarks/bench_overhead.py [--baseline main|none] [--rounds 5] [--device cpu] [--out FILE]``; rows are
 appended to ``benchmarks/results/overhead-<machine>.jsonl`` (device, versions, commit, date).
@@ -23,6 +26,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,14 +36,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CASES = ("linear", "sparse_linear_dense", "packed24_kernel", "sparse_linear_packed24", "sparselora_kernel",
-         "sparselora_nograd", "sparselora_fwd", "sparselora_kernel_fwd_bwd", "sparselora_fwd_bwd", "linear_fwd",
-         "linear_fwd_bwd")
-# each case's floor, the same computation without the layers above the kernel: nn.Linear for the dense path,
-# the backend's own functions called directly (the reference twins on CPU) for the others
-FLOOR = {"sparse_linear_dense": "linear", "sparse_linear_packed24": "packed24_kernel",
-         "sparselora_nograd": "sparselora_kernel", "sparselora_fwd": "sparselora_kernel",
-         "sparselora_fwd_bwd": "sparselora_kernel_fwd_bwd"}
+CASES = ("linear", "sparse_linear_dense", "packed24_kernel", "native_packed24_op", "sparse_linear_packed24",
+         "native_packed24_bf16_op", "sparse_linear_packed24_bf16", "native_bitmask_op", "sparse_linear_bitmask",
+         "sparselora_kernel", "sparselora_nograd", "sparselora_fwd", "sparselora_kernel_fwd_bwd", "sparselora_fwd_bwd",
+         "linear_fwd", "linear_fwd_bwd")
+# the cases that need the native CPU kernels (skipped elsewhere)
+NATIVE_CASES = ("native_packed24_op", "native_packed24_bf16_op", "sparse_linear_packed24_bf16", "native_bitmask_op",
+                "sparse_linear_bitmask")
+# each case's floor, the same computation without the layers above the kernel (the first one measured): nn.Linear
+# for the dense path, the native C++ op for the native layers, else the backend's own functions called directly
+FLOOR = {"sparse_linear_dense": ("linear",), "sparse_linear_packed24": ("native_packed24_op", "packed24_kernel"),
+         "sparse_linear_packed24_bf16": ("native_packed24_bf16_op",),
+         "sparse_linear_bitmask": ("native_bitmask_op",),
+         "sparselora_nograd": ("sparselora_kernel",), "sparselora_fwd": ("sparselora_kernel",),
+         "sparselora_fwd_bwd": ("sparselora_kernel_fwd_bwd",)}
 
 
 def _kernels(device):
@@ -61,6 +71,7 @@ def measure(features: int, tokens: int, calls: int, device: str) -> dict[str, fl
     import torch
     from torch import nn
 
+    from vlmsparse.kernels import cpu
     from vlmsparse.modules.sparse_linear import SparseLinear
     from vlmsparse.modules.sparse_lora import SparseLoRALinear
     from vlmsparse.sparsity import mask_nm
@@ -105,9 +116,28 @@ def measure(features: int, tokens: int, calls: int, device: str) -> dict[str, fl
         "sparselora_fwd_bwd": lambda: fwd_bwd(lora),
         "linear_fwd_bwd": lambda: fwd_bwd(linear),
     }
+    if device == "cpu" and cpu.native_available():
+        native = torch.ops.vlmsparse_native
+        packed_bf16 = SparseLinear(linear.weight.bfloat16(), linear.bias.bfloat16(), backend="packed24")
+        bitmask = SparseLinear(linear.weight, linear.bias, backend="bitmask")
+        x_bf16 = x.bfloat16()
+        fns |= {
+            "native_packed24_op": lambda: native.packed24_linear(x, packed.values, packed.meta, packed.bias),
+            "native_packed24_bf16_op": lambda: native.packed24_linear(x_bf16, packed_bf16.values, packed_bf16.meta,
+                                                                      packed_bf16.bias),
+            "sparse_linear_packed24_bf16": lambda: packed_bf16(x_bf16),
+            "native_bitmask_op": lambda: native.bitmask_linear(x, bitmask.values, bitmask.bitmask,
+                                                               bitmask.row_offsets, bitmask.bias),
+            "sparse_linear_bitmask": lambda: bitmask(x),
+        }
+    else:
+        for name in NATIVE_CASES:
+            fns.pop(name, None)
     out = {}
     for name in CASES:
-        fn = fns[name]
+        fn = fns.get(name)
+        if fn is None:
+            continue
         grad = name.endswith(("_fwd", "_fwd_bwd"))
         with torch.set_grad_enabled(grad):
             for _ in range(max(10, calls // 10)):
@@ -153,26 +183,32 @@ def run(args: argparse.Namespace) -> list[dict]:
             archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "vlmsparse"],
                                      capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+            for built in (ROOT / "vlmsparse").glob("_native_cpu*"):  # the build output git does not hold
+                shutil.copy2(built, Path(tmp) / "vlmsparse" / built.name)
             versions = {"baseline": Path(tmp), "current": ROOT}
         samples: dict[str, dict[str, list[float]]] = {v: {c: [] for c in CASES} for v in versions}
         for _ in range(args.rounds):
             for version, src in versions.items():  # alternate: both see the same machine state
                 times = _child(src, args)
-                for case in CASES:
-                    samples[version][case].append(times[case])
+                for case, us in times.items():
+                    samples[version][case].append(us)
     base = {"bench": "overhead", "device": args.device, "machine": args.machine, "features": args.features,
             "tokens": args.tokens, "rounds": args.rounds, "baseline_rev": args.baseline,
             "baseline_commit": None if args.baseline == "none" else _git("rev-parse", "--short", args.baseline),
             **_versions()}
     rows = []
     for case in CASES:
+        if not all(samples[version][case] for version in versions):
+            continue
         row = dict(base, case=case)
+        floor = next((f for f in FLOOR.get(case, ()) if all(samples[v][f] for v in versions)), None)
+        if floor is not None:
+            row["floor"] = floor
         for version in versions:
             us = statistics.median(samples[version][case])
             row[f"{version}_us"] = round(us, 2)
-            if case in FLOOR:
-                floor = statistics.median(samples[version][FLOOR[case]])
-                row[f"{version}_overhead_us"] = round(us - floor, 2)
+            if floor is not None:
+                row[f"{version}_overhead_us"] = round(us - statistics.median(samples[version][floor]), 2)
         rows.append(row)
     return rows
 
@@ -200,16 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.machine = f"cpu-{os.cpu_count()}core"
     rows = run(args)
-    print(f"us per call, {args.features}x{args.features}, M={args.tokens}, {args.device}; overhead = case - nn.Linear "
-          f"(same process); baseline {args.baseline} ({rows[0]['baseline_commit']}) vs {rows[0]['git_commit']}")
-    print(f"{'case':24s} {'baseline':>10s} {'current':>10s} {'base ovh':>10s} {'cur ovh':>10s}")
+    print(f"us per call, {args.features}x{args.features}, M={args.tokens}, {args.device}; overhead = case - its floor "
+          f"(same process and round); baseline {args.baseline} ({rows[0]['baseline_commit']}) vs {rows[0]['git_commit']}")
+    print(f"{'case':28s} {'baseline':>10s} {'current':>10s} {'base ovh':>10s} {'cur ovh':>10s}  floor")
 
     def cell(row, key):
         return f"{row[key]:10.1f}" if row.get(key) is not None else f"{'-':>10s}"
 
     for row in rows:
-        print(f"{row['case']:24s} {cell(row, 'baseline_us')} {cell(row, 'current_us')} "
-              f"{cell(row, 'baseline_overhead_us')} {cell(row, 'current_overhead_us')}")
+        print(f"{row['case']:28s} {cell(row, 'baseline_us')} {cell(row, 'current_us')} "
+              f"{cell(row, 'baseline_overhead_us')} {cell(row, 'current_overhead_us')}  {row.get('floor', '')}")
     sys.path.insert(0, str(ROOT))  # the parent only: a child imports the version on its PYTHONPATH
     from vlmsparse.masks import atomic_write
 

@@ -30,6 +30,18 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_backend_cache():
+    """Every test starts and ends with an empty backend-resolution cache (vlmsparse.ops.clear_backend_cache):
+    tests change what a resolution depends on (the tables, a simulated missing build) through monkeypatch, which
+    is undone after the test body, before this fixture's teardown."""
+    from vlmsparse import ops
+
+    ops.clear_backend_cache()
+    yield
+    ops.clear_backend_cache()
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matrices: on a shared 2-core machine a second thread only adds waits."""

@@ -210,6 +210,35 @@ def test_sparse_linear_compiles_fullgraph(native, backend):
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_tiny_llama_with_sparse_linears_compiles_inductor_fullgraph(native, one_thread, monkeypatch):
+    """A tiny Llama whose decoder linears are SparseLinear on the native kernels (packed 2:4 and bitmask) compiles
+    with inductor in one graph and gives eager's logits, on the row kernels (2 tokens) and on the dense-GEMM path
+    (18 tokens, DENSE_FROM_ROWS moved to 16: the custom op reads it when it runs)."""
+    monkeypatch.setattr(native, "DENSE_FROM_ROWS", 16)
+    from factories import tiny_llama
+
+    from vlmsparse.pipeline.compress import compress
+
+    torch._dynamo.reset()
+    model = tiny_llama(0).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    with torch.no_grad():
+        for i, name in enumerate(names):  # alternately 2:4 and 60% unstructured
+            weight = model.get_submodule(name).weight
+            keep = mask_nm(weight.abs(), 2, 4) if i % 2 == 0 else torch.rand(weight.shape) >= 0.6
+            weight.masked_fill_(~keep, 0)
+    report = compress(model, progress=False)
+    assert report.counts() == {"packed24": (len(names) + 1) // 2, "bitmask": len(names) // 2}
+    compiled = torch.compile(model, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 1), (2, 9)):
+        ids = torch.randint(0, model.config.vocab_size, shape, generator=g)
+        with torch.no_grad():
+            want = model(input_ids=ids, use_cache=False).logits
+            got = compiled(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_auto_dispatch_on_cpu(native):
     assert choose_backend(_weight24(16, 32, torch.float32))[0] == "packed24"
     assert choose_backend(_weight_unstructured(16, 32, torch.bfloat16, 0.3))[0] == "bitmask"

@@ -336,6 +336,7 @@ def test_device_defaults_per_op(monkeypatch):
     with ops.use_backend("triton"):  # the fused kernels stay selectable
         assert ops.resolve_backend("cuda", op="sparse_lora") == "triton"
     monkeypatch.setattr(ops, "triton_available", lambda: False)  # first runnable preference wins
+    ops.clear_backend_cache()  # what decides runnability changed: cached resolutions are stale
     assert ops.resolve_backend("cuda", op="packed24_matmul") == "dense_gemm"
 
 

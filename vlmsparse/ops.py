@@ -25,9 +25,12 @@ optionally a check in :data:`_RUNNABLE` (of the device and, where it matters, th
 
 Selection order: the ``backend`` argument > the innermost :func:`use_backend` context > the environment
 variable ``VLMSPARSE_BACKEND`` > the device default. A context / environment choice that does not implement an
-op (``torch24`` for the SparseLoRA ops) falls back to that op's device default. Under ``torch.compile`` the
-resolution is traced like any Python code: dynamo guards on the context and the environment variable, so a change
-of either recompiles. Kernel modules are imported lazily, on first use, so ``import vlmsparse.ops``
+op (``torch24`` for the SparseLoRA ops) falls back to that op's device default. Eager calls cache each
+successful resolution per (device, op, dtype, ``backend`` argument, this thread's context, the raw values of
+``VLMSPARSE_BACKEND`` and ``TRITON_INTERPRET``), so their cost per call is a dict lookup (~1 us on a 2-core CPU,
+was ~6 us); :func:`clear_backend_cache` after changing the tables. Under ``torch.compile`` the resolution is
+traced uncached: dynamo guards on the context (entering another one recompiles) but reads the environment
+variable once, when it traces. Kernel modules are imported lazily, on first use, so ``import vlmsparse.ops``
 needs neither triton nor a GPU.
 
 Custom ops (namespace ``vlmsparse``, each with a fake implementation, so graphs compile without running them):
@@ -39,7 +42,8 @@ round trip of a Python custom op (``benchmarks/bench_overhead.py``).
 
 Checked and unchecked entry points: the public functions (:func:`sparse_lora_linear`, ...) check every argument;
 the modules validate their tensors once at construction and call the unchecked ``_sparse_lora_linear``,
-``_packed24_lora_linear``, ``_packed24_linear``.
+``_packed24_lora_linear``, ``_packed24_linear``, ``_bitmask_linear``. Both reach the native backend through its
+unchecked functions (``kernels/cpu.py`` ``*_unchecked``: no Python checks per call; the C++ ops check again).
 
 The SparseLoRA math (``s = scaling = lora_alpha / r``, ``W`` the frozen pruned weight, ``M`` the keep-mask):
 
@@ -81,6 +85,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "DEVICE_DEFAULTS",
     "resolve_backend",
+    "clear_backend_cache",
     "use_backend",
     "current_backend",
     "triton_available",
@@ -123,11 +128,11 @@ IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {
         "triton": Impl("packed24", "packed24_matmul"),
         "torch24": Impl("torch24", "packed24_matmul"),
         "dense_gemm": Impl("reference", "packed24_matmul_ref"),  # unpack + one F.linear: the reference itself
-        "native": Impl("cpu", "packed24_matmul"),
+        "native": Impl("cpu", "packed24_matmul_unchecked"),  # the C++ op checks again; ops checked first
     },
     "bitmask_matmul": {
         "reference": Impl("reference", "bitmask_matmul_ref"),
-        "native": Impl("cpu", "bitmask_matmul"),
+        "native": Impl("cpu", "bitmask_matmul_unchecked"),
     },
 }
 
@@ -142,7 +147,17 @@ DEVICE_DEFAULTS: dict[str | None, dict[str, tuple[str, ...]]] = {
     "bitmask_matmul": {"cpu": ("native",)},
 }
 
-_local = threading.local()
+
+class _Local(threading.local):
+    """Per-thread state: ``stack``, the backend override in effect at each :func:`use_backend` level (``None``:
+    none), innermost last. Created per thread with an empty stack (a missing attribute would cost ~1 us per
+    lookup)."""
+
+    def __init__(self) -> None:
+        self.stack: list[str | None] = []
+
+
+_local = _Local()
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -174,23 +189,26 @@ def use_backend(name: str | None) -> Iterator[None]:
     """
     if name is not None:
         _check_name(name, "use_backend")
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(name)
+    stack = _local.stack
+    stack.append(name if name is not None else _context_override())
     try:
         yield
     finally:
         stack.pop()
 
 
+def _context_override() -> str | None:
+    """The innermost :func:`use_backend` name of this thread (``None``: no context override)."""
+    stack = _local.stack
+    return stack[-1] if stack else None
+
+
 def current_backend() -> tuple[str | None, str]:
     """``(name, source)`` of the backend override in effect: source is ``"context"``, ``"env"`` or ``"default"``
     (then name is ``None``: the device decides)."""
-    stack = getattr(_local, "stack", None) or []
-    for name in reversed(stack):
-        if name is not None:
-            return name, "context"
+    name = _context_override()
+    if name is not None:
+        return name, "context"
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         return _check_name(env, f"environment variable {ENV_VAR}"), "env"
@@ -244,6 +262,24 @@ def _device_default(op: str | None, device: torch.device, dtype: torch.dtype | N
     return "reference"
 
 
+# Successful resolutions of this process: (device, backend, op, dtype, context override, raw $VLMSPARSE_BACKEND,
+# raw $TRITON_INTERPRET) -> backend name. Everything else a resolution reads is fixed for the process (the tables,
+# triton_available(), whether the native extension loaded); code that changes it calls clear_backend_cache().
+_RESOLVED: dict[tuple, str] = {}
+# os.environ keeps the encoded environment in the dict ``_data`` (CPython, every version since 3.2), which every
+# write through os.environ (monkeypatch.setenv included) updates; a lookup there costs ~0.04 us where
+# os.environ.get costs ~0.8 us (decoding included), per call and per variable.
+_ENV_KEYS = (os.environ.encodekey(ENV_VAR), os.environ.encodekey("TRITON_INTERPRET"))
+
+
+def clear_backend_cache() -> None:
+    """Forget the resolutions :func:`resolve_backend` cached; needed only after a change of the backend tables
+    (:data:`BACKENDS`, :data:`IMPLEMENTATIONS`, :data:`DEVICE_DEFAULTS`) or of what decides whether a backend can
+    run (a test simulating a missing triton or native build). Contexts and the environment variables are part of
+    the cache key and need no clearing."""
+    _RESOLVED.clear()
+
+
 def resolve_backend(device: torch.device | str, backend: str | None = None, *, op: str | None = None,
                     dtype: torch.dtype | None = None) -> str:
     """The backend to use for a tensor on ``device`` (of ``dtype``, where the default depends on it).
@@ -254,7 +290,24 @@ def resolve_backend(device: torch.device | str, backend: str | None = None, *, o
     ``reference`` elsewhere). ``op`` (``"sparse_lora"``, ``"packed24_lora"``, ``"packed24_matmul"``,
     ``"bitmask_matmul"``) checks that the backend implements that op. Raises ``ValueError`` for an unknown name
     and ``RuntimeError`` when the backend cannot run here.
+
+    Eager calls look the answer up in a per-process cache keyed on the arguments, this thread's context override
+    and the raw values of ``$VLMSPARSE_BACKEND`` and ``$TRITON_INTERPRET`` (errors are not cached: they are
+    raised again on every call). Under ``torch.compile`` the resolution is traced uncached: dynamo guards on the
+    context; the environment variables are read when it traces.
     """
+    if torch.compiler.is_compiling():
+        return _resolve(device, backend, op, dtype)
+    environ = os.environ._data
+    key = (device, backend, op, dtype, _context_override(), environ.get(_ENV_KEYS[0]), environ.get(_ENV_KEYS[1]))
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _RESOLVED[key] = _resolve(device, backend, op, dtype)
+    return name
+
+
+def _resolve(device: torch.device | str, backend: str | None, op: str | None, dtype: torch.dtype | None) -> str:
+    """:func:`resolve_backend` without the cache."""
     device = torch.device(device)
     if op is not None and op not in IMPLEMENTATIONS:
         raise ValueError(f"resolve_backend: unknown op {op!r}; allowed: {', '.join(IMPLEMENTATIONS)}")

@@ -18,6 +18,10 @@ weight. ISA tiers: ``scalar``, ``avx2`` (AVX2 + FMA), ``avx512`` (F, BW, VL, DQ)
 (also AVX512_BF16 and VBMI2: bf16 weights times bf16 inputs with VDPBF16PS, exact products summed in fp32;
 bf16 denormal inputs count as zero): the best the CPU has, or ``$VLMSPARSE_CPU_ISA``, or :func:`set_isa`.
 
+:func:`packed24_matmul` / :func:`bitmask_matmul` check their arguments in Python (clear ``ValueError``); the
+``*_unchecked`` twins, which :mod:`vlmsparse.ops` runs after its own checks (or a module's at construction), skip
+that (about 4 us per call on a 2-core CPU) and leave the checks to the C++ ops (``RuntimeError``).
+
 When the extension is not built (no compiler at install time, ``VLMSPARSE_NATIVE=0``, not Linux),
 :func:`native_available` is False and callers use the pure-torch twins in :mod:`vlmsparse.kernels.reference`.
 """
@@ -40,7 +44,9 @@ __all__ = [
     "set_isa",
     "supported_isas",
     "packed24_matmul",
+    "packed24_matmul_unchecked",
     "bitmask_matmul",
+    "bitmask_matmul_unchecked",
 ]
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
@@ -148,26 +154,50 @@ def _check(x: torch.Tensor, values: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: needs CPU tensors, got {x.device} and {values.device}")
 
 
+def _dense_rows(x: torch.Tensor) -> bool:
+    """Whether ``x [..., in]`` has ``DENSE_FROM_ROWS`` rows or more (prefill: the dense-GEMM path)."""
+    return x.dim() > 0 and x.numel() >= DENSE_FROM_ROWS * x.shape[-1]
+
+
 def packed24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``y [..., out] = x [..., in] @ unpack24(values, meta).T + b`` with the native kernel."""
+    """``y [..., out] = x [..., in] @ unpack24(values, meta).T + b`` with the native kernel (arguments checked)."""
     check_features(x, 2 * values.shape[-1], "packed24_matmul (native)")
     out_features = check_packed(values, meta, x.shape[-1], "packed24_matmul (native)")
     check_bias(bias, out_features, "packed24_matmul (native)")
     _check(x, values, "packed24_matmul (native)")
-    bias = None if bias is None else bias.to(x.dtype)
-    if x.numel() >= DENSE_FROM_ROWS * x.shape[-1]:
-        return _ops().packed24_linear_dense(x, values, meta, bias)
-    return _ops().packed24_linear(x, values, meta, bias)
+    return packed24_matmul_unchecked(x, values, meta, bias)
+
+
+def packed24_matmul_unchecked(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`packed24_matmul` without the Python argument checks: what :mod:`vlmsparse.ops` runs, after its own
+    checks or a module's checks at construction. The C++ op still refuses bad shapes, dtypes and devices
+    (``RuntimeError`` naming the op)."""
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    # .default: the overload itself, ~1 us less per call than the overload packet (which picks one per call)
+    if _dense_rows(x):
+        return _ops().packed24_linear_dense.default(x, values, meta, bias)
+    return _ops().packed24_linear.default(x, values, meta, bias)
 
 
 def bitmask_matmul(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``y [..., out] = x [..., in] @ W.T + b``, ``W`` in the bitmask format, with the native kernel."""
+    """``y [..., out] = x [..., in] @ W.T + b``, ``W`` in the bitmask format, with the native kernel (arguments
+    checked)."""
     out_features = check_bitmask(values, bitmask, row_offsets, x.shape[-1], "bitmask_matmul (native)")
     check_bias(bias, out_features, "bitmask_matmul (native)")
     _check(x, values, "bitmask_matmul (native)")
-    bias = None if bias is None else bias.to(x.dtype)
-    if x.numel() >= DENSE_FROM_ROWS * x.shape[-1]:
-        return _ops().bitmask_linear_dense(x, values, bitmask, row_offsets, bias)
-    return _ops().bitmask_linear(x, values, bitmask, row_offsets, bias)
+    return bitmask_matmul_unchecked(x, values, bitmask, row_offsets, bias)
+
+
+def bitmask_matmul_unchecked(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor,
+                             row_offsets: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`bitmask_matmul` without the Python argument checks (see :func:`packed24_matmul_unchecked`; the C++
+    op checks the row offsets against ``values`` on every call)."""
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if _dense_rows(x):
+        return _ops().bitmask_linear_dense.default(x, values, bitmask, row_offsets, bias)
+    return _ops().bitmask_linear.default(x, values, bitmask, row_offsets, bias)

@@ -269,13 +269,17 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``y [..., out]`` for ``x [..., in]``: dense for fewer than ``dense_below`` tokens, else the backend."""
+        # The buffers from their dict: nn.Module.__getattr__ costs ~1 us per buffer and call (a third of the
+        # host time of a small packed layer's call), a dict lookup ~0.03 us.
+        buffers = self._buffers
         if self.backend == "dense" or x.numel() < self.dense_below * self.in_features:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, buffers["weight"], buffers["bias"])
         if self.backend == "torch24":
-            return ops.torch24_linear(x, self._semi, self.bias)
+            return ops.torch24_linear(x, self._semi, buffers["bias"])
         if self.backend == "bitmask":
-            return ops._bitmask_linear(x, self.values, self.bitmask, self.row_offsets, self.bias)
-        return ops._packed24_linear(x, self.values, self.meta, self.bias)
+            return ops._bitmask_linear(x, buffers["values"], buffers["bitmask"], buffers["row_offsets"],
+                                       buffers["bias"])
+        return ops._packed24_linear(x, buffers["values"], buffers["meta"], buffers["bias"])
 
     def weight_bytes(self) -> int:
         """Bytes the weight takes in this module's storage (both copies with ``dense_below``)."""
