@@ -27,8 +27,8 @@ Selection order: the ``backend`` argument > the innermost :func:`use_backend` co
 variable ``VLMSPARSE_BACKEND`` > the device default. A context / environment choice that does not implement an
 op (``torch24`` for the SparseLoRA ops) falls back to that op's device default. Eager calls cache each
 successful resolution per (device, op, dtype, ``backend`` argument, this thread's context, the raw values of
-``VLMSPARSE_BACKEND`` and ``TRITON_INTERPRET``), so their cost per call is a dict lookup (~1 us on a 2-core CPU,
-was ~6 us); :func:`clear_backend_cache` after changing the tables. Under ``torch.compile`` the resolution is
+``VLMSPARSE_BACKEND`` and ``TRITON_INTERPRET``), so their cost per call is two environment reads and a dict lookup
+(~2.5 us on a 2-core CPU, was ~6 us); :func:`clear_backend_cache` after changing the tables. Under ``torch.compile`` the resolution is
 traced uncached: dynamo guards on the context (entering another one recompiles) but reads the environment
 variable once, when it traces. Kernel modules are imported lazily, on first use, so ``import vlmsparse.ops``
 needs neither triton nor a GPU.
@@ -266,10 +266,6 @@ def _device_default(op: str | None, device: torch.device, dtype: torch.dtype | N
 # raw $TRITON_INTERPRET) -> backend name. Everything else a resolution reads is fixed for the process (the tables,
 # triton_available(), whether the native extension loaded); code that changes it calls clear_backend_cache().
 _RESOLVED: dict[tuple, str] = {}
-# os.environ keeps the encoded environment in the dict ``_data`` (CPython, every version since 3.2), which every
-# write through os.environ (monkeypatch.setenv included) updates; a lookup there costs ~0.04 us where
-# os.environ.get costs ~0.8 us (decoding included), per call and per variable.
-_ENV_KEYS = (os.environ.encodekey(ENV_VAR), os.environ.encodekey("TRITON_INTERPRET"))
 
 
 def clear_backend_cache() -> None:
@@ -298,8 +294,7 @@ def resolve_backend(device: torch.device | str, backend: str | None = None, *, o
     """
     if torch.compiler.is_compiling():
         return _resolve(device, backend, op, dtype)
-    environ = os.environ._data
-    key = (device, backend, op, dtype, _context_override(), environ.get(_ENV_KEYS[0]), environ.get(_ENV_KEYS[1]))
+    key = (device, backend, op, dtype, _context_override(), os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
     name = _RESOLVED.get(key)
     if name is None:
         name = _RESOLVED[key] = _resolve(device, backend, op, dtype)
