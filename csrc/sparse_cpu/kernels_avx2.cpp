@@ -1,11 +1,17 @@
 // AVX2 + FMA tier (8 fp32 lanes).
 //
-// Small m (decode): one pass over each weight row per call, every step feeding all m rows of x:
+// One row of x (decode) to 4 (6 for packed 2:4 bf16): the row pass, one pass over each weight row per call, every
+// step feeding all rows of x:
 // - packed 2:4: 16 inputs per step; the 16 meta bits of 4 groups give, lane l, the column 4*(l/2) + i
 //   (a variable shift by 2l, no table); two in-lane permutes of x pick the kept inputs, one FMA.
-// - bitmask: 8 inputs (one mask byte) per step; the next 8 stored values are expanded to their columns with
-//   one permute (index table kExpand: rank of each set bit) and zeroed elsewhere, one FMA per row of x.
+// - bitmask, one row of x: 32 inputs (4 mask bytes) per step; per byte one permute packs x to the byte's stored
+//   values (kPack), which are read as they are (bf16 widened by shifts).
+// - bitmask, more rows of x: 8 inputs (one mask byte) per step; the next 8 stored values are expanded to their
+//   columns with one permute (index table kExpand: rank of each set bit) and zeroed elsewhere, one FMA per row
+//   of x.
 // Two weight rows per pass share each load of x; blocks of up to 4 rows of x share each weight vector.
+// More rows of x (Avx2::column_from_rows): the column pass of decode.h (column_rows): rows of x in the lanes,
+// one broadcast of each stored value times its column, no product with a pruned zero.
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,bmi,popcnt"))), apply_to = function)
 #elif defined(__GNUC__)
