@@ -1,6 +1,6 @@
 // AVX2 + FMA tier (8 fp32 lanes).
 //
-// One row of x (decode) to 4 (6 for packed 2:4 bf16): the row pass, one pass over each weight row per call, every
+// One row of x (decode) to 7 (11 for packed 2:4 bf16): the row pass, one pass over each weight row per call, every
 // step feeding all rows of x:
 // - packed 2:4: 16 inputs per step; the 16 meta bits of 4 groups give, lane l, the column 4*(l/2) + i
 //   (a variable shift by 2l, no table); two in-lane permutes of x pick the kept inputs, one FMA.
@@ -222,13 +222,14 @@ struct Avx2 {
   using Vec = __m256;
   static constexpr int64_t kPackedInputs = 16, kBitmaskInputs = 8, kBitmaskDecodeInputs = 32;
   // The column pass (column_rows, kLanes fp32 lanes) from this many rows of x on, else the row pass: the row pass
-  // costs about its blocks of 4 rows of x, the column pass about the same from 2 to 8 rows of x (and 1.15x that
-  // at 16); measured side by side, 4096->4096, 1 thread, thread CPU time, both vs dense limited to AVX2, AMD EPYC
-  // (Zen 4) under load 6-9: packed 2:4 bf16 rows 2.9 ms at M=4, 5.5 at 8, columns 5.4-5.9 from 2 to 8; fp32
-  // rows 4.1 at 4, 7.9 at 8, columns 5.7; 70% bitmask rows 3.1-4.0 at 4, 5.7 at 8, columns 5.3-5.8.
+  // costs about its blocks of 4 rows of x, the column pass about the same from 2 to 8 rows of x (and ~1.2x that
+  // at 16). Measured side by side, 4096->4096, 1 thread, thread CPU time, both builds vs dense limited to AVX2,
+  // AMD EPYC (Zen 4), load 5.5: at M=5 rows 4.7-4.8 ms vs columns 5.8-6.1 (fp32 packed 2:4 and 70% bitmask),
+  // at M=8 rows 5.1-6.4 vs columns 5.0-6.0; packed 2:4 bf16 rows 5.5 / 5.7 / 7.2 ms at M=8 / 9 / 12 vs columns
+  // 5.6 / 7.4 / 7.5 (bench_cpu.py at M=16: rows 10.7, columns 7.4).
   static constexpr bool kColumnPass = true;
   static constexpr int64_t kLanes = 8;
-  static constexpr int64_t column_from_rows(bool packed, bool bf16) { return packed && bf16 ? 7 : 5; }
+  static constexpr int64_t column_from_rows(bool packed, bool bf16) { return packed && bf16 ? 12 : 8; }
   static VLMSPARSE_INLINE Vec bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static VLMSPARSE_INLINE Vec load(const float* p) { return _mm256_loadu_ps(p); }
   static VLMSPARSE_INLINE void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
