@@ -139,12 +139,13 @@ void group_rows(const SparseWeight& w, const V* values, const X* x, int64_t m, c
 // row is decoded once (Tier::decode: the column offsets col * L of its stored entries, in order, and their values
 // as fp32) and then walked once per block of x, in chunks of kChunkCols columns with the panel's rows innermost,
 // so that the chunk of xt (kChunkCols * L floats) stays in L1 for all of them. Each row's entries of a chunk are
-// summed in U independent chains, the chains and then the chunks added in order.
+// summed in U independent chains, the chains and then the chunks added in order. Returns false (nothing written)
+// when its buffers cannot be allocated.
 constexpr int64_t kPanelRows = 8;
 constexpr int64_t kChunkCols = 256;  // a multiple of 64 (whole 64-bit words of bitmask)
 
 template <class Tier, typename V, int NV>
-void column_rows(const SparseWeight& w, const V* values, const float* x, int64_t m, const float* bias, float* y,
+bool column_rows(const SparseWeight& w, const V* values, const float* x, int64_t m, const float* bias, float* y,
                  int64_t row_begin, int64_t row_end) {
   using Vec = typename Tier::Vec;
   constexpr int64_t L = NV * Tier::kLanes;
@@ -155,6 +156,13 @@ void column_rows(const SparseWeight& w, const V* values, const float* x, int64_t
   int32_t* cols = static_cast<int32_t*>(malloc(sizeof(int32_t) * kPanelRows * (k + 2 * Tier::kLanes)));
   float* vals = static_cast<float*>(malloc(sizeof(float) * kPanelRows * (k + 2 * Tier::kLanes)));
   int64_t* starts = static_cast<int64_t*>(malloc(sizeof(int64_t) * kPanelRows * (chunks + 1)));
+  if (xt == nullptr || cols == nullptr || vals == nullptr || starts == nullptr) {
+    free(starts);
+    free(vals);
+    free(cols);
+    free(xt);
+    return false;
+  }
   alignas(64) float tile[kPanelRows][L];
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t j = 0; j < L; ++j) {
@@ -238,6 +246,7 @@ void column_rows(const SparseWeight& w, const V* values, const float* x, int64_t
   free(vals);
   free(cols);
   free(xt);
+  return true;
 }
 
 // The rows [row_begin, row_end) of y for the weight's format, with the tier's group size for one row of x
@@ -249,9 +258,9 @@ void tier_rows(const SparseWeight& w, const V* values, const X* x, int64_t m, co
   const bool decode = m == 1;
   if constexpr (Tier::kColumnPass && sizeof(X) == sizeof(float)) {
     if (m >= Tier::column_from_rows(w.format == kPacked24, sizeof(V) == 2)) {
-      m <= Tier::kLanes ? column_rows<Tier, V, 1>(w, values, x, m, bias, y, row_begin, row_end)
-                        : column_rows<Tier, V, 2>(w, values, x, m, bias, y, row_begin, row_end);
-      return;
+      const bool done = m <= Tier::kLanes ? column_rows<Tier, V, 1>(w, values, x, m, bias, y, row_begin, row_end)
+                                          : column_rows<Tier, V, 2>(w, values, x, m, bias, y, row_begin, row_end);
+      if (done) return;  // else (no memory for its buffers) the row pass
     }
   }
   if (w.format == kPacked24) {
