@@ -19,6 +19,11 @@ weight expanded into a fresh allocation, then ``F.linear``). ``crossover`` (prin
 the dense-GEMM path is faster at every larger measured M: what ``DENSE_FROM_ROWS`` in vlmsparse/kernels/cpu.py is
 set from.
 
+AVX2 emulation (``--emulate-avx2``): on a CPU with AVX-512 the run re-executes itself with the native kernels forced
+to their AVX2 tier and torch's dense baseline restricted to AVX2 (``AVX2_ENV``: ATen's kernels, oneDNN and MKL; set
+before torch is imported, checked with ``torch.backends.cpu.get_cpu_capability()``), so the ratios are those of an
+AVX2 + FMA machine (AMD Zen 3). Its rows carry ``dense_isa`` and a ``note`` with the load.
+
 Times are medians over repeats after a warm-up (``time.perf_counter``, or the thread's CPU time with ``--clock
 cpu`` and one thread: for a shared machine); each call reads the next of several
 copies of its weight, at least ``ROTATE_BYTES`` in all, so no weight is served from the last-level cache. Rows are appended to ``--out`` (default ``benchmarks/results/cpu-<machine>.jsonl``) with the
@@ -32,6 +37,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +55,10 @@ QUICK_SHAPES = {"512->1024": (512, 1024)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FORMATS = ("packed24", "bitmask50", "bitmask70")
 ROTATE_BYTES = 512 << 20
+# The environment of --emulate-avx2: the native AVX2 tier; torch's own kernels (ATen), oneDNN (bf16 matmuls) and
+# MKL (fp32 GEMMs) limited to AVX2 + FMA.
+AVX2_ENV = {"VLMSPARSE_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 GOALS = {  # format -> (tokens, minimum speedup over the faster dense) from issue 14
     ("packed24", 1): 1.5,
     ("bitmask70", 1): 2.0,
@@ -309,9 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="cpu: the calling thread's CPU time (needs --threads 1)")
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="re-run with the native AVX2 tier and torch's dense kernels limited to AVX2 (AVX2_ENV)")
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != [1]:
         parser.error("--clock cpu needs --threads 1 (other threads' CPU time would not be counted)")
+    if args.emulate_avx2 and any(os.environ.get(name) != value for name, value in AVX2_ENV.items()):
+        # torch reads these when it is imported (already done here): a fresh process with them set
+        argv = sys.argv[1:] if argv is None else argv
+        return subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv],
+                              env={**os.environ, **AVX2_ENV}).returncode
     global _clock
     _clock = CLOCKS[args.clock]
 
@@ -320,7 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     if not cpu.native_available():
         print(f"native CPU kernels not available: {cpu.unavailable_reason()}", file=sys.stderr)
         return 2
-    env = {**_env(), "machine": _machine(), "isa": cpu.isa(), "clock": args.clock}
+    env = {**_env(), "machine": _machine(), "isa": cpu.isa(), "clock": args.clock,
+           "dense_isa": torch.backends.cpu.get_cpu_capability()}
+    if args.emulate_avx2:
+        if env["dense_isa"] != "AVX2" or env["isa"] != "avx2":
+            print(f"--emulate-avx2: torch runs {env['dense_isa']} and the native kernels {env['isa']}, not AVX2",
+                  file=sys.stderr)
+            return 2
+        env["note"] = "AVX2 tier, dense restricted to AVX2, load {load}"
     threads = args.threads or sorted({1, torch.get_num_threads()})
     rows = []
     if not args.no_layers:
@@ -336,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as handle:
         for row in rows:
+            if "note" in row:
+                row["note"] = row["note"].format(load=row.get("load", os.getloadavg())[0])
             handle.write(json.dumps(row) + "\n")
     print(f"\n{len(rows)} rows appended to {out}\n\n| goal | measured | met |\n|---|---|---|")
     for goal, measured, met in goal_table(rows):

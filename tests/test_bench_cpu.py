@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,3 +53,20 @@ def test_crossover_is_the_first_m_from_which_dense_always_wins():
     measured = [(8, 2.0, 1.9), (16, 3.0, 3.5), (24, 4.0, 3.9), (32, 5.0, 4.0), (64, 9.0, 6.0)]
     assert bench.crossover(measured) == 24
     assert bench.crossover([(8, 1.0, 2.0), (64, 5.0, 6.0)]) is None
+
+
+def test_emulate_avx2_restricts_both_sides(tmp_path, native):
+    """--emulate-avx2 re-runs the benchmark with the native AVX2 tier and torch's dense kernels limited to AVX2."""
+    if "avx2" not in native.supported_isas():
+        pytest.skip("this CPU has no AVX2 tier")
+    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.jsonl"
+    assert bench.main(["--quick", "--emulate-avx2", "--no-layers", "--prefill", "--prefill-tokens", "2", "--threads",
+                       "1", "--repeats", "1", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 * len(bench.DTYPES)  # packed 2:4 and 70% bitmask
+    for row in rows:
+        assert row["isa"] == "avx2" and row["dense_isa"] == "AVX2"
+        assert row["note"] == f"AVX2 tier, dense restricted to AVX2, load {row['load'][0]}"

@@ -75,6 +75,20 @@ def test_bitmask_matches_float64(isa, native, dtype, in_features, rows, density)
     _check(native.bitmask_matmul(x, packed.values, packed.bitmask, packed.row_offsets, bias), x, weight, bias)
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 6, 8, 16, 17, 33])  # the AVX2 column pass: blocks of 8 and 16 rows of x
+def test_long_rows_in_several_column_chunks(isa, native, dtype, rows):
+    """Rows longer than the column pass's chunk of 256 inputs (chunk starts from the bitmask's popcounts), in
+    lengths that are not a multiple of a chunk, a mask word or a vector; 19 weight rows (panels of 8 and a rest)."""
+    weight24, weight_bm = _weight24(19, 1000, dtype), _weight_unstructured(19, 1003, dtype)
+    packed, bm = pack24(weight24), pack_bitmask_weight(weight_bm)
+    bias = torch.randn(19).to(dtype) if rows % 2 else None
+    x24, x_bm = torch.randn(rows, 1000).to(dtype), torch.randn(rows, 1003).to(dtype)
+    _check(native.packed24_matmul(x24, packed.values, packed.meta, bias), x24, weight24, bias)
+    _check(native.bitmask_matmul(x_bm, bm.values, bm.bitmask, bm.row_offsets, bias), x_bm, weight_bm, bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_rows_go_through_the_dense_expansion(native, dtype, monkeypatch):
     """From DENSE_FROM_ROWS rows of x on the weight is expanded (bit for bit) and F.linear runs."""

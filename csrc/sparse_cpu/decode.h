@@ -1,6 +1,8 @@
 // Scalar helpers every tier includes. Everything here has internal linkage (static inline / anonymous
 // namespace), so each tier's translation unit keeps its own copy compiled for its own instruction set.
 #pragma once
+#include <stdlib.h>  // malloc / free (C functions: nothing inline shared between tiers)
+
 #include <cstring>
 
 #include "kernels.h"
@@ -52,13 +54,14 @@ namespace {
 // One pass over R weight rows (r, r+1, ...) against MB rows of x [., k], in steps of the tier's width: each load
 // of x serves R rows, each weight vector MB rows; U = 2 accumulators per pair for one row of x (decode: two
 // independent chains per row, measured faster) or where R * MB alone gives too few independent FMA chains.
-// out[i * MB + m]. A tier provides `Vec`, `zero`, `add`, `sum` (horizontal), the inputs per step of each format,
+// out[i * MB + m]. A tier provides `Vec`, `zero`, `add`, `sum` (horizontal), the inputs per step of each format
+// (kPackedInputs; kBitmaskInputs, kBitmaskDecodeInputs for one row of x),
 // `step<kPacked, V, X, MB, R, U>`, kDotRows (rows of x per block) and rows(packed, decode) (weight rows per pass).
 template <class Tier, bool kPacked, typename V, typename X, int MB, int R>
 void row_pass(const SparseWeight& w, const V* values, const X* x, int64_t r, float* out) {
   using Vec = typename Tier::Vec;
   constexpr int U = MB > 1 && R * MB >= 4 ? 1 : 2;
-  constexpr int64_t S = kPacked ? Tier::kPackedInputs : Tier::kBitmaskInputs;
+  constexpr int64_t S = kPacked ? Tier::kPackedInputs : MB == 1 ? Tier::kBitmaskDecodeInputs : Tier::kBitmaskInputs;
   const int64_t k = w.k;
   const V* v[R];
   const uint8_t* meta[R];
@@ -129,6 +132,123 @@ void group_rows(const SparseWeight& w, const V* values, const X* x, int64_t m, c
   }
 }
 
+// Column pass, for several rows of x (rows of x in the vector lanes): x [m, k] is transposed into blocks of
+// L = NV * Tier::kLanes rows, xt[block][col][L] (rows past m zero), and each stored weight w[r, col] is one
+// broadcast times the L inputs of its column: NV FMAs, every product used (the row pass above multiplies the
+// pruned zeros too, or permutes x once per weight row and row of x). Per panel of kPanelRows weight rows, each
+// row is decoded once (Tier::decode: the column offsets col * L of its stored entries, in order, and their values
+// as fp32) and then walked once per block of x, in chunks of kChunkCols columns with the panel's rows innermost,
+// so that the chunk of xt (kChunkCols * L floats) stays in L1 for all of them. Each row's entries of a chunk are
+// summed in U independent chains, the chains and then the chunks added in order. Returns false (nothing written)
+// when its buffers cannot be allocated.
+constexpr int64_t kPanelRows = 8;
+constexpr int64_t kChunkCols = 256;  // a multiple of 64 (whole 64-bit words of bitmask)
+
+template <class Tier, typename V, int NV>
+bool column_rows(const SparseWeight& w, const V* values, const float* x, int64_t m, const float* bias, float* y,
+                 int64_t row_begin, int64_t row_end) {
+  using Vec = typename Tier::Vec;
+  constexpr int64_t L = NV * Tier::kLanes;
+  constexpr int U = NV == 1 ? 8 : 4;
+  const int64_t n = w.n, k = w.k;
+  const int64_t blocks = (m + L - 1) / L, chunks = (k + kChunkCols - 1) / kChunkCols;
+  float* xt = static_cast<float*>(malloc(sizeof(float) * blocks * k * L));
+  int32_t* cols = static_cast<int32_t*>(malloc(sizeof(int32_t) * kPanelRows * (k + 2 * Tier::kLanes)));
+  float* vals = static_cast<float*>(malloc(sizeof(float) * kPanelRows * (k + 2 * Tier::kLanes)));
+  int64_t* starts = static_cast<int64_t*>(malloc(sizeof(int64_t) * kPanelRows * (chunks + 1)));
+  if (xt == nullptr || cols == nullptr || vals == nullptr || starts == nullptr) {
+    free(starts);
+    free(vals);
+    free(cols);
+    free(xt);
+    return false;
+  }
+  alignas(64) float tile[kPanelRows][L];
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t j = 0; j < L; ++j) {
+      const int64_t row = b * L + j;
+      float* out = xt + b * k * L + j;
+      if (row < m) {
+        const float* in = x + row * k;
+        for (int64_t c = 0; c < k; ++c) out[c * L] = in[c];
+      } else {
+        for (int64_t c = 0; c < k; ++c) out[c * L] = 0.0f;
+      }
+    }
+  }
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kPanelRows) {
+    const int64_t rows = row_end - r0 < kPanelRows ? row_end - r0 : kPanelRows;
+    const float* row_vals[kPanelRows];
+    for (int64_t i = 0; i < rows; ++i) {
+      int32_t* row_cols = cols + i * (k + 2 * Tier::kLanes);
+      row_vals[i] = Tier::decode(w, values, r0 + i, L, row_cols, vals + i * (k + 2 * Tier::kLanes));
+      // entries of row i before chunk c: starts[i * (chunks + 1) + c]
+      int64_t* start = starts + i * (chunks + 1);
+      const uint8_t* meta = w.meta + (r0 + i) * w.meta_stride;
+      start[0] = 0;
+      for (int64_t c = 1; c < chunks; ++c) {  // every chunk but the last is whole bytes within k
+        if (w.format == kPacked24) {
+          start[c] = c * (kChunkCols / 2);
+        } else {
+          int64_t count = 0;
+          for (int64_t q = 0; q < kChunkCols / 64; ++q) {
+            uint64_t word;
+            std::memcpy(&word, meta + (c - 1) * (kChunkCols / 8) + 8 * q, sizeof(word));
+            count += __builtin_popcountll(word);
+          }
+          start[c] = start[c - 1] + count;
+        }
+      }
+      start[chunks] = w.format == kPacked24 ? k / 2 : w.row_offsets[r0 + i + 1] - w.row_offsets[r0 + i];
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = xt + b * k * L;
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < L; ++j) tile[i][j] = 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        for (int64_t i = 0; i < rows; ++i) {
+          const int32_t* row_cols = cols + i * (k + 2 * Tier::kLanes);
+          const float* v = row_vals[i];
+          const int64_t* start = starts + i * (chunks + 1);
+          Vec acc[U][NV];
+          for (int u = 0; u < U; ++u)
+            for (int q = 0; q < NV; ++q) acc[u][q] = Tier::zero();
+          int64_t e = start[c];
+          const int64_t end = start[c + 1];
+          for (; e + U <= end; e += U) {
+#pragma GCC unroll 8
+            for (int u = 0; u < U; ++u) {
+              const Vec wv = Tier::bcast(v + e + u);
+              const float* xc = xb + row_cols[e + u];
+              for (int q = 0; q < NV; ++q) acc[u][q] = Tier::fma(wv, Tier::load(xc + q * Tier::kLanes), acc[u][q]);
+            }
+          }
+          for (; e < end; ++e) {
+            const Vec wv = Tier::bcast(v + e);
+            const float* xc = xb + row_cols[e];
+            for (int q = 0; q < NV; ++q) acc[0][q] = Tier::fma(wv, Tier::load(xc + q * Tier::kLanes), acc[0][q]);
+          }
+          for (int q = 0; q < NV; ++q) {
+            Vec total = acc[0][q];
+            for (int u = 1; u < U; ++u) total = Tier::add(total, acc[u][q]);
+            float* t = tile[i] + q * Tier::kLanes;
+            Tier::store(t, Tier::add(Tier::load(t), total));
+          }
+        }
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        const float bi = bias ? bias[r0 + i] : 0.0f;
+        for (int64_t j = 0; j < L && b * L + j < m; ++j) y[(b * L + j) * n + r0 + i] = tile[i][j] + bi;
+      }
+    }
+  }
+  free(starts);
+  free(vals);
+  free(cols);
+  free(xt);
+  return true;
+}
+
 // The rows [row_begin, row_end) of y for the weight's format, with the tier's group size for one row of x
 // (decode) or more (Tier::rows(packed, decode)). x [m, k] is fp32 (X = float) or, for the bf16 dot-product
 // tier, bf16 bits (X = uint16_t).
@@ -136,6 +256,13 @@ template <class Tier, typename V, typename X>
 void tier_rows(const SparseWeight& w, const V* values, const X* x, int64_t m, const float* bias, float* y,
                int64_t row_begin, int64_t row_end) {
   const bool decode = m == 1;
+  if constexpr (Tier::kColumnPass && sizeof(X) == sizeof(float)) {
+    if (m >= Tier::column_from_rows(w.format == kPacked24, sizeof(V) == 2)) {
+      const bool done = m <= Tier::kLanes ? column_rows<Tier, V, 1>(w, values, x, m, bias, y, row_begin, row_end)
+                                          : column_rows<Tier, V, 2>(w, values, x, m, bias, y, row_begin, row_end);
+      if (done) return;  // else (no memory for its buffers) the row pass
+    }
+  }
   if (w.format == kPacked24) {
     decode ? group_rows<Tier, true, Tier::rows(true, true)>(w, values, x, m, bias, y, row_begin, row_end)
            : group_rows<Tier, true, Tier::rows(true, false)>(w, values, x, m, bias, y, row_begin, row_end);

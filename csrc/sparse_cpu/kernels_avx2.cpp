@@ -1,11 +1,17 @@
 // AVX2 + FMA tier (8 fp32 lanes).
 //
-// Small m (decode): one pass over each weight row per call, every step feeding all m rows of x:
+// One row of x (decode) to 7 (11 for packed 2:4 bf16): the row pass, one pass over each weight row per call, every
+// step feeding all rows of x:
 // - packed 2:4: 16 inputs per step; the 16 meta bits of 4 groups give, lane l, the column 4*(l/2) + i
 //   (a variable shift by 2l, no table); two in-lane permutes of x pick the kept inputs, one FMA.
-// - bitmask: 8 inputs (one mask byte) per step; the next 8 stored values are expanded to their columns with
-//   one permute (index table kExpand: rank of each set bit) and zeroed elsewhere, one FMA per row of x.
+// - bitmask, one row of x: 32 inputs (4 mask bytes) per step; per byte one permute packs x to the byte's stored
+//   values (kPack), which are read as they are (bf16 widened by shifts).
+// - bitmask, more rows of x: 8 inputs (one mask byte) per step; the next 8 stored values are expanded to their
+//   columns with one permute (index table kExpand: rank of each set bit) and zeroed elsewhere, one FMA per row
+//   of x.
 // Two weight rows per pass share each load of x; blocks of up to 4 rows of x share each weight vector.
+// More rows of x (Avx2::column_from_rows): the column pass of decode.h (column_rows): rows of x in the lanes,
+// one broadcast of each stored value times its column, no product with a pruned zero.
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,bmi,popcnt"))), apply_to = function)
 #elif defined(__GNUC__)
@@ -32,6 +38,42 @@ struct ExpandTable {
   }
 };
 constexpr ExpandTable kExpand{};
+
+// Positions of the set bits of each byte, in order (then zeros).
+struct CompressTable {
+  alignas(64) uint8_t index[256][8];
+  constexpr CompressTable() : index{} {
+    for (int byte = 0; byte < 256; ++byte) {
+      int rank = 0;
+      for (int j = 0; j < 8; ++j) {
+        if ((byte >> j) & 1) index[byte][rank++] = static_cast<uint8_t>(j);
+      }
+    }
+  }
+};
+constexpr CompressTable kCompress{};
+
+// For one row of x (bitmask_step with MB = 1): per mask byte, the permute of x that packs the columns of its
+// set bits into the lanes of the stored values; lanes past the set bits hold 8 (the permute reads the low 3 bits,
+// a compare with 8 gives the lanes to keep, no second table). fp32 values: lane j is set bit j. bf16 values, read
+// as 4 words of two and widened by shifts (no permute): lanes 0-3 the even set bits 0, 2, 4, 6 (low halves,
+// shifted up), lanes 4-7 the odd ones 1, 3, 5, 7 (high halves, low 16 bits cleared).
+struct PackTable {
+  alignas(64) int32_t index[2][256][8];  // [bf16][byte][lane]
+  constexpr PackTable() : index{} {
+    for (int byte = 0; byte < 256; ++byte) {
+      int pos[8] = {8, 8, 8, 8, 8, 8, 8, 8}, count = 0;
+      for (int j = 0; j < 8; ++j) {
+        if ((byte >> j) & 1) pos[count++] = j;
+      }
+      for (int lane = 0; lane < 8; ++lane) {
+        index[0][byte][lane] = pos[lane];
+        index[1][byte][lane] = pos[lane < 4 ? 2 * lane : 2 * (lane - 4) + 1];
+      }
+    }
+  }
+};
+constexpr PackTable kPack{};
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {
@@ -74,9 +116,41 @@ VLMSPARSE_INLINE void p24_step(const V* (&v)[R], const uint8_t* const (&meta)[R]
 }
 
 // One step of the bitmask row pass: 8 inputs (one mask byte) of R weight rows; advances the value pointers.
+// Several rows of x: the stored values are expanded to their columns (kExpand), one permute per weight row.
+// One row of x: 32 inputs a step; the stored values stay packed and x is packed to match (kPack), one permute
+// per byte.
 template <typename V, int MB, int R, int U>
 VLMSPARSE_INLINE void bitmask_step(const V* (&v)[R], const uint8_t* const (&meta)[R], const float* x, int64_t k,
                                    int64_t k0, int u, __m256 (&acc)[R][MB][U]) {
+  if constexpr (MB == 1) {  // 32 inputs (4 mask bytes) a step
+    constexpr int kBf16 = sizeof(V) == 2;
+    for (int i = 0; i < R; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, meta[i] + k0 / 8, sizeof(bits));
+      __m256 prod[4];
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        const unsigned byte = (bits >> (8 * q)) & 0xFF;
+        const V* p = v[i] + (q == 0 ? 0 : popcount(bits & ((1u << (8 * q)) - 1)));
+        const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.index[kBf16][byte]));
+        __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(8), index);
+        __m256 val;
+        if constexpr (kBf16) {
+          keep = _mm256_and_si256(keep, _mm256_setr_epi32(-1, -1, -1, -1, -65536, -65536, -65536, -65536));
+          const __m256i pairs = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+          const __m256i widened = _mm256_sllv_epi32(pairs, _mm256_setr_epi32(16, 16, 16, 16, 0, 0, 0, 0));
+          val = _mm256_castsi256_ps(_mm256_and_si256(widened, keep));
+        } else {
+          val = _mm256_and_ps(_mm256_loadu_ps(p), _mm256_castsi256_ps(keep));
+        }
+        const __m256 xq = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + k0 + 8 * q), index);
+        prod[q] = q % 2 == 0 ? _mm256_mul_ps(val, xq) : _mm256_fmadd_ps(val, xq, prod[q - 1]);
+      }
+      acc[i][0][u] = _mm256_add_ps(acc[i][0][u], _mm256_add_ps(prod[1], prod[3]));
+      v[i] += popcount(bits);
+    }
+    return;
+  }
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   __m256 val[R];
   for (int i = 0; i < R; ++i) {
@@ -93,9 +167,78 @@ VLMSPARSE_INLINE void bitmask_step(const V* (&v)[R], const uint8_t* const (&meta
   }
 }
 
+// The stored entries of weight row r for the column pass: cols[e] = column * L of entry e (in order), the
+// values as fp32 (the row's own values when fp32, else widened into buf); cols and buf hold k + 16.
+template <typename V>
+const float* decode_row(const SparseWeight& w, const V* values, int64_t r, int64_t L, int32_t* cols, float* buf) {
+  const uint8_t* meta = w.meta + r * w.meta_stride;
+  const int64_t k = w.k;
+  const __m256i scale = _mm256_set1_epi32(static_cast<int>(L));
+  const V* v;
+  int64_t count;
+  if (w.format == kPacked24) {
+    v = values + r * (k / 2);
+    count = k / 2;
+    const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+    int64_t k0 = 0;
+    for (; k0 + 16 <= k; k0 += 16) {
+      uint16_t bits;
+      std::memcpy(&bits, meta + k0 / 8, sizeof(bits));
+      const __m256i column = _mm256_add_epi32(
+          _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(bits), shifts), _mm256_set1_epi32(3)), base);
+      const __m256i offset = _mm256_mullo_epi32(_mm256_add_epi32(column, _mm256_set1_epi32(static_cast<int>(k0))), scale);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(cols + k0 / 2), offset);
+    }
+    for (int64_t g = k0 / 4; g < k / 4; ++g) {
+      const int nibble = (meta[g >> 1] >> ((g & 1) * 4)) & 0xF;
+      cols[2 * g] = static_cast<int32_t>((4 * g + (nibble & 3)) * L);
+      cols[2 * g + 1] = static_cast<int32_t>((4 * g + (nibble >> 2)) * L);
+    }
+  } else {
+    v = values + w.row_offsets[r];
+    count = w.row_offsets[r + 1] - w.row_offsets[r];
+    int64_t e = 0;
+    for (int64_t b = 0; b < w.meta_stride; ++b) {
+      unsigned byte = meta[b];
+      if (8 * b + 8 > k) byte &= (1u << (k - 8 * b)) - 1;  // bits past k
+      const __m128i pos = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompress.index[byte]));
+      const __m256i column = _mm256_add_epi32(_mm256_cvtepu8_epi32(pos), _mm256_set1_epi32(static_cast<int>(8 * b)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(cols + e), _mm256_mullo_epi32(column, scale));
+      e += popcount(byte);
+    }
+  }
+  if constexpr (sizeof(V) == sizeof(float)) {
+    return v;
+  } else {
+    int64_t e = 0;
+    for (; e + 8 <= count; e += 8) _mm256_storeu_ps(buf + e, load8(v + e));
+    for (; e < count; ++e) buf[e] = load1(v + e);
+    return buf;
+  }
+}
+
 struct Avx2 {
   using Vec = __m256;
-  static constexpr int64_t kPackedInputs = 16, kBitmaskInputs = 8;
+  static constexpr int64_t kPackedInputs = 16, kBitmaskInputs = 8, kBitmaskDecodeInputs = 32;
+  // The column pass (column_rows, kLanes fp32 lanes) from this many rows of x on, else the row pass: the row pass
+  // costs about its blocks of 4 rows of x, the column pass about the same from 2 to 8 rows of x (and ~1.2x that
+  // at 16). Measured side by side, 4096->4096, 1 thread, thread CPU time, both builds vs dense limited to AVX2,
+  // AMD EPYC (Zen 4), load 5.5: at M=5 rows 4.7-4.8 ms vs columns 5.8-6.1 (fp32 packed 2:4 and 70% bitmask),
+  // at M=8 rows 5.1-6.4 vs columns 5.0-6.0; packed 2:4 bf16 rows 5.5 / 5.7 / 7.2 ms at M=8 / 9 / 12 vs columns
+  // 5.6 / 7.4 / 7.5 (bench_cpu.py at M=16: rows 10.7, columns 7.4).
+  static constexpr bool kColumnPass = true;
+  static constexpr int64_t kLanes = 8;
+  static constexpr int64_t column_from_rows(bool packed, bool bf16) { return packed && bf16 ? 12 : 8; }
+  static VLMSPARSE_INLINE Vec bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static VLMSPARSE_INLINE Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static VLMSPARSE_INLINE void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  static VLMSPARSE_INLINE Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  template <typename V>
+  static const float* decode(const SparseWeight& w, const V* values, int64_t r, int64_t L, int32_t* cols,
+                             float* buf) {
+    return decode_row(w, values, r, L, cols, buf);
+  }
   // Rows of x per block; weight rows per pass by format and for one row of x (decode) or more: the fastest of
   // 1, 2 and 4 (and 2x8, 1x16 blocks) measured side by side, 1 thread, thread CPU time, AMD EPYC (Zen 4).
   static constexpr int kDotRows = 4;

@@ -71,7 +71,8 @@ VLMSPARSE_INLINE void bitmask_step(const V* (&v)[R], const uint8_t* const (&meta
 
 struct Avx512 {
   using Vec = __m512;
-  static constexpr int64_t kPackedInputs = 32, kBitmaskInputs = 16;
+  static constexpr int64_t kPackedInputs = 32, kBitmaskInputs = 16, kBitmaskDecodeInputs = 16;
+  static constexpr bool kColumnPass = false;
   // Rows of x per block; weight rows per pass by format and for one row of x (decode) or more: the fastest of
   // 1, 2 and 4 (and 2x8, 1x16 blocks) measured side by side, 1 thread, thread CPU time, AMD EPYC (Zen 4).
   static constexpr int kDotRows = 4;

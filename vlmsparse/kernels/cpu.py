@@ -8,8 +8,10 @@ Ops, in the torch.library namespace ``vlmsparse_native`` (defined in C++, fake i
   :mod:`vlmsparse.bitmask` (unstructured sparsity).
 
 x and values are float32 or bfloat16 (the same dtype); arithmetic is fp32, the result has x's dtype. Each weight
-row is read once per call and serves blocks of 4 rows of x (decode, small batches); rows are split over
-torch's intra-op threads. From ``DENSE_FROM_ROWS`` rows of x on (prefill), :func:`packed24_matmul` and
+row is read once per call and serves blocks of 4 rows of x (decode, small batches); on the AVX2 tier, from 8 rows
+of x on (12 for packed 2:4 bf16), a column pass instead: x transposed into blocks of 8 or 16 rows, each stored
+weight one broadcast times its column (no products with the pruned zeros). Rows are split over torch's intra-op
+threads. From ``DENSE_FROM_ROWS`` rows of x on (prefill), :func:`packed24_matmul` and
 :func:`bitmask_matmul` instead run dense GEMMs (``packed24_linear_dense`` / ``bitmask_linear_dense``): the weight
 is expanded block by block of rows (about 16 MB each) into one buffer that the call reuses, and each block is one
 ``addmm`` into its columns of y (bit for bit ``F.linear(x, dense W, b)``; no full-size dense copy, no page faults
@@ -52,7 +54,11 @@ __all__ = [
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 # Rows of x from which the dense-GEMM path runs: the smallest crossover measured by benchmarks/bench_cpu.py
 # --prefill (4096->11008, 2-core AMD EPYC, 1 and 2 threads): 512 for packed 2:4 bf16 (1 thread), 1024 for
-# fp32 and 2 threads; at 128 rows the row kernels were 2.2-4.5x faster than the dense path.
+# fp32 and 2 threads; at 128 rows the row kernels were 2.2-4.5x faster than the dense path. On the AVX2 tier
+# (its column pass, against dense GEMMs limited to AVX2: bench_cpu.py --emulate-avx2 --prefill, 1 thread, load 5-6)
+# the crossover is between 512 and 1024 rows for fp32 (packed 2:4 471 vs 503 ms at 512, 1939 vs 1094 at 1024;
+# 70% bitmask 358 vs 633, 1533 vs 1077), above 2048 for bf16 (AVX2 has no bf16 GEMM: packed 2:4 3974 vs 6625 ms
+# at 2048), so bf16 prefill from 512 rows on is slower there than it could be (one threshold for every tier).
 DENSE_FROM_ROWS = 512
 _MODULE = "vlmsparse._native_cpu"
 
