@@ -418,7 +418,7 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_compress(args: argparse.Namespace) -> int:
-    from .pipeline.compress import compress_folder, decompress_folder
+    from .pipeline.folders import compress_folder, decompress_folder
 
     if args.decompress:
         print(f"saved dense model to {decompress_folder(args.model, args.output, overwrite=args.overwrite)}")
