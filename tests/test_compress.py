@@ -321,7 +321,7 @@ def test_written_folders_follow_the_umask(tmp_path, umask):
 
 
 def test_write_folder_atomically_modes_and_failure(tmp_path):
-    from vlmsparse.pipeline.save import write_folder_atomically
+    from vlmsparse._io import write_folder_atomically
 
     def write(tmp: Path) -> str:
         (tmp / "sub").mkdir(mode=0o700)
