@@ -856,29 +856,41 @@ def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, 
                 _prune_block(targets, stats, group_of, cfg, masks, report)
                 del stats
             if index < last:
-                for b in captured:
-                    out = _run_block(block, index, b, device).detach()
-                    b.hidden = out.to(store) if store is not None else out
+                _advance(block, index, captured, device, store)
+
+
+def _advance(block: nn.Module, index: int, captured: list[_Batch], device: torch.device,
+             store: torch.device | None) -> None:
+    """Replace each batch's hidden states by ``block``'s outputs: the inputs of the next block."""
+    for b in captured:
+        out = _run_block(block, index, b, device).detach()
+        b.hidden = out.to(store) if store is not None else out
 
 
 def _apply_owl(model, plan, batches, device, store, cfg: PruneConfig, onload: _Onload | None = None) -> None:
-    """Dense pre-pass: outlier ratio per block, then the block's targets get OWL sparsities (per part)."""
+    """Dense pre-pass: outlier ratio per block, then the block's targets get OWL sparsities (per part).
+
+    A block without targets is run (the next block's inputs are its outputs, as in :func:`_prune_stage`) but gets
+    no ratio: the sparsities spread around the target over the blocks that are pruned."""
     for stage, per_block in plan:
         captured = _capture(model, stage, batches, device, store, onload)
-        scores = []
+        last = len(stage.blocks) - 1
+        ratios = []
         for index, (block, targets) in enumerate(zip(stage.blocks, per_block)):
             if not targets:
-                scores.append(0.0)
+                if index < last:
+                    with _visit(onload, block):
+                        _advance(block, index, captured, device, store)
                 continue
             with _visit(onload, block):
                 _check_arrived(targets)
                 stats, _, outputs = _collect_stats(block, index, targets, captured, device, False, True, store)
-                scores.append(_outlier_ratio(targets, stats, cfg.owl_threshold))
+                ratios.append(_outlier_ratio(targets, stats, cfg.owl_threshold))
             for b, out in zip(captured, outputs):
                 b.hidden = out
-        target = per_block[0][0].pattern.sparsity if per_block and per_block[0] else 0.0
-        sparsities = owl_sparsities(scores, target, cfg.owl_lambda)
-        for targets, s in zip(per_block, sparsities):
+        pruned = [targets for targets in per_block if targets]
+        sparsities = owl_sparsities(ratios, pruned[0][0].pattern.sparsity, cfg.owl_lambda)
+        for targets, s in zip(pruned, sparsities):
             for t in targets:
                 t.pattern = SparsityPattern(round(s, 6))
         log.info("OWL %s sparsities: %s", stage.part, [round(s, 4) for s in sparsities])
