@@ -21,7 +21,9 @@ from torch import nn
 
 from vlmsparse.masks import MaskSet
 from vlmsparse.models import prunable_linear_names
-from vlmsparse.pipeline.prune import _collect_stats, _plan, format_report, prune_model, report_of
+from vlmsparse.pipeline.prune import format_report, prune_model, report_of
+from vlmsparse.pipeline.prune.plan import _plan
+from vlmsparse.pipeline.prune.statistics import _collect_stats
 from vlmsparse.pipeline.save import load_pruned, save_pruned
 from vlmsparse.pruning import InputStats, outlier_ratio, owl_sparsities, wanda_prune
 from vlmsparse.sparsity import build_mask, num_pruned, satisfies_nm
@@ -197,7 +199,8 @@ def test_sequential_calibration_matches_full_model_reference(arch):
 def test_linears_reading_the_same_input_share_statistics():
     model = tiny_llama()
     from vlmsparse.models import get_arch_spec
-    from vlmsparse.pipeline.prune import PruneConfig, _capture
+    from vlmsparse.pipeline.prune import PruneConfig
+    from vlmsparse.pipeline.prune.capture import _capture
 
     spec = get_arch_spec(model)
     stages = spec.resolve(model)
@@ -447,7 +450,7 @@ def test_per_matrix_scope_in_vision_by_default():
 def test_language_stage_gets_the_attention_mask_and_vision_none(build, inputs):
     """Padding can only be skipped if the language blocks' token positions line up with attention_mask."""
     from vlmsparse.models import get_arch_spec
-    from vlmsparse.pipeline.prune import _capture
+    from vlmsparse.pipeline.prune.capture import _capture
 
     model = build()
     batch = inputs()
