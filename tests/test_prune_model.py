@@ -21,7 +21,7 @@ from torch import nn
 
 from vlmsparse.masks import MaskSet
 from vlmsparse.models import prunable_linear_names
-from vlmsparse.pipeline.prune import format_report, prune_model, report_of
+from vlmsparse.pipeline.prune import PruneConfig, allocation_with_parts, format_report, prune_model, report_of
 from vlmsparse.pipeline.prune.plan import _plan
 from vlmsparse.pipeline.prune.statistics import _collect_stats
 from vlmsparse.pipeline.save import load_pruned, save_pruned
@@ -199,7 +199,6 @@ def test_sequential_calibration_matches_full_model_reference(arch):
 def test_linears_reading_the_same_input_share_statistics():
     model = tiny_llama()
     from vlmsparse.models import get_arch_spec
-    from vlmsparse.pipeline.prune import PruneConfig
     from vlmsparse.pipeline.prune.capture import _capture
 
     spec = get_arch_spec(model)
@@ -537,3 +536,31 @@ def test_t5_cross_attention_statistics_skip_encoder_padding():
         for name in checks:
             _, expected = wanda_prune(dense[f"{name}.weight"], stats[name].norm, 0.5)
             assert torch.equal(masks[name], expected), name
+
+
+@pytest.mark.parametrize("allocation, sparsity, parts, present, expected", [
+    ("equal", "0.5", {}, {"vision", "language"}, "equal"),
+    ("owl", "0.5", {}, {"vision", "language"}, "owl"),
+    ("equal", "2:4", {"connector": "0.5"}, {"vision", "connector", "language"},
+     {"vision": "2:4", "language": "2:4", "connector": "0.5"}),
+    ("equal", "2:4", {"language": "0.7"}, {"language"}, {"language": "0.7"}),  # a language model: no vision
+    ("equal", "2:4", {"vision": "0"}, {"vision", "language"}, {"vision": "0", "language": "2:4"}),
+    ("language", "0.6", {"vision": "2:4"}, {"vision", "language"}, {"language": "0.6", "vision": "2:4"}),
+    ("vision", "2:4", {"connector": "0.7"}, {"vision", "connector", "language"}, {"vision": "2:4", "connector": "0.7"}),
+])
+def test_allocation_with_parts(allocation, sparsity, parts, present, expected):
+    assert allocation_with_parts(allocation, sparsity, parts, present) == expected
+
+
+def test_allocation_with_parts_refuses_owl_and_unknown_allocations():
+    with pytest.raises(ValueError, match="allocation 'owl' cannot be combined with per-part patterns"):
+        allocation_with_parts("owl", "0.5", {"vision": "0.5"}, {"vision", "language"})
+    with pytest.raises(ValueError, match="unknown allocation 'most'; allowed: equal, language, vision, owl"):
+        allocation_with_parts("most", "0.5", {"vision": "0.5"}, {"vision", "language"})
+
+
+def test_needs_calibration():
+    assert not PruneConfig(method="magnitude").needs_calibration
+    assert PruneConfig(method="magnitude", allocation="owl").needs_calibration
+    assert PruneConfig(method="magnitude", owl=True).needs_calibration
+    assert PruneConfig(method="wanda").needs_calibration and PruneConfig(method="sparsegpt").needs_calibration

@@ -25,7 +25,7 @@ Before any weight changes, the configuration, every target weight (NaN/inf, N:M 
 calibration batch (image tokens) are checked. If anything fails during pruning (e.g. NaN activations), the
 weights changed so far are restored and the error is raised.
 
-Modules, each importing only those above it: ``plan`` (:class:`PruneConfig`, the target linears per block),
+Modules, each importing only those above it: ``plan`` (:class:`PruneConfig` and its vocabularies, :func:`allocation_with_parts`, the target linears per block),
 ``placement`` (moving tensors and weights, :class:`WeightSource`, ``_Onload``), ``capture`` (checking the
 calibration batches, a stage's block inputs, running a block), ``statistics`` (a block's input statistics),
 ``owl`` (the OWL pre-pass), ``report`` (:class:`LayerReport`, :func:`report_of`, :func:`format_report`),
@@ -36,7 +36,8 @@ from __future__ import annotations
 
 from .driver import prune_model
 from .placement import WeightSource
-from .plan import ALLOCATIONS, PruneConfig
+from .plan import ALLOCATIONS, SCOPES, PruneConfig, allocation_with_parts
 from .report import LayerReport, format_report, report_of
 
-__all__ = ["PruneConfig", "LayerReport", "WeightSource", "prune_model", "report_of", "format_report", "ALLOCATIONS"]
+__all__ = ["PruneConfig", "LayerReport", "WeightSource", "prune_model", "report_of", "format_report", "ALLOCATIONS",
+           "SCOPES", "allocation_with_parts"]

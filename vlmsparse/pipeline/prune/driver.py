@@ -69,9 +69,8 @@ def prune_model(
                 if not t.module.weight.is_meta:  # else when its block arrives on the device
                     check_weight(t.module.weight.detach(), t.pattern, t.name)
                     t.checked = True
-    needs_data = cfg.method != "magnitude" or cfg.use_owl
     batches = list(calibration) if calibration is not None else []
-    if needs_data or batches:
+    if cfg.needs_calibration or batches:
         _check_batches(spec, model, batches)
     device = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -15,7 +15,11 @@ from ...models import PARTS, ArchSpec, ResolvedStage
 from ...pruning import METHODS, check_weight
 from ...sparsity import SparsityPattern, parse_pattern
 
-ALLOCATIONS = ("equal", "language", "vision", "owl")
+# allocation -> the parts it prunes at ``sparsity`` (``equal`` / ``owl``: those of them the model has)
+ALLOCATION_PARTS = {"equal": ("vision", "language"), "language": ("language",), "vision": ("vision",),
+                    "owl": ("vision", "language")}
+ALLOCATIONS = tuple(ALLOCATION_PARTS)
+SCOPES = ("auto", "row", "matrix")  # magnitude / Wanda comparison group: auto = per matrix in vision, else per row
 
 
 @dataclass(frozen=True)
@@ -84,8 +88,8 @@ class PruneConfig:
                 f"PruneConfig.allocation must be one of {ALLOCATIONS} or a mapping part -> sparsity, got "
                 f"{type(self.allocation).__name__}"
             )
-        if self.scope not in ("auto", "row", "matrix"):
-            raise ValueError(f"PruneConfig.scope: got {self.scope!r}; allowed: auto, row, matrix")
+        if self.scope not in SCOPES:
+            raise ValueError(f"PruneConfig.scope: got {self.scope!r}; allowed: {', '.join(SCOPES)}")
         if self.method == "sparsegpt" and self.scope != "auto":
             raise ValueError(
                 f"PruneConfig.scope: got {self.scope!r} with method 'sparsegpt', which chooses its mask per column "
@@ -112,13 +116,35 @@ class PruneConfig:
     def use_owl(self) -> bool:
         return self.owl or self.allocation == "owl"
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether pruning needs calibration batches: every method but magnitude, and OWL."""
+        return self.method != "magnitude" or self.use_owl
+
     def part_patterns_unchecked(self) -> dict[str, SparsityPattern]:
         if isinstance(self.allocation, Mapping):
             return {part: parse_pattern(v) for part, v in self.allocation.items()}
         pattern = parse_pattern(self.sparsity)
-        parts = {"equal": ("vision", "language"), "owl": ("vision", "language"),
-                 "language": ("language",), "vision": ("vision",)}[self.allocation]
-        return {part: pattern for part in parts}
+        return {part: pattern for part in ALLOCATION_PARTS[self.allocation]}
+
+
+def allocation_with_parts(allocation: str, sparsity: Any, parts: Mapping[str, Any],
+                          present: set[str]) -> str | dict[str, Any]:
+    """The ``allocation`` for :func:`~vlmsparse.pipeline.prune.prune_model` with per-part patterns on top:
+    ``allocation`` itself without ``parts``; else the parts of ``allocation`` (``equal``: vision and language,
+    those of them in ``present``, the parts the model has; ``language`` / ``vision``: that part) at ``sparsity``,
+    updated with ``parts`` (part -> pattern; a new part is added, ``0`` / ``"0"`` leaves a part dense).
+    ``owl`` spreads one sparsity over the layers: with ``parts`` it is a ValueError."""
+    if not parts:
+        return allocation
+    if allocation == "owl":
+        raise ValueError("allocation 'owl' cannot be combined with per-part patterns (OWL spreads one sparsity over "
+                         "the layers); use allocation equal, language or vision with them")
+    if allocation not in ALLOCATION_PARTS:
+        raise ValueError(f"unknown allocation {allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
+    out = {part: sparsity for part in ALLOCATION_PARTS[allocation] if allocation != "equal" or part in present}
+    out.update(parts)
+    return out
 
 
 @dataclass
