@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['case']:28s} {cell(row, 'baseline_us')} {cell(row, 'current_us')} "
               f"{cell(row, 'baseline_overhead_us')} {cell(row, 'current_overhead_us')}  {row.get('floor', '')}")
     sys.path.insert(0, str(ROOT))  # the parent only: a child imports the version on its PYTHONPATH
-    from vlmsparse.masks import atomic_write
+    from vlmsparse._io import atomic_write
 
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"overhead-{args.machine}.jsonl"
     old = out.read_text() if out.exists() else ""

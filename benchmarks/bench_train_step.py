@@ -253,7 +253,7 @@ def _versions() -> dict:
 
 
 def save_rows(rows: list[dict], machine: str, out_dir: Path) -> Path:
-    from vlmsparse.masks import atomic_write
+    from vlmsparse._io import atomic_write
 
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_dir / f"train_step-{machine}.csv", out_dir / f"train_step-{machine}.jsonl"

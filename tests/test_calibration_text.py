@@ -337,3 +337,14 @@ def test_cli_bad_records_fail_before_loading_and_a_failed_prune_leaves_the_outpu
                      "--nsamples", "4", "--quiet", *flags]) == 2
         assert "not finite" in capsys.readouterr().err
         assert not (tmp_path / "new-out").exists() and _tree(out) == before
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"max_position_embeddings": 4096}, 2048), ({"max_position_embeddings": 128}, 128),
+    ({"text_config": {"max_position_embeddings": 512}}, 512), ({"model_type": "x"}, 2048),
+])
+def test_default_text_seqlen(tmp_path, config, expected):
+    from vlmsparse.data.calibration import default_text_seqlen
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert default_text_seqlen(tmp_path) == expected

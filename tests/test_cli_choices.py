@@ -8,6 +8,7 @@ import pytest
 
 from vlmsparse.cli import build_parser
 from vlmsparse.pipeline.lora import METHODS as FINETUNE_METHODS
+from vlmsparse.pipeline.prune import ALLOCATIONS, SCOPES
 from vlmsparse.pruning import METHODS as PRUNE_METHODS
 from vlmsparse.training.config import METHODS as CONFIG_METHODS
 
@@ -21,6 +22,16 @@ def test_method_choices_are_the_library_vocabulary(command, methods, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args([*command, "--method", "not-a-method"])
     assert ", ".join(repr(m) for m in methods) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, values", [("--allocation", ALLOCATIONS), ("--scope", SCOPES)])
+def test_prune_allocation_and_scope_choices_are_the_library_vocabulary(option, values, capsys):
+    parser = build_parser()
+    for value in values:
+        assert getattr(parser.parse_args(["prune", "m", "o", option, value]), option[2:]) == value
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prune", "m", "o", option, "not-a-choice"])
+    assert ", ".join(repr(v) for v in values) in capsys.readouterr().err
 
 
 def test_finetune_config_uses_the_pipeline_vocabulary():

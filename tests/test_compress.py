@@ -17,14 +17,13 @@ from vlmsparse.modules.sparse_linear import SparseLinear
 from vlmsparse.pipeline.compress import (
     INDEX_FILENAME,
     compress,
-    compress_folder,
     decompress,
-    decompress_folder,
     load_compressed,
     pack_bitmask,
     save_compressed,
     unpack_bitmask,
 )
+from vlmsparse.pipeline.folders import compress_folder, decompress_folder
 from vlmsparse.sparsity import mask_nm
 
 _INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -111,7 +110,7 @@ def test_compress_takes_negative_zeros_and_warns_when_nothing_is_swapped(tmp_pat
     assert "no nn.Linear passed the selection" in caplog.text
 
     # a model of nn.Linear only is not a HF model: check the packed format through save_compressed's writer
-    from vlmsparse.pipeline.compress import _write_compressed, iter_compressed_tensors
+    from vlmsparse.pipeline.compress import iter_compressed_tensors, write_compressed
 
     class Wrapped(nn.Module):
         def __init__(self, inner: nn.Module) -> None:
@@ -119,7 +118,7 @@ def test_compress_takes_negative_zeros_and_warns_when_nothing_is_swapped(tmp_pat
             self.inner = inner
             self.config = type("Config", (), {"to_json_string": lambda self: "{}"})()
 
-    report = _write_compressed(Wrapped(model), tmp_path, 0.25, None)
+    report = write_compressed(Wrapped(model), tmp_path, 0.25, None)
     assert report["formats"]["packed24"] == 2
     loaded = {key: load() for key, _, load in iter_compressed_tensors(tmp_path)}
     for key, value in Wrapped(model).state_dict().items():
@@ -322,7 +321,7 @@ def test_written_folders_follow_the_umask(tmp_path, umask):
 
 
 def test_write_folder_atomically_modes_and_failure(tmp_path):
-    from vlmsparse.pipeline.save import write_folder_atomically
+    from vlmsparse._io import write_folder_atomically
 
     def write(tmp: Path) -> str:
         (tmp / "sub").mkdir(mode=0o700)

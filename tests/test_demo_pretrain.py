@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmsparse.training.pretrain import PretrainConfig, pretrain
+from vlmsparse.demo.pretrain import PretrainConfig, pretrain
 
 TINY = dict(num_train=128, num_heldout=32, batch_size=16, max_steps=6, eval_every=3, warmup_steps=2)
 

@@ -311,7 +311,7 @@ def test_calibration_runs_each_block_as_the_model_does(arch):
     full-attention vision block its own cu_seqlens): block 0's arguments are not reused where they differ."""
     from factories import text_inputs, tiny_gemma3_text_mixed
 
-    from vlmsparse.pipeline.prune import _capture, _run_block
+    from vlmsparse.pipeline.prune.capture import _capture, _run_block
 
     if arch == "gemma3_text_mixed":
         model = tiny_gemma3_text_mixed(0)

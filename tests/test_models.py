@@ -85,3 +85,12 @@ def test_prunable_linear_names_per_part():
     assert len(names) == 2 * 7 + 2 * 11
     for name in names:
         assert get_arch_spec(t5).part_of(name) == "language"
+
+
+def test_vision_image_size():
+    from factories import IMAGE_SIZE
+
+    from vlmsparse.models import vision_image_size
+
+    assert vision_image_size(tiny_llava()) == IMAGE_SIZE
+    assert vision_image_size(tiny_llama()) == 336 and vision_image_size(tiny_llama(), default=64) == 64

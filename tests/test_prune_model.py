@@ -17,12 +17,15 @@ from factories import (
     tiny_llava,
     tiny_opt,
 )
+from torch import nn
 
 from vlmsparse.masks import MaskSet
 from vlmsparse.models import prunable_linear_names
-from vlmsparse.pipeline.prune import _collect_stats, _plan, format_report, prune_model, report_of
+from vlmsparse.pipeline.prune import PruneConfig, allocation_with_parts, format_report, prune_model, report_of
+from vlmsparse.pipeline.prune.plan import _plan
+from vlmsparse.pipeline.prune.statistics import _collect_stats
 from vlmsparse.pipeline.save import load_pruned, save_pruned
-from vlmsparse.pruning import InputStats, wanda_prune
+from vlmsparse.pruning import InputStats, outlier_ratio, owl_sparsities, wanda_prune
 from vlmsparse.sparsity import build_mask, num_pruned, satisfies_nm
 
 MODELS = {
@@ -196,7 +199,7 @@ def test_sequential_calibration_matches_full_model_reference(arch):
 def test_linears_reading_the_same_input_share_statistics():
     model = tiny_llama()
     from vlmsparse.models import get_arch_spec
-    from vlmsparse.pipeline.prune import PruneConfig, _capture
+    from vlmsparse.pipeline.prune.capture import _capture
 
     spec = get_arch_spec(model)
     stages = spec.resolve(model)
@@ -267,6 +270,75 @@ def test_owl_spreads_sparsity_around_the_target():
     assert sum(values) / 4 == pytest.approx(0.5, abs=1e-6)
     with pytest.raises(ValueError, match="N:M"):
         prune_model(tiny_llama(), method="wanda", sparsity="2:4", allocation="owl", calibration=[batch])
+
+
+class _NotALinear(nn.Module):
+    """``F.linear`` with a linear's weight and bias, not an ``nn.Linear``: prune_model does not target it."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def _llama_with_an_untargeted_block(untargeted: int) -> nn.Module:
+    """A 4-block tiny Llama whose block ``untargeted`` holds no ``nn.Linear`` (so no pruning targets)."""
+    model = tiny_llama(seed=5, layers=4)
+    block = model.model.layers[untargeted]
+    for name, module in list(block.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent), attr, _NotALinear(module))
+    return model
+
+
+def test_owl_runs_a_block_without_targets_and_leaves_it_out_of_the_spread():
+    """OWL's dense pre-pass on a Llama whose block 1 has no targets: the blocks after it see its outputs, and the
+    sparsities spread over the pruned blocks only, equal to those from the Wanda scores of ordinary full-model
+    forwards of the dense model (a reference that runs every block). The non-OWL path runs the block too."""
+    batches = [_text_only(llava_inputs(seed=s)) for s in (11, 12)]
+    batches[1]["attention_mask"][0, -2:] = 0
+    threshold, lam, target = 2.0, 0.1, 0.5
+    model = _llama_with_an_untargeted_block(1)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = [0, 2, 3]
+    linears = {i: {n: m for n, m in model.model.layers[i].named_modules() if isinstance(m, nn.Linear)}
+               for i in blocks}
+    stats = {(i, n): InputStats(m.in_features) for i in blocks for n, m in linears[i].items()}
+    state = {}
+    handles = [m.register_forward_pre_hook(lambda _m, args, key=(i, n): stats[key].add_batch(
+        args[0], token_mask=state["mask"])) for i in blocks for n, m in linears[i].items()]
+    with torch.no_grad():
+        for b in batches:
+            state["mask"] = b["attention_mask"]
+            model(**b, use_cache=False)
+    for h in handles:
+        h.remove()
+    ratios = [outlier_ratio([m.weight.abs() * stats[i, n].norm.unsqueeze(0) for n, m in linears[i].items()],
+                            threshold) for i in blocks]
+    expected = owl_sparsities(ratios, target, lam)
+    assert len(set(ratios)) == len(blocks)  # distinct ratios: a spread that inputs or a missing block would change
+
+    masks = prune_model(model, method="wanda", sparsity=target, allocation="owl", owl_lambda=lam,
+                        owl_threshold=threshold, calibration=batches, progress=False)
+    assert not any(name.startswith("model.layers.1.") for name in masks)
+    for i, s in zip(blocks, expected):
+        for n in linears[i]:
+            name = f"model.layers.{i}.{n}"
+            assert float(masks.patterns[name]) == pytest.approx(s, abs=1e-6), name
+            assert int((~masks[name]).sum(dim=1)[0]) == num_pruned(masks[name].shape[1], float(masks.patterns[name]))
+    for key, value in model.state_dict().items():
+        if key.startswith("model.layers.1."):
+            assert torch.equal(value, dense[key]), key
+
+    # the non-OWL path: block 2 is calibrated on block 1's outputs (reference: full-model forwards)
+    model = _llama_with_an_untargeted_block(1)
+    masks = prune_model(model, method="wanda", sparsity=target, calibration=batches, progress=False)
+    name = "model.layers.2.self_attn.q_proj"
+    norm = _dense_block_input_norm(model, dense, "model.layers.2", model.get_submodule(name), batches, True)
+    assert torch.equal(masks[name], wanda_prune(dense[f"{name}.weight"], norm, target, scope="row")[1])
 
 
 def test_report_and_mask_round_trip(tmp_path):
@@ -377,7 +449,7 @@ def test_per_matrix_scope_in_vision_by_default():
 def test_language_stage_gets_the_attention_mask_and_vision_none(build, inputs):
     """Padding can only be skipped if the language blocks' token positions line up with attention_mask."""
     from vlmsparse.models import get_arch_spec
-    from vlmsparse.pipeline.prune import _capture
+    from vlmsparse.pipeline.prune.capture import _capture
 
     model = build()
     batch = inputs()
@@ -464,3 +536,31 @@ def test_t5_cross_attention_statistics_skip_encoder_padding():
         for name in checks:
             _, expected = wanda_prune(dense[f"{name}.weight"], stats[name].norm, 0.5)
             assert torch.equal(masks[name], expected), name
+
+
+@pytest.mark.parametrize("allocation, sparsity, parts, present, expected", [
+    ("equal", "0.5", {}, {"vision", "language"}, "equal"),
+    ("owl", "0.5", {}, {"vision", "language"}, "owl"),
+    ("equal", "2:4", {"connector": "0.5"}, {"vision", "connector", "language"},
+     {"vision": "2:4", "language": "2:4", "connector": "0.5"}),
+    ("equal", "2:4", {"language": "0.7"}, {"language"}, {"language": "0.7"}),  # a language model: no vision
+    ("equal", "2:4", {"vision": "0"}, {"vision", "language"}, {"vision": "0", "language": "2:4"}),
+    ("language", "0.6", {"vision": "2:4"}, {"vision", "language"}, {"language": "0.6", "vision": "2:4"}),
+    ("vision", "2:4", {"connector": "0.7"}, {"vision", "connector", "language"}, {"vision": "2:4", "connector": "0.7"}),
+])
+def test_allocation_with_parts(allocation, sparsity, parts, present, expected):
+    assert allocation_with_parts(allocation, sparsity, parts, present) == expected
+
+
+def test_allocation_with_parts_refuses_owl_and_unknown_allocations():
+    with pytest.raises(ValueError, match="allocation 'owl' cannot be combined with per-part patterns"):
+        allocation_with_parts("owl", "0.5", {"vision": "0.5"}, {"vision", "language"})
+    with pytest.raises(ValueError, match="unknown allocation 'most'; allowed: equal, language, vision, owl"):
+        allocation_with_parts("most", "0.5", {"vision": "0.5"}, {"vision", "language"})
+
+
+def test_needs_calibration():
+    assert not PruneConfig(method="magnitude").needs_calibration
+    assert PruneConfig(method="magnitude", allocation="owl").needs_calibration
+    assert PruneConfig(method="magnitude", owl=True).needs_calibration
+    assert PruneConfig(method="wanda").needs_calibration and PruneConfig(method="sparsegpt").needs_calibration

@@ -213,6 +213,23 @@ def test_cli_part_flags_on_a_language_model_and_owl(tmp_path, blip2_folder, caps
     assert not (tmp_path / "owl").exists()
 
 
+def test_check_device_names_the_option(monkeypatch):
+    from vlmsparse.pipeline.guards import check_device
+
+    assert check_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="--device 'warp-drive' is not a device name; allowed: cpu, cuda, cuda:N"):
+        check_device("warp-drive", option="--device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_device(None) == "cpu"
+    with pytest.raises(ValueError, match="device cuda:1: CUDA is not available on this machine; use device cpu"):
+        check_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device(None) == "cuda" and check_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match="this machine has 2 CUDA device"):
+        check_device("cuda:2")
+
+
 def test_cli_prune_checks_before_loading(tmp_path, blip2_folder, monkeypatch, capsys):
     """A bad output folder, --device, --max-words or a folder without weights is refused before any model is
     loaded or pruned, with CLI wording."""

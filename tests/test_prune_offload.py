@@ -32,7 +32,7 @@ from torch import nn
 from vlmsparse.cli import main
 from vlmsparse.models import get_arch_spec
 from vlmsparse.pipeline import prune as prune_module
-from vlmsparse.pipeline.prune import PruneConfig, prune_model, report_of
+from vlmsparse.pipeline.prune import PruneConfig, placement, prune_model, report_of
 from vlmsparse.pipeline.save import load_pruned
 
 META = torch.device("meta")
@@ -133,7 +133,7 @@ def test_one_block_at_a_time_on_the_device_and_the_same_result(case, monkeypatch
 
     home = MetaHome(model)
     home.place(model, META)  # the weights leave for the fake home before pruning starts
-    monkeypatch.setattr(prune_module, "_place", home.place)
+    monkeypatch.setattr(placement, "_place", home.place)
     masks = prune_model(model, calibration=batches, progress=False, device="cpu", **options)
 
     assert home.most_resident == 1, [r for r in home.resident_log if len(r) > 1][:3]
@@ -162,7 +162,7 @@ def test_every_architecture_offloaded_one_block_at_a_time(arch, monkeypatch):
     expected = prune_model(reference, method="wanda", calibration=batches, progress=False)
     home = MetaHome(model)
     home.place(model, META)
-    monkeypatch.setattr(prune_module, "_place", home.place)
+    monkeypatch.setattr(placement, "_place", home.place)
     masks = prune_model(model, method="wanda", calibration=batches, progress=False, device="cpu")
     assert home.most_resident == 1 and home.all_home(model)
     home.place(model, CPU)
@@ -175,7 +175,7 @@ def test_blocks_of_an_earlier_stage_visit_one_at_a_time_during_a_capture(monkeyp
     model = tiny_llava(layers=3)
     home = MetaHome(model)
     home.place(model, META)
-    monkeypatch.setattr(prune_module, "_place", home.place)
+    monkeypatch.setattr(placement, "_place", home.place)
     prune_model(model, method="wanda", allocation="language", calibration=_llava_batches(model), progress=False,
                 device="cpu")
     vision = [name for name in home.blocks if "vision_tower" in name]
@@ -212,7 +212,7 @@ def test_failure_half_way_sends_every_block_home_and_restores(monkeypatch):
     home = MetaHome(model)
     home.place(model, META)
     with monkeypatch.context() as patch:
-        patch.setattr(prune_module, "_place", home.place)
+        patch.setattr(placement, "_place", home.place)
         with pytest.raises(ValueError, match="NaN/inf"):
             prune_model(model, method="wanda", calibration=_llama_batches(model), progress=False, device="cpu")
     assert home.all_home(model) and home.most_resident == 1

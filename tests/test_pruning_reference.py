@@ -29,7 +29,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vlmsparse.pipeline.prune import PruneConfig, _outlier_ratio, prune_model
+from vlmsparse.pipeline.prune import PruneConfig, prune_model
+from vlmsparse.pipeline.prune.owl import _outlier_ratio
 from vlmsparse.pruning import (
     InputStats,
     magnitude_prune,

@@ -125,7 +125,7 @@ def test_processor_expands_image_tokens_and_saves(tmp_path):
 
 def test_pretrain_encoding_matches_the_finetune_encoding():
     from vlmsparse.data.datasets import Example, encode_example
-    from vlmsparse.training.pretrain import encode_vqa
+    from vlmsparse.demo.pretrain import encode_vqa
 
     proc = build_processor(32, 8)
     samples = synthetic.make_vqa_samples(6, seed=9)
@@ -141,7 +141,7 @@ def test_pretrain_encoding_matches_the_finetune_encoding():
 
 
 def test_pretrain_config_validation():
-    from vlmsparse.training.pretrain import PretrainConfig
+    from vlmsparse.demo.pretrain import PretrainConfig
 
     with pytest.raises(ValueError, match="text_hidden"):
         PretrainConfig(text_hidden=40)
@@ -153,9 +153,9 @@ def test_pretrain_config_validation():
 
 def test_demo_cache_key_follows_the_data_version(monkeypatch):
     """A changed generator (DATA_VERSION bumped) must not reuse a demo model trained on the old data."""
-    from vlmsparse import demo
     from vlmsparse.data import synthetic
-    from vlmsparse.training.pretrain import PretrainConfig
+    from vlmsparse.demo import run as demo
+    from vlmsparse.demo.pretrain import PretrainConfig
 
     before = demo._pretrain_key(PretrainConfig())
     assert demo._pretrain_key(PretrainConfig()) == before

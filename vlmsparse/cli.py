@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from . import __version__
 
@@ -42,6 +41,8 @@ class _LibraryChoices:
 
 
 PRUNE_METHODS = _LibraryChoices("vlmsparse.pruning", "METHODS")
+ALLOCATIONS = _LibraryChoices("vlmsparse.pipeline.prune", "ALLOCATIONS")
+SCOPES = _LibraryChoices("vlmsparse.pipeline.prune", "SCOPES")
 FINETUNE_METHODS = _LibraryChoices("vlmsparse.pipeline.lora", "METHODS")
 
 
@@ -200,8 +201,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                    help="%(choices)s (default %(default)s)")
     p.add_argument("--sparsity", default="0.5",
                    help="pattern of the parts --allocation names: 0.5, 50%%, unstructured:0.7, 2:4, 4:8 (default 0.5)")
-    p.add_argument("--allocation", default="equal", choices=["equal", "language", "vision", "owl"],
-                   help="which parts get --sparsity: equal: vision and language blocks (language alone for a "
+    p.add_argument("--allocation", default="equal", choices=ALLOCATIONS, metavar="ALLOCATION",
+                   help="%(choices)s: which parts get --sparsity: equal: vision and language blocks (language alone for a "
                    "language model); language / vision: that part only; owl: equal with outlier-weighted "
                    "layer-wise sparsity, not combinable with --vision / --language / --connector (default equal)")
     p.add_argument("--vision", metavar="PATTERN",
@@ -227,8 +228,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward (default 8)")
     p.add_argument("--max-words", type=int, default=None, help="truncate captions to this many words")
-    p.add_argument("--scope", default="auto", choices=["auto", "row", "matrix"],
-                   help="magnitude/Wanda comparison group (auto: per matrix in the vision encoder, per row "
+    p.add_argument("--scope", default="auto", choices=SCOPES, metavar="SCOPE",
+                   help="%(choices)s: magnitude/Wanda comparison group (auto: per matrix in the vision encoder, per row "
                    "elsewhere); sparsegpt selects per column block and accepts only auto")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default 128)")
     p.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
@@ -248,54 +249,10 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars, no report table")
 
 
-def _check_device(name: str | None) -> str:
-    """The device to run on: ``name`` checked (``cuda`` needs CUDA), or cuda when available, else cpu."""
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name; allowed: cpu, cuda, cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu "
-                             "(or leave --device out to use cuda only when available)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return name
-
-
 def _part_flags(args: argparse.Namespace) -> dict[str, str]:
     """The per-part patterns given with --vision / --language / --connector (absent ones left out)."""
     flags = {part: getattr(args, part) for part in ("vision", "language", "connector")}
     return {part: value for part, value in flags.items() if value is not None}
-
-
-def part_allocation(allocation: str, sparsity: str, flags: dict[str, str], present: set[str]) -> str | dict[str, str]:
-    """What ``prune_model`` gets as ``allocation``: ``allocation`` itself without per-part ``flags``; else the
-    per-part patterns of ``allocation`` at ``sparsity`` (``equal``: vision and language, the parts of them in
-    ``present``; ``language`` / ``vision``: that part), updated with ``flags`` (part -> pattern; a new part is
-    added, ``"0"`` leaves a part dense). ``owl`` with flags is a ValueError."""
-    if not flags:
-        return allocation
-    if allocation == "owl":
-        raise ValueError("--allocation owl cannot be combined with --vision / --language / --connector (OWL spreads "
-                         "one --sparsity over the layers); use --allocation equal, language or vision with them")
-    base = {"equal": ("vision", "language"), "language": ("language",), "vision": ("vision",)}[allocation]
-    parts = {part: sparsity for part in base if allocation != "equal" or part in present}
-    parts.update(flags)
-    return parts
-
-
-def _default_seqlen(model_dir: str) -> int:
-    """Text calibration window: the model's ``max_position_embeddings`` (of its text config), at most 2048."""
-    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    positions = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
-        "max_position_embeddings")
-    return min(int(positions), 2048) if positions else 2048
 
 
 def _run_prune(args: argparse.Namespace) -> int:
@@ -316,12 +273,14 @@ def _prune(args: argparse.Namespace) -> int:
 
     from .data.calibration import (
         build_calibration_batches,
+        default_text_seqlen,
         is_text_source,
         load_calibration_samples,
         text_calibration_batches,
     )
-    from .models import decoder_start_token_id, get_arch_spec
-    from .pipeline.prune import PruneConfig, format_report, prune_model, report_of
+    from .models import decoder_start_token_id, get_arch_spec, vision_image_size
+    from .pipeline.guards import check_device
+    from .pipeline.prune import PruneConfig, allocation_with_parts, format_report, prune_model, report_of
     from .pipeline.save import (
         check_model_folder,
         check_output_folder,
@@ -337,19 +296,22 @@ def _prune(args: argparse.Namespace) -> int:
     if args.seqlen is not None and args.seqlen < 1:
         raise ValueError(f"--seqlen must be >= 1 (tokens per calibration window), got {args.seqlen}")
     flags = _part_flags(args)
-    part_allocation(args.allocation, args.sparsity, flags, set())  # refuses owl + per-part flags before loading
-    PruneConfig(method=args.method, sparsity=args.sparsity, scope=args.scope, blocksize=args.blocksize,
-                dampening=args.dampening)  # refuses bad options (e.g. sparsegpt with --scope) before loading
-    device = _check_device(args.device)
+    if args.allocation == "owl" and flags:
+        raise ValueError("--allocation owl cannot be combined with --vision / --language / --connector (OWL spreads "
+                         "one --sparsity over the layers); use --allocation equal, language or vision with them")
+    needs_calibration = PruneConfig(
+        method=args.method, sparsity=args.sparsity, allocation=args.allocation, scope=args.scope,
+        blocksize=args.blocksize, dampening=args.dampening,
+    ).needs_calibration  # refuses bad options (e.g. sparsegpt with --scope) before loading
+    device = check_device(args.device, option="--device")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    needs_calibration = args.method != "magnitude" or args.allocation == "owl"
     processor = load_processor(args.model)
     if needs_calibration and processor is None:
         raise ValueError(f"{args.model} holds no processor or tokenizer files to build calibration inputs")
     calibration = None
     text = needs_calibration and is_text_source(args.calibration)
     if text:  # read, tokenize and cut the windows before the model loads: bad text fails fast
-        seqlen = args.seqlen or _default_seqlen(args.model)
+        seqlen = args.seqlen or default_text_seqlen(args.model)
         calibration = text_calibration_batches(args.calibration, processor, args.nsamples, seqlen, args.seed,
                                                args.batch_size)
     samples = None
@@ -362,7 +324,7 @@ def _prune(args: argparse.Namespace) -> int:
     else:
         model = load_model(args.model, device=None if args.offload else device, dtype=dtype)
     present = {stage.part for stage in get_arch_spec(model).resolve(model)}
-    allocation = part_allocation(args.allocation, args.sparsity, flags, present)
+    allocation = allocation_with_parts(args.allocation, args.sparsity, flags, present)
     if text:
         pruned = set(PruneConfig(sparsity=args.sparsity, allocation=allocation).part_patterns_unchecked()) & present
         if pruned - {"language"}:
@@ -371,8 +333,8 @@ def _prune(args: argparse.Namespace) -> int:
                              "--allocation language, or image-text records (.json/.jsonl, an image folder)")
     elif needs_calibration:
         if samples is None:  # the synthetic set, drawn at the vision tower's image size
-            size = getattr(getattr(model.config, "vision_config", None), "image_size", 336)
-            samples = load_calibration_samples(args.calibration, args.nsamples, args.seed, image_size=size)
+            samples = load_calibration_samples(args.calibration, args.nsamples, args.seed,
+                                               image_size=vision_image_size(model))
         calibration = build_calibration_batches(samples, processor, args.batch_size, args.max_words,
                                                 decoder_start_token_id=decoder_start_token_id(model))
     options = dict(method=args.method, sparsity=args.sparsity, allocation=allocation, calibration=calibration,
@@ -418,12 +380,13 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_compress(args: argparse.Namespace) -> int:
-    from .pipeline.compress import compress_folder, decompress_folder
+    from .pipeline.folders import compress_folder, decompress_folder
+    from .pipeline.guards import check_device
 
     if args.decompress:
         print(f"saved dense model to {decompress_folder(args.model, args.output, overwrite=args.overwrite)}")
         return 0
-    device = _check_device(args.device) if args.auto else args.device
+    device = check_device(args.device, option="--device") if args.auto else args.device
     report = compress_folder(args.model, args.output, auto=args.auto, device=device, tokens=args.tokens,
                              min_sparsity=args.min_sparsity, overwrite=args.overwrite)
     if args.json:

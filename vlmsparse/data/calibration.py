@@ -47,6 +47,7 @@ __all__ = [
     "load_calibration_text",
     "text_calibration_windows",
     "text_calibration_batches",
+    "default_text_seqlen",
     "IMAGE_EXTENSIONS",
     "TEXT_EXTENSIONS",
 ]
@@ -375,6 +376,15 @@ def text_calibration_windows(docs: list[str], tokenizer: Any, nsamples: int = 12
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seqlen + 1, (nsamples,), generator=generator)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def default_text_seqlen(model_dir: str | os.PathLike) -> int:
+    """Tokens per text calibration window for the model in ``model_dir``: its ``max_position_embeddings`` (of
+    ``config.json``, or of its ``text_config``), at most 2048, as Wanda / SparseGPT use; 2048 when neither says."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    positions = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
+        "max_position_embeddings")
+    return min(int(positions), 2048) if positions else 2048
 
 
 def text_calibration_batches(source: str | os.PathLike, tokenizer: Any, nsamples: int = 128, seqlen: int = 512,

@@ -16,6 +16,7 @@ from .specs import (
     supported_architectures,
     supported_model_types,
     supported_table,
+    vision_image_size,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "supported_architectures",
     "supported_model_types",
     "supported_table",
+    "vision_image_size",
 ]

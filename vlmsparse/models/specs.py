@@ -453,6 +453,12 @@ def decoder_start_token_id(model: nn.Module) -> int | None:
     return int(start)
 
 
+def vision_image_size(model: nn.Module, default: int = 336) -> int:
+    """The image size the vision tower takes (``config.vision_config.image_size``); ``default`` when the model has
+    no vision config (a language model) or it names no size."""
+    return int(getattr(getattr(model.config, "vision_config", None), "image_size", default))
+
+
 def supported_model_types() -> tuple[str, ...]:
     """The ``model_type`` values with an explicit spec (any other decoder-only LM or VLM goes through
     :func:`structural_spec`)."""

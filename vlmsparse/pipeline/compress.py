@@ -59,8 +59,8 @@ __all__ = [
     "unpack_bitmask",
     "load_compressed_state_dict",
     "iter_compressed_tensors",
-    "compress_folder",
-    "decompress_folder",
+    "write_compressed",
+    "check_min_sparsity",
 ]
 
 logger = logging.getLogger(__name__)
@@ -309,7 +309,9 @@ def _dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_min_sparsity(caller: str, min_sparsity: float) -> None:
+def check_min_sparsity(caller: str, min_sparsity: float) -> None:
+    """ValueError naming ``caller`` unless ``0 <= min_sparsity <= 1`` (the zero fraction a weight needs to be
+    stored as values + bitmask)."""
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"{caller}: min_sparsity must be in [0, 1], got {min_sparsity}")
 
@@ -326,7 +328,8 @@ def save_compressed(
     """Save ``model`` (an HF ``PreTrainedModel``, dense or compressed) as a compressed checkpoint folder, with
     ``processor`` (``save_pretrained``) and ``masks`` (``sparsity_masks.safetensors``) when given, as
     :func:`~vlmsparse.pipeline.save.save_pruned` does: without them the folder cannot be finetuned, evaluated
-    or checked by ``inspect``. From a saved folder, :func:`compress_folder` copies both itself.
+    or checked by ``inspect``. From a saved folder, :func:`vlmsparse.pipeline.folders.compress_folder` copies
+    both itself.
 
     2-D floating tensors that are 2:4 go to the packed format, other 2-D floating tensors with at least
     ``min_sparsity`` zeros to values + bitmask (when that is smaller), the rest stay dense. Tied tensors are
@@ -340,7 +343,7 @@ def save_compressed(
     Returns the size report (also stored in the index): ``stored_bytes`` (tensor bytes written) over
     ``dense_bytes`` (the same tensors dense) is ``ratio``; ``file_bytes`` is the weights file on disk.
     """
-    _check_min_sparsity("save_compressed", min_sparsity)
+    check_min_sparsity("save_compressed", min_sparsity)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         raise ValueError("save_compressed needs a Hugging Face model (with .config) to rebuild it on load")
@@ -349,7 +352,7 @@ def save_compressed(
         check_masks(model, masks)
 
     def write(tmp: Path) -> dict:
-        report = _write_compressed(model, tmp, min_sparsity, plan)
+        report = write_compressed(model, tmp, min_sparsity, plan)
         if masks is not None:
             masks.save(tmp / MASKS_FILENAME)
         if processor is not None:
@@ -363,9 +366,9 @@ def save_compressed(
     return report
 
 
-def _write_compressed(model: nn.Module, path: Path, min_sparsity: float, plan: CompressReport | None) -> dict:
-    """Write the files of :func:`save_compressed` into the existing folder ``path`` (a staging folder);
-    returns the size report without ``path``."""
+def write_compressed(model: nn.Module, path: Path, min_sparsity: float, plan: CompressReport | None) -> dict:
+    """Write the files of :func:`save_compressed` (weights, config, index) into the existing folder ``path`` (a
+    staging folder: no guards, no atomic rename); returns the size report without ``path``."""
     from safetensors.torch import save_file
 
     config = model.config
@@ -547,100 +550,3 @@ def load_compressed(
             logger.warning("load_compressed(as_sparse=True): none of the %d sparse layers was swapped for SparseLinear "
                            "(backend %r on %s): %s", len(packed), backend, device or "cpu", why)
     return model
-
-
-# ---------------------------------------------------------------------------------------------- folders
-_SIDE_FILES = ("tokenizer", "special_tokens_map", "processor_config", "preprocessor_config", "chat_template",
-               "generation_config", "added_tokens", "vocab", "merges", "sparsity_masks")
-
-
-def _copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer / processor / generation / mask files of a model folder (not weights or config)."""
-    import shutil
-
-    copied = []
-    for item in sorted(src.iterdir()):
-        if item.is_file() and item.name.startswith(_SIDE_FILES):
-            shutil.copy2(item, dst / item.name)
-            copied.append(item.name)
-    return copied
-
-
-def _weight_and_mask_files(folder: Path) -> dict[str, int]:
-    """``{file name: bytes on disk}`` of the weight and mask files of a model folder: every ``*.safetensors``
-    (weights, shards, ``model.compressed.safetensors``, ``sparsity_masks.safetensors``) and
-    ``pytorch_model*.bin``."""
-    return {p.name: p.stat().st_size for p in sorted(folder.iterdir())
-            if p.is_file() and (p.suffix == ".safetensors" or (p.name.startswith("pytorch_model")
-                                                                and p.suffix == ".bin"))}
-
-
-def compress_folder(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    auto: bool = False,
-    device: str | torch.device | None = None,
-    tokens: Sequence[int] = (1, 512),
-    min_sparsity: float = 0.25,
-    overwrite: bool = False,
-) -> dict:
-    """Compress an HF model folder into a compressed checkpoint folder (plus its tokenizer / processor / mask
-    files). ``auto``: time the 2:4 layers on ``device`` first and record which stay sparse.
-
-    ``dst`` is written as a temporary sibling and renamed into place; an existing ``dst`` is refused unless
-    ``overwrite`` (then replaced as a whole), and ``dst`` may not be, contain or lie inside ``src``.
-    Returns the report: ``file_bytes`` (on-disk bytes of the weight + mask files of ``dst``, listed in
-    ``compressed_files``) over ``dense_bytes`` (the same for ``src``, in ``dense_files``) is ``ratio``;
-    ``tensors`` holds :func:`save_compressed`'s tensor-level report."""
-    from .save import load_model  # the one edge back to save.py: load_model dispatches to load_compressed
-
-    _check_min_sparsity("compress_folder", min_sparsity)
-    src = Path(src)
-    out = check_output_folder(dst, [src], overwrite, option="overwrite=True (--overwrite)")
-    plan = None
-    if auto:  # time on the device with a throw-away copy; save from an untouched load (bit for bit)
-        timed = load_model(src, device=device)
-        plan = compress(timed, auto=True, tokens=tokens)
-        del timed
-    model = load_model(src)
-
-    def write(tmp: Path) -> tuple[dict, list[str]]:
-        return _write_compressed(model, tmp, min_sparsity, plan), _copy_side_files(src, tmp)
-
-    tensors, copied = write_folder_atomically(out, write)
-    tensors["path"] = str(out)
-    compressed_files, dense_files = _weight_and_mask_files(out), _weight_and_mask_files(src)
-    file_bytes, dense_bytes = sum(compressed_files.values()), sum(dense_files.values())
-    report = {
-        "path": str(out),
-        "compares": f"bytes on disk of the weight + mask files of the compressed folder "
-                    f"({' + '.join(compressed_files)}) vs those of the input folder ({' + '.join(dense_files)})",
-        "file_bytes": file_bytes,
-        "dense_bytes": dense_bytes,
-        "ratio": file_bytes / dense_bytes if dense_bytes else 1.0,
-        "compressed_files": compressed_files,
-        "dense_files": dense_files,
-        "formats": tensors["formats"],
-        "tensors": tensors,
-        "copied": copied,
-    }
-    if plan is not None:
-        report["plan"] = plan.to_dict()
-    logger.info("compress_folder: %s: %d vs %d bytes (%.1f%%)", report["compares"], file_bytes, dense_bytes,
-                100 * report["ratio"])
-    return report
-
-
-def decompress_folder(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False) -> Path:
-    """A compressed checkpoint folder back to a plain HF folder (``save_pretrained``, dense weights, plus the
-    tokenizer / processor / mask files). ``dst`` is written and guarded as in :func:`compress_folder`."""
-    src = Path(src)
-    out = check_output_folder(dst, [src], overwrite, option="overwrite=True (--overwrite)")
-    model = load_compressed(src)
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
-        _copy_side_files(src, tmp)
-
-    write_folder_atomically(out, write)
-    return out

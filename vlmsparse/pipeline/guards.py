@@ -1,6 +1,6 @@
 """The checks run before anything is written, so a bad output or a wrong mask is reported before long work and
 no input is ever lost: output folder / file guards, the model folders an output may not replace, and the
-masks-against-weights check. Used by :mod:`vlmsparse.pipeline.save`, :mod:`vlmsparse.pipeline.compress`, the
+masks-against-weights check, and the device a run asks for. Used by :mod:`vlmsparse.pipeline.save`, :mod:`vlmsparse.pipeline.compress`, the
 evaluation writer and the CLI (see docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 from ..masks import MaskSet
 
-__all__ = ["model_source_dirs", "check_output_folder", "check_output_file", "check_masks"]
+__all__ = ["model_source_dirs", "check_output_folder", "check_output_file", "check_masks", "check_device"]
 
 
 def model_source_dirs(model: nn.Module) -> list[Path]:
@@ -73,3 +73,23 @@ def check_masks(model: nn.Module, masks: MaskSet) -> None:
             raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, weight has {tuple(weight.shape)}")
         if bool((weight.detach()[~mask.to(weight.device)] != 0).any()):
             raise ValueError(f"{name}: weight is non-zero at positions its mask prunes")
+
+
+def check_device(name: str | None, option: str = "device") -> str:
+    """The device to run on: ``name`` checked (a torch device name; ``cuda`` needs CUDA, ``cuda:N`` an existing
+    device N), or, when ``name`` is None, ``cuda`` if available, else ``cpu``. The ValueError names ``option``
+    (e.g. ``--device``)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{option} {name!r} is not a device name; allowed: cpu, cuda, cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {name}: CUDA is not available on this machine; use {option} cpu "
+                             f"(or leave {option} out to use cuda only when available)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return name

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import write_folder_atomically
 from ..masks import MASKS_FILENAME, MaskSet
 from ..models import model_class_for
 from .prune import prune_model
-from .save import check_model_folder, check_output_folder, write_folder_atomically
+from .save import check_model_folder, check_output_folder
 
 __all__ = ["StreamedWeights", "empty_model", "prune_streamed"]
 

@@ -29,9 +29,9 @@ import torch
 import vlmsparse
 from vlmsparse._io import atomic_write, write_folder_atomically
 from vlmsparse.data import synthetic
+from vlmsparse.demo.pretrain import PretrainConfig, encode_vqa, pretrain
 from vlmsparse.eval.vqa import VQAReport, VQARow, evaluate_vqa
 from vlmsparse.pruning import METHODS
-from vlmsparse.training.pretrain import PretrainConfig, encode_vqa, pretrain
 
 __all__ = ["DemoConfig", "demo_config", "default_workdir", "run_demo", "load_or_train", "print_tables",
            "write_report", "with_budget", "METHODS", "PATTERNS", "ALLOCATIONS", "RESTORE_METHODS"]
@@ -107,7 +107,7 @@ def _pretrain_key(config: PretrainConfig) -> str:
 
 def load_or_train(config: DemoConfig, progress: bool = True) -> tuple[Any, Any, dict]:
     """The dense model and processor: loaded from ``workdir/dense-<config hash>`` when cached, else trained
-    (:func:`vlmsparse.training.pretrain.pretrain`) and saved there. Returns ``(model, processor, info)``."""
+    (:func:`vlmsparse.demo.pretrain.pretrain`) and saved there. Returns ``(model, processor, info)``."""
     from vlmsparse.eval.vqa import load_model_folder
 
     folder = Path(config.workdir) / f"dense-{_pretrain_key(config.pretrain)}"

@@ -1,0 +1,221 @@
+""":func:`prune_model` (layer 5, part of :mod:`vlmsparse.pipeline.prune`): checks, then stage by stage and block
+by block the statistics, the pruning of each block's targets and the next block's inputs; restores the weights
+changed so far when anything fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...masks import MaskSet
+from ...models import get_arch_spec
+from ...pruning import InputStats, check_weight, prune_layer, sparsegpt_prune
+from .capture import _advance, _capture, _check_batches
+from .owl import _apply_owl
+from .placement import WeightSource, _model_device, _Onload, _visit
+from .plan import PruneConfig, _check_arrived, _plan, _Target
+from .report import LayerReport
+from .statistics import _collect_stats
+
+log = logging.getLogger(__name__)
+
+
+def prune_model(
+    model: nn.Module,
+    method: str = "wanda",
+    sparsity: Any = 0.5,
+    allocation: Any = "equal",
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    weights: WeightSource | None = None,
+    **options: Any,
+) -> MaskSet:
+    """Prune ``model`` in place and return its :class:`~vlmsparse.masks.MaskSet`.
+
+    ``calibration``: an iterable of model-input dicts (``input_ids``, ``attention_mask``, ``pixel_values``,
+    ...), each one batch; not needed for magnitude pruning without OWL. ``options``: the other fields of
+    :class:`PruneConfig` (``scope``, ``owl``, ``blocksize``, ``dampening``, ``report_error``, ``offload``...).
+    The per-layer report is in ``masks.info["report"]`` (JSON; see :func:`report_of`).
+    ``device``: run there, moving one block at a time (see :class:`PruneConfig`). ``weights``: for a model built
+    on the meta device, where its weights come from and go to (e.g. streamed from safetensors shards:
+    :func:`vlmsparse.pipeline.stream.prune_streamed`); needs ``device``.
+    """
+    known = {f.name for f in fields(PruneConfig)} - {"method", "sparsity", "allocation"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"prune_model: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    if isinstance(calibration, Mapping):
+        raise TypeError("prune_model: calibration is one batch (a dict of model inputs); pass an iterable of "
+                        "batches, e.g. [batch]")
+    cfg = PruneConfig(method=method, sparsity=sparsity, allocation=allocation, **options)
+    if weights is not None and cfg.device is None:
+        raise ValueError("prune_model: weights (a source of streamed weights) needs device, the execution device "
+                         "each block visits (e.g. device='cuda')")
+    if weights is not None and cfg.restore_on_error:  # the source never changes: nothing to restore, and the
+        cfg = replace(cfg, restore_on_error=False)    # copies would hold every pruned weight in host memory
+    spec = get_arch_spec(model)
+    stages = spec.resolve(model)
+    plan = _plan(spec, stages, cfg)
+    for _, per_block in plan:
+        for targets in per_block:
+            for t in targets:
+                if not t.module.weight.is_meta:  # else when its block arrives on the device
+                    check_weight(t.module.weight.detach(), t.pattern, t.name)
+                    t.checked = True
+    batches = list(calibration) if calibration is not None else []
+    if cfg.needs_calibration or batches:
+        _check_batches(spec, model, batches)
+    device = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"PruneConfig.device: got {cfg.device!r}, but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    onload = _Onload(model, stages, device, weights) if cfg.device is not None else None
+    offload = cfg.offload if cfg.offload is not None else device.type != "cpu"
+    store = torch.device("cpu") if offload else None
+    hessian = cfg.method == "sparsegpt" or (cfg.report_error and bool(batches))
+
+    masks = MaskSet(method=cfg.method)
+    report: list[LayerReport] = []
+    backups: dict[str, torch.Tensor] = {}
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            if cfg.use_owl:
+                _apply_owl(model, plan, batches, device, store, cfg, onload)
+            for stage, per_block in plan:
+                _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups,
+                             onload)
+    except BaseException:
+        with torch.no_grad():
+            modules = dict(model.named_modules())
+            for name, weight in backups.items():
+                modules[name].weight.copy_(weight)
+        log.error("pruning failed; restored the %d weights changed so far", len(backups))
+        raise
+    finally:
+        model.train(was_training)
+    total = time.perf_counter() - start
+    masks.info.update(
+        method=cfg.method,
+        allocation=json.dumps(cfg.allocation if isinstance(cfg.allocation, str) else dict(cfg.allocation),
+                              default=str),
+        sparsity=str(cfg.sparsity),
+        architecture=spec.name,
+        stages=spec.describe(model),  # which blocks each part was (for a structural spec: what it found)
+        seconds=f"{total:.3f}",
+        calibration_batches=str(len(batches)),
+        report=json.dumps([asdict(r) for r in report]),
+    )
+    log.info("pruned %d linears of %s with %s in %.1f s (overall sparsity %.4f)", len(masks), spec.name,
+             cfg.method, total, masks.sparsity())
+    return masks
+
+
+def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups,
+                 onload: _Onload | None = None) -> None:
+    needs_data = cfg.method != "magnitude" or (cfg.report_error and bool(batches))
+    blocks = _progress(list(zip(stage.blocks, per_block)), f"prune {stage.part}", cfg.progress, len(per_block))
+    if not needs_data:
+        for block, targets in blocks:
+            if targets:
+                with _visit(onload, block):
+                    _check_arrived(targets)
+                    _backup(targets, backups, cfg)
+                    _prune_block(targets, {}, {}, cfg, masks, report)
+        return
+    captured = _capture(model, stage, batches, device, store, onload)
+    last = len(stage.blocks) - 1
+    for index, (block, targets) in enumerate(blocks):
+        if not targets and index == last:
+            continue
+        with _visit(onload, block):
+            if targets:
+                _check_arrived(targets)
+                stats, group_of, _ = _collect_stats(block, index, targets, captured, device, hessian, False, store)
+                _backup(targets, backups, cfg)
+                _prune_block(targets, stats, group_of, cfg, masks, report)
+                del stats
+            if index < last:
+                _advance(block, index, captured, device, store)
+
+
+def _prune_block(
+    targets: list[_Target], stats: dict[str, InputStats], group_of: dict[str, int], cfg: PruneConfig,
+    masks: MaskSet, report: list[LayerReport],
+) -> None:
+    results: dict[str, tuple] = {}
+    if cfg.method == "sparsegpt" and cfg.stack_shared:
+        groups: dict[tuple, list[_Target]] = {}
+        for t in targets:
+            groups.setdefault((group_of.get(t.name), t.pattern), []).append(t)
+        for (gid, pattern), members in groups.items():
+            if gid is None or len(members) < 2:
+                continue
+            start = time.perf_counter()
+            st = stats[members[0].name]
+            weights = [m.module.weight.detach() for m in members]
+            stacked = torch.cat(weights, dim=0)
+            new, keep = sparsegpt_prune(stacked, st.hessian(), pattern, cfg.blocksize, cfg.dampening,
+                                        segments=[w.shape[0] for w in weights])
+            seconds = (time.perf_counter() - start) / len(members)
+            row = 0
+            for m, w in zip(members, weights):
+                rows = w.shape[0]
+                part_new, part_keep = new[row:row + rows], keep[row:row + rows]
+                row += rows
+                results[m.name] = (part_new, part_keep, st.reconstruction_error(w, part_new), seconds)
+    for t in targets:
+        if t.name in results:
+            continue
+        start = time.perf_counter()
+        st = stats.get(t.name)
+        method = cfg.method
+        if st is None and method != "magnitude":
+            log.warning("%s received no calibration inputs (unused in the forward pass); pruned by magnitude", t.name)
+            method = "magnitude"
+        res = prune_layer(
+            t.module.weight.detach(), st if method != "magnitude" else None, method, t.pattern,
+            scope=t.scope, blocksize=cfg.blocksize, dampening=cfg.dampening,
+        )
+        error = res.error
+        if method == "magnitude" and st is not None:
+            error = st.reconstruction_error(t.module.weight.detach(), res.weight)
+        results[t.name] = (res.weight, res.mask, error, time.perf_counter() - start)
+    for t in targets:  # the model's order
+        _store(t, *results[t.name], masks, report)
+
+
+def _store(t: _Target, new: torch.Tensor, keep: torch.Tensor, error: float | None, seconds: float,
+           masks: MaskSet, report: list[LayerReport]) -> None:
+    with torch.no_grad():
+        t.module.weight.copy_(new)
+    masks.masks[t.name] = keep.detach().to("cpu")
+    masks.patterns[t.name] = str(t.pattern)
+    sparsity = 1.0 - float(keep.sum()) / keep.numel()
+    report.append(LayerReport(t.name, t.part, tuple(keep.shape), str(t.pattern), sparsity, error, seconds))
+    log.debug("pruned %s to %s (sparsity %.4f, error %s)", t.name, t.pattern, sparsity, error)
+
+
+def _backup(targets: list[_Target], backups: dict[str, torch.Tensor], cfg: PruneConfig) -> None:
+    if not cfg.restore_on_error:
+        return
+    for t in targets:
+        backups[t.name] = t.module.weight.detach().to("cpu", copy=True)
+
+
+def _progress(iterable, desc: str, enabled: bool, total: int):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
