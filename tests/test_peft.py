@@ -9,13 +9,13 @@ from factories import tiny_llama
 from peft.tuners.lora.layer import Linear as PeftLinear
 
 from vlmsparse.integrations.peft import (
-    PeftSparseLoRALinear,
     load_sparse_lora,
     peft_sparse_masks,
     save_sparse_lora,
     sparse_lora_config,
 )
 from vlmsparse.masks import MASKS_FILENAME, MaskSet
+from vlmsparse.modules.sparse_lora import SparseLoRALinear
 from vlmsparse.sparsity import build_mask, satisfies_nm
 
 TARGETS = ("q_proj", "v_proj", "up_proj")
@@ -44,7 +44,7 @@ def _ids():
     return torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
-def _naive_layer(layer: PeftSparseLoRALinear, x):
+def _naive_layer(layer: SparseLoRALinear, x):
     base, M = layer.get_base_layer(), layer.sparsity_mask
     A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
     return torch.nn.functional.linear(x, base.weight * M + s * (B @ A) * M, base.bias)
@@ -53,7 +53,7 @@ def _naive_layer(layer: PeftSparseLoRALinear, x):
 def test_get_peft_model_builds_sparse_layers_and_trains_only_adapters():
     model, masks = _pruned()
     pm = _peft_model(model, masks)
-    sparse = {n: m for n, m in pm.get_base_model().named_modules() if isinstance(m, PeftSparseLoRALinear)}
+    sparse = {n: m for n, m in pm.get_base_model().named_modules() if isinstance(m, SparseLoRALinear)}
     plain = [n for n, m in pm.get_base_model().named_modules()
              if type(m) is PeftLinear and n.endswith("up_proj")]
     assert set(sparse) == set(masks) and len(plain) == 2
@@ -91,7 +91,7 @@ def test_save_load_round_trip_and_merge_and_unload_keeps_sparsity(tmp_path):
     base, base_masks = _pruned()
     loaded = load_sparse_lora(base, path, masks=base_masks)
     loaded.eval()
-    assert sum(isinstance(m, PeftSparseLoRALinear) for m in loaded.modules()) == len(masks)
+    assert sum(isinstance(m, SparseLoRALinear) for m in loaded.modules()) == len(masks)
     with torch.no_grad():
         got = loaded(input_ids=_ids()).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -131,7 +131,7 @@ def test_dropout_and_two_adapters_use_the_masked_update():
     model, masks = _pruned()
     config = sparse_lora_config(masks, r=2, lora_alpha=4, lora_dropout=0.5, init_lora_weights=False)
     pm = peft.get_peft_model(model, config)
-    layer = next(m for m in pm.modules() if isinstance(m, PeftSparseLoRALinear))
+    layer = next(m for m in pm.modules() if isinstance(m, SparseLoRALinear))
     x = torch.randn(3, layer.in_features)
     layer.eval()
     torch.testing.assert_close(layer(x), _naive_layer(layer, x))
@@ -160,7 +160,7 @@ def test_load_trainable_adapter(tmp_path):
     assert trainable and all("lora_" in n for n in trainable)
     loss = loaded(input_ids=_ids()).logits.pow(2).mean()
     loss.backward()
-    layer = next(m for m in loaded.modules() if isinstance(m, PeftSparseLoRALinear))
+    layer = next(m for m in loaded.modules() if isinstance(m, SparseLoRALinear))
     assert layer.lora_A["default"].weight.grad is not None
 
 

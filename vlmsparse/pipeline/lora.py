@@ -109,8 +109,9 @@ def _targets(model: nn.Module, masks: Mapping[str, torch.Tensor], target: Target
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The ``lora_A`` / ``lora_B`` weights of every :class:`SparseLoRALinear` in ``model``."""
-    return [p for _, m in sparse_lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+    """The ``lora_A`` / ``lora_B`` weights of every adapter of every :class:`SparseLoRALinear` in ``model``."""
+    return [layers[a].weight for _, m in sparse_lora_modules(model) for a in m.lora_A
+            for layers in (m.lora_A, m.lora_B)]
 
 
 def add_sparse_lora(
@@ -181,7 +182,7 @@ def merge_sparse_lora(model: nn.Module, safe_merge: bool = False, check: bool = 
         if safe_merge and not bool(torch.isfinite(linear.weight).all()):
             raise ValueError(f"merge_sparse_lora: {name}: the merged weight has NaN/inf entries")
         if check and module.method != "lora":
-            outside = int(((linear.weight != 0) & ~module.mask).sum())
+            outside = int(((linear.weight != 0) & ~module.sparsity_mask).sum())
             if outside:
                 raise RuntimeError(f"merge_sparse_lora: {name}: {outside} non-zeros outside the mask after merging")
         _set_module(model, name, linear)

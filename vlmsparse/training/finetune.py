@@ -101,7 +101,7 @@ def _weight_of(model: nn.Module, name: str) -> torch.Tensor:
     base = getattr(module, "base_layer", module)
     weight = base.weight.detach()
     if getattr(module, "keep_dense", False) and not getattr(module, "merged", True):
-        weight = weight.masked_fill(~module.mask, 0)
+        weight = weight.masked_fill(~module.sparsity_mask, 0)
     return weight
 
 
