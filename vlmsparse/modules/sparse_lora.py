@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -46,8 +46,8 @@ from .. import ops
 from ..kernels.checks import check_bias, check_features, check_lora, check_same_device
 from ..kernels.reference import effective_weight_ref
 
-__all__ = ["SparseLoRALinear", "METHODS", "check_mask", "teacher_mode", "disable_adapter_and_mask",
-           "sparse_lora_modules"]
+__all__ = ["SparseLoRALinear", "METHODS", "check_mask", "migrate_state_dict", "teacher_mode",
+           "disable_adapter_and_mask", "sparse_lora_modules"]
 
 logger = logging.getLogger(__name__)
 
@@ -232,15 +232,10 @@ class SparseLoRALinear(_PeftLoraLinear):
         """Old-layout keys (``lora_A.weight``, ``lora_B.weight``, ``mask``) are renamed to this layout for a module
         with one adapter; adapters trained on other masks do not load: a saved ``sparsity_mask`` must equal this
         module's."""
-        old = [k for k in _OLD_KEYS if prefix + k in state_dict]
-        if old:
-            if len(self.lora_A) != 1:
-                error_msgs.append(f"{prefix}: a state dict of the single-adapter layout ({prefix}{old[0]}) loads only "
-                                  f"into a module with one adapter; this one has {sorted(self.lora_A)}")
-                return
-            adapter = next(iter(self.lora_A))
-            for key in old:
-                state_dict[prefix + _OLD_KEYS[key].format(adapter)] = state_dict.pop(prefix + key)
+        problem = self._rename_old_keys(state_dict, prefix)
+        if problem:
+            error_msgs.append(problem)
+            return
         saved, mask = state_dict.get(prefix + "sparsity_mask"), self.sparsity_mask
         if saved is not None and (saved.shape != mask.shape or not torch.equal(saved.to(mask.device).bool(), mask)):
             differ = int((saved.to(mask.device).bool() != mask).sum()) if saved.shape == mask.shape else "all"
@@ -251,6 +246,20 @@ class SparseLoRALinear(_PeftLoraLinear):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _rename_old_keys(self, state_dict: dict, prefix: str) -> str | None:
+        """Rename, in place, this module's keys of the earlier own layer (``lora_A.weight``, ``lora_B.weight``,
+        ``mask``) to this layout (``lora_A.<adapter>.weight``, ``sparsity_mask``); the problem, if any."""
+        old = [k for k in _OLD_KEYS if prefix + k in state_dict]
+        if not old:
+            return None
+        if len(self.lora_A) != 1:
+            return (f"{prefix}: a state dict of the single-adapter layout ({prefix}{old[0]}) loads only into a module "
+                    f"with one adapter; this one has {sorted(self.lora_A)}")
+        adapter = next(iter(self.lora_A))
+        for key in old:
+            state_dict[prefix + _OLD_KEYS[key].format(adapter)] = state_dict.pop(prefix + key)
+        return None
 
     # ------------------------------------------------------------------------------------------ forward
     def _active(self) -> list[str]:
@@ -409,6 +418,19 @@ def sparse_lora_modules(model: nn.Module) -> Iterator[tuple[str, SparseLoRALinea
     for name, module in model.named_modules():
         if isinstance(module, SparseLoRALinear):
             yield name, module
+
+
+def migrate_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state_dict`` (or a part of it, such as the trainable tensors of a finetune checkpoint) with the keys the
+    earlier own layer wrote (``<module>.lora_A.weight``, ``<module>.lora_B.weight``, ``<module>.mask``) renamed to
+    this layout for every :class:`SparseLoRALinear` of ``model`` (``<module>.lora_A.<adapter>.weight``,
+    ``<module>.sparsity_mask``); other keys unchanged. ``Module.load_state_dict`` does this by itself."""
+    out = dict(state_dict)
+    for name, module in sparse_lora_modules(model):
+        problem = module._rename_old_keys(out, f"{name}." if name else "")
+        if problem:
+            raise ValueError(f"migrate_state_dict: {problem}")
+    return out
 
 
 @contextlib.contextmanager
