@@ -85,16 +85,17 @@ def measure(features: int, tokens: int, calls: int, device: str) -> dict[str, fl
         module(xg).sum().backward()
 
     fwd, bwd, packed_fn = _kernels(x.device)
-    W, M, A, B = lora.base_layer.weight, lora.mask, lora.lora_A.weight.detach(), lora.lora_B.weight.detach()
+    W, M = lora.base_layer.weight, lora.sparsity_mask
+    A, B, s = lora.lora_A["default"].weight.detach(), lora.lora_B["default"].weight.detach(), lora.scaling["default"]
     dy = torch.ones(tokens, features, device=device)
 
     def kernel_fwd_bwd():
-        fwd(x, W, M, A, B, lora.scaling, lora.base_layer.bias)
-        bwd(dy, x, W, M, A, B, lora.scaling, True)
+        fwd(x, W, M, A, B, s, lora.base_layer.bias)
+        bwd(dy, x, W, M, A, B, s, True)
 
     fns = {
         "packed24_kernel": lambda: packed_fn(x, packed.values, packed.meta, packed.bias),
-        "sparselora_kernel": lambda: fwd(x, W, M, A, B, lora.scaling, lora.base_layer.bias),
+        "sparselora_kernel": lambda: fwd(x, W, M, A, B, s, lora.base_layer.bias),
         "sparselora_kernel_fwd_bwd": kernel_fwd_bwd,
         "linear": lambda: linear(x),
         "sparse_linear_dense": lambda: dense(x),

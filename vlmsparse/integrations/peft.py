@@ -1,20 +1,23 @@
-"""SparseLoRA through peft: ``get_peft_model`` with a ``LoraConfig`` builds masked LoRA layers.
+"""SparseLoRA through peft: ``get_peft_model`` with a ``LoraConfig`` builds masked LoRA layers; adapter files.
 
-peft's experimental custom-module mapping (``LoraConfig._register_custom_module``) maps ``nn.Linear`` to a
-factory that, for a module named in the mask set, builds :class:`SparseLoRALinear` (a subclass of peft's
-``lora.Linear``: same ``lora_A`` / ``lora_B`` ModuleDicts, so adapters save and load with peft's keys), and
-plain peft LoRA for targeted modules without a mask.
+There is one SparseLoRA layer, :class:`vlmsparse.modules.sparse_lora.SparseLoRALinear`, a subclass of peft's
+``lora.Linear``. peft's experimental custom-module mapping (``LoraConfig._register_custom_module``) maps
+``nn.Linear`` to a factory that builds it for a module named in the mask set, and plain peft LoRA for targeted
+modules without a mask. ``add_sparse_lora`` builds the same layer in place, without a ``PeftModel``.
 
-Math (``s = lora_alpha / r``): ``y = x @ (W*M + s*(B@A)*M).T + b`` through
-:func:`vlmsparse.ops.sparse_lora_linear`; ``get_delta_weight = s*(B@A)*M``, so peft's ``merge`` and
-``merge_and_unload`` add zero outside the mask and the pruned entries stay exactly zero.
+Math (``s = lora_alpha / r``): ``y = x @ (W*M + s*(B@A)*M).T + b`` through the SparseLoRA op of
+:mod:`vlmsparse.ops`; ``get_delta_weight = s*(B@A)*M`` and the layer's ``merge`` writes ``W*M + s*(B@A)*M``, so
+peft's ``merge_and_unload`` keeps the pruned entries exactly zero.
 
-Saving: :func:`save_sparse_lora` writes the peft adapter plus ``sparsity_masks.safetensors`` beside it;
-:func:`load_sparse_lora` reads both, checks the masks against the base model (and against the caller's
-masks, when given) and returns a ``PeftModel`` whose layers are SparseLoRA again.
+Files: :func:`save_sparse_lora` writes a peft adapter folder (``adapter_config.json``,
+``adapter_model.safetensors``, peft's keys) plus ``sparsity_masks.safetensors`` beside it, from a ``PeftModel``
+or from a model whose adapters were added in place (``add_sparse_lora``, ``vlmsparse finetune``'s
+``OUT/adapter``); :func:`load_sparse_lora` reads both, checks the masks against the base model (and against the
+caller's masks, when given) and returns peft's ``PeftModel.from_pretrained`` with the mapping registered on the
+saved config, so its layers are SparseLoRA again.
 
     config = sparse_lora_config(masks, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    model = peft.get_peft_model(model, config)
+    model = peft.get_peft_model(model, config)       # or: add_sparse_lora(model, masks, r=8)
     ...train...
     save_sparse_lora(model, "adapter/")
     model = load_sparse_lora(base_model, "adapter/")

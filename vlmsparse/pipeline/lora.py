@@ -133,7 +133,9 @@ def add_sparse_lora(
     name or by part (``{"language": 8, "vision": 4}``, parts from :mod:`vlmsparse.models` when the architecture
     is known), or ``fn(name, module)``. Afterwards only ``lora_A`` / ``lora_B`` are trainable (calling it again
     on other modules keeps earlier adapters trainable). ``method="full"`` calls :func:`mask_gradients` instead.
-    Masks are moved to each weight's device. Returns ``model``.
+    Masks are moved to each weight's device. Returns ``model``. The layers are peft LoRA layers (adapter
+    ``"default"``) in place, without a ``PeftModel``; ``integrations.peft.save_sparse_lora`` saves them as a peft
+    adapter folder.
     """
     if method not in METHODS:
         raise ValueError(f"add_sparse_lora: method must be one of {', '.join(METHODS)}, got {method!r}")
