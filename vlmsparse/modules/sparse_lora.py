@@ -144,9 +144,9 @@ class SparseLoRALinear(_PeftLoraLinear):
         config: LoraConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"SparseLoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not isinstance(base_layer, nn.Linear):
+            raise ValueError(f"SparseLoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        base = base_layer
         if method not in METHODS:
             raise ValueError(f"SparseLoRALinear: method must be one of {', '.join(METHODS)}, got {method!r}")
         if backend is not None:
@@ -277,17 +277,21 @@ class SparseLoRALinear(_PeftLoraLinear):
         if args or any(v is not None for v in kwargs.values()):
             raise NotImplementedError("SparseLoRALinear: no extra forward arguments (mixed-batch adapter_names, "
                                       f"variant arguments); got {len(args)} positional and {sorted(kwargs)}")
-        base = self.get_base_layer()
+        # Host cost matters for small layers: the attributes behind peft's properties are read directly
+        # (base_layer is the nn.Linear itself, see __init__; merged = bool(merged_adapters)).
+        base = self.base_layer
         weight, bias = base.weight, base.bias
+        merged, disabled = bool(self.merged_adapters), self._disable_adapters
         if self.teacher:
-            if self.merged:
+            if merged:
                 raise RuntimeError("teacher mode on a merged SparseLoRALinear: unmerge() first")
             return nn.functional.linear(x, weight, bias)  # dense weight when keep_dense, adapter off
-        if self.disable_adapters and self.merged:
+        if disabled and merged:
             self.unmerge()
-        if self.merged:
+            merged = False
+        if merged:
             return nn.functional.linear(x, weight, bias)
-        active = [] if self.disable_adapters else self._active()
+        active = [] if disabled else self._active()
         if self.method != "sparselora" or not active:
             result = nn.functional.linear(x, self._masked_base_weight(), bias)
             for a in active:
