@@ -66,6 +66,15 @@ def _kernels(device):
             ops._impl(packed, "packed24", "packed24_matmul"))
 
 
+def _lora_tensors(lora):
+    """``(W, M, A, B, scaling)`` of a SparseLoRALinear of either version: peft's per-adapter layout (adapter
+    ``"default"``, buffer ``sparsity_mask``) since issue 17, one adapter and buffer ``mask`` before."""
+    if hasattr(lora, "sparsity_mask"):
+        return (lora.base_layer.weight, lora.sparsity_mask, lora.lora_A["default"].weight.detach(),
+                lora.lora_B["default"].weight.detach(), lora.scaling["default"])
+    return lora.base_layer.weight, lora.mask, lora.lora_A.weight.detach(), lora.lora_B.weight.detach(), lora.scaling
+
+
 def measure(features: int, tokens: int, calls: int, device: str) -> dict[str, float]:
     """Microseconds per call of every case (run inside a child, with ``vlmsparse`` from its PYTHONPATH)."""
     import torch
@@ -96,16 +105,16 @@ def measure(features: int, tokens: int, calls: int, device: str) -> dict[str, fl
         module(xg).sum().backward()
 
     fwd, bwd, packed_fn = _kernels(x.device)
-    W, M, A, B = lora.base_layer.weight, lora.mask, lora.lora_A.weight.detach(), lora.lora_B.weight.detach()
+    W, M, A, B, s = _lora_tensors(lora)
     dy = torch.ones(tokens, features, device=device)
 
     def kernel_fwd_bwd():
-        fwd(x, W, M, A, B, lora.scaling, lora.base_layer.bias)
-        bwd(dy, x, W, M, A, B, lora.scaling, True)
+        fwd(x, W, M, A, B, s, lora.base_layer.bias)
+        bwd(dy, x, W, M, A, B, s, True)
 
     fns = {
         "packed24_kernel": lambda: packed_fn(x, packed.values, packed.meta, packed.bias),
-        "sparselora_kernel": lambda: fwd(x, W, M, A, B, lora.scaling, lora.base_layer.bias),
+        "sparselora_kernel": lambda: fwd(x, W, M, A, B, s, lora.base_layer.bias),
         "sparselora_kernel_fwd_bwd": kernel_fwd_bwd,
         "linear": lambda: linear(x),
         "sparse_linear_dense": lambda: dense(x),

@@ -88,8 +88,9 @@ class PeakMemory:
 
 # ---------------------------------------------------------------------------------------------- methods
 def _naive_forward(module: SparseLoRALinear, x: torch.Tensor) -> torch.Tensor:
-    W, M, A, B = module.base_layer.weight, module.mask, module.lora_A.weight, module.lora_B.weight
-    delta = (B @ A) * module.scaling * M  # materialised; autograd keeps it and its inputs for backward
+    W, M = module.base_layer.weight, module.sparsity_mask
+    A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
+    delta = (B @ A) * module.scaling["default"] * M  # materialised; autograd keeps it and its inputs for backward
     return nn.functional.linear(x, W * M + delta.to(W.dtype), module.base_layer.bias)
 
 

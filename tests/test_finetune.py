@@ -4,15 +4,20 @@ distillation, checkpoints; LLaVA on batches mixing text-only and image examples;
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from factories import pruned_tiny, synthetic_processor
+from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
 
 from vlmsparse.data.datasets import SyntheticVQADataset
+from vlmsparse.integrations.peft import register_sparse_lora
 from vlmsparse.masks import MASKS_FILENAME, MaskSet
-from vlmsparse.training.finetune import RECORD_FILENAME, FinetuneError, finetune
+from vlmsparse.modules.sparse_lora import SparseLoRALinear
+from vlmsparse.training.finetune import ADAPTER_DIRNAME, RECORD_FILENAME, FinetuneError, finetune
 
 FAST = dict(batch_size=4, learning_rate=2e-2, progress=False)
 
@@ -69,6 +74,19 @@ def test_methods_train_and_keep_or_lose_masks(method, tmp_path, processor, data)
     if method != "full":  # only adapters trained: unmasked, untargeted weights are untouched
         key = "model.multi_modal_projector.linear_1.weight"
         assert torch.equal(weights[key], original[key])
+    if method != "sparselora":
+        assert record["adapter"] is None and not (tmp_path / ADAPTER_DIRNAME).exists()
+        return
+    # the adapter, saved as peft's files + masks: PeftModel.from_pretrained on the pruned model and peft's
+    # merge_and_unload give the merged model's weights bit for bit
+    assert record["adapter"] == str(tmp_path / ADAPTER_DIRNAME)
+    config = LoraConfig.from_pretrained(str(tmp_path / ADAPTER_DIRNAME))
+    register_sparse_lora(config, MaskSet.load(tmp_path / ADAPTER_DIRNAME))
+    loaded = PeftModel.from_pretrained(pruned_tiny("llava", "2:4")[0], str(tmp_path / ADAPTER_DIRNAME), config=config)
+    assert sum(isinstance(m, SparseLoRALinear) for m in loaded.modules()) == len(masks)
+    peft_merged = loaded.merge_and_unload().state_dict()
+    for name in masks:
+        assert torch.equal(peft_merged[name + ".weight"], weights[name + ".weight"]), name
 
 
 def test_resume_continues_with_the_same_losses(tmp_path, processor, data):
@@ -87,6 +105,17 @@ def test_resume_continues_with_the_same_losses(tmp_path, processor, data):
     assert set(steps) >= {3, 4}
     for step in (3, 4):
         assert steps[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
+    # a checkpoint of the earlier own layer (keys lora_A.weight, not lora_A.default.weight) resumes the same way
+    old = tmp_path / "old" / "checkpoint-2"
+    shutil.copytree(checkpoint, old)
+    tensors = load_file(old / "trainable.safetensors")
+    assert tensors and all(".lora_A.default." in k or ".lora_B.default." in k for k in tensors)
+    save_file({k.replace(".default.", "."): v for k, v in tensors.items()}, old / "trainable.safetensors")
+    model, masks = pruned_tiny("llava")
+    resumed_old = finetune(model, data, tmp_path / "old", masks=masks, processor=processor, max_steps=4, save_steps=2,
+                           resume=True, **FAST)
+    assert resumed_old["resumed_from"] == str(old)
+    assert [e["loss"] for e in resumed_old["losses"]] == [e["loss"] for e in resumed["losses"]]
     # checkpoints exist: a new run into the same folder must say so; another config is refused
     model, masks = pruned_tiny("llava")
     with pytest.raises(FileExistsError, match="holds a finished run"):

@@ -64,7 +64,7 @@ from vlmsparse.training.finetune import finetune
 class Probe(TrainerCallback):  # what the model looks like while it trains
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step == 1:
-            name, param = next((n, p) for n, p in model.named_parameters() if n.endswith("lora_A.weight"))
+            name, param = next((n, p) for n, p in model.named_parameters() if n.endswith("lora_A.default.weight"))
             local = param.to_local() if hasattr(param, "to_local") else param
             with open(os.path.join(os.environ["PROBE_DIR"], f"model_{args.process_index}.json"), "w") as f:
                 json.dump({"cls": type(model).__name__, "param": type(param).__name__,

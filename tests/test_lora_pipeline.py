@@ -43,7 +43,7 @@ def _loss(model, inputs):
 
 def _randomise_B(model):
     with torch.no_grad():
-        for p in (m.lora_B.weight for m in model.modules() if isinstance(m, SparseLoRALinear)):
+        for p in (m.lora_B["default"].weight for m in model.modules() if isinstance(m, SparseLoRALinear)):
             p.normal_(0, 0.05)
 
 
@@ -53,10 +53,10 @@ def test_add_train_merge_keeps_masks_bit_for_bit():
     add_sparse_lora(model, masks, r={"language": 8, "vision": 4}, lora_alpha=16)
     wrapped = {n: m for n, m in model.named_modules() if isinstance(m, SparseLoRALinear)}
     assert set(wrapped) == set(masks)
-    assert {m.r for n, m in wrapped.items() if "vision_tower" in n} == {4}
-    assert {m.r for n, m in wrapped.items() if "language_model" in n} == {8}
+    assert {m.r["default"] for n, m in wrapped.items() if "vision_tower" in n} == {4}
+    assert {m.r["default"] for n, m in wrapped.items() if "language_model" in n} == {8}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.endswith(("lora_A.weight", "lora_B.weight")) for n in trainable)
+    assert trainable and all(n.endswith(("lora_A.default.weight", "lora_B.default.weight")) for n in trainable)
     assert len(trainable) == 2 * len(masks)
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2, weight_decay=0.1)
     for _ in range(3):
@@ -64,7 +64,7 @@ def test_add_train_merge_keeps_masks_bit_for_bit():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert all(m.lora_B.weight.abs().sum() > 0 for m in wrapped.values())  # it trained
+    assert all(m.lora_B["default"].weight.abs().sum() > 0 for m in wrapped.values())  # it trained
     model.eval()
     with torch.no_grad():
         before = model(**inputs).logits
@@ -103,7 +103,7 @@ def test_r_by_module_name_and_missing_part_key_error():
     model, masks = _pruned("0.5")
     name = next(n for n in masks if "language_model" in n)
     add_sparse_lora(model, masks, r={name: 2, "default": 3}, target=[name, next(n for n in masks if n != name)])
-    ranks = sorted(m.r for m in model.modules() if isinstance(m, SparseLoRALinear))
+    ranks = sorted(m.r["default"] for m in model.modules() if isinstance(m, SparseLoRALinear))
     assert ranks == [2, 3]
     with pytest.raises(ValueError, match="no entry"):
         add_sparse_lora(_pruned("0.5")[0], masks, r={"language": 8})

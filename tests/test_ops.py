@@ -273,12 +273,22 @@ def test_triton_missing_is_a_clear_error(monkeypatch):
 
 
 def test_import_loads_no_triton_and_no_kernels():
+    """The package, the dispatcher and the checks import neither triton nor a kernel module. The SparseLoRA layer
+    is a peft layer, and ``import peft`` reaches ``torch._dynamo``, which imports triton when it is installed: the
+    layer and the pipeline import nothing of triton beyond that, and no kernel module."""
     code = (
-        "import sys, vlmsparse, vlmsparse.ops, vlmsparse.kernels.checks, vlmsparse.modules.sparse_lora, "
-        "vlmsparse.pipeline.lora\n"
-        "bad = [m for m in sys.modules if m == 'triton' or m.startswith('triton.') or "
+        "import sys\n"
+        "def bad(names):\n"
+        "    return [m for m in names if m == 'triton' or m.startswith('triton.') or "
         "m in ('vlmsparse.kernels.sparse_lora', 'vlmsparse.kernels.packed24')]\n"
-        "assert not bad, bad\n"
+        "import vlmsparse, vlmsparse.ops, vlmsparse.kernels.checks\n"
+        "assert not bad(sys.modules), bad(sys.modules)\n"
+        "import peft\n"
+        "before = set(sys.modules)\n"
+        "import vlmsparse.modules.sparse_lora, vlmsparse.pipeline.lora\n"
+        "assert not bad(set(sys.modules) - before), bad(set(sys.modules) - before)\n"
+        "assert not [m for m in sys.modules if m.startswith('vlmsparse.kernels.') and m != 'vlmsparse.kernels.checks' "
+        "and m != 'vlmsparse.kernels.reference']\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -9,13 +9,13 @@ from factories import tiny_llama
 from peft.tuners.lora.layer import Linear as PeftLinear
 
 from vlmsparse.integrations.peft import (
-    PeftSparseLoRALinear,
     load_sparse_lora,
     peft_sparse_masks,
     save_sparse_lora,
     sparse_lora_config,
 )
 from vlmsparse.masks import MASKS_FILENAME, MaskSet
+from vlmsparse.modules.sparse_lora import SparseLoRALinear
 from vlmsparse.sparsity import build_mask, satisfies_nm
 
 TARGETS = ("q_proj", "v_proj", "up_proj")
@@ -44,7 +44,7 @@ def _ids():
     return torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
-def _naive_layer(layer: PeftSparseLoRALinear, x):
+def _naive_layer(layer: SparseLoRALinear, x):
     base, M = layer.get_base_layer(), layer.sparsity_mask
     A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
     return torch.nn.functional.linear(x, base.weight * M + s * (B @ A) * M, base.bias)
@@ -53,7 +53,7 @@ def _naive_layer(layer: PeftSparseLoRALinear, x):
 def test_get_peft_model_builds_sparse_layers_and_trains_only_adapters():
     model, masks = _pruned()
     pm = _peft_model(model, masks)
-    sparse = {n: m for n, m in pm.get_base_model().named_modules() if isinstance(m, PeftSparseLoRALinear)}
+    sparse = {n: m for n, m in pm.get_base_model().named_modules() if isinstance(m, SparseLoRALinear)}
     plain = [n for n, m in pm.get_base_model().named_modules()
              if type(m) is PeftLinear and n.endswith("up_proj")]
     assert set(sparse) == set(masks) and len(plain) == 2
@@ -91,7 +91,7 @@ def test_save_load_round_trip_and_merge_and_unload_keeps_sparsity(tmp_path):
     base, base_masks = _pruned()
     loaded = load_sparse_lora(base, path, masks=base_masks)
     loaded.eval()
-    assert sum(isinstance(m, PeftSparseLoRALinear) for m in loaded.modules()) == len(masks)
+    assert sum(isinstance(m, SparseLoRALinear) for m in loaded.modules()) == len(masks)
     with torch.no_grad():
         got = loaded(input_ids=_ids()).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -131,7 +131,7 @@ def test_dropout_and_two_adapters_use_the_masked_update():
     model, masks = _pruned()
     config = sparse_lora_config(masks, r=2, lora_alpha=4, lora_dropout=0.5, init_lora_weights=False)
     pm = peft.get_peft_model(model, config)
-    layer = next(m for m in pm.modules() if isinstance(m, PeftSparseLoRALinear))
+    layer = next(m for m in pm.modules() if isinstance(m, SparseLoRALinear))
     x = torch.randn(3, layer.in_features)
     layer.eval()
     torch.testing.assert_close(layer(x), _naive_layer(layer, x))
@@ -160,7 +160,7 @@ def test_load_trainable_adapter(tmp_path):
     assert trainable and all("lora_" in n for n in trainable)
     loss = loaded(input_ids=_ids()).logits.pow(2).mean()
     loss.backward()
-    layer = next(m for m in loaded.modules() if isinstance(m, PeftSparseLoRALinear))
+    layer = next(m for m in loaded.modules() if isinstance(m, SparseLoRALinear))
     assert layer.lora_A["default"].weight.grad is not None
 
 
@@ -187,3 +187,59 @@ def test_saved_adapter_files_follow_the_umask(tmp_path):
     for name in written:
         assert stat.S_IMODE((path / name).stat().st_mode) == 0o644, name
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
+
+
+def test_in_place_adapter_round_trips_through_peft(tmp_path):
+    """Adapters from add_sparse_lora (no PeftModel; two ranks) save as peft's files + masks; peft's own
+    PeftModel.from_pretrained (config registered) and load_sparse_lora give identical logits; peft's
+    merge_and_unload keeps every pruned entry +0.0 and equals merge_sparse_lora bit for bit."""
+    from vlmsparse.integrations.peft import adapter_config, register_sparse_lora
+    from vlmsparse.pipeline.lora import add_sparse_lora, merge_sparse_lora
+
+    model, masks = _pruned()
+    ranks = {n: 2 if n.endswith("q_proj") else 4 for n in masks}
+    add_sparse_lora(model, masks, r=ranks, lora_alpha=8)
+    with torch.no_grad():  # a trained adapter: B no longer zero
+        for _, layer in model.named_modules():
+            if isinstance(layer, SparseLoRALinear):
+                layer.lora_B["default"].weight.normal_(0, 0.05)
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=_ids()).logits
+    config = adapter_config(model)
+    assert config.r == 2 and sorted(config.target_modules) == sorted(masks)
+    assert {k.replace("\\", "") for k in config.rank_pattern} == {n for n in masks if n.endswith("v_proj")}
+    path = save_sparse_lora(model, tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", MASKS_FILENAME} <= {p.name for p in path.iterdir()}
+
+    loaded_config = peft.LoraConfig.from_pretrained(str(path))
+    register_sparse_lora(loaded_config, MaskSet.load(path))
+    by_peft = peft.PeftModel.from_pretrained(_pruned()[0], str(path), config=loaded_config)
+    by_peft.eval()
+    layers = {n: m for n, m in by_peft.get_base_model().named_modules() if isinstance(m, SparseLoRALinear)}
+    assert {n: m.r["default"] for n, m in layers.items()} == ranks
+    with torch.no_grad():
+        torch.testing.assert_close(by_peft(input_ids=_ids()).logits, want, rtol=0, atol=0)
+    by_ours = load_sparse_lora(_pruned()[0], path, masks=masks)
+    by_ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(by_ours(input_ids=_ids()).logits, want, rtol=0, atol=0)
+
+    peft_merged = by_peft.merge_and_unload()
+    ours_merged = merge_sparse_lora(model)
+    for name, mask in masks.items():
+        weight = peft_merged.get_submodule(name).weight
+        assert type(peft_merged.get_submodule(name)) is torch.nn.Linear
+        assert torch.all(weight[~mask] == 0) and not torch.any(torch.signbit(weight[~mask]))
+        assert torch.equal(weight, ours_merged.get_submodule(name).weight), name
+
+
+def test_baseline_methods_do_not_save_as_sparse_lora(tmp_path):
+    from vlmsparse.pipeline.lora import add_sparse_lora
+
+    model, masks = _pruned()
+    add_sparse_lora(model, masks, method="lora-remask")
+    with pytest.raises(ValueError, match="use method 'lora-remask'"):
+        save_sparse_lora(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="no SparseLoRA layers"):
+        save_sparse_lora(_pruned()[0], tmp_path / "adapter")

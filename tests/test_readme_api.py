@@ -171,13 +171,13 @@ def test_own_training_loop_add_and_merge_sparse_lora(user_dir):
 
     vlmsparse.add_sparse_lora(model, masks, r={"language": 8, "vision": 4}, lora_alpha=16)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{n}.lora_{ab}.weight" for n in masks for ab in "AB"}  # only lora_A / lora_B train
+    assert trainable == {f"{n}.lora_{ab}.default.weight" for n in masks for ab in "AB"}  # only lora_A / lora_B train
     for name in masks:
         module = model.get_submodule(name)
         rank = 4 if "vision_tower" in name else 8
         assert isinstance(module, vlmsparse.SparseLoRALinear)
-        assert (module.r, module.lora_alpha, module.scaling) == (rank, 16, 16 / rank)
-        assert module.lora_A.weight.shape == (rank, module.in_features)
+        assert (module.r, module.lora_alpha, module.scaling) == ({"default": rank}, {"default": 16}, {"default": 16 / rank})
+        assert module.lora_A["default"].weight.shape == (rank, module.in_features)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     model.train()
@@ -259,8 +259,9 @@ def test_sparse_lora_linear_has_peft_names():
         linear.weight.masked_fill_(~mask, 0)
     original = linear.weight.detach().clone()
     module = vlmsparse.SparseLoRALinear(linear, mask, r=4, lora_alpha=8, init_lora_weights=False)
-    assert module.base_layer is linear and (module.r, module.lora_alpha, module.scaling) == (4, 8, 2.0)
-    A, B = module.lora_A.weight, module.lora_B.weight
+    assert module.base_layer is linear and (module.r, module.lora_alpha, module.scaling) == ({"default": 4}, {"default": 8},
+                                                                                           {"default": 2.0})
+    A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
     assert A.shape == (4, 32) and B.shape == (16, 4)
     delta = module.get_delta_weight()
     torch.testing.assert_close(delta, (2.0 * B @ A).detach() * mask, rtol=0, atol=1e-6)
@@ -274,7 +275,7 @@ def test_sparse_lora_linear_has_peft_names():
         module.unmerge()
     assert not module.merged and torch.equal(linear.weight, original)
     with torch.no_grad():
-        module.lora_B.weight[0, 0] = float("nan")
+        module.lora_B["default"].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         module.merge(safe_merge=True)
     assert not module.merged and torch.equal(linear.weight, original)

@@ -1,20 +1,23 @@
-"""SparseLoRA through peft: ``get_peft_model`` with a ``LoraConfig`` builds masked LoRA layers.
+"""SparseLoRA through peft: ``get_peft_model`` with a ``LoraConfig`` builds masked LoRA layers; adapter files.
 
-peft's experimental custom-module mapping (``LoraConfig._register_custom_module``) maps ``nn.Linear`` to a
-factory that, for a module named in the mask set, builds :class:`PeftSparseLoRALinear` (a subclass of peft's
-``lora.Linear``: same ``lora_A`` / ``lora_B`` ModuleDicts, so adapters save and load with peft's keys), and
-plain peft LoRA for targeted modules without a mask.
+There is one SparseLoRA layer, :class:`vlmsparse.modules.sparse_lora.SparseLoRALinear`, a subclass of peft's
+``lora.Linear``. peft's experimental custom-module mapping (``LoraConfig._register_custom_module``) maps
+``nn.Linear`` to a factory that builds it for a module named in the mask set, and plain peft LoRA for targeted
+modules without a mask. ``add_sparse_lora`` builds the same layer in place, without a ``PeftModel``.
 
-Math (``s = lora_alpha / r``): ``y = x @ (W*M + s*(B@A)*M).T + b`` through
-:func:`vlmsparse.ops.sparse_lora_linear`; ``get_delta_weight = s*(B@A)*M``, so peft's ``merge`` and
-``merge_and_unload`` add zero outside the mask and the pruned entries stay exactly zero.
+Math (``s = lora_alpha / r``): ``y = x @ (W*M + s*(B@A)*M).T + b`` through the SparseLoRA op of
+:mod:`vlmsparse.ops`; ``get_delta_weight = s*(B@A)*M`` and the layer's ``merge`` writes ``W*M + s*(B@A)*M``, so
+peft's ``merge_and_unload`` keeps the pruned entries exactly zero.
 
-Saving: :func:`save_sparse_lora` writes the peft adapter plus ``sparsity_masks.safetensors`` beside it;
-:func:`load_sparse_lora` reads both, checks the masks against the base model (and against the caller's
-masks, when given) and returns a ``PeftModel`` whose layers are SparseLoRA again.
+Files: :func:`save_sparse_lora` writes a peft adapter folder (``adapter_config.json``,
+``adapter_model.safetensors``, peft's keys) plus ``sparsity_masks.safetensors`` beside it, from a ``PeftModel``
+or from a model whose adapters were added in place (``add_sparse_lora``, ``vlmsparse finetune``'s
+``OUT/adapter``); :func:`load_sparse_lora` reads both, checks the masks against the base model (and against the
+caller's masks, when given) and returns peft's ``PeftModel.from_pretrained`` with the mapping registered on the
+saved config, so its layers are SparseLoRA again.
 
     config = sparse_lora_config(masks, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    model = peft.get_peft_model(model, config)
+    model = peft.get_peft_model(model, config)       # or: add_sparse_lora(model, masks, r=8)
     ...train...
     save_sparse_lora(model, "adapter/")
     model = load_sparse_lora(base_model, "adapter/")
@@ -25,86 +28,36 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora.layer import dispatch_default as _peft_dispatch_default
 from torch import nn
 
 from .._io import file_identities, follow_umask
 from ..masks import MaskSet
-from ..modules.sparse_lora import _check_mask
-from ..ops import sparse_lora_linear, zero_weight
+from ..modules.sparse_lora import SparseLoRALinear
 
 __all__ = [
-    "PeftSparseLoRALinear",
     "SparseLoRAFactory",
     "register_sparse_lora",
     "sparse_lora_config",
     "peft_sparse_masks",
+    "adapter_config",
     "save_sparse_lora",
     "load_sparse_lora",
 ]
 
 logger = logging.getLogger(__name__)
 
-try:  # peft is an optional dependency of the package; this module needs it.
-    from peft import LoraConfig, PeftModel
-    from peft.tuners.lora.layer import Linear as _PeftLoraLinear
-    from peft.tuners.lora.layer import dispatch_default as _peft_dispatch_default
-except ImportError as _error:  # pragma: no cover - exercised only without peft
-    raise ImportError("vlmsparse.integrations.peft needs the 'peft' package: pip install peft") from _error
-
-
-class PeftSparseLoRALinear(_PeftLoraLinear):
-    """peft's LoRA ``Linear`` with the update masked by ``sparsity_mask`` (bool ``[out, in]``, a buffer)."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, mask: torch.Tensor,
-                 **kwargs: Any) -> None:
-        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-        if kwargs.get("r", 0) <= 0:
-            raise ValueError(f"SparseLoRA (peft): r must be a positive int, got {kwargs.get('r')!r}")
-        mask = mask.to(base.weight.device)
-        _check_mask(mask, base.weight, keep_dense=False, name=kwargs.get("target_name") or "")
-        super().__init__(base_layer, adapter_name, config=config, **kwargs)
-        if config.fan_in_fan_out:
-            raise ValueError("SparseLoRA (peft) wraps nn.Linear weights [out, in]; fan_in_fan_out must be False")
-        self.register_buffer("sparsity_mask", mask.detach().clone(), persistent=False)
-
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """``s * (B@A) * M`` (``[out, in]``)."""
-        return super().get_delta_weight(adapter).masked_fill(~self.sparsity_mask, 0)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if self.disable_adapters or self.merged or not active:
-            return super().forward(x, *args, **kwargs)
-        if args or kwargs.get("adapter_names") is not None or any(
-                a in self.lora_variant or self.lora_bias[a] for a in active):
-            raise NotImplementedError(
-                "SparseLoRA (peft) supports plain LoRA adapters only (no DoRA / variants / lora_bias / "
-                "mixed-batch adapter_names)"
-            )
-        base = self.get_base_layer()
-        weight, bias = base.weight, base.bias
-        if len(active) == 1 and (not self.training or isinstance(self.lora_dropout[active[0]], nn.Identity)):
-            a = active[0]
-            return sparse_lora_linear(x, weight, self.sparsity_mask, self.lora_A[a].weight, self.lora_B[a].weight,
-                                      self.scaling[a], bias)
-        # Several adapters, or dropout on the adapter input: base + sum of masked updates.
-        result = base(x)
-        zero = zero_weight(self.out_features, self.in_features, weight)
-        for a in active:
-            xd = self.lora_dropout[a](x)
-            result = result + sparse_lora_linear(xd, zero, self.sparsity_mask, self.lora_A[a].weight,
-                                                 self.lora_B[a].weight, self.scaling[a])
-        return result
-
-
 class SparseLoRAFactory:
     """The value registered in ``LoraConfig._register_custom_module({nn.Linear: factory})``: builds
-    :class:`PeftSparseLoRALinear` for masked modules, plain peft LoRA for the others (logged)."""
+    :class:`~vlmsparse.modules.sparse_lora.SparseLoRALinear` for masked modules, plain peft LoRA for the others
+    (logged)."""
 
     def __init__(self, masks: MaskSet | Mapping[str, torch.Tensor]) -> None:
         self.masks = dict(masks.masks if isinstance(masks, MaskSet) else masks)
@@ -112,7 +65,8 @@ class SparseLoRAFactory:
     def __call__(self, target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> nn.Module:
         name = kwargs.get("target_name")
         if name in self.masks:
-            return PeftSparseLoRALinear(target, adapter_name, config, self.masks[name], **kwargs)
+            mask = self.masks[name].to(target.weight.device)
+            return SparseLoRALinear(target, mask, adapter_name=adapter_name, config=config, **kwargs)
         logger.info("SparseLoRA (peft): %s has no mask; plain LoRA", name)
         return _peft_dispatch_default(target, adapter_name, config=config, **kwargs)
 
@@ -136,30 +90,96 @@ def sparse_lora_config(masks: MaskSet | Mapping[str, torch.Tensor], **lora_confi
     return register_sparse_lora(LoraConfig(**lora_config_kwargs), masks)
 
 
-def _base_names(peft_model: nn.Module) -> dict[str, PeftSparseLoRALinear]:
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    return {n: m for n, m in base.named_modules() if isinstance(m, PeftSparseLoRALinear)}
+def _sparse_layers(model: nn.Module) -> dict[str, SparseLoRALinear]:
+    """The SparseLoRA layers of a ``PeftModel`` or of a model with adapters added in place, by module name of the
+    base model."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return {n: m for n, m in base.named_modules() if isinstance(m, SparseLoRALinear)}
 
 
-def peft_sparse_masks(peft_model: nn.Module) -> MaskSet:
-    """The masks of the SparseLoRA layers, keyed by module names of the base model."""
-    return MaskSet(masks={n: m.sparsity_mask.detach().cpu() for n, m in _base_names(peft_model).items()},
+def peft_sparse_masks(model: nn.Module) -> MaskSet:
+    """The masks of the SparseLoRA layers (of a ``PeftModel`` or a model from ``add_sparse_lora``), keyed by module
+    names of the base model."""
+    return MaskSet(masks={n: m.sparsity_mask.detach().cpu() for n, m in _sparse_layers(model).items()},
                    method="sparselora-adapter")
 
 
-def save_sparse_lora(peft_model: PeftModel, path: str | os.PathLike, **save_kwargs: Any) -> Path:
-    """``peft_model.save_pretrained(path)`` plus the masks beside the adapter (``sparsity_masks.safetensors``).
+def _most_common(values: list) -> Any:
+    return max(sorted(set(values), key=str), key=values.count)
+
+
+def adapter_config(model: nn.Module, adapter_name: str = "default") -> LoraConfig:
+    """The ``LoraConfig`` that rebuilds adapter ``adapter_name`` of the SparseLoRA layers of ``model`` (added in
+    place by ``add_sparse_lora``): ``target_modules`` their full names, ``r`` / ``lora_alpha`` the most common
+    values and ``rank_pattern`` / ``alpha_pattern`` (escaped full names) for the others."""
+    layers = {n: m for n, m in _sparse_layers(model).items() if adapter_name in m.lora_A}
+    if not layers:
+        raise ValueError(f"adapter_config: the model has no SparseLoRA layer with an adapter {adapter_name!r}")
+    ranks = {n: m.r[adapter_name] for n, m in layers.items()}
+    alphas = {n: m.lora_alpha[adapter_name] for n, m in layers.items()}
+    dropouts = {getattr(m.lora_dropout[adapter_name], "p", 0.0) for m in layers.values()}
+    rslora = {m.use_rslora[adapter_name] for m in layers.values()}
+    if len(dropouts) > 1 or len(rslora) > 1:
+        raise ValueError(f"adapter_config: the layers differ in lora_dropout {sorted(dropouts)} or use_rslora "
+                         f"{sorted(rslora)}; one LoraConfig holds one value of each")
+    r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropouts.pop(), use_rslora=rslora.pop(), target_modules=sorted(layers),
+        rank_pattern={re.escape(n): v for n, v in ranks.items() if v != r},
+        alpha_pattern={re.escape(n): v for n, v in alphas.items() if v != alpha},
+    )
+
+
+def _save_in_place_adapter(model: nn.Module, path: Path, adapter_name: str) -> None:
+    """What ``PeftModel.save_pretrained`` writes, for adapters added in place: ``adapter_config.json`` and
+    ``adapter_model.safetensors`` with peft's saved keys (``base_model.model.<module>.lora_A.weight``: the adapter
+    name dropped, as ``get_peft_model_state_dict`` does)."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import save_file
+
+    config = adapter_config(model, adapter_name)
+    tensors = {}
+    for name, layer in _sparse_layers(model).items():
+        if adapter_name in layer.lora_A:
+            for key, layers in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+                tensors[f"base_model.model.{name}.{key}.weight"] = layers[adapter_name].weight.detach().cpu().contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(path))
+    save_file(tensors, str(path / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def save_sparse_lora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                     **save_kwargs: Any) -> Path:
+    """Save the SparseLoRA adapter of ``model`` as a peft adapter folder plus the masks beside it
+    (``sparsity_masks.safetensors``); :func:`load_sparse_lora` (or ``PeftModel.from_pretrained`` with
+    :func:`register_sparse_lora`'d config) reads it back.
+
+    ``model``: a ``PeftModel`` (``model.save_pretrained(path, **save_kwargs)``, every adapter) or a model whose
+    adapters ``add_sparse_lora`` / ``vlmsparse finetune`` added in place (the same two files for adapter
+    ``adapter_name``, config from :func:`adapter_config`). Only ``method="sparselora"`` layers save: the
+    ``lora`` / ``lora-remask`` baselines compute another function than the one a loaded SparseLoRA layer would.
 
     Every file the save creates gets mode ``0o666 & ~umask``, as ``open()`` gives, not the ``0o600`` of
-    safetensors >= 0.8 (safetensors#782) that peft writes the adapter weights with. Files already in ``path``
+    safetensors >= 0.8 (safetensors#782) that the adapter weights are written with. Files already in ``path``
     that the save leaves or rewrites in place keep their modes.
     """
-    masks = peft_sparse_masks(peft_model)
-    if not masks.masks:
+    layers = _sparse_layers(model)
+    if not layers:
         raise ValueError("save_sparse_lora: the model has no SparseLoRA layers (was the mapping registered?)")
+    baselines = sorted(n for n, m in layers.items() if m.method != "sparselora")
+    if baselines:
+        raise ValueError(f"save_sparse_lora: {len(baselines)} layers use method {layers[baselines[0]].method!r} "
+                         f"(e.g. {baselines[0]!r}); only method='sparselora' adapters save as SparseLoRA adapters")
+    if not isinstance(model, PeftModel) and save_kwargs:
+        raise ValueError(f"save_sparse_lora: {sorted(save_kwargs)} are PeftModel.save_pretrained arguments; this model "
+                         "has its adapters in place")
+    masks = peft_sparse_masks(model)
     path = Path(path)
     before = file_identities(path)
-    peft_model.save_pretrained(str(path), **save_kwargs)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(str(path), **save_kwargs)
+    else:
+        _save_in_place_adapter(model, path, adapter_name)
     masks.save(path)
     follow_umask(path, only=[file for file, ident in file_identities(path).items() if before.get(file) != ident])
     return path

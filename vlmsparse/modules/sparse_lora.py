@@ -1,16 +1,23 @@
-"""SparseLoRALinear: LoRA whose update is multiplied by the pruning mask (layer 3).
+"""SparseLoRALinear: LoRA whose update is multiplied by the pruning mask, as a peft LoRA layer (layer 3).
 
 With ``W`` the frozen pruned weight ``[out, in]``, ``M`` its bool keep-mask, ``A [r, in]``, ``B [out, r]`` and
-``s = lora_alpha / r``:
+``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``):
 
     y = x @ (W*M + s*(B@A)*M).T + b           merge:  W' = W*M + s*(B@A)*M
 
 so the zeros of the merged weight are the zeros of ``M``, bit for bit (a 2:4 mask stays 2:4). Forward and
 backward go through the SparseLoRA op of :mod:`vlmsparse.ops` (a ``torch.library`` custom op under
 ``torch.compile``), which keeps no full-size tensor alive between them; the module checks its tensors once
-(construction, ``.to()``, a new ``mask``) and calls the op's unchecked entry. Names follow peft (``base_layer``,
-``lora_A``, ``lora_B``, ``r``, ``lora_alpha``, ``scaling``, ``lora_dropout``, ``merge``, ``unmerge``,
-``get_delta_weight``, ``merged``); ``lora_A`` / ``lora_B`` are bias-free ``nn.Linear`` so the state-dict keys are ``lora_A.weight`` / ``lora_B.weight`` as in peft adapters.
+(construction, a new adapter, ``.to()``, a new ``sparsity_mask``) and calls the op's unchecked entry.
+
+The class is a subclass of peft's ``lora.Linear``, so there is one layer for both ways of building it:
+:func:`vlmsparse.pipeline.lora.add_sparse_lora` swaps it in place (no ``PeftModel``), and peft's
+``get_peft_model`` builds it through :mod:`vlmsparse.integrations.peft`. It has peft's attributes and state-dict
+layout: per-adapter ``lora_A`` / ``lora_B`` / ``lora_dropout`` ModuleDicts and ``r`` / ``lora_alpha`` /
+``scaling`` dicts (keys ``lora_A.<adapter>.weight``), ``base_layer``, ``merge(safe_merge, adapter_names)``,
+``unmerge()``, ``get_delta_weight(adapter)``, ``merged``, ``disable_adapters``, several adapters; plus the
+persistent buffer ``sparsity_mask``. State dicts of the earlier own layer (``lora_A.weight``, ``lora_B.weight``,
+``mask``) load into a module with one adapter (keys migrated in ``_load_from_state_dict``).
 
 ``method`` selects the variant the research compares:
 
@@ -20,34 +27,41 @@ backward go through the SparseLoRA op of :mod:`vlmsparse.ops` (a ``torch.library
 
 ``keep_dense=True`` lets ``base_layer.weight`` hold the dense, unpruned weight (the mask is applied in the
 forward); :func:`teacher_mode` then runs the module as the dense teacher (adapter and mask off) for
-distillation, without a second copy of the model.
+distillation, without a second copy of the model. peft's ``disable_adapters`` runs the pruned base ``W*M``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from torch import nn
 
 from .. import ops
 from ..kernels.checks import check_bias, check_features, check_lora, check_same_device
 from ..kernels.reference import effective_weight_ref
 
-__all__ = ["SparseLoRALinear", "METHODS", "teacher_mode", "disable_adapter_and_mask", "sparse_lora_modules"]
+__all__ = ["SparseLoRALinear", "METHODS", "check_mask", "migrate_state_dict", "teacher_mode",
+           "disable_adapter_and_mask", "sparse_lora_modules"]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("sparselora", "lora", "lora-remask")
 
+# keys of the earlier own layer (one adapter, bias-free nn.Linear adapters, buffer ``mask``) -> this layer's
+_OLD_KEYS = {"lora_A.weight": "lora_A.{}.weight", "lora_B.weight": "lora_B.{}.weight", "mask": "sparsity_mask"}
 
-def _check_mask(mask: torch.Tensor, weight: torch.Tensor, keep_dense: bool, name: str = "",
-                zeros: bool = True) -> None:
+
+def check_mask(mask: torch.Tensor, weight: torch.Tensor, keep_dense: bool = False, name: str = "",
+               zeros: bool = True) -> None:
     """The mask is bool, of the weight's shape and device; with ``zeros`` (and not ``keep_dense``) the weight is
-    zero outside it (a full pass over the weight: done at construction, not when tensors move)."""
+    zero outside it (a full pass over the weight: done at construction, not when tensors move). ValueError
+    otherwise."""
     where = f" for {name!r}" if name else ""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
@@ -71,20 +85,47 @@ def _check_mask(mask: torch.Tensor, weight: torch.Tensor, keep_dense: bool, name
             )
 
 
-class SparseLoRALinear(nn.Module):
-    """A pruned ``nn.Linear`` (``base_layer``) with keep-mask ``mask`` and a trainable low-rank update.
+def _check_adapter_args(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"SparseLoRALinear: r must be a positive int, got {r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
+        raise ValueError(f"SparseLoRALinear: lora_alpha must be a positive number, got {lora_alpha!r}")
+    if not isinstance(lora_dropout, (int, float)) or not 0.0 <= float(lora_dropout) < 1.0:
+        raise ValueError(f"SparseLoRALinear: lora_dropout must be in [0, 1), got {lora_dropout!r}")
+
+
+def _check_config(config: LoraConfig) -> None:
+    """What the masked op computes: plain LoRA adapters on an ``[out, in]`` weight (rsLoRA scaling allowed)."""
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"SparseLoRALinear: config must be a peft LoraConfig, got {type(config).__name__}")
+    unsupported = {"use_dora": config.use_dora, "lora_bias": config.lora_bias,
+                   "fan_in_fan_out": config.fan_in_fan_out}
+    bad = [f"{k}=True" for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"SparseLoRALinear: {', '.join(bad)} is not supported (plain LoRA adapters on nn.Linear "
+                         "weights [out, in] only)")
+
+
+class SparseLoRALinear(_PeftLoraLinear):
+    """A pruned ``nn.Linear`` (``base_layer``) with keep-mask ``sparsity_mask`` and trainable low-rank updates.
 
     Args:
         base_layer: the ``nn.Linear`` to wrap (its weight is frozen; its bias keeps its ``requires_grad``).
         mask: bool keep-mask ``[out, in]`` on the weight's device (``True`` = kept).
         r: rank, > 0.  lora_alpha: scaling numerator, ``scaling = lora_alpha / r``.
-        lora_dropout: dropout probability on the adapter's input, in [0, 1).
+        lora_dropout: dropout probability on the adapter's input, in [0, 1) (default 0).
         method: ``"sparselora"`` (default), ``"lora"`` or ``"lora-remask"`` (see the module docstring).
         keep_dense: the base weight may hold the dense weight (masked in the forward); enables
             :func:`teacher_mode`. Without it the base weight must be zero outside the mask.
-        init_lora_weights: ``True``: peft's init (A Kaiming-uniform, B zero, so the update starts at 0);
+        init_lora_weights: ``True`` (default): peft's init (A Kaiming-uniform, B zero, so the update starts at 0);
             ``False``: both random (tests).
         backend: ``None`` (resolved per call, see :mod:`vlmsparse.ops`) or a backend name.
+        adapter_name: the first adapter's name (peft's ``"default"``).
+        config: a peft ``LoraConfig`` (peft's factory passes it, with ``r`` / ``lora_alpha`` per module); its
+            ``lora_dropout`` / ``init_lora_weights`` are used, so those two arguments must then stay ``None``.
+        **kwargs: what peft's factory passes on (``target_name``, ...).
+
+    Adapters are float32 over a float16 / bfloat16 base (as peft's ``autocast_adapter_dtype``).
     """
 
     def __init__(
@@ -93,211 +134,274 @@ class SparseLoRALinear(nn.Module):
         mask: torch.Tensor,
         r: int = 8,
         lora_alpha: float = 16,
-        lora_dropout: float = 0.0,
+        lora_dropout: float | None = None,
         method: str = "sparselora",
         keep_dense: bool = False,
-        init_lora_weights: bool = True,
+        init_lora_weights: bool | None = None,
         backend: str | None = None,
+        *,
+        adapter_name: str = "default",
+        config: LoraConfig | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise ValueError(f"SparseLoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"SparseLoRALinear: r must be a positive int, got {r!r}")
-        if not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
-            raise ValueError(f"SparseLoRALinear: lora_alpha must be a positive number, got {lora_alpha!r}")
-        if not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"SparseLoRALinear: lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        base = base_layer
         if method not in METHODS:
             raise ValueError(f"SparseLoRALinear: method must be one of {', '.join(METHODS)}, got {method!r}")
         if backend is not None:
             ops._check_name(backend, "SparseLoRALinear backend")
-        weight = base_layer.weight
-        _check_mask(mask, weight, keep_dense)
-        self.base_layer = base_layer
-        base_layer.weight.requires_grad_(False)
-        self.register_buffer("mask", mask.detach().clone(), persistent=True)
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.r, self.lora_alpha, self.scaling = r, lora_alpha, lora_alpha / r
-        self.lora_dropout_p = float(lora_dropout)
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        if config is None:
+            lora_dropout = 0.0 if lora_dropout is None else lora_dropout
+            _check_adapter_args(r, lora_alpha, lora_dropout)
+            config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout),
+                                init_lora_weights=True if init_lora_weights is None else init_lora_weights)
+        elif lora_dropout is not None or init_lora_weights is not None:
+            raise ValueError("SparseLoRALinear: with a LoraConfig, lora_dropout and init_lora_weights come from it; "
+                             "leave those arguments None")
+        check_mask(mask, base.weight, keep_dense, name=kwargs.get("target_name") or "")
+        super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs)
         self.method, self.keep_dense, self.backend = method, keep_dense, backend
-        # Adapters in float32 when the base is half precision (as peft's autocast_adapter_dtype).
-        adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        factory = {"device": weight.device, "dtype": adapter_dtype}
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
-        self.reset_lora_parameters(init_lora_weights)
-        self.merged = False
         self.teacher = False
         self._unmerged_weight: torch.Tensor | None = None
+        base.weight.requires_grad_(False)
+        self.register_buffer("sparsity_mask", mask.detach().clone(), persistent=True)
         self._check_tensors(devices=True)
+
+    @property
+    def lora_variants(self) -> dict:
+        """No peft variant (DoRA, ...): the masked op computes plain LoRA adapters only."""
+        return {(): None}
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, **kwargs: Any) -> None:
+        """peft's ``update_layer`` (adds adapter ``adapter_name``) with the arguments checked, the adapter kept
+        in float32 over a half-precision base, and the tensors checked."""
+        _check_config(config)
+        _check_adapter_args(r, lora_alpha, config.lora_dropout)
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        if "sparsity_mask" in self._buffers:  # a later adapter (the first is checked in __init__)
+            self._check_tensors(devices=True)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        if self.get_base_layer().weight.dtype in (torch.float16, torch.bfloat16):
+            for layers in (self.lora_A, self.lora_B):
+                if adapter_name in layers:
+                    layers[adapter_name].float()
 
     # ------------------------------------------------------------------------------------------ checks
     def _check_tensors(self, devices: bool = False) -> None:
         """What the functional op checks on every call, checked here instead: shapes (mask and adapters against
         ``[out, in]``, bias) and the mask dtype at construction, after ``.to()`` / ``.half()`` (:meth:`_apply`) and
-        when ``mask`` is assigned; one device at construction only (loaders such as accelerate's move tensors one
-        by one, through meta, so a passing mismatch is normal there). ``forward`` then calls the unchecked op."""
-        weight = self.base_layer.weight
+        when ``sparsity_mask`` is assigned; one device at construction only (loaders such as accelerate's move
+        tensors one by one, through meta, so a passing mismatch is normal there). ``forward`` then calls the
+        unchecked op."""
+        base = self.get_base_layer()
+        weight, mask = base.weight, self.sparsity_mask
         what = "SparseLoRALinear"
-        if not isinstance(self.mask, torch.Tensor) or self.mask.dtype != torch.bool or self.mask.shape != weight.shape:
-            _check_mask(self.mask, weight, self.keep_dense, zeros=False)  # raises with the message
-        check_lora(self.lora_A.weight, self.lora_B.weight, self.out_features, self.in_features, what)
-        check_bias(self.base_layer.bias, self.out_features, what)
-        if devices:
-            check_same_device(what, weight=weight, mask=self.mask, lora_A=self.lora_A.weight,
-                              lora_B=self.lora_B.weight, bias=self.base_layer.bias)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
+            check_mask(mask, weight, self.keep_dense, zeros=False)  # raises with the message
+        check_bias(base.bias, self.out_features, what)
+        for name in self.lora_A:
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            check_lora(A, B, self.out_features, self.in_features, what)
+            if devices:
+                check_same_device(what, weight=weight, mask=mask, lora_A=A, lora_B=B, bias=base.bias)
 
     def _apply(self, fn, recurse: bool = True):
         out = super()._apply(fn, recurse)
-        self._check_tensors()
+        if "sparsity_mask" in self._buffers:
+            self._check_tensors()
         return out
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        if name == "mask" and "lora_B" in self._modules:  # replaced after construction
+        if name == "sparsity_mask" and "sparsity_mask" in self._buffers:  # replaced after construction
             self._check_tensors()
 
-    # ------------------------------------------------------------------------------------------ parameters
-    def reset_lora_parameters(self, init_lora_weights: bool = True) -> None:
-        """peft's init: ``A`` Kaiming-uniform (a=sqrt(5)), ``B`` zero; with ``False`` B is random too."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        if init_lora_weights:
-            nn.init.zeros_(self.lora_B.weight)
-        else:
-            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight (pruned, or dense with ``keep_dense``; merged after :meth:`merge`)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    def get_base_layer(self) -> nn.Linear:
-        return self.base_layer
-
     def extra_repr(self) -> str:
+        ranks = ", ".join(f"{a}: r={self.r[a]}" for a in self.lora_A)
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"lora_alpha={self.lora_alpha}, method={self.method!r}, keep_dense={self.keep_dense}, "
-            f"density={self.mask.float().mean().item():.3f}, merged={self.merged}"
+            f"in_features={self.in_features}, out_features={self.out_features}, {ranks}, method={self.method!r}, "
+            f"keep_dense={self.keep_dense}, density={self.sparsity_mask.float().mean().item():.3f}, "
+            f"merged={self.merged}"
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        """Adapters trained on other masks do not load: a saved ``mask`` must equal this module's."""
-        saved = state_dict.get(prefix + "mask")
-        if saved is not None and (saved.shape != self.mask.shape
-                                  or not torch.equal(saved.to(self.mask.device).bool(), self.mask)):
-            differ = int((saved.to(self.mask.device).bool() != self.mask).sum()) if saved.shape == self.mask.shape \
-                else "all"
+        """Old-layout keys (``lora_A.weight``, ``lora_B.weight``, ``mask``) are renamed to this layout for a module
+        with one adapter; adapters trained on other masks do not load: a saved ``sparsity_mask`` must equal this
+        module's."""
+        problem = self._rename_old_keys(state_dict, prefix)
+        if problem:
+            error_msgs.append(problem)
+            return
+        saved, mask = state_dict.get(prefix + "sparsity_mask"), self.sparsity_mask
+        if saved is not None and (saved.shape != mask.shape or not torch.equal(saved.to(mask.device).bool(), mask)):
+            differ = int((saved.to(mask.device).bool() != mask).sum()) if saved.shape == mask.shape else "all"
             error_msgs.append(
-                f"{prefix}mask: the state dict was trained on a different mask ({differ} entries differ); "
+                f"{prefix}sparsity_mask: the state dict was trained on a different mask ({differ} entries differ); "
                 "load it onto the model pruned with the same masks"
             )
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def _rename_old_keys(self, state_dict: dict, prefix: str) -> str | None:
+        """Rename, in place, this module's keys of the earlier own layer (``lora_A.weight``, ``lora_B.weight``,
+        ``mask``) to this layout (``lora_A.<adapter>.weight``, ``sparsity_mask``); the problem, if any."""
+        old = [k for k in _OLD_KEYS if prefix + k in state_dict]
+        if not old:
+            return None
+        if len(self.lora_A) != 1:
+            return (f"{prefix}: a state dict of the single-adapter layout ({prefix}{old[0]}) loads only into a module "
+                    f"with one adapter; this one has {sorted(self.lora_A)}")
+        adapter = next(iter(self.lora_A))
+        for key in old:
+            state_dict[prefix + _OLD_KEYS[key].format(adapter)] = state_dict.pop(prefix + key)
+        return None
+
     # ------------------------------------------------------------------------------------------ forward
+    def _active(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.lora_A]
+
     def _masked_base_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
+        weight = self.get_base_layer().weight
         if self.keep_dense:
-            return effective_weight_ref(weight, self.mask, None, None, 0.0)
+            return effective_weight_ref(weight, self.sparsity_mask, None, None, 0.0)
         return weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``y [..., out]`` for ``x [..., in]``; see the module docstring for the math of each method."""
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``y [..., out]`` for ``x [..., in]``: the base plus every active adapter's update (see the module
+        docstring for the math of each method)."""
+        if args or any(v is not None for v in kwargs.values()):
+            raise NotImplementedError("SparseLoRALinear: no extra forward arguments (mixed-batch adapter_names, "
+                                      f"variant arguments); got {len(args)} positional and {sorted(kwargs)}")
+        # Host cost matters for small layers: the attributes behind peft's properties are read directly
+        # (base_layer is the nn.Linear itself, see __init__; merged = bool(merged_adapters)).
+        base = self.base_layer
+        weight, bias = base.weight, base.bias
+        merged, disabled = bool(self.merged_adapters), self._disable_adapters
         if self.teacher:
-            if self.merged:
+            if merged:
                 raise RuntimeError("teacher mode on a merged SparseLoRALinear: unmerge() first")
             return nn.functional.linear(x, weight, bias)  # dense weight when keep_dense, adapter off
-        if self.merged:
+        if disabled and merged:
+            self.unmerge()
+            merged = False
+        if merged:
             return nn.functional.linear(x, weight, bias)
-        A, B = self.lora_A.weight, self.lora_B.weight
-        if self.method != "sparselora":
-            base = nn.functional.linear(x, self._masked_base_weight(), bias)
-            lora_in = self.lora_dropout(x).to(A.dtype)
-            return base + (self.lora_B(self.lora_A(lora_in)) * self.scaling).to(base.dtype)
+        active = [] if disabled else self._active()
+        if self.method != "sparselora" or not active:
+            result = nn.functional.linear(x, self._masked_base_weight(), bias)
+            for a in active:
+                A, B = self.lora_A[a], self.lora_B[a]
+                lora_in = self.lora_dropout[a](x).to(A.weight.dtype)
+                result = result + (B(A(lora_in)) * self.scaling[a]).to(result.dtype)
+            return result
         # Tensors were checked once (_check_tensors); per call only x (new every call) and the frozen base.
         check_features(x, self.in_features, "SparseLoRALinear")
         ops._check_frozen(weight, "SparseLoRALinear")
-        if self.lora_dropout_p > 0 and self.training:
-            # Dropout applies to the adapter's input only: y = x @ (W*M).T + b + s * drop(x) @ ((B@A)*M).T
-            base = nn.functional.linear(x, self._masked_base_weight(), bias)
-            zero = ops.zero_weight(self.out_features, self.in_features, weight)
-            delta = ops._sparse_lora_linear(self.lora_dropout(x), zero, self.mask, A, B, self.scaling, None,
-                                            self.backend)
-            return base + delta
-        return ops._sparse_lora_linear(x, weight, self.mask, A, B, self.scaling, bias, self.backend)
+        mask = self.sparsity_mask
+        if len(active) == 1 and (not self.training or isinstance(self.lora_dropout[active[0]], nn.Identity)):
+            a = active[0]
+            return ops._sparse_lora_linear(x, weight, mask, self.lora_A[a].weight, self.lora_B[a].weight,
+                                           self.scaling[a], bias, self.backend)
+        # Dropout on the adapter input, or several adapters: y = x @ (W*M).T + b + sum_a s_a * drop_a(x) @ ((B_a@A_a)*M).T
+        result = nn.functional.linear(x, self._masked_base_weight(), bias)
+        zero = ops.zero_weight(self.out_features, self.in_features, weight)
+        for a in active:
+            result = result + ops._sparse_lora_linear(self.lora_dropout[a](x), zero, mask, self.lora_A[a].weight,
+                                                      self.lora_B[a].weight, self.scaling[a], None, self.backend)
+        return result
 
     # ------------------------------------------------------------------------------------------ merge
-    def get_delta_weight(self) -> torch.Tensor:
-        """The update the merge adds, ``[out, in]`` in the weight's dtype: ``s*(B@A)*M`` (sparselora,
+    def get_delta_weight(self, adapter: str = "default") -> torch.Tensor:
+        """The update merging ``adapter`` adds, ``[out, in]`` in the weight's dtype: ``s*(B@A)*M`` (sparselora,
         lora-remask) or ``s*(B@A)`` (lora)."""
-        weight = self.base_layer.weight
-        delta = (self.lora_B.weight @ self.lora_A.weight).mul(self.scaling).to(weight.dtype)
+        weight = self.get_base_layer().weight
+        delta = (self.lora_B[adapter].weight @ self.lora_A[adapter].weight).mul(self.scaling[adapter]).to(weight.dtype)
         if self.method == "lora":
             return delta
-        return delta.masked_fill_(~self.mask, 0)
+        return delta.masked_fill_(~self.sparsity_mask, 0)
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """The weight :meth:`merge` writes: ``W*M + s*(B@A)*M`` computed exactly as the unmerged forward does
-        (so merged and unmerged outputs agree bit for bit on the reference backend); ``W + s*B@A`` for
-        ``lora``."""
-        weight = self.base_layer.weight
-        A, B = self.lora_A.weight, self.lora_B.weight
+    def merged_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """The weight :meth:`merge` writes for ``adapter_names`` (default: the active adapters not merged yet):
+        ``W*M + s*(B@A)*M`` per adapter, computed exactly as the unmerged forward does (so merged and unmerged
+        outputs of one adapter agree bit for bit on the reference backend); ``W + s*B@A`` for ``lora``."""
+        names = self._active() if adapter_names is None else adapter_names
+        names = [a for a in names if a not in self.merged_adapters]
+        weight = self.get_base_layer().weight
         if self.method == "lora":
-            return torch.addmm(self._masked_base_weight(), B.to(weight.dtype), A.to(weight.dtype), alpha=self.scaling)
-        return effective_weight_ref(weight, self.mask, A, B, self.scaling)
+            merged = weight if self.merged else self._masked_base_weight()
+            for a in names:
+                A, B = self.lora_A[a].weight, self.lora_B[a].weight
+                merged = torch.addmm(merged, B.to(weight.dtype), A.to(weight.dtype), alpha=self.scaling[a])
+            return merged
+        if not names:
+            return effective_weight_ref(weight, self.sparsity_mask, None, None, 0.0)
+        merged = weight
+        for a in names:
+            merged = effective_weight_ref(merged, self.sparsity_mask, self.lora_A[a].weight, self.lora_B[a].weight,
+                                          self.scaling[a])
+        return merged
 
     @torch.no_grad()
-    def merge(self, safe_merge: bool = False, keep_original: bool = True) -> None:
-        """Write the update into ``base_layer.weight`` (idempotent: merging twice changes nothing).
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
+              keep_original: bool = True) -> None:
+        """Write the updates of ``adapter_names`` (default: the active adapters) into ``base_layer.weight``; adapters
+        already merged are skipped (merging twice changes nothing). peft's ``merge_and_unload`` calls this.
 
         ``safe_merge=True`` computes the merged weight first and refuses (``ValueError``) when it holds NaN or
         inf, leaving the module unchanged. ``keep_original=True`` keeps the pre-merge weight so that
         :meth:`unmerge` restores it exactly (one extra weight until unmerge); otherwise unmerge subtracts
-        the delta (exact zeros outside the mask, rounding elsewhere).
+        the deltas (exact zeros outside the mask, rounding elsewhere).
         """
-        if self.merged:
-            logger.warning("SparseLoRALinear.merge: already merged; nothing to do")
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}")
+        names = [a for a in (self._active() if adapter_names is None else adapter_names)
+                 if a in self.lora_A and a not in self.merged_adapters]
+        if not names:
+            logger.warning("SparseLoRALinear.merge: already merged (or no adapter); nothing to do")
             return
-        new = self.merged_weight()
+        new = self.merged_weight(names)
         if safe_merge and not bool(torch.isfinite(new).all()):
             bad = int((~torch.isfinite(new)).sum())
             raise ValueError(f"SparseLoRALinear.merge(safe_merge=True): the merged weight has {bad} NaN/inf entries")
-        self._unmerged_weight = self.base_layer.weight.data if keep_original else None
-        self.base_layer.weight.data = new
-        self.merged = True
+        base = self.get_base_layer()
+        if not self.merged:
+            self._unmerged_weight = base.weight.data if keep_original else None
+        base.weight.data = new
+        self.merged_adapters.extend(names)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge`: the exact pre-merge weight when it was kept, else ``W' - delta``."""
+        """Undo :meth:`merge` for every merged adapter: the exact pre-merge weight when it was kept, else
+        ``W' - sum of deltas``."""
         if not self.merged:
             logger.warning("SparseLoRALinear.unmerge: not merged; nothing to do")
             return
+        base = self.get_base_layer()
         if self._unmerged_weight is not None:
-            self.base_layer.weight.data = self._unmerged_weight
+            base.weight.data = self._unmerged_weight
         else:
             if self.keep_dense:
                 raise RuntimeError("unmerge of a keep_dense module merged with keep_original=False: the dense "
                                    "weight is gone")
-            self.base_layer.weight.data = self.base_layer.weight.data - self.get_delta_weight()
+            weight = base.weight.data
+            for a in reversed(self.merged_adapters):
+                weight = weight - self.get_delta_weight(a)
+            base.weight.data = weight
         self._unmerged_weight = None
-        self.merged = False
+        self.merged_adapters.clear()
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the merged weight (and the base bias); the module is left as it was."""
-        weight = self.base_layer.weight.detach().clone() if self.merged else self.merged_weight()
-        base = self.base_layer
+        """A plain ``nn.Linear`` with the merged weight of the active adapters (and the base bias); the module is
+        left as it was."""
+        base = self.get_base_layer()
+        weight = base.weight.detach().clone() if self.merged else self.merged_weight()
         linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
                            device=weight.device, dtype=weight.dtype)
         linear.weight = nn.Parameter(weight, requires_grad=base.weight.requires_grad)
@@ -307,10 +411,10 @@ class SparseLoRALinear(nn.Module):
 
     @torch.no_grad()
     def to_base_linear(self) -> nn.Linear:
-        """The wrapped ``nn.Linear`` without the adapter (unmerged first when merged): the inverse of wrapping."""
+        """The wrapped ``nn.Linear`` without the adapters (unmerged first when merged): the inverse of wrapping."""
         if self.merged:
             self.unmerge()
-        return self.base_layer
+        return self.get_base_layer()
 
 
 def sparse_lora_modules(model: nn.Module) -> Iterator[tuple[str, SparseLoRALinear]]:
@@ -318,6 +422,19 @@ def sparse_lora_modules(model: nn.Module) -> Iterator[tuple[str, SparseLoRALinea
     for name, module in model.named_modules():
         if isinstance(module, SparseLoRALinear):
             yield name, module
+
+
+def migrate_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state_dict`` (or a part of it, such as the trainable tensors of a finetune checkpoint) with the keys the
+    earlier own layer wrote (``<module>.lora_A.weight``, ``<module>.lora_B.weight``, ``<module>.mask``) renamed to
+    this layout for every :class:`SparseLoRALinear` of ``model`` (``<module>.lora_A.<adapter>.weight``,
+    ``<module>.sparsity_mask``); other keys unchanged. ``Module.load_state_dict`` does this by itself."""
+    out = dict(state_dict)
+    for name, module in sparse_lora_modules(model):
+        problem = module._rename_old_keys(out, f"{name}." if name else "")
+        if problem:
+            raise ValueError(f"migrate_state_dict: {problem}")
+    return out
 
 
 @contextlib.contextmanager

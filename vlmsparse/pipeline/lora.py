@@ -109,8 +109,9 @@ def _targets(model: nn.Module, masks: Mapping[str, torch.Tensor], target: Target
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The ``lora_A`` / ``lora_B`` weights of every :class:`SparseLoRALinear` in ``model``."""
-    return [p for _, m in sparse_lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+    """The ``lora_A`` / ``lora_B`` weights of every adapter of every :class:`SparseLoRALinear` in ``model``."""
+    return [layers[a].weight for _, m in sparse_lora_modules(model) for a in m.lora_A
+            for layers in (m.lora_A, m.lora_B)]
 
 
 def add_sparse_lora(
@@ -132,7 +133,9 @@ def add_sparse_lora(
     name or by part (``{"language": 8, "vision": 4}``, parts from :mod:`vlmsparse.models` when the architecture
     is known), or ``fn(name, module)``. Afterwards only ``lora_A`` / ``lora_B`` are trainable (calling it again
     on other modules keeps earlier adapters trainable). ``method="full"`` calls :func:`mask_gradients` instead.
-    Masks are moved to each weight's device. Returns ``model``.
+    Masks are moved to each weight's device. Returns ``model``. The layers are peft LoRA layers (adapter
+    ``"default"``) in place, without a ``PeftModel``; ``integrations.peft.save_sparse_lora`` saves them as a peft
+    adapter folder.
     """
     if method not in METHODS:
         raise ValueError(f"add_sparse_lora: method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -181,7 +184,7 @@ def merge_sparse_lora(model: nn.Module, safe_merge: bool = False, check: bool = 
         if safe_merge and not bool(torch.isfinite(linear.weight).all()):
             raise ValueError(f"merge_sparse_lora: {name}: the merged weight has NaN/inf entries")
         if check and module.method != "lora":
-            outside = int(((linear.weight != 0) & ~module.mask).sum())
+            outside = int(((linear.weight != 0) & ~module.sparsity_mask).sum())
             if outside:
                 raise RuntimeError(f"merge_sparse_lora: {name}: {outside} non-zeros outside the mask after merging")
         _set_module(model, name, linear)

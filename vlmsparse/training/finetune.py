@@ -8,7 +8,9 @@ Flow: load the pruned model and its MaskSet -> measure sparsity -> swap in adapt
 (``pipeline.lora.add_sparse_lora``) or, for ``full``, unfreeze the part's linears with masked gradients ->
 ``SparseTrainer`` (CE, optionally distilled from the dense teacher) -> merge -> verify that every pruned
 weight is still zero (``W' = W*M + s*(B@A)*M``: zeros of W' == zeros of M) -> save the merged model with its
-masks -> JSON record of the run.
+masks -> JSON record of the run. A ``sparselora`` run also saves its adapter before merging, as a peft adapter
+folder plus the masks (``integrations.peft.save_sparse_lora``): ``load_sparse_lora`` / ``PeftModel.from_pretrained``
+put it back on the pruned model, and peft's ``merge_and_unload`` gives the merged weights bit for bit.
 
 The Trainer does the distribution: run the same script under ``accelerate launch`` or ``torchrun`` for DDP,
 or ``accelerate launch`` with an FSDP2 config (``fsdp_version: 2``; either ``fsdp_state_dict_type``):
@@ -21,6 +23,7 @@ Output folder::
 
     output_dir/checkpoint-N/          trainable.safetensors, optimizer.pt, scheduler.pt, rng_state*.pth, ...
     output_dir/merged/                the merged sparse model (save_pretrained) + sparsity_masks.safetensors
+    output_dir/adapter/               sparselora only: adapter_config.json + adapter_model.safetensors (peft) + masks
     output_dir/finetune_record.json   config, losses, time, peak memory, sparsity before / after, mask check
 """
 
@@ -40,16 +43,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._io import atomic_write
+from .._io import atomic_write, write_folder_atomically
 from ..masks import MASKS_FILENAME, MaskSet
 from .config import FinetuneConfig
 
-__all__ = ["finetune", "FinetuneError", "mask_violations", "RECORD_FILENAME", "MERGED_DIRNAME"]
+__all__ = ["finetune", "FinetuneError", "mask_violations", "RECORD_FILENAME", "MERGED_DIRNAME", "ADAPTER_DIRNAME"]
 
 logger = logging.getLogger(__name__)
 
 RECORD_FILENAME = "finetune_record.json"
 MERGED_DIRNAME = "merged"
+ADAPTER_DIRNAME = "adapter"
 
 
 class FinetuneError(RuntimeError):
@@ -101,7 +105,7 @@ def _weight_of(model: nn.Module, name: str) -> torch.Tensor:
     base = getattr(module, "base_layer", module)
     weight = base.weight.detach()
     if getattr(module, "keep_dense", False) and not getattr(module, "merged", True):
-        weight = weight.masked_fill(~module.mask, 0)
+        weight = weight.masked_fill(~module.sparsity_mask, 0)
     return weight
 
 
@@ -387,12 +391,13 @@ def finetune(
     train_time = time.perf_counter() - start
     peak = _peak_memory()
 
-    merged, violations, sparsity_after, checkpointing = _merge_trained(trainer, frame, fsdp, config, masks)
+    merged, violations, sparsity_after, checkpointing, adapter = _merge_trained(trainer, frame, fsdp, config, masks,
+                                                                                output_dir)
     record = _run_record(
         model_name=model_name, data_name=data_name, num_examples=len(dataset), config=config, checkpoint=checkpoint,
         trainer=trainer, result=result, checkpointing=checkpointing, trainable=trainable, train_time=train_time,
         peak=peak, masks=masks, fingerprint=run_config["masks"], sparsity_before=sparsity_before,
-        sparsity_after=sparsity_after, violations=violations,
+        sparsity_after=sparsity_after, violations=violations, adapter=adapter,
     )
     _save_run(record, output_dir, trainer, config, masks, merged, violations, processor,
               source=model if isinstance(model, (str, os.PathLike)) else None)
@@ -519,11 +524,12 @@ def _build_trainer(student: nn.Module, dataset: Any, processor: Any, config: Fin
     return trainer
 
 
-def _merge_trained(trainer: Any, frame: nn.Module | None, fsdp: bool, config: FinetuneConfig,
-                   masks: MaskSet) -> tuple[nn.Module | None, dict[str, int], dict[str, float], bool]:
-    """Merge the trained model and check its zeros against ``masks``: ``(merged model or None on a non-main FSDP
-    rank, mask violations, sparsity after by part, whether activation checkpointing was on)``. Under FSDP the
-    full state dict is gathered into ``frame`` first (collective) and the results are broadcast from rank 0."""
+def _merge_trained(trainer: Any, frame: nn.Module | None, fsdp: bool, config: FinetuneConfig, masks: MaskSet,
+                   output_dir: Path) -> tuple[nn.Module | None, dict[str, int], dict[str, float], bool, Path | None]:
+    """Save the adapter (``sparselora``, main process), merge the trained model and check its zeros against
+    ``masks``: ``(merged model or None on a non-main FSDP rank, mask violations, sparsity after by part, whether
+    activation checkpointing was on, the adapter folder or None)``. Under FSDP the full state dict is gathered
+    into ``frame`` first (collective) and the results are broadcast from rank 0."""
     model_out = trainer.accelerator.unwrap_model(trainer.model)
     checkpointing = _checkpointing_on(model_out)
     if fsdp:  # collective; the full tensors land on the main process, which merges, checks and saves
@@ -531,9 +537,11 @@ def _merge_trained(trainer: Any, frame: nn.Module | None, fsdp: bool, config: Fi
         if frame is not None:
             frame.load_state_dict(full, strict=True, assign=True)
         model_out = frame
-    merged, violations, sparsity_after = None, None, None
+    merged, violations, sparsity_after, adapter = None, None, None, None
     if model_out is not None:
         model_out.eval()
+        if config.method == "sparselora" and trainer.args.should_save:
+            adapter = _save_adapter(model_out, output_dir / ADAPTER_DIRNAME)
         merged = _merge(model_out, config)
         violations = mask_violations(merged, masks)
         sparsity_after = _sparsity_by_part(merged, masks)
@@ -541,14 +549,22 @@ def _merge_trained(trainer: Any, frame: nn.Module | None, fsdp: bool, config: Fi
         from accelerate.utils import broadcast_object_list
 
         violations, sparsity_after = broadcast_object_list([violations, sparsity_after], from_process=0)
-    return merged, violations, sparsity_after, checkpointing
+    return merged, violations, sparsity_after, checkpointing, adapter
+
+
+def _save_adapter(model: nn.Module, path: Path) -> Path:
+    """The unmerged adapters as a peft adapter folder + masks (``integrations.peft.save_sparse_lora``), atomically."""
+    from ..integrations.peft import save_sparse_lora
+
+    write_folder_atomically(path, lambda tmp: save_sparse_lora(model, tmp))
+    return path
 
 
 def _run_record(*, model_name: str, data_name: str, num_examples: int, config: FinetuneConfig,
                 checkpoint: Path | None, trainer: Any, result: Any, checkpointing: bool, trainable: int,
                 train_time: float, peak: dict[str, float], masks: MaskSet, fingerprint: str,
                 sparsity_before: dict[str, float], sparsity_after: dict[str, float],
-                violations: dict[str, int]) -> dict:
+                violations: dict[str, int], adapter: Path | None) -> dict:
     """The JSON record of the run (``merged_model`` is filled in by :func:`_save_run`)."""
     losses = [
         {k: entry[k] for k in ("step", "loss", "ce", "kl", "learning_rate", "grad_norm") if k in entry}
@@ -582,6 +598,7 @@ def _run_record(*, model_name: str, data_name: str, num_examples: int, config: F
             "pruned_entries_nonzero": sum(violations.values()),
         },
         "merged_model": None,
+        "adapter": str(adapter) if adapter is not None else None,
         "torch": torch.__version__,
     }
 

@@ -31,6 +31,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .._io import atomic_write
+from ..modules.sparse_lora import migrate_state_dict
 from .losses import distillation_loss
 
 __all__ = ["SparseTrainer", "LossBarCallback", "TRAINABLE_FILENAME", "RUN_CONFIG_FILENAME", "trainable_state_dict"]
@@ -214,7 +215,7 @@ class SparseTrainer(Trainer):
         path = os.path.join(resume_from_checkpoint, TRAINABLE_FILENAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{resume_from_checkpoint} is not a vlmsparse checkpoint (no {TRAINABLE_FILENAME})")
-        saved = load_file(path)
+        saved = migrate_state_dict(load_file(path), model)  # checkpoints of the earlier own layer's key layout
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if set(saved) != set(params):
             missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
