@@ -33,7 +33,6 @@ machine, versions, git commit and date; the goal table of issue 14 is printed la
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -48,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_linear import _env  # noqa: E402
+from _rows import RESULTS, append_rows, environment  # noqa: E402
 
 SHAPES = {"4096->11008": (4096, 11008), "11008->4096": (11008, 4096), "4096->4096": (4096, 4096)}
 QUICK_SHAPES = {"512->1024": (512, 1024)}
@@ -97,19 +96,6 @@ class _Rotating:
 
 def _copies(make, nbytes: int) -> list:
     return [make() for _ in range(max(1, -(-ROTATE_BYTES // max(nbytes, 1))))]
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu} x{os.cpu_count()}"
 
 
 def _sparse_weight(in_features: int, out_features: int, fmt: str, generator: torch.Generator) -> torch.Tensor:
@@ -337,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cpu.native_available():
         print(f"native CPU kernels not available: {cpu.unavailable_reason()}", file=sys.stderr)
         return 2
-    env = {**_env(), "machine": _machine(), "isa": cpu.isa(), "clock": args.clock,
+    env = {**environment("cpu"), "isa": cpu.isa(), "clock": args.clock,
            "dense_isa": torch.backends.cpu.get_cpu_capability()}
     if args.emulate_avx2:
         if env["dense_isa"] != "AVX2" or env["isa"] != "avx2":
@@ -356,13 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.e2e:
         for dtype_name in DTYPES:
             rows.append(bench_e2e(dtype_name, max(threads), args.new_tokens, args.prompt, args.quick, env))
-    out = args.out or ROOT / "benchmarks" / "results" / f"cpu-{platform.machine()}-x{os.cpu_count()}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as handle:
-        for row in rows:
-            if "note" in row:
-                row["note"] = row["note"].format(load=row.get("load", os.getloadavg())[0])
-            handle.write(json.dumps(row) + "\n")
+    out = args.out or RESULTS / f"cpu-{platform.machine()}-x{os.cpu_count()}.jsonl"
+    for row in rows:
+        if "note" in row:
+            row["note"] = row["note"].format(load=row.get("load", os.getloadavg())[0])
+    append_rows(out, rows)
     print(f"\n{len(rows)} rows appended to {out}\n\n| goal | measured | met |\n|---|---|---|")
     for goal, measured, met in goal_table(rows):
         print(f"| {goal} | {measured} | {'yes' if met else 'NO'} |")

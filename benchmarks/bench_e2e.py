@@ -23,7 +23,6 @@ to ``--out`` (default ``benchmarks/results/<machine>.jsonl``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_linear import _env  # noqa: E402
+from _rows import RESULTS, append_rows, environment, results_machine  # noqa: E402
 
 LLAVA15_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                   vocab_size=32000)
@@ -181,7 +180,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    env = _env()
+    env = environment(device)
     base = {"bench": "e2e", "model": "tiny-llama" if args.tiny else "llava15-7b-lm", "layers": args.layers,
             "dtype": args.dtype, "prompt": args.prompt, "decode_tokens": args.decode_tokens, "prefill": args.prefill,
             "train_tokens": f"{args.train_batch}x{args.train_seq}", "rank": args.rank, **env}
@@ -280,14 +279,10 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, key, value)
     if args.decode_tokens < 2:
         parser.error("--decode-tokens must be >= 2 (decode time is N tokens minus 1)")
-    machine = args.machine or (torch.cuda.get_device_name().lower().replace(" ", "-") if args.device == "cuda"
-                               else "cpu")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{machine}.jsonl"
+    machine = args.machine or results_machine(args.device)
+    out = Path(args.out) if args.out else RESULTS / f"{machine}.jsonl"
     rows = run(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    append_rows(out, rows)
     print(f"{len(rows)} rows appended to {out}")
     return 0 if all(r["error"] is None for r in rows) else 1
 

@@ -26,13 +26,8 @@ that the GPU rows are missing.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +36,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _rows import RESULTS, append_rows, environment, results_machine  # noqa: E402
 
 SHAPES = {
     "llava7b-qkvo": (4096, 4096),
@@ -59,33 +57,6 @@ CASES = {
 }
 RANK, SCALING = 16, 2.0
 L2_ROTATE_BYTES = 256 << 20  # weight copies cycled so that one pass exceeds any L2
-
-
-def _env() -> dict:
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True,
-                                    text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    cuda = torch.cuda.is_available()
-    return {
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda if cuda else None,
-        "commit": commit,
-        "dirty": dirty,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "host": socket.gethostname(),
-    }
 
 
 def _time_ms(fn, cuda: bool) -> float:
@@ -237,7 +208,7 @@ def _shape(name: str) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> list[dict]:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    env = _env()
+    env = environment(device)
     rows = []
     start = time.monotonic()
     skipped = 0
@@ -324,13 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     args.shapes = args.shapes or defaults[0]
     args.tokens = args.tokens or defaults[1]
     args.dtypes = args.dtypes or defaults[2]
-    machine = args.machine or ((torch.cuda.get_device_name() if cuda else "cpu").lower().replace(" ", "-"))
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{machine}.jsonl"
+    machine = args.machine or results_machine("cuda" if cuda else "cpu")
+    out = Path(args.out) if args.out else RESULTS / f"{machine}.jsonl"
     rows = run(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    append_rows(out, rows)
     print(f"{len(rows)} rows appended to {out}")
     return 0 if all(r["error"] is None for r in rows) or os.environ.get("BENCH_ALLOW_ERRORS") else 1
 

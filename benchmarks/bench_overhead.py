@@ -22,10 +22,8 @@ appended to ``benchmarks/results/overhead-<machine>.jsonl`` (device, versions, c
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -35,6 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # not ROOT: a child imports the vlmsparse on its PYTHONPATH
+
+from _rows import RESULTS, append_rows, environment, results_machine  # noqa: E402
 
 CASES = ("linear", "sparse_linear_dense", "packed24_kernel", "native_packed24_op", "sparse_linear_packed24",
          "native_packed24_bf16_op", "sparse_linear_packed24_bf16", "native_bitmask_op", "sparse_linear_bitmask",
@@ -174,17 +175,6 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def _versions() -> dict:
-    import torch
-
-    try:
-        commit = _git("rev-parse", "--short", "HEAD") + ("+dirty" if _git("status", "--porcelain") else "")
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"torch": torch.__version__, "python": platform.python_version(), "git_commit": commit,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-
-
 def run(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="vlmsparse-baseline-") as tmp:
         versions = {"current": ROOT}
@@ -201,10 +191,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                 times = _child(src, args)
                 for case, us in times.items():
                     samples[version][case].append(us)
-    base = {"bench": "overhead", "device": args.device, "machine": args.machine, "features": args.features,
-            "tokens": args.tokens, "rounds": args.rounds, "baseline_rev": args.baseline,
-            "baseline_commit": None if args.baseline == "none" else _git("rev-parse", "--short", args.baseline),
-            **_versions()}
+    base = {**environment(args.device), "bench": "overhead", "device": args.device, "machine": args.machine,
+            "features": args.features, "tokens": args.tokens, "rounds": args.rounds, "baseline_rev": args.baseline,
+            "baseline_commit": None if args.baseline == "none" else _git("rev-parse", "--short", args.baseline)}
     rows = []
     for case in CASES:
         if not all(samples[version][case] for version in versions):
@@ -238,15 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.features, args.tokens, args.calls, args.device)))
         return 0
     if args.machine is None:
-        if args.device.startswith("cuda"):
-            import torch
-
-            args.machine = torch.cuda.get_device_name().lower().replace(" ", "-")
-        else:
-            args.machine = f"cpu-{os.cpu_count()}core"
+        args.machine = results_machine(args.device, cpu=f"cpu-{os.cpu_count()}core")
     rows = run(args)
     print(f"us per call, {args.features}x{args.features}, M={args.tokens}, {args.device}; overhead = case - its floor "
-          f"(same process and round); baseline {args.baseline} ({rows[0]['baseline_commit']}) vs {rows[0]['git_commit']}")
+          f"(same process and round); baseline {args.baseline} ({rows[0]['baseline_commit']}) vs {rows[0]['commit']}")
     print(f"{'case':28s} {'baseline':>10s} {'current':>10s} {'base ovh':>10s} {'cur ovh':>10s}  floor")
 
     def cell(row, key):
@@ -255,12 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['case']:28s} {cell(row, 'baseline_us')} {cell(row, 'current_us')} "
               f"{cell(row, 'baseline_overhead_us')} {cell(row, 'current_overhead_us')}  {row.get('floor', '')}")
-    sys.path.insert(0, str(ROOT))  # the parent only: a child imports the version on its PYTHONPATH
-    from vlmsparse._io import atomic_write
-
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"overhead-{args.machine}.jsonl"
-    old = out.read_text() if out.exists() else ""
-    atomic_write(out, lambda tmp: Path(tmp).write_text(old + "".join(json.dumps(r) + "\n" for r in rows)))
+    out = Path(args.out) if args.out else RESULTS / f"overhead-{args.machine}.jsonl"
+    append_rows(out, rows)
     print(f"{len(rows)} rows appended to {out}")
     return 0
 

@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import math
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,14 +41,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from _rows import append_rows, environment  # noqa: E402
 
 
 def _device_name(device: str) -> str:
@@ -62,15 +54,14 @@ def _device_name(device: str) -> str:
 
 def _environment(args: argparse.Namespace, device_name: str) -> dict:
     """The fields every row carries: device, threads, versions, git commit, date, note."""
+    env = environment(args.device)
     return {
+        **env,
         "device": device_name,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
-        "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
-        "python": platform.python_version(),
-        "git_commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": env["commit"],  # the key tests/test_bench_prune.py and older prune rows use
         "note": args.note,
     }
 
@@ -396,9 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method:>10}: total {total:7.2f} s  prune {prune_s:7.2f} s  calibration {total - prune_s:7.2f} s  "
               f"peak {row['peak_memory_mib']:.0f} MiB  sparsity {row['sparsity_achieved']:.4f}", flush=True)
         del model, masks
-    with open(out_file, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    append_rows(out_file, rows)
     print(f"appended {len(rows)} rows to {out_file}")
     return 0
 

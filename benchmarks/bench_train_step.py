@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
-import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,6 +41,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _rows import append_rows, environment, results_machine  # noqa: E402
 
 from vlmsparse.masks import MaskSet  # noqa: E402
 from vlmsparse.modules.sparse_lora import SparseLoRALinear  # noqa: E402
@@ -233,24 +233,21 @@ def run_case(name: str, build: Callable, rounds: int, r: int, alpha: float, devi
 
 
 def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device).replace(" ", "-").lower()
-    return f"cpu-{os.cpu_count()}core"
+    return results_machine(device, cpu=f"cpu-{os.cpu_count()}core")
 
 
 def _versions() -> dict:
     import peft
     import transformers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        commit += "+dirty" if dirty.strip() else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version(), "git_commit": commit}
+    return {"transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def _meta(args: argparse.Namespace, device: torch.device) -> dict:
+    env = environment(device)
+    # git_commit: the column of the existing train_step CSV files
+    return {**env, "device": _machine(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "r": args.r,
+            **_versions(), "git_commit": env["commit"], "note": args.note}
 
 
 def save_rows(rows: list[dict], machine: str, out_dir: Path) -> Path:
@@ -259,19 +256,19 @@ def save_rows(rows: list[dict], machine: str, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_dir / f"train_step-{machine}.csv", out_dir / f"train_step-{machine}.jsonl"
     existing = csv_path.read_text() if csv_path.exists() else ""
-    fields = list(rows[0])
+    # an existing CSV keeps its columns (fields it lacks are left out): its rows stay aligned with its header
+    fields = next(csv.reader([existing.splitlines()[0]])) if existing else list(rows[0])
 
     def write_csv(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
             f.write(existing)
-            writer = csv.DictWriter(f, fieldnames=fields)
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if not existing:
                 writer.writeheader()
             writer.writerows(rows)
 
     atomic_write(csv_path, write_csv)
-    old_json = json_path.read_text() if json_path.exists() else ""
-    atomic_write(json_path, lambda tmp: Path(tmp).write_text(old_json + "".join(json.dumps(r) + "\n" for r in rows)))
+    append_rows(json_path, rows)
     return csv_path
 
 
@@ -313,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         case, method = args._child.split(":")
         print(measure_memory(cases[case][1], method, args.r, args.alpha, device))
         return 0
-    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": _machine(device),
-            "dtype": args.dtype, "threads": torch.get_num_threads(), "r": args.r, **_versions(), "note": args.note}
+    meta = _meta(args, device)
     rows = []
     for key, (name, build) in cases.items():
         logger.info("case %s ...", name)
