@@ -81,9 +81,12 @@ def test_report_files(demo):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cached_model_and_same_numbers(demo):
+def test_cached_model_and_same_numbers(demo, capfd):
     config, results, _ = demo
-    again = run_demo(config, progress=False)
+    again = run_demo(config, progress=True)
+    err = capfd.readouterr().err
+    assert "prune grid" in err and "restore" in err  # one bar per stage ...
+    assert "Loading weights" not in err and "Writing model shards" not in err  # ... and none of transformers' own
     assert again["dense"]["cached"]
     assert again["dense"]["accuracy"] == results["dense"]["accuracy"]
     assert again["prune"] == [dict(r, prune_seconds=a["prune_seconds"]) for r, a in zip(results["prune"], again["prune"])]

@@ -174,8 +174,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
     from transformers.utils import logging as hf_logging
 
     bars_were_on = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
+    # one bar per stage (ours, with progress); transformers' own load / save bars would print inside them
+    hf_logging.disable_progress_bar()
     try:
         return _run_grid(config, progress)
     finally:
