@@ -31,6 +31,7 @@ __all__ = [
     "mask_nm",
     "build_mask",
     "keep_top_dim0",
+    "all_finite",
     "sparsity_of",
     "satisfies_nm",
     "detect_nm",
@@ -180,12 +181,16 @@ def keep_top_dim0(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return rank < keep
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN/inf. One reduction first (a finite sum means none), the
+    full-size check only when the sum is not finite (NaN/inf, or an overflow of large finite values)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _check_scores(scores: torch.Tensor) -> None:
     if scores.dim() != 2:
         raise ValueError(f"scores must be a 2-D [out, in] tensor, got shape {tuple(scores.shape)}")
-    # one reduction first: a finite sum means no NaN/inf (an overflow to inf falls through to the full check)
-    if (scores.is_floating_point() and not bool(torch.isfinite(scores.sum()))
-            and not bool(torch.isfinite(scores).all())):
+    if scores.is_floating_point() and not all_finite(scores):
         bad = int((~torch.isfinite(scores)).sum())
         raise ValueError(f"scores hold {bad} NaN/inf values; cannot build a mask from them")
 

@@ -28,7 +28,7 @@ import logging
 
 import torch
 
-from ..sparsity import SparsityPattern, build_mask, keep_top_dim0, num_pruned, parse_pattern
+from ..sparsity import SparsityPattern, all_finite, build_mask, keep_top_dim0, num_pruned, parse_pattern
 
 __all__ = ["magnitude_prune", "wanda_prune", "sparsegpt_prune", "check_weight", "one_thread"]
 
@@ -39,9 +39,7 @@ def check_weight(weight: torch.Tensor, pattern: SparsityPattern, name: str = "we
     """Raise ``ValueError`` for a weight that cannot be pruned to ``pattern`` (shape, NaN/inf, N:M divisibility)."""
     if weight.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
-    # one reduction instead of a full-size bool tensor: NaN/inf anywhere makes the sum non-finite (a sum that
-    # overflows to inf falls through to the full check)
-    if not bool(torch.isfinite(weight.sum())) and not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise ValueError(f"{name}: weight holds {int((~torch.isfinite(weight)).sum())} NaN/inf values")
     if pattern.is_nm and weight.shape[1] % pattern.m:
         raise ValueError(
