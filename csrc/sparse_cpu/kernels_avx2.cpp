@@ -62,10 +62,9 @@ struct PackTable {
   alignas(64) int32_t index[2][256][8];  // [bf16][byte][lane]
   constexpr PackTable() : index{} {
     for (int byte = 0; byte < 256; ++byte) {
-      int pos[8] = {8, 8, 8, 8, 8, 8, 8, 8}, count = 0;
-      for (int j = 0; j < 8; ++j) {
-        if ((byte >> j) & 1) pos[count++] = j;
-      }
+      int pos[8], count = 0;  // kCompress's positions of the set bits, then 8
+      for (int j = 0; j < 8; ++j) count += (byte >> j) & 1;
+      for (int j = 0; j < 8; ++j) pos[j] = j < count ? kCompress.index[byte][j] : 8;
       for (int lane = 0; lane < 8; ++lane) {
         index[0][byte][lane] = pos[lane];
         index[1][byte][lane] = pos[lane < 4 ? 2 * lane : 2 * (lane - 4) + 1];
