@@ -40,6 +40,7 @@ from torch import nn
 
 from .._io import file_identities, follow_umask
 from ..masks import MaskSet
+from ..modules.sparse_linear import SparseLinear
 from ..modules.sparse_lora import SparseLoRALinear
 
 __all__ = [
@@ -55,39 +56,55 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 class SparseLoRAFactory:
-    """The value registered in ``LoraConfig._register_custom_module({nn.Linear: factory})``: builds
-    :class:`~vlmsparse.modules.sparse_lora.SparseLoRALinear` for masked modules, plain peft LoRA for the others
-    (logged)."""
+    """The value registered in ``LoraConfig._register_custom_module({nn.Linear: factory, SparseLinear: factory})``:
+    builds :class:`~vlmsparse.modules.sparse_lora.SparseLoRALinear` for masked ``nn.Linear`` modules (with
+    ``keep_dense``: their weight may be the dense one, see the layer), plain peft LoRA for unmasked ``nn.Linear``
+    modules (logged). A ``SparseLinear`` target is refused with the in-place route to take instead (peft moves
+    each new layer to its base's ``weight``, ``qweight`` or first parameter; a packed module has none of them)."""
 
-    def __init__(self, masks: MaskSet | Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, masks: MaskSet | Mapping[str, torch.Tensor], keep_dense: bool = False) -> None:
         self.masks = dict(masks.masks if isinstance(masks, MaskSet) else masks)
+        self.keep_dense = keep_dense
 
     def __call__(self, target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> nn.Module:
         name = kwargs.get("target_name")
+        if isinstance(target, SparseLinear):
+            raise ValueError(
+                f"SparseLoRA (peft): {name} is a SparseLinear; peft places adapters by the base module's weight, "
+                "which a packed module does not have. Add adapters over a compressed model in place: "
+                "vlmsparse.add_sparse_lora(model, None), save_sparse_lora(model, path), load_sparse_lora(model, path)"
+            )
         if name in self.masks:
             mask = self.masks[name].to(target.weight.device)
-            return SparseLoRALinear(target, mask, adapter_name=adapter_name, config=config, **kwargs)
+            return SparseLoRALinear(target, mask, adapter_name=adapter_name, config=config,
+                                    keep_dense=self.keep_dense, **kwargs)
         logger.info("SparseLoRA (peft): %s has no mask; plain LoRA", name)
         return _peft_dispatch_default(target, adapter_name, config=config, **kwargs)
 
 
-def register_sparse_lora(config: LoraConfig, masks: MaskSet | Mapping[str, torch.Tensor]) -> LoraConfig:
-    """Register the SparseLoRA mapping for ``nn.Linear`` on ``config`` (in place; returned). The mapping is not
-    saved with the config: after loading, register again (:func:`load_sparse_lora` does)."""
+def register_sparse_lora(config: LoraConfig, masks: MaskSet | Mapping[str, torch.Tensor],
+                         keep_dense: bool = False) -> LoraConfig:
+    """Register the SparseLoRA mapping for ``nn.Linear`` and packed ``SparseLinear`` on ``config`` (in place;
+    returned). ``keep_dense``: the masked ``nn.Linear`` weights may be the dense ones (masked in the forward; for
+    distillation with ``teacher_mode``). The mapping is not saved with the config: after loading, register again
+    (:func:`load_sparse_lora` does)."""
     if not isinstance(config, LoraConfig):
         raise ValueError(f"register_sparse_lora needs a peft LoraConfig, got {type(config).__name__}")
     if config.use_dora:
         raise ValueError("SparseLoRA (peft): use_dora=True is not supported")
-    config._register_custom_module({nn.Linear: SparseLoRAFactory(masks)})
+    factory = SparseLoRAFactory(masks, keep_dense)
+    config._register_custom_module({nn.Linear: factory, SparseLinear: factory})
     return config
 
 
-def sparse_lora_config(masks: MaskSet | Mapping[str, torch.Tensor], **lora_config_kwargs: Any) -> LoraConfig:
-    """``LoraConfig(**lora_config_kwargs)`` with the SparseLoRA mapping registered. Without ``target_modules``
-    the masked modules are targeted (by their full names)."""
+def sparse_lora_config(masks: MaskSet | Mapping[str, torch.Tensor], keep_dense: bool = False,
+                       **lora_config_kwargs: Any) -> LoraConfig:
+    """``LoraConfig(**lora_config_kwargs)`` with the SparseLoRA mapping registered (``keep_dense``: see
+    :func:`register_sparse_lora`). Without ``target_modules`` the masked modules are targeted (by their full
+    names)."""
     mask_map = masks.masks if isinstance(masks, MaskSet) else masks
     lora_config_kwargs.setdefault("target_modules", sorted(mask_map))
-    return register_sparse_lora(LoraConfig(**lora_config_kwargs), masks)
+    return register_sparse_lora(LoraConfig(**lora_config_kwargs), masks, keep_dense)
 
 
 def _sparse_layers(model: nn.Module) -> dict[str, SparseLoRALinear]:
@@ -100,7 +117,7 @@ def _sparse_layers(model: nn.Module) -> dict[str, SparseLoRALinear]:
 def peft_sparse_masks(model: nn.Module) -> MaskSet:
     """The masks of the SparseLoRA layers (of a ``PeftModel`` or a model from ``add_sparse_lora``), keyed by module
     names of the base model."""
-    return MaskSet(masks={n: m.sparsity_mask.detach().cpu() for n, m in _sparse_layers(model).items()},
+    return MaskSet(masks={n: m.keep_mask().detach().cpu() for n, m in _sparse_layers(model).items()},
                    method="sparselora-adapter")
 
 
@@ -191,8 +208,10 @@ def load_sparse_lora(
     masks: MaskSet | Mapping[str, torch.Tensor] | None = None,
     is_trainable: bool = False,
     adapter_name: str = "default",
-) -> PeftModel:
-    """Load an adapter written by :func:`save_sparse_lora` onto the pruned base ``model`` as SparseLoRA.
+) -> PeftModel | nn.Module:
+    """Load an adapter written by :func:`save_sparse_lora` onto the pruned base ``model`` as SparseLoRA: peft's
+    ``PeftModel``; for a compressed model whose adapted modules are packed 2:4 ``SparseLinear`` modules, the
+    adapters are added in place (as ``add_sparse_lora``) and ``model`` itself is returned.
 
     Checks (``ValueError``): every saved mask names a linear of ``model`` of the same shape whose weight has no
     non-zeros outside the mask; when ``masks`` (the base model's own) are given, they equal the saved ones.
@@ -212,7 +231,7 @@ def load_sparse_lora(
             module = model.get_submodule(name)
         except AttributeError as error:
             raise ValueError(f"load_sparse_lora: the base model has no module {name!r} named in {path}") from error
-        weight = getattr(module, "weight", None)
+        weight = module.dense_weight() if isinstance(module, SparseLinear) else getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.shape != mask.shape:
             got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
             raise ValueError(f"load_sparse_lora: {name}: saved mask {tuple(mask.shape)} vs base weight {got}")
@@ -223,6 +242,53 @@ def load_sparse_lora(
                 "non-zeros outside the saved mask (load the pruned model the adapter was trained on)"
             )
     config = LoraConfig.from_pretrained(str(path))
+    packed = [n for n in saved if isinstance(model.get_submodule(n), SparseLinear)]
+    if packed:
+        if len(packed) != len(saved):
+            raise ValueError(f"load_sparse_lora: {len(packed)} of the {len(saved)} adapted modules are packed "
+                             "SparseLinear modules and the others nn.Linear; compress all of them or none")
+        return _load_in_place(model, path, config, saved, adapter_name, is_trainable)
     register_sparse_lora(config, saved)
     return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, config=config,
                                      is_trainable=is_trainable)
+
+
+def _load_in_place(model: nn.Module, path: Path, config: LoraConfig, saved: MaskSet, adapter_name: str,
+                   is_trainable: bool) -> nn.Module:
+    """The adapter folder ``path`` added in place onto the packed 2:4 SparseLinear modules of ``model``
+    (``add_sparse_lora`` with the config's ranks and alphas per module, then the saved weights); ``model``."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import load_file
+
+    from ..pipeline.lora import add_sparse_lora
+
+    if config.use_rslora or config.use_dora or config.lora_bias:
+        raise ValueError(f"load_sparse_lora: {path} uses rsLoRA, DoRA or a LoRA bias; adapters over packed modules "
+                         "are plain SparseLoRA")
+    weights_file = path / SAFETENSORS_WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise ValueError(f"load_sparse_lora: {path} has no {SAFETENSORS_WEIGHTS_NAME} (written by save_sparse_lora)")
+
+    def per_module(pattern: Mapping[str, float], default: float):
+        return lambda name, module: pattern.get(get_pattern_key(pattern.keys(), name), default)
+
+    add_sparse_lora(model, saved, r=per_module(config.rank_pattern, config.r),
+                    lora_alpha=per_module(config.alpha_pattern, config.lora_alpha),
+                    lora_dropout=config.lora_dropout, adapter_name=adapter_name)
+    tensors = load_file(str(weights_file))
+    with torch.no_grad():
+        for name in saved:
+            layer = model.get_submodule(name)
+            for key, layers in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+                stored = tensors.get(f"base_model.model.{name}.{key}.weight")
+                weight = layers[adapter_name].weight
+                if stored is None or stored.shape != weight.shape:
+                    got = None if stored is None else tuple(stored.shape)
+                    raise ValueError(f"load_sparse_lora: {path}: {name}.{key} is {got}, the layer needs "
+                                     f"{tuple(weight.shape)}")
+                weight.copy_(stored)
+            if not is_trainable:
+                for layers in (layer.lora_A, layer.lora_B):
+                    layers[adapter_name].weight.requires_grad_(False)
+    return model

@@ -25,6 +25,14 @@ persistent buffer ``sparsity_mask``. State dicts of the earlier own layer (``lor
 - ``"lora"``: plain LoRA ``y = x @ W.T + s * x @ A.T @ B.T + b``, merged densely (the sparsity is lost);
 - ``"lora-remask"``: plain LoRA in training, merged as ``(W + s*B@A) * M``.
 
+**Packed 2:4 base.** ``base_layer`` may also be a :class:`~vlmsparse.modules.sparse_linear.SparseLinear` with
+backend ``packed24`` (for example from ``load_compressed(..., as_sparse=True)``): the frozen weight then stays in
+the packed format (values + 2-bit indices, 9/16 of the dense fp16 bytes, and no bool mask: ``M`` is the packed
+pattern, :meth:`SparseLoRALinear.keep_mask`), the forward and backward run the fused packed op
+(``ops.packed24_lora_linear``: ``y = x @ (unpack24(Wp) + s*(B@A)*M24).T + b``), and merging writes the merged
+entries back into the packed values, so the merged module is packed 2:4 again. Only ``method="sparselora"`` without
+``keep_dense`` applies (the other methods need a dense weight).
+
 ``keep_dense=True`` lets ``base_layer.weight`` hold the dense, unpruned weight (the mask is applied in the
 forward); :func:`teacher_mode` then runs the module as the dense teacher (adapter and mask off) for
 distillation, without a second copy of the model. peft's ``disable_adapters`` runs the pruned base ``W*M``.
@@ -43,8 +51,10 @@ from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from torch import nn
 
 from .. import ops
-from ..kernels.checks import check_bias, check_features, check_lora, check_same_device
+from ..kernels.checks import check_bias, check_features, check_lora, check_packed, check_same_device
 from ..kernels.reference import effective_weight_ref
+from ..sparse24 import Packed24, pack24, unpack24, unpack24_mask
+from .sparse_linear import SparseLinear
 
 __all__ = ["SparseLoRALinear", "METHODS", "check_mask", "migrate_state_dict", "teacher_mode",
            "disable_adapter_and_mask", "sparse_lora_modules"]
@@ -106,12 +116,45 @@ def _check_config(config: LoraConfig) -> None:
                          "weights [out, in] only)")
 
 
+def _repack_at_mask(base: SparseLinear, mask: torch.Tensor, name: str = "") -> None:
+    """Make the packed pattern of ``base`` the given mask (the fused op masks the update with the pattern). Packing
+    by non-zeros may have stored other positions where a kept weight is exactly zero; those are re-packed at the
+    mask's positions, in place (same dense weight)."""
+    pattern = unpack24_mask(Packed24(base.values, base.meta, base.in_features))
+    check_mask(mask, pattern, keep_dense=True, name=name)  # dtype, shape, device
+    if torch.equal(mask, pattern):
+        return
+    try:
+        repacked = pack24(unpack24(Packed24(base.values, base.meta, base.in_features)), mask)
+    except ValueError as error:
+        where = f" for {name!r}" if name else ""
+        raise ValueError(f"SparseLoRALinear: the mask{where} does not fit the packed 2:4 base ({error}); pass "
+                         "mask=None (the packed pattern is the mask) or the 2:4 mask it was pruned with") from None
+    base.values, base.meta = repacked.values, repacked.meta
+
+
+def _check_packed_base(base: SparseLinear, method: str, keep_dense: bool) -> None:
+    """A SparseLinear base must hold the packed 2:4 format alone (the fused op reads values + meta)."""
+    if base.backend != "packed24":
+        raise ValueError(f"SparseLoRALinear over a SparseLinear needs its packed 2:4 format (backend 'packed24'), "
+                         f"got backend {base.backend!r}; wrap the nn.Linear instead (SparseLinear.to_linear())")
+    if base.dense_below:
+        raise ValueError("SparseLoRALinear over a SparseLinear with dense_below keeps a second, dense copy that "
+                         "merging would leave stale; build the SparseLinear with dense_below=0")
+    if method != "sparselora" or keep_dense:
+        raise ValueError(f"SparseLoRALinear over a packed 2:4 SparseLinear computes method='sparselora' without "
+                         f"keep_dense; got method={method!r}, keep_dense={keep_dense} (those need a dense weight: "
+                         "wrap the nn.Linear from SparseLinear.to_linear())")
+
+
 class SparseLoRALinear(_PeftLoraLinear):
     """A pruned ``nn.Linear`` (``base_layer``) with keep-mask ``sparsity_mask`` and trainable low-rank updates.
 
     Args:
-        base_layer: the ``nn.Linear`` to wrap (its weight is frozen; its bias keeps its ``requires_grad``).
-        mask: bool keep-mask ``[out, in]`` on the weight's device (``True`` = kept).
+        base_layer: the ``nn.Linear`` to wrap (its weight is frozen; its bias keeps its ``requires_grad``), or a
+            packed 2:4 :class:`~vlmsparse.modules.sparse_linear.SparseLinear` (see the module docstring).
+        mask: bool keep-mask ``[out, in]`` on the weight's device (``True`` = kept). For a packed base ``None``
+            (the packed pattern) or a 2:4 mask holding every non-zero (the base is re-packed at its positions).
         r: rank, > 0.  lora_alpha: scaling numerator, ``scaling = lora_alpha / r``.
         lora_dropout: dropout probability on the adapter's input, in [0, 1) (default 0).
         method: ``"sparselora"`` (default), ``"lora"`` or ``"lora-remask"`` (see the module docstring).
@@ -130,8 +173,8 @@ class SparseLoRALinear(_PeftLoraLinear):
 
     def __init__(
         self,
-        base_layer: nn.Linear,
-        mask: torch.Tensor,
+        base_layer: nn.Linear | SparseLinear,
+        mask: torch.Tensor | None,
         r: int = 8,
         lora_alpha: float = 16,
         lora_dropout: float | None = None,
@@ -144,8 +187,10 @@ class SparseLoRALinear(_PeftLoraLinear):
         config: LoraConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(base_layer, nn.Linear):
-            raise ValueError(f"SparseLoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        packed = isinstance(base_layer, SparseLinear)
+        if not packed and not isinstance(base_layer, nn.Linear):
+            raise ValueError("SparseLoRALinear wraps an nn.Linear or a packed 2:4 SparseLinear, got "
+                             f"{type(base_layer).__name__}")
         base = base_layer
         if method not in METHODS:
             raise ValueError(f"SparseLoRALinear: method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -159,14 +204,31 @@ class SparseLoRALinear(_PeftLoraLinear):
         elif lora_dropout is not None or init_lora_weights is not None:
             raise ValueError("SparseLoRALinear: with a LoraConfig, lora_dropout and init_lora_weights come from it; "
                              "leave those arguments None")
-        check_mask(mask, base.weight, keep_dense, name=kwargs.get("target_name") or "")
+        name = kwargs.get("target_name") or ""
+        if packed:
+            _check_packed_base(base, method, keep_dense)
+            if mask is not None:
+                _repack_at_mask(base, mask, name)
+        elif mask is None:
+            raise ValueError("SparseLoRALinear: an nn.Linear base needs its bool keep-mask [out, in] (mask=None "
+                             "only for a packed 2:4 SparseLinear, whose pattern is the mask)")
+        else:
+            check_mask(mask, base.weight, keep_dense, name=name)
+        self.packed_base = packed
         super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs)
         self.method, self.keep_dense, self.backend = method, keep_dense, backend
         self.teacher = False
-        self._unmerged_weight: torch.Tensor | None = None
-        base.weight.requires_grad_(False)
-        self.register_buffer("sparsity_mask", mask.detach().clone(), persistent=True)
+        self._unmerged_weight: torch.Tensor | None = None  # the pre-merge weight (packed: values), see merge()
+        if not packed:
+            base.weight.requires_grad_(False)
+            self.register_buffer("sparsity_mask", mask.detach().clone(), persistent=True)
+        self._checked = True
         self._check_tensors(devices=True)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        if isinstance(module, SparseLinear):  # peft reads nn.Linear's fields; SparseLinear has the same names
+            return module.in_features, module.out_features
+        return super()._get_in_out_features(module)
 
     @property
     def lora_variants(self) -> dict:
@@ -179,52 +241,82 @@ class SparseLoRALinear(_PeftLoraLinear):
         _check_config(config)
         _check_adapter_args(r, lora_alpha, config.lora_dropout)
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
-        if "sparsity_mask" in self._buffers:  # a later adapter (the first is checked in __init__)
+        if self.__dict__.get("_checked"):  # a later adapter (the first is checked in __init__)
             self._check_tensors(devices=True)
 
+    def keep_mask(self) -> torch.Tensor:
+        """The bool keep-mask ``[out, in]``: the buffer ``sparsity_mask``, or for a packed 2:4 base the pattern its
+        indices describe (built on each call: the packed module stores no bool mask)."""
+        if self.packed_base:
+            return unpack24_mask(self._packed())
+        return self.sparsity_mask
+
+    def _packed(self, values: torch.Tensor | None = None) -> Packed24:
+        base = self.base_layer
+        return Packed24(base.values if values is None else values, base.meta, self.in_features)
+
+    def _base_tensor(self) -> torch.Tensor:
+        """The frozen base tensor that sets device and dtype: the weight, or the packed values."""
+        base = self.base_layer
+        return base.values if self.packed_base else base.weight
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """peft's move (device and dtype of the base) with the adapter in float32 over a half-precision base; for a
+        packed base, whose ``.weight`` peft looks for is absent, device and dtype come from the packed values."""
+        base = self._base_tensor()
+        if device is None and self.packed_base:
+            device = base.device
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
-        if self.get_base_layer().weight.dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
+        if dtype.is_floating_point:
             for layers in (self.lora_A, self.lora_B):
                 if adapter_name in layers:
-                    layers[adapter_name].float()
+                    layers[adapter_name].to(dtype)
 
     # ------------------------------------------------------------------------------------------ checks
     def _check_tensors(self, devices: bool = False) -> None:
-        """What the functional op checks on every call, checked here instead: shapes (mask and adapters against
-        ``[out, in]``, bias) and the mask dtype at construction, after ``.to()`` / ``.half()`` (:meth:`_apply`) and
-        when ``sparsity_mask`` is assigned; one device at construction only (loaders such as accelerate's move
-        tensors one by one, through meta, so a passing mismatch is normal there). ``forward`` then calls the
-        unchecked op."""
+        """What the functional op checks on every call, checked here instead: shapes (mask or packed format and
+        adapters against ``[out, in]``, bias) and the mask dtype at construction, after ``.to()`` / ``.half()``
+        (:meth:`_apply`) and when ``sparsity_mask`` is assigned; one device at construction only (loaders such as
+        accelerate's move tensors one by one, through meta, so a passing mismatch is normal there). ``forward``
+        then calls the unchecked op."""
         base = self.get_base_layer()
-        weight, mask = base.weight, self.sparsity_mask
         what = "SparseLoRALinear"
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
-            check_mask(mask, weight, self.keep_dense, zeros=False)  # raises with the message
+        if self.packed_base:
+            check_packed(base.values, base.meta, self.in_features, what)
+            frozen = {"values": base.values, "meta": base.meta}
+        else:
+            weight, mask = base.weight, self.sparsity_mask
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
+                check_mask(mask, weight, self.keep_dense, zeros=False)  # raises with the message
+            frozen = {"weight": weight, "mask": mask}
         check_bias(base.bias, self.out_features, what)
         for name in self.lora_A:
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
             check_lora(A, B, self.out_features, self.in_features, what)
             if devices:
-                check_same_device(what, weight=weight, mask=mask, lora_A=A, lora_B=B, bias=base.bias)
+                check_same_device(what, **frozen, lora_A=A, lora_B=B, bias=base.bias)
 
     def _apply(self, fn, recurse: bool = True):
         out = super()._apply(fn, recurse)
-        if "sparsity_mask" in self._buffers:
+        if self._unmerged_weight is not None:  # the kept pre-merge weight moves (and casts) with the module
+            self._unmerged_weight = fn(self._unmerged_weight)
+        if self.__dict__.get("_checked"):
             self._check_tensors()
         return out
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        if name == "sparsity_mask" and "sparsity_mask" in self._buffers:  # replaced after construction
+        if name == "sparsity_mask" and self.__dict__.get("_checked"):  # replaced after construction
             self._check_tensors()
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{a}: r={self.r[a]}" for a in self.lora_A)
+        base = ", base=packed 2:4" if self.packed_base else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, {ranks}, method={self.method!r}, "
-            f"keep_dense={self.keep_dense}, density={self.sparsity_mask.float().mean().item():.3f}, "
-            f"merged={self.merged}"
+            f"keep_dense={self.keep_dense}, density={self.keep_mask().float().mean().item():.3f}, "
+            f"merged={self.merged}{base}"
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -236,7 +328,8 @@ class SparseLoRALinear(_PeftLoraLinear):
         if problem:
             error_msgs.append(problem)
             return
-        saved, mask = state_dict.get(prefix + "sparsity_mask"), self.sparsity_mask
+        saved = state_dict.get(prefix + "sparsity_mask")
+        mask = self.keep_mask() if saved is not None else None
         if saved is not None and (saved.shape != mask.shape or not torch.equal(saved.to(mask.device).bool(), mask)):
             differ = int((saved.to(mask.device).bool() != mask).sum()) if saved.shape == mask.shape else "all"
             error_msgs.append(
@@ -244,6 +337,8 @@ class SparseLoRALinear(_PeftLoraLinear):
                 "load it onto the model pruned with the same masks"
             )
             return
+        if self.packed_base and saved is not None:  # a dense-base state dict: its mask is this base's pattern
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "sparsity_mask"}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -277,6 +372,8 @@ class SparseLoRALinear(_PeftLoraLinear):
         if args or any(v is not None for v in kwargs.values()):
             raise NotImplementedError("SparseLoRALinear: no extra forward arguments (mixed-batch adapter_names, "
                                       f"variant arguments); got {len(args)} positional and {sorted(kwargs)}")
+        if self.packed_base:
+            return self._packed_forward(x)
         # Host cost matters for small layers: the attributes behind peft's properties are read directly
         # (base_layer is the nn.Linear itself, see __init__; merged = bool(merged_adapters)).
         base = self.base_layer
@@ -315,23 +412,55 @@ class SparseLoRALinear(_PeftLoraLinear):
                                                       self.lora_B[a].weight, self.scaling[a], None, self.backend)
         return result
 
+    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward over a packed 2:4 base: the fused op for one adapter without dropout, else the packed base
+        plus each adapter's masked update (the fused op over zero values). Merged, disabled or teacher: the base
+        alone (a packed base holds the pruned weight, so the teacher is the pruned model)."""
+        base = self.base_layer
+        buffers = base._buffers
+        values, meta, bias = buffers["values"], buffers["meta"], buffers["bias"]
+        active = [] if (self._disable_adapters or self.teacher or self.merged_adapters) else self._active()
+        if self._disable_adapters and self.merged_adapters:
+            self.unmerge()
+        if not active:
+            return base(x)
+        check_features(x, self.in_features, "SparseLoRALinear")
+        if len(active) == 1 and (not self.training or isinstance(self.lora_dropout[active[0]], nn.Identity)):
+            a = active[0]
+            return ops._packed24_lora_linear(x, values, meta, self.lora_A[a].weight, self.lora_B[a].weight,
+                                             self.scaling[a], bias, self.backend)
+        result = base(x)
+        zero = ops.zero_weight(values.shape[0], values.shape[1], values)
+        for a in active:
+            result = result + ops._packed24_lora_linear(self.lora_dropout[a](x), zero, meta, self.lora_A[a].weight,
+                                                        self.lora_B[a].weight, self.scaling[a], None, self.backend)
+        return result
+
     # ------------------------------------------------------------------------------------------ merge
     def get_delta_weight(self, adapter: str = "default") -> torch.Tensor:
         """The update merging ``adapter`` adds, ``[out, in]`` in the weight's dtype: ``s*(B@A)*M`` (sparselora,
         lora-remask) or ``s*(B@A)`` (lora)."""
-        weight = self.get_base_layer().weight
-        delta = (self.lora_B[adapter].weight @ self.lora_A[adapter].weight).mul(self.scaling[adapter]).to(weight.dtype)
+        dtype = self._base_tensor().dtype
+        delta = (self.lora_B[adapter].weight @ self.lora_A[adapter].weight).mul(self.scaling[adapter]).to(dtype)
         if self.method == "lora":
             return delta
-        return delta.masked_fill_(~self.sparsity_mask, 0)
+        return delta.masked_fill_(~self.keep_mask(), 0)
 
     @torch.no_grad()
     def merged_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
         """The weight :meth:`merge` writes for ``adapter_names`` (default: the active adapters not merged yet):
         ``W*M + s*(B@A)*M`` per adapter, computed exactly as the unmerged forward does (so merged and unmerged
-        outputs of one adapter agree bit for bit on the reference backend); ``W + s*B@A`` for ``lora``."""
+        outputs of one adapter agree bit for bit on the reference backend); ``W + s*B@A`` for ``lora``. Dense
+        ``[out, in]`` (a packed base: its unpacked weight with the updates at the packed pattern)."""
         names = self._active() if adapter_names is None else adapter_names
         names = [a for a in names if a not in self.merged_adapters]
+        if self.packed_base:
+            packed = self._packed()
+            merged, mask = unpack24(packed), unpack24_mask(packed)
+            for a in names:
+                merged = effective_weight_ref(merged, mask, self.lora_A[a].weight, self.lora_B[a].weight,
+                                              self.scaling[a])
+            return merged
         weight = self.get_base_layer().weight
         if self.method == "lora":
             merged = weight if self.merged else self._masked_base_weight()
@@ -371,8 +500,11 @@ class SparseLoRALinear(_PeftLoraLinear):
             raise ValueError(f"SparseLoRALinear.merge(safe_merge=True): the merged weight has {bad} NaN/inf entries")
         base = self.get_base_layer()
         if not self.merged:
-            self._unmerged_weight = base.weight.data if keep_original else None
-        base.weight.data = new
+            self._unmerged_weight = self._base_tensor().data if keep_original else None
+        if self.packed_base:  # the merged entries sit at the packed pattern: same indices, new values
+            base.values = pack24(new, unpack24_mask(self._packed())).values
+        else:
+            base.weight.data = new
         self.merged_adapters.extend(names)
 
     @torch.no_grad()
@@ -384,7 +516,15 @@ class SparseLoRALinear(_PeftLoraLinear):
             return
         base = self.get_base_layer()
         if self._unmerged_weight is not None:
-            base.weight.data = self._unmerged_weight
+            if self.packed_base:
+                base.values = self._unmerged_weight
+            else:
+                base.weight.data = self._unmerged_weight
+        elif self.packed_base:
+            weight = unpack24(self._packed())
+            for a in reversed(self.merged_adapters):
+                weight = weight - self.get_delta_weight(a)
+            base.values = pack24(weight, self.keep_mask()).values
         else:
             if self.keep_dense:
                 raise RuntimeError("unmerge of a keep_dense module merged with keep_original=False: the dense "
@@ -397,21 +537,36 @@ class SparseLoRALinear(_PeftLoraLinear):
         self.merged_adapters.clear()
 
     @torch.no_grad()
+    def merged_base(self) -> nn.Linear | SparseLinear:
+        """The base layer's kind with the merged weight of the active adapters: :meth:`to_linear` for an
+        ``nn.Linear`` base, a packed 2:4 ``SparseLinear`` (the same indices, merged values) for a packed base; the
+        module is left as it was."""
+        if not self.packed_base:
+            return self.to_linear()
+        base = self.get_base_layer()
+        weight = unpack24(self._packed()) if self.merged else self.merged_weight()
+        return SparseLinear(weight, base.bias, backend="packed24")
+
+    @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the merged weight of the active adapters (and the base bias); the module is
         left as it was."""
         base = self.get_base_layer()
-        weight = base.weight.detach().clone() if self.merged else self.merged_weight()
+        if self.packed_base:
+            weight = unpack24(self._packed()) if self.merged else self.merged_weight()
+        else:
+            weight = base.weight.detach().clone() if self.merged else self.merged_weight()
         linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
                            device=weight.device, dtype=weight.dtype)
-        linear.weight = nn.Parameter(weight, requires_grad=base.weight.requires_grad)
+        linear.weight = nn.Parameter(weight, requires_grad=not self.packed_base and base.weight.requires_grad)
         if base.bias is not None:
             linear.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=base.bias.requires_grad)
         return linear
 
     @torch.no_grad()
-    def to_base_linear(self) -> nn.Linear:
-        """The wrapped ``nn.Linear`` without the adapters (unmerged first when merged): the inverse of wrapping."""
+    def to_base_linear(self) -> nn.Linear | SparseLinear:
+        """The wrapped base layer (``nn.Linear`` or packed ``SparseLinear``) without the adapters (unmerged first
+        when merged): the inverse of wrapping."""
         if self.merged:
             self.unmerge()
         return self.get_base_layer()

@@ -18,9 +18,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from peft import LoraConfig
 from torch import nn
 
 from ..masks import MaskSet
+from ..modules.sparse_linear import SparseLinear
 from ..modules.sparse_lora import METHODS as ADAPTER_METHODS
 from ..modules.sparse_lora import SparseLoRALinear, sparse_lora_modules, teacher_mode
 
@@ -84,8 +86,22 @@ def _value_for(value: PerModule, name: str, module: nn.Module, part: str | None,
     return value
 
 
+def _packed_modules(model: nn.Module) -> list[str]:
+    """Names of the packed 2:4 :class:`SparseLinear` modules of ``model`` (their pattern is their mask), those
+    wrapped already by their wrapper's name."""
+    names, wrapped = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLoRALinear) and module.packed_base:
+            names.append(name)
+            wrapped.add(f"{name}.base_layer")
+        elif isinstance(module, SparseLinear) and module.backend == "packed24" and name not in wrapped:
+            names.append(name)
+    return names
+
+
 def _targets(model: nn.Module, masks: Mapping[str, torch.Tensor], target: Target) -> list[str]:
-    """Names of the nn.Linear modules to wrap: those with a mask, narrowed by ``target``."""
+    """Names of the modules to wrap: those with a mask (and, with no mask set, the packed 2:4 SparseLinear
+    modules; see :func:`add_sparse_lora`), narrowed by ``target``. Already wrapped modules are included."""
     if target is not None and not callable(target):
         names = [target] if isinstance(target, str) else list(target)
         missing = [n for n in names if n not in masks]
@@ -97,15 +113,12 @@ def _targets(model: nn.Module, masks: Mapping[str, torch.Tensor], target: Target
         for name, module in model.named_modules():
             if name in masks and (target is None or target(module, name)):
                 chosen.append(name)
-    result = []
     for name in chosen:
         module = _get_module(model, name)
-        if isinstance(module, SparseLoRALinear):
-            continue  # already wrapped (add_sparse_lora called per part)
-        if type(module) is not nn.Linear:
-            raise ValueError(f"{name!r} is a {type(module).__name__}; SparseLoRA wraps nn.Linear modules")
-        result.append(name)
-    return result
+        if not isinstance(module, (SparseLoRALinear, SparseLinear)) and type(module) is not nn.Linear:
+            raise ValueError(f"{name!r} is a {type(module).__name__}; SparseLoRA wraps nn.Linear modules and packed "
+                             "2:4 SparseLinear modules")
+    return chosen
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -116,7 +129,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def add_sparse_lora(
     model: nn.Module,
-    masks: MaskSet | Mapping[str, torch.Tensor],
+    masks: MaskSet | Mapping[str, torch.Tensor] | None,
     r: PerModule = 8,
     lora_alpha: PerModule = 16,
     lora_dropout: float = 0.0,
@@ -125,23 +138,45 @@ def add_sparse_lora(
     keep_dense: bool = False,
     init_lora_weights: bool = True,
     backend: str | None = None,
+    adapter_name: str = "default",
 ) -> nn.Module:
     """Wrap the masked ``nn.Linear`` modules of ``model`` in :class:`SparseLoRALinear`, in place.
 
-    ``masks``: module name -> bool keep-mask ``[out, in]``. ``target``: ``None`` (every masked linear), a
-    filter ``fn(module, name) -> bool`` or module names. ``r`` / ``lora_alpha``: a number, a dict keyed by module
-    name or by part (``{"language": 8, "vision": 4}``, parts from :mod:`vlmsparse.models` when the architecture
-    is known), or ``fn(name, module)``. Afterwards only ``lora_A`` / ``lora_B`` are trainable (calling it again
-    on other modules keeps earlier adapters trainable). ``method="full"`` calls :func:`mask_gradients` instead.
-    Masks are moved to each weight's device. Returns ``model``. The layers are peft LoRA layers (adapter
-    ``"default"``) in place, without a ``PeftModel``; ``integrations.peft.save_sparse_lora`` saves them as a peft
-    adapter folder.
+    ``masks``: module name -> bool keep-mask ``[out, in]``; ``None`` for a compressed model
+    (``load_compressed(..., as_sparse=True)``): its packed 2:4 ``SparseLinear`` modules are wrapped, each masked by
+    its own pattern, with the frozen weight kept packed (see :mod:`vlmsparse.modules.sparse_lora`); a module of the
+    mask set that is such a ``SparseLinear`` is wrapped the same way (its mask must equal its pattern).
+    ``target``: ``None`` (every masked linear), a filter ``fn(module, name) -> bool`` or module names. ``r`` /
+    ``lora_alpha``: a number, a dict keyed by module name or by part (``{"language": 8, "vision": 4}``, parts
+    from :mod:`vlmsparse.models` when the architecture is known), or ``fn(name, module)``. Afterwards only
+    ``lora_A`` / ``lora_B`` are trainable (calling it again on other modules keeps earlier adapters trainable).
+    ``method="full"`` calls :func:`mask_gradients` instead. Masks are moved to each weight's device. Returns
+    ``model``. The layers are peft LoRA layers in place, without a ``PeftModel``; the adapter is named
+    ``adapter_name``. A module already wrapped gets ``adapter_name`` added when it lacks it (as peft's
+    ``add_adapter``: the active adapters stay as they were; ``module.set_adapter(...)`` switches) and is left as it
+    is when it has it. ``integrations.peft.save_sparse_lora`` saves an adapter as a peft adapter folder.
     """
     if method not in METHODS:
         raise ValueError(f"add_sparse_lora: method must be one of {', '.join(METHODS)}, got {method!r}")
-    mask_map = masks.masks if isinstance(masks, MaskSet) else dict(masks)
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"add_sparse_lora: adapter_name must be a non-empty string, got {adapter_name!r}")
+    if masks is None:
+        if method == "full":
+            raise ValueError("add_sparse_lora: method='full' trains the weights themselves and needs masks (a packed "
+                             "SparseLinear has no trainable weight)")
+        mask_map = dict.fromkeys(_packed_modules(model))
+        if not mask_map:
+            raise ValueError("add_sparse_lora: masks=None wraps the packed 2:4 SparseLinear modules of a compressed "
+                             "model, and this model has none; pass the masks of the pruned model")
+    else:
+        mask_map = masks.masks if isinstance(masks, MaskSet) else dict(masks)
     names = _targets(model, mask_map, target)
     if method == "full":
+        packed = [n for n in names if isinstance(_get_module(model, n), SparseLinear)]
+        if packed:
+            raise ValueError(f"add_sparse_lora: method='full' trains the weights, and {packed[0]!r} is a packed "
+                             "SparseLinear without a trainable weight; use method='sparselora' or the nn.Linear model")
+        names = [n for n in names if not isinstance(_get_module(model, n), SparseLoRALinear)]
         for p in model.parameters():
             p.requires_grad_(False)
         for name in names:
@@ -153,15 +188,23 @@ def add_sparse_lora(
         logger.warning("add_sparse_lora: no module matched (mask set of %d modules)", len(mask_map))
     part_of = _part_fn(model)
     for name in names:
-        linear = _get_module(model, name)
+        module = _get_module(model, name)
         part = part_of(name)
-        mask = mask_map[name].to(linear.weight.device)
-        rank = _value_for(r, name, linear, part, "r")
-        alpha = _value_for(lora_alpha, name, linear, part, "lora_alpha")
+        rank = _value_for(r, name, module, part, "r")
+        alpha = _value_for(lora_alpha, name, module, part, "lora_alpha")
         try:
+            if isinstance(module, SparseLoRALinear):  # wrapped before: one more adapter, or nothing
+                if adapter_name not in module.lora_A:
+                    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=float(lora_dropout),
+                                        init_lora_weights=init_lora_weights)
+                    module.update_layer(adapter_name, rank, lora_alpha=alpha, config=config)
+                continue
+            mask = mask_map[name]
+            device = module.values.device if isinstance(module, SparseLinear) else module.weight.device
             wrapped = SparseLoRALinear(
-                linear, mask, r=rank, lora_alpha=alpha, lora_dropout=lora_dropout, method=method,
-                keep_dense=keep_dense, init_lora_weights=init_lora_weights, backend=backend,
+                module, None if mask is None else mask.to(device), r=rank, lora_alpha=alpha,
+                lora_dropout=lora_dropout, method=method, keep_dense=keep_dense,
+                init_lora_weights=init_lora_weights, backend=backend, adapter_name=adapter_name,
             )
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from error
@@ -175,16 +218,18 @@ def add_sparse_lora(
 
 
 def merge_sparse_lora(model: nn.Module, safe_merge: bool = False, check: bool = True) -> nn.Module:
-    """Replace every :class:`SparseLoRALinear` by a plain ``nn.Linear`` holding the merged weight, in place;
-    returns ``model``. For ``sparselora`` / ``lora-remask`` the merged weight is zero exactly outside the mask
-    (checked when ``check``); ``lora`` merges densely. ``safe_merge`` refuses NaN / inf."""
+    """Replace every :class:`SparseLoRALinear` by its base layer's kind holding the merged weight, in place (a plain
+    ``nn.Linear``; a packed 2:4 ``SparseLinear`` over a packed base); returns ``model``. For ``sparselora`` /
+    ``lora-remask`` the merged weight is zero exactly outside the mask (checked when ``check``); ``lora`` merges
+    densely. ``safe_merge`` refuses NaN / inf."""
     count = 0
     for name, module in list(sparse_lora_modules(model)):
-        linear = module.to_linear()
-        if safe_merge and not bool(torch.isfinite(linear.weight).all()):
+        linear = module.merged_base()
+        weight = linear.dense_weight() if isinstance(linear, SparseLinear) else linear.weight
+        if safe_merge and not bool(torch.isfinite(weight).all()):
             raise ValueError(f"merge_sparse_lora: {name}: the merged weight has NaN/inf entries")
         if check and module.method != "lora":
-            outside = int(((linear.weight != 0) & ~module.sparsity_mask).sum())
+            outside = int(((weight != 0) & ~module.keep_mask()).sum())
             if outside:
                 raise RuntimeError(f"merge_sparse_lora: {name}: {outside} non-zeros outside the mask after merging")
         _set_module(model, name, linear)
