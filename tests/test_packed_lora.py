@@ -11,10 +11,10 @@ import copy
 
 import pytest
 import torch
+from factories import pruned_tiny, tiny_llama
 from peft import get_peft_model
 from torch import nn
 
-from factories import pruned_tiny, tiny_llama
 from vlmsparse import compress
 from vlmsparse.integrations.peft import load_sparse_lora, save_sparse_lora, sparse_lora_config
 from vlmsparse.modules.sparse_linear import SparseLinear
@@ -309,3 +309,19 @@ def test_compiled_packed_module_matches_eager():
     g_got = torch.autograd.grad(got.square().sum(), packed.lora_A["default"].weight)
     g_want = torch.autograd.grad(want.square().sum(), packed.lora_A["default"].weight)
     torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_base_on_cuda_matches_the_dense_base(dtype):
+    """On a GPU both layers run their CUDA default backend (dense_gemm): the same effective weight, so the same
+    values and gradients up to the summation order."""
+    dense, packed, _ = _pair(out=256, inp=512, dtype=torch.float32)
+    dense, packed = dense.to("cuda", dtype), packed.to("cuda", dtype)
+    x = torch.randn(8, 512, device="cuda", dtype=dtype, requires_grad=True)
+    grad = torch.randn(8, 256, device="cuda", dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip(_grads(packed, x, grad), _grads(dense, x, grad)):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    packed.merge()
+    assert isinstance(packed.base_layer, SparseLinear) and packed.base_layer.values.device.type == "cuda"
