@@ -271,3 +271,29 @@ def test_cli_text_calibration_cannot_calibrate_a_vision_part(tmp_path, llava_fol
                  str(tmp_path / "corpus.txt"), "--seqlen", "16", "--nsamples", "2", "--quiet"]) == 0
     _, masks = load_pruned(out)
     assert list(masks) == prunable_linear_names(load_pruned(out)[0], parts="language")
+
+
+@pytest.mark.parametrize("flags", [["--allocation", "equal", "--vision", "0"], ["--sparsity", "2:4", "--vision", "0"],
+                                   ["--vision", "0", "--connector", "0"]])
+def test_cli_text_calibration_with_the_vision_part_left_dense(tmp_path, llava_folder, flags):
+    """Issue 15: a vision part at pattern 0 stays dense and needs no images, so a text source calibrates the rest
+    (the language part alone); the same for a connector at 0. The vision and connector weights stay unchanged."""
+    from vlmsparse.pipeline.save import load_model
+
+    (tmp_path / "corpus.txt").write_text(" ".join(["a red circle"] * 200))
+    out = tmp_path / "pruned"
+    assert main(["prune", str(llava_folder), str(out), "--calibration", str(tmp_path / "corpus.txt"),
+                 "--seqlen", "16", "--nsamples", "2", "--quiet", *flags]) == 0
+    model, masks = load_pruned(out)
+    assert set(masks) == set(prunable_linear_names(model, parts="language")) and masks.sparsity() > 0
+    before, after = dict(load_model(llava_folder).named_parameters()), dict(model.named_parameters())
+    dense = prunable_linear_names(model, parts=("vision", "connector"), include_non_default=True)
+    assert dense and all(torch.equal(before[f"{n}.weight"], after[f"{n}.weight"]) for n in dense)
+
+
+def test_cli_text_calibration_cannot_calibrate_a_pruned_connector(tmp_path, llava_folder, capsys):
+    (tmp_path / "corpus.txt").write_text(" ".join(["a red circle"] * 200))
+    out = tmp_path / "pruned"
+    assert main(["prune", str(llava_folder), str(out), "--allocation", "language", "--connector", "0.5",
+                 "--calibration", str(tmp_path / "corpus.txt"), "--seqlen", "16", "--nsamples", "2", "--quiet"]) == 2
+    assert "cannot calibrate the connector part" in capsys.readouterr().err and not out.exists()

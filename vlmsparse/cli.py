@@ -326,7 +326,7 @@ def _prune(args: argparse.Namespace) -> int:
     present = {stage.part for stage in get_arch_spec(model).resolve(model)}
     allocation = allocation_with_parts(args.allocation, args.sparsity, flags, present)
     if text:
-        pruned = set(PruneConfig(sparsity=args.sparsity, allocation=allocation).part_patterns_unchecked()) & present
+        pruned = PruneConfig(sparsity=args.sparsity, allocation=allocation).pruned_parts(present)
         if pruned - {"language"}:
             raise ValueError(f"--calibration {args.calibration}: a text source has no images, so it cannot calibrate "
                              f"the {', '.join(sorted(pruned - {'language'}))} part(s) of this model; use "
