@@ -249,12 +249,6 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars, no report table")
 
 
-def _part_flags(args: argparse.Namespace) -> dict[str, str]:
-    """The per-part patterns given with --vision / --language / --connector (absent ones left out)."""
-    flags = {part: getattr(args, part) for part in ("vision", "language", "connector")}
-    return {part: value for part, value in flags.items() if value is not None}
-
-
 def _run_prune(args: argparse.Namespace) -> int:
     """``vlmsparse prune`` with transformers' own progress bars (weight loading) off: one bar per pruned stage."""
     from transformers.utils import logging as hf_logging
@@ -269,84 +263,17 @@ def _run_prune(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    import torch
+    from .pipeline.folders import prune_folder
+    from .pipeline.prune import format_report, report_of
 
-    from .data.calibration import (
-        build_calibration_batches,
-        default_text_seqlen,
-        is_text_source,
-        load_calibration_samples,
-        text_calibration_batches,
+    out, masks = prune_folder(
+        args.model, args.output, method=args.method, sparsity=args.sparsity, allocation=args.allocation,
+        vision=args.vision, language=args.language, connector=args.connector, calibration=args.calibration,
+        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
+        max_words=args.max_words, image_root=args.image_root, scope=args.scope, blocksize=args.blocksize,
+        dampening=args.dampening, report_error=not args.no_error, device=args.device, dtype=args.dtype,
+        offload=args.offload, stream=args.stream, overwrite=args.overwrite, progress=not args.quiet,
     )
-    from .models import decoder_start_token_id, get_arch_spec, vision_image_size
-    from .pipeline.guards import check_device
-    from .pipeline.prune import PruneConfig, allocation_with_parts, format_report, prune_model, report_of
-    from .pipeline.save import (
-        check_model_folder,
-        check_output_folder,
-        load_model,
-        load_processor,
-        save_pruned,
-    )
-
-    check_output_folder(args.output, [args.model], args.overwrite, option="--overwrite")
-    check_model_folder(args.model)  # before any other work; load_model checks it again (a directory listing)
-    if args.max_words is not None and args.max_words < 1:
-        raise ValueError(f"--max-words must be >= 1 (words kept per caption), got {args.max_words}")
-    if args.seqlen is not None and args.seqlen < 1:
-        raise ValueError(f"--seqlen must be >= 1 (tokens per calibration window), got {args.seqlen}")
-    flags = _part_flags(args)
-    if args.allocation == "owl" and flags:
-        raise ValueError("--allocation owl cannot be combined with --vision / --language / --connector (OWL spreads "
-                         "one --sparsity over the layers); use --allocation equal, language or vision with them")
-    needs_calibration = PruneConfig(
-        method=args.method, sparsity=args.sparsity, allocation=args.allocation, scope=args.scope,
-        blocksize=args.blocksize, dampening=args.dampening,
-    ).needs_calibration  # refuses bad options (e.g. sparsegpt with --scope) before loading
-    device = check_device(args.device, option="--device")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    processor = load_processor(args.model)
-    if needs_calibration and processor is None:
-        raise ValueError(f"{args.model} holds no processor or tokenizer files to build calibration inputs")
-    calibration = None
-    text = needs_calibration and is_text_source(args.calibration)
-    if text:  # read, tokenize and cut the windows before the model loads: bad text fails fast
-        seqlen = args.seqlen or default_text_seqlen(args.model)
-        calibration = text_calibration_batches(args.calibration, processor, args.nsamples, seqlen, args.seed,
-                                               args.batch_size)
-    samples = None
-    if needs_calibration and not text and args.calibration != "synthetic":  # bad records fail before the model loads
-        samples = load_calibration_samples(args.calibration, args.nsamples, args.seed, image_root=args.image_root)
-    if args.stream:
-        from .pipeline.stream import empty_model, prune_streamed
-
-        model = empty_model(args.model, dtype)
-    else:
-        model = load_model(args.model, device=None if args.offload else device, dtype=dtype)
-    present = {stage.part for stage in get_arch_spec(model).resolve(model)}
-    allocation = allocation_with_parts(args.allocation, args.sparsity, flags, present)
-    if text:
-        pruned = PruneConfig(sparsity=args.sparsity, allocation=allocation).pruned_parts(present)
-        if pruned - {"language"}:
-            raise ValueError(f"--calibration {args.calibration}: a text source has no images, so it cannot calibrate "
-                             f"the {', '.join(sorted(pruned - {'language'}))} part(s) of this model; use "
-                             "--allocation language, or image-text records (.json/.jsonl, an image folder)")
-    elif needs_calibration:
-        if samples is None:  # the synthetic set, drawn at the vision tower's image size
-            samples = load_calibration_samples(args.calibration, args.nsamples, args.seed,
-                                               image_size=vision_image_size(model))
-        calibration = build_calibration_batches(samples, processor, args.batch_size, args.max_words,
-                                                decoder_start_token_id=decoder_start_token_id(model))
-    options = dict(method=args.method, sparsity=args.sparsity, allocation=allocation, calibration=calibration,
-                   scope=args.scope, blocksize=args.blocksize, dampening=args.dampening,
-                   report_error=not args.no_error, progress=not args.quiet)
-    if args.stream:
-        out, masks = prune_streamed(model, args.model, args.output, device=device, processor=processor,
-                                    overwrite=args.overwrite, dtype=dtype, **options)
-    else:
-        masks = prune_model(model, device=device if args.offload else None, **options)
-        out = save_pruned(model, masks, args.output, processor=processor, overwrite=args.overwrite,
-                          source=args.model)
     if args.json:
         _print_json({"output": str(out), "sparsity": masks.sparsity(), "method": masks.method,
                      "layers": [vars(r) for r in report_of(masks)]})
