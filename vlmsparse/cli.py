@@ -153,8 +153,6 @@ def _run_finetune(args: argparse.Namespace) -> int:
     if args.distill > 0 and args.teacher is None:
         raise ValueError("--distill needs --teacher: the dense model folder the pruned model came from (--teacher "
                          "DENSE_FOLDER), or --teacher self for a folder that keeps dense weights beside its masks")
-    if args.teacher is not None and args.distill == 0:
-        raise ValueError(f"--teacher {args.teacher} given without --distill: set --distill LAMBDA > 0 to distil")
     config = FinetuneConfig(
         method=args.method, parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
         rank_language=args.rank_language, rank_vision=args.rank_vision, rank_connector=args.rank_connector,
@@ -381,7 +379,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .eval.vqa import check_results_path, evaluate_folder, load_model_folder, write_folder_results
+    from .eval.vqa import check_results_path, evaluate_folder, write_folder_results
     from .pipeline.guards import check_output_file
 
     def scores(vqa) -> str:
@@ -393,8 +391,6 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --data (VQA data file) or --text (perplexity)")
     if args.annotations is not None and args.data is None:
         raise ValueError("--annotations goes with --data (a VQAv2 / OK-VQA questions file), not with --text")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1 (rows to evaluate), got {args.limit}")
     if args.fill_questions is not None and args.results is None:
         raise ValueError("--fill-questions goes with --results (it completes the results file)")
     if args.results is not None and args.data is None:
@@ -404,13 +400,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.results is not None:
         check_results_path(args.results, args.overwrite, [args.data, args.annotations, args.output, args.fill_questions])
     if args.text is not None:
-        from .eval.perplexity import perplexity_of_file
+        from .eval.perplexity import perplexity_of_folder
 
-        model, processor = load_model_folder(args.model)
-        if processor is None:
-            raise ValueError(f"{args.model}: no tokenizer saved in the folder; perplexity needs one")
-        tokenizer = getattr(processor, "tokenizer", processor)
-        result = perplexity_of_file(model, tokenizer, args.text, args.max_length, args.stride).to_dict()
+        result = perplexity_of_folder(args.model, args.text, args.max_length, args.stride).to_dict()
         report = {"model": args.model, "text": args.text, **result}
         text = f"perplexity {result['perplexity']:.4f} over {result['num_tokens']} tokens"
     elif args.results is None:
