@@ -155,3 +155,24 @@ def test_text_calibration_with_the_vision_and_connector_left_dense(tmp_path, lla
     before, after = dict(load_model(llava_folder).named_parameters()), dict(model.named_parameters())
     dense = prunable_linear_names(model, parts=("vision", "connector"), include_non_default=True)
     assert dense and all(torch.equal(before[f"{n}.weight"], after[f"{n}.weight"]) for n in dense)
+
+
+def test_pruned_parts_leaves_out_dense_and_absent_parts():
+    from vlmsparse.pipeline.prune import PruneConfig
+
+    every = {"vision", "connector", "language"}
+    config = PruneConfig(allocation={"vision": 0, "language": "2:4", "connector": "0%"})
+    assert config.pruned_parts(every) == {"language"}
+    assert PruneConfig(allocation={"vision": "4:8", "connector": 0.3}).pruned_parts(every) == {"vision", "connector"}
+    assert PruneConfig(sparsity="2:4").pruned_parts({"language"}) == {"language"}  # equal on a language model
+    assert PruneConfig(sparsity=0, method="magnitude").pruned_parts(every) == set()
+
+
+def test_prune_folder_dtype_by_name(tmp_path, blip2_folder):
+    out, masks = vlmsparse.prune_folder(blip2_folder, tmp_path / "out", method="magnitude", sparsity="2:4",
+                                        dtype="bfloat16", progress=False)
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "model.safetensors")  # the weights as written, whatever dtype a loader picks
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert masks.sparsity() == 0.5
