@@ -177,7 +177,7 @@ def test_cli_prunes_a_llama_from_text_and_fails_before_loading_on_bad_text(tmp_p
         assert not bad_out.exists() and not list(tmp_path.glob("out-*"))  # nothing half-written
     assert main(["prune", str(llama_folder), str(tmp_path / "x"), "--calibration", str(corpus), "--seqlen",
                  "0", "--quiet"]) == 2
-    assert "--seqlen must be >= 1" in capsys.readouterr().err
+    assert "seqlen must be >= 1" in capsys.readouterr().err
 
 
 def test_cli_prune_turns_transformers_progress_bars_off_while_it_runs(tmp_path, llama_folder, monkeypatch):

@@ -131,3 +131,33 @@ def test_eval_cli_perplexity_on_a_t5_folder(tmp_path, capsys):
     expected = perplexity(model, processor.tokenizer, TEXT, max_length=16)
     assert report["num_tokens"] == expected.num_tokens
     assert report["nll"] == pytest.approx(expected.nll, rel=1e-5)
+
+
+def test_perplexity_of_folder_reads_the_text_first_and_needs_a_tokenizer(tmp_path, monkeypatch):
+    """What `vlmsparse eval --text` runs: the in-memory number; a missing or empty text fails before the model
+    loads; a folder without a tokenizer is refused."""
+    from factories import synthetic_processor
+
+    import vlmsparse.pipeline.save as save
+    from vlmsparse.eval.perplexity import perplexity_of_folder
+
+    model, processor = tiny_blip2_t5(), synthetic_processor("blip2")
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text(TEXT)
+    result = perplexity_of_folder(tmp_path / "m", tmp_path / "t.txt", max_length=16)
+    assert result == perplexity(model, processor.tokenizer, TEXT, max_length=16)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(save, "load_model", no_load)
+        (tmp_path / "empty.txt").write_text("  \n")
+        with pytest.raises(ValueError, match="the text is empty"):
+            perplexity_of_folder(tmp_path / "m", tmp_path / "empty.txt")
+        with pytest.raises(FileNotFoundError):
+            perplexity_of_folder(tmp_path / "m", tmp_path / "absent.txt")
+    tiny_llama().save_pretrained(tmp_path / "bare")
+    with pytest.raises(ValueError, match="no tokenizer saved in the folder"):
+        perplexity_of_folder(tmp_path / "bare", tmp_path / "t.txt")

@@ -325,7 +325,7 @@ def test_eval_cli_errors_and_report_file(tmp_path, capsys, caplog):
     base = ["eval", str(tmp_path / "blip"), "--data", str(data), "--max-new-tokens", "2"]
     for limit in ("0", "-1"):
         assert main([*base, "--limit", limit]) == 2
-        assert f"--limit must be >= 1 (rows to evaluate), got {limit}" in capsys.readouterr().err
+        assert f"limit must be >= 1 (rows to read), got {limit}" in capsys.readouterr().err
     assert main([*base, "-o", str(tmp_path)]) == 2
     assert "is a folder; give the path of the JSON file" in capsys.readouterr().err
     assert main([*base, "-o", str(data), "--overwrite"]) == 2

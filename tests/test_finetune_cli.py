@@ -81,14 +81,15 @@ def test_cli_self_distillation_from_a_folder_with_dense_weights(tmp_path, capsys
 
 def test_cli_distill_teacher_and_data_errors(tmp_path, capsys):
     """--distill needs --teacher (no vlmsparse prune output keeps the dense weights 'self' needs), --teacher needs
-    --distill; a 'self' teacher on a pruned folder and a bad synthetic:N are refused in CLI wording."""
+    --distill (FinetuneConfig's check, named by parameter); a 'self' teacher on a pruned folder and a bad
+    synthetic:N are refused in CLI wording."""
     model, masks = pruned_tiny("llava", "2:4")
     folder = save_pruned(model, masks, tmp_path / "pruned", processor=synthetic_processor("llava"))
     base = ["finetune", str(folder), "--data", "synthetic:4", "-o", str(tmp_path / "out"), *ARGS]
     assert main([*base, "--distill", "0.2"]) == 2
     assert "--distill needs --teacher: the dense model folder" in capsys.readouterr().err
     assert main([*base, "--teacher", str(tmp_path)]) == 2
-    assert "given without --distill: set --distill LAMBDA > 0" in capsys.readouterr().err
+    assert "given but distill_lambda=0: set distill_lambda > 0 to distil" in capsys.readouterr().err
     assert main([*base, "--distill", "0.2", "--teacher", "self"]) == 2
     err = capsys.readouterr().err
     assert "(--teacher self)" in err and "(--teacher DENSE_FOLDER)" in err

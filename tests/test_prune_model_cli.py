@@ -209,7 +209,7 @@ def test_cli_part_flags_on_a_language_model_and_owl(tmp_path, blip2_folder, caps
     model, masks = load_pruned(tmp_path / "out")
     assert list(masks) == prunable_linear_names(model) and set(masks.patterns.values()) == {"0.7"}
     assert main(["prune", str(blip2_folder), str(tmp_path / "owl"), "--allocation", "owl", "--connector", "0.5"]) == 2
-    assert "--allocation owl cannot be combined with --vision / --language / --connector" in capsys.readouterr().err
+    assert "allocation 'owl' cannot be combined with vision / language / connector" in capsys.readouterr().err
     assert not (tmp_path / "owl").exists()
 
 
@@ -241,17 +241,17 @@ def test_cli_prune_checks_before_loading(tmp_path, blip2_folder, monkeypatch, ca
     monkeypatch.setattr(save, "load_model", no_load)
     (tmp_path / "exists").mkdir()
     assert main(["prune", str(blip2_folder), str(tmp_path / "exists"), "--method", "magnitude"]) == 2
-    assert "already exists; choose another folder or pass --overwrite" in capsys.readouterr().err
+    assert "already exists; choose another folder or pass overwrite=True (--overwrite)" in capsys.readouterr().err
     for inside in (blip2_folder, blip2_folder / "pruned", blip2_folder.parent):
         assert main(["prune", str(blip2_folder), str(inside), "--method", "magnitude", "--overwrite"]) == 2
         assert "choose a folder outside the input" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["prune", str(blip2_folder), str(tmp_path / "a"), "--device", "cuda"]) == 2
-    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert "device cuda: CUDA is not available" in capsys.readouterr().err
     assert main(["compress", str(blip2_folder), "-o", str(tmp_path / "c"), "--auto", "--device", "cuda"]) == 2
     assert "--device cuda: CUDA is not available" in capsys.readouterr().err
     assert main(["prune", str(blip2_folder), str(tmp_path / "a"), "--max-words", "0"]) == 2
-    assert "--max-words must be >= 1" in capsys.readouterr().err
+    assert "max_words must be >= 1" in capsys.readouterr().err
     assert main(["prune", str(blip2_folder), str(tmp_path / "a"), "--method", "sparsegpt", "--scope", "row"]) == 2
     assert "scope" in (err := capsys.readouterr().err) and "sparsegpt" in err and "allowed: auto" in err
     (tmp_path / "noweights").mkdir()
@@ -271,3 +271,29 @@ def test_cli_text_calibration_cannot_calibrate_a_vision_part(tmp_path, llava_fol
                  str(tmp_path / "corpus.txt"), "--seqlen", "16", "--nsamples", "2", "--quiet"]) == 0
     _, masks = load_pruned(out)
     assert list(masks) == prunable_linear_names(load_pruned(out)[0], parts="language")
+
+
+@pytest.mark.parametrize("flags", [["--allocation", "equal", "--vision", "0"], ["--sparsity", "2:4", "--vision", "0"],
+                                   ["--vision", "0", "--connector", "0"]])
+def test_cli_text_calibration_with_the_vision_part_left_dense(tmp_path, llava_folder, flags):
+    """Issue 15: a vision part at pattern 0 stays dense and needs no images, so a text source calibrates the rest
+    (the language part alone); the same for a connector at 0. The vision and connector weights stay unchanged."""
+    from vlmsparse.pipeline.save import load_model
+
+    (tmp_path / "corpus.txt").write_text(" ".join(["a red circle"] * 200))
+    out = tmp_path / "pruned"
+    assert main(["prune", str(llava_folder), str(out), "--calibration", str(tmp_path / "corpus.txt"),
+                 "--seqlen", "16", "--nsamples", "2", "--quiet", *flags]) == 0
+    model, masks = load_pruned(out)
+    assert set(masks) == set(prunable_linear_names(model, parts="language")) and masks.sparsity() > 0
+    before, after = dict(load_model(llava_folder).named_parameters()), dict(model.named_parameters())
+    dense = prunable_linear_names(model, parts=("vision", "connector"), include_non_default=True)
+    assert dense and all(torch.equal(before[f"{n}.weight"], after[f"{n}.weight"]) for n in dense)
+
+
+def test_cli_text_calibration_cannot_calibrate_a_pruned_connector(tmp_path, llava_folder, capsys):
+    (tmp_path / "corpus.txt").write_text(" ".join(["a red circle"] * 200))
+    out = tmp_path / "pruned"
+    assert main(["prune", str(llava_folder), str(out), "--allocation", "language", "--connector", "0.5",
+                 "--calibration", str(tmp_path / "corpus.txt"), "--seqlen", "16", "--nsamples", "2", "--quiet"]) == 2
+    assert "cannot calibrate the connector part" in capsys.readouterr().err and not out.exists()

@@ -162,6 +162,27 @@ def test_readme_python_api_block(user_dir, monkeypatch):
     torch.testing.assert_close(_logits(packed, batches[0]), restored_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_readme_prune_folder_line(user_dir, tmp_path, monkeypatch):
+    """The commented ``prune_folder`` line of the block, as written, on a copy of the user's files: both steps
+    (prune_model + save_pruned) from folders, calibrated on the conversation JSON's images and text."""
+    import shutil
+
+    for item in user_dir.iterdir():
+        if item.name == "llava-dense" or item.name.startswith("img") or item.name == "train.json":
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp_path / item.name)
+    monkeypatch.chdir(tmp_path)
+    dense = LlavaForConditionalGeneration.from_pretrained("llava-dense").state_dict()
+
+    out, masks = vlmsparse.prune_folder("llava-dense", "llava-24", method="wanda", sparsity="2:4", calibration="train.json")
+    assert out == (tmp_path / "llava-24").resolve() and masks.info["calibration_batches"] == "1"  # 4 records, batch size 8
+    model, saved = vlmsparse.load_pruned("llava-24")
+    assert set(saved) == set(masks) == set(prunable_linear_names(model, ("vision", "language"))) and len(masks) == 26
+    assert all(_is_24(masks[n]) and torch.equal(saved[n], masks[n]) for n in masks)
+    _assert_zeros_are_masks(model, masks)
+    assert torch.equal(model.state_dict()[PROJECTOR], dense[PROJECTOR])
+    assert type(AutoProcessor.from_pretrained("llava-24")) is type(AutoProcessor.from_pretrained("llava-dense"))
+
+
 # --------------------------------------------------------------------------------------- your own training loop
 def test_own_training_loop_add_and_merge_sparse_lora(user_dir):
     model, processor = _load_dense(user_dir)

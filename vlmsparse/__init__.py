@@ -19,6 +19,7 @@ _LAZY = {
     "pack24": "vlmsparse.sparse24",
     "unpack24": "vlmsparse.sparse24",
     "prune_model": "vlmsparse.pipeline.prune",
+    "prune_folder": "vlmsparse.pipeline.folders",
     "save_pruned": "vlmsparse.pipeline.save",
     "load_pruned": "vlmsparse.pipeline.save",
     "prune_layer": "vlmsparse.pruning",

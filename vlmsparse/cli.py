@@ -153,8 +153,6 @@ def _run_finetune(args: argparse.Namespace) -> int:
     if args.distill > 0 and args.teacher is None:
         raise ValueError("--distill needs --teacher: the dense model folder the pruned model came from (--teacher "
                          "DENSE_FOLDER), or --teacher self for a folder that keeps dense weights beside its masks")
-    if args.teacher is not None and args.distill == 0:
-        raise ValueError(f"--teacher {args.teacher} given without --distill: set --distill LAMBDA > 0 to distil")
     config = FinetuneConfig(
         method=args.method, parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
         rank_language=args.rank_language, rank_vision=args.rank_vision, rank_connector=args.rank_connector,
@@ -249,12 +247,6 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars, no report table")
 
 
-def _part_flags(args: argparse.Namespace) -> dict[str, str]:
-    """The per-part patterns given with --vision / --language / --connector (absent ones left out)."""
-    flags = {part: getattr(args, part) for part in ("vision", "language", "connector")}
-    return {part: value for part, value in flags.items() if value is not None}
-
-
 def _run_prune(args: argparse.Namespace) -> int:
     """``vlmsparse prune`` with transformers' own progress bars (weight loading) off: one bar per pruned stage."""
     from transformers.utils import logging as hf_logging
@@ -269,84 +261,17 @@ def _run_prune(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    import torch
+    from .pipeline.folders import prune_folder
+    from .pipeline.prune import format_report, report_of
 
-    from .data.calibration import (
-        build_calibration_batches,
-        default_text_seqlen,
-        is_text_source,
-        load_calibration_samples,
-        text_calibration_batches,
+    out, masks = prune_folder(
+        args.model, args.output, method=args.method, sparsity=args.sparsity, allocation=args.allocation,
+        vision=args.vision, language=args.language, connector=args.connector, calibration=args.calibration,
+        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
+        max_words=args.max_words, image_root=args.image_root, scope=args.scope, blocksize=args.blocksize,
+        dampening=args.dampening, report_error=not args.no_error, device=args.device, dtype=args.dtype,
+        offload=args.offload, stream=args.stream, overwrite=args.overwrite, progress=not args.quiet,
     )
-    from .models import decoder_start_token_id, get_arch_spec, vision_image_size
-    from .pipeline.guards import check_device
-    from .pipeline.prune import PruneConfig, allocation_with_parts, format_report, prune_model, report_of
-    from .pipeline.save import (
-        check_model_folder,
-        check_output_folder,
-        load_model,
-        load_processor,
-        save_pruned,
-    )
-
-    check_output_folder(args.output, [args.model], args.overwrite, option="--overwrite")
-    check_model_folder(args.model)  # before any other work; load_model checks it again (a directory listing)
-    if args.max_words is not None and args.max_words < 1:
-        raise ValueError(f"--max-words must be >= 1 (words kept per caption), got {args.max_words}")
-    if args.seqlen is not None and args.seqlen < 1:
-        raise ValueError(f"--seqlen must be >= 1 (tokens per calibration window), got {args.seqlen}")
-    flags = _part_flags(args)
-    if args.allocation == "owl" and flags:
-        raise ValueError("--allocation owl cannot be combined with --vision / --language / --connector (OWL spreads "
-                         "one --sparsity over the layers); use --allocation equal, language or vision with them")
-    needs_calibration = PruneConfig(
-        method=args.method, sparsity=args.sparsity, allocation=args.allocation, scope=args.scope,
-        blocksize=args.blocksize, dampening=args.dampening,
-    ).needs_calibration  # refuses bad options (e.g. sparsegpt with --scope) before loading
-    device = check_device(args.device, option="--device")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    processor = load_processor(args.model)
-    if needs_calibration and processor is None:
-        raise ValueError(f"{args.model} holds no processor or tokenizer files to build calibration inputs")
-    calibration = None
-    text = needs_calibration and is_text_source(args.calibration)
-    if text:  # read, tokenize and cut the windows before the model loads: bad text fails fast
-        seqlen = args.seqlen or default_text_seqlen(args.model)
-        calibration = text_calibration_batches(args.calibration, processor, args.nsamples, seqlen, args.seed,
-                                               args.batch_size)
-    samples = None
-    if needs_calibration and not text and args.calibration != "synthetic":  # bad records fail before the model loads
-        samples = load_calibration_samples(args.calibration, args.nsamples, args.seed, image_root=args.image_root)
-    if args.stream:
-        from .pipeline.stream import empty_model, prune_streamed
-
-        model = empty_model(args.model, dtype)
-    else:
-        model = load_model(args.model, device=None if args.offload else device, dtype=dtype)
-    present = {stage.part for stage in get_arch_spec(model).resolve(model)}
-    allocation = allocation_with_parts(args.allocation, args.sparsity, flags, present)
-    if text:
-        pruned = set(PruneConfig(sparsity=args.sparsity, allocation=allocation).part_patterns_unchecked()) & present
-        if pruned - {"language"}:
-            raise ValueError(f"--calibration {args.calibration}: a text source has no images, so it cannot calibrate "
-                             f"the {', '.join(sorted(pruned - {'language'}))} part(s) of this model; use "
-                             "--allocation language, or image-text records (.json/.jsonl, an image folder)")
-    elif needs_calibration:
-        if samples is None:  # the synthetic set, drawn at the vision tower's image size
-            samples = load_calibration_samples(args.calibration, args.nsamples, args.seed,
-                                               image_size=vision_image_size(model))
-        calibration = build_calibration_batches(samples, processor, args.batch_size, args.max_words,
-                                                decoder_start_token_id=decoder_start_token_id(model))
-    options = dict(method=args.method, sparsity=args.sparsity, allocation=allocation, calibration=calibration,
-                   scope=args.scope, blocksize=args.blocksize, dampening=args.dampening,
-                   report_error=not args.no_error, progress=not args.quiet)
-    if args.stream:
-        out, masks = prune_streamed(model, args.model, args.output, device=device, processor=processor,
-                                    overwrite=args.overwrite, dtype=dtype, **options)
-    else:
-        masks = prune_model(model, device=device if args.offload else None, **options)
-        out = save_pruned(model, masks, args.output, processor=processor, overwrite=args.overwrite,
-                          source=args.model)
     if args.json:
         _print_json({"output": str(out), "sparsity": masks.sparsity(), "method": masks.method,
                      "layers": [vars(r) for r in report_of(masks)]})
@@ -454,7 +379,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .eval.vqa import check_results_path, evaluate_folder, load_model_folder, write_folder_results
+    from .eval.vqa import check_results_path, evaluate_folder, write_folder_results
     from .pipeline.guards import check_output_file
 
     def scores(vqa) -> str:
@@ -466,8 +391,6 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --data (VQA data file) or --text (perplexity)")
     if args.annotations is not None and args.data is None:
         raise ValueError("--annotations goes with --data (a VQAv2 / OK-VQA questions file), not with --text")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1 (rows to evaluate), got {args.limit}")
     if args.fill_questions is not None and args.results is None:
         raise ValueError("--fill-questions goes with --results (it completes the results file)")
     if args.results is not None and args.data is None:
@@ -477,13 +400,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.results is not None:
         check_results_path(args.results, args.overwrite, [args.data, args.annotations, args.output, args.fill_questions])
     if args.text is not None:
-        from .eval.perplexity import perplexity_of_file
+        from .eval.perplexity import perplexity_of_folder
 
-        model, processor = load_model_folder(args.model)
-        if processor is None:
-            raise ValueError(f"{args.model}: no tokenizer saved in the folder; perplexity needs one")
-        tokenizer = getattr(processor, "tokenizer", processor)
-        result = perplexity_of_file(model, tokenizer, args.text, args.max_length, args.stride).to_dict()
+        result = perplexity_of_folder(args.model, args.text, args.max_length, args.stride).to_dict()
         report = {"model": args.model, "text": args.text, **result}
         text = f"perplexity {result['perplexity']:.4f} over {result['num_tokens']} tokens"
     elif args.results is None:

@@ -34,7 +34,8 @@ import torch
 
 from ..models import decoder_start_token_id
 
-__all__ = ["PerplexityResult", "perplexity", "perplexity_of_file", "language_model_of", "max_positions"]
+__all__ = ["PerplexityResult", "perplexity", "perplexity_of_file", "perplexity_of_folder", "language_model_of",
+           "max_positions"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,7 @@ def perplexity(model: Any, tokenizer: Any, text: str, max_length: int = 128, str
         stride = max(1, max_length // 2) if decoder_start_token_id(lm) is not None else max_length
     if max_length < 2 or not 1 <= stride <= max_length:
         raise ValueError(f"need max_length >= 2 and 1 <= stride <= max_length, got max_length={max_length}, stride={stride}")
-    if not text.strip():
-        raise ValueError("perplexity: the text is empty")
+    _check_text(text)
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     if ids.numel() < 2:
         raise ValueError(f"perplexity: the text has {ids.numel()} token(s); at least 2 are needed")
@@ -133,8 +133,31 @@ def perplexity(model: Any, tokenizer: Any, text: str, max_length: int = 128, str
                             stride=stride)
 
 
+def _check_text(text: str) -> None:
+    if not text.strip():
+        raise ValueError("perplexity: the text is empty")
+
+
 def perplexity_of_file(model: Any, tokenizer: Any, path: str | os.PathLike, max_length: int = 128,
                        stride: int | None = None) -> PerplexityResult:
     """:func:`perplexity` of the text in ``path`` (UTF-8)."""
     with open(path, encoding="utf-8") as f:
         return perplexity(model, tokenizer, f.read(), max_length, stride)
+
+
+def perplexity_of_folder(model_dir: str | os.PathLike, path: str | os.PathLike, max_length: int = 128,
+                         stride: int | None = None) -> PerplexityResult:
+    """:func:`perplexity` of the model saved in ``model_dir`` (any folder :func:`vlmsparse.pipeline.save.load_model`
+    opens: dense, pruned, finetuned or compressed) on the text in ``path`` (UTF-8), with the tokenizer saved
+    beside it (a processor's tokenizer). The text is read before the model loads, so a missing or empty file fails
+    first; a folder without a tokenizer is a ValueError."""
+    from ..pipeline.save import load_model, load_processor  # not at import: the pipeline pulls in the kernels
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    _check_text(text)
+    processor = load_processor(model_dir)
+    if processor is None:
+        raise ValueError(f"{model_dir}: no tokenizer saved in the folder; perplexity needs one")
+    model = load_model(model_dir)
+    return perplexity(model, getattr(processor, "tokenizer", processor), text, max_length, stride)

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +127,18 @@ class PruneConfig:
         pattern = parse_pattern(self.sparsity)
         return {part: pattern for part in ALLOCATION_PARTS[self.allocation]}
 
+    def pruned_parts(self, present: Collection[str]) -> set[str]:
+        """The parts this configuration prunes in a model whose parts are ``present``: those its allocation gives
+        a pattern that is not dense. A part at ``0`` (``"0"``, ``"0%"``) is left dense, so it is not pruned and
+        needs no calibration inputs (e.g. no images for a vision part at 0)."""
+        return {part for part, pattern in self.part_patterns_unchecked().items()
+                if part in present and not _is_dense(pattern)}
+
+
+def _is_dense(pattern: SparsityPattern) -> bool:
+    """Whether ``pattern`` prunes nothing (unstructured at 0): such a part is left as it is."""
+    return not pattern.is_nm and pattern.sparsity == 0
+
 
 def allocation_with_parts(allocation: str, sparsity: Any, parts: Mapping[str, Any],
                           present: set[str]) -> str | dict[str, Any]:
@@ -173,7 +185,7 @@ def _plan(
     plan = []
     for stage in stages:
         pattern = patterns.get(stage.part)
-        if pattern is None or (not pattern.is_nm and pattern.sparsity == 0):
+        if pattern is None or _is_dense(pattern):
             continue
         if not stage.spec.default and not (stage.part == "connector" and explicit_connector):
             continue
