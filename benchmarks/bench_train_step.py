@@ -9,7 +9,13 @@ Methods (the same layers train in each):
 - ``full``:       the weights train, gradients masked (zeros stay zero), AdamW;
 - ``peft-lora``:  peft LoRA (dense update), AdamW on A, B;
 - ``naive``:      masked LoRA by autograd over a materialised ``(B@A)*M`` (keeps full-size tensors for backward);
-- ``sparselora``: :class:`vlmsparse.SparseLoRALinear` (saves only x, A, B; backend ``reference`` on CPU).
+- ``sparselora``: :class:`vlmsparse.SparseLoRALinear` (saves only x, A, B; backend ``reference`` on CPU);
+- ``sparselora-packed``: the same layer over the packed 2:4 base (``compress(..., backend="packed24")`` then
+  ``add_sparse_lora(model, None)``): the frozen weights stay packed, forward and backward through the fused
+  ``packed24_lora`` op (the CUDA default ``dense_gemm`` unpacks per call; ``reference`` on CPU).
+
+``model_mb`` is what the prepared model holds (parameters and buffers): the packed base keeps 9/16 of the dense
+fp16 bytes (fp32: 17/32) and no bool mask.
 
 Step = forward, loss, backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)``. Time: median over
 rounds after a warm-up step, methods interleaved within each round (fair on a shared machine); CPU runs use
@@ -50,7 +56,7 @@ from vlmsparse.modules.sparse_lora import SparseLoRALinear  # noqa: E402
 from vlmsparse.pipeline.lora import add_sparse_lora, lora_parameters, mask_gradients  # noqa: E402
 from vlmsparse.sparsity import build_mask  # noqa: E402
 
-METHODS = ("full", "peft-lora", "naive", "sparselora")
+METHODS = ("full", "peft-lora", "naive", "sparselora", "sparselora-packed")
 logger = logging.getLogger("bench_train_step")
 
 
@@ -110,6 +116,12 @@ def prepare(method: str, model: nn.Module, masks: MaskSet, r: int, alpha: float)
         config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(masks), init_lora_weights=False)
         model = peft.get_peft_model(model, config)  # replaces modules in place
         return [p for p in model.parameters() if p.requires_grad]
+    if method == "sparselora-packed":
+        from vlmsparse.pipeline.compress import compress
+
+        compress(model, masks, backend="packed24", progress=False)
+        add_sparse_lora(model, None, r=r, lora_alpha=alpha, init_lora_weights=False)
+        return lora_parameters(model)
     add_sparse_lora(model, masks, r=r, lora_alpha=alpha, init_lora_weights=False)
     if method == "naive":
         for module in model.modules():
@@ -175,17 +187,26 @@ def _train_step(setup, sync) -> float:
     return time.perf_counter() - start
 
 
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers ``model`` holds (each storage once)."""
+    storages = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
 def _setup(build: Callable, method: str, r: int, alpha: float):
     model, masks, loss_fn = build()
     largest = max(m.numel() * model.get_submodule(n).weight.element_size() for n, m in masks.items())
     params = prepare(method, model, masks, r, alpha)
-    return (model, loss_fn, torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)), largest
+    setup = (model, loss_fn, torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01))
+    return setup, largest, model_bytes(model)
 
 
 def measure_memory(build: Callable, method: str, r: int, alpha: float, device: torch.device) -> int:
     """Peak bytes above the built model during the first two steps (gradients, optimizer states, temporaries)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    setup, _ = _setup(build, method, r, alpha)
+    setup, _, _ = _setup(build, method, r, alpha)
     meter = PeakMemory(device)
     meter.start()
     for _ in range(2):
@@ -206,9 +227,9 @@ def run_case(name: str, build: Callable, rounds: int, r: int, alpha: float, devi
     """Memory per method in a child process; time per method in this one, methods interleaved per round."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     peaks = {method: _memory_in_child(argv, key, method) for method in METHODS}
-    setups = {}
+    setups, held = {}, {}
     for method in METHODS:
-        setups[method], largest = _setup(build, method, r, alpha)
+        setups[method], largest, held[method] = _setup(build, method, r, alpha)
         _train_step(setups[method], sync)  # warm-up
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     for _ in range(rounds):
@@ -224,6 +245,7 @@ def run_case(name: str, build: Callable, rounds: int, r: int, alpha: float, devi
             "rounds": rounds,
             "peak_mem_mb": round(peaks[method] / 2**20, 2),
             "largest_weight_mb": round(largest / 2**20, 2),
+            "model_mb": round(held[method] / 2**20, 2),
         })
     full, peft_row = rows[0], rows[1]
     for row in rows:
@@ -318,11 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         for row in run_case(name, build, args.rounds, args.r, args.alpha, device, argv, key):
             rows.append({**meta, **row})
         logger.info("  %.1f s", time.perf_counter() - start)
-    header = f"{'case':34s} {'method':11s} {'step ms':>9s} {'x full':>7s} {'peak MB':>9s} {'-peft MB':>9s}"
+    header = (f"{'case':34s} {'method':17s} {'step ms':>9s} {'x full':>7s} {'peak MB':>9s} {'-peft MB':>9s} "
+              f"{'model MB':>9s}")
     print(header)
     for row in rows:
-        print(f"{row['case']:34s} {row['method']:11s} {row['step_ms_median']:9.1f} {row['time_vs_full']:7.3f} "
-              f"{row['peak_mem_mb']:9.1f} {row['mem_vs_peft_lora_mb']:9.1f}")
+        print(f"{row['case']:34s} {row['method']:17s} {row['step_ms_median']:9.1f} {row['time_vs_full']:7.3f} "
+              f"{row['peak_mem_mb']:9.1f} {row['mem_vs_peft_lora_mb']:9.1f} {row['model_mb']:9.1f}")
     for name, _ in cases.values():
         by = {r["method"]: r for r in rows if r["case"] == name}
         s, naive = by["sparselora"], by["naive"]

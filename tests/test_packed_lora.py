@@ -325,3 +325,64 @@ def test_packed_base_on_cuda_matches_the_dense_base(dtype):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     packed.merge()
     assert isinstance(packed.base_layer, SparseLinear) and packed.base_layer.values.device.type == "cuda"
+
+
+def test_blocked_packed_reference_matches_one_block(monkeypatch):
+    """The packed twins unpack one block of output rows at a time: the same values and gradients as one block."""
+    from vlmsparse import ops
+    from vlmsparse.kernels import reference
+
+    dense, packed, _ = _pair(out=10, inp=16)
+    values, meta = packed.base_layer.values, packed.base_layer.meta
+    A, B, bias = packed.lora_A["default"].weight, packed.lora_B["default"].weight, packed.base_layer.bias
+    x = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        y = ops.packed24_lora_linear(x, values, meta, A, B, 2.0, bias, backend="reference")
+        return (y, *torch.autograd.grad(y.square().sum(), (x, A, B)))
+
+    whole = run()
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 48)  # 3 rows per block -> 4 blocks, the last short
+    assert len(reference._row_blocks(10, 16)) == 4
+    for got, want in zip(run(), whole):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _largest_output_bytes(run) -> int:
+    """The largest tensor any torch op inside ``run()`` returns (a dispatch mode sees every op's outputs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.bytes = max(Largest.bytes, t.numel() * t.element_size())  # views: their own size
+            return out
+
+    with Largest():
+        run()
+    return Largest.bytes
+
+
+def test_packed_reference_makes_no_full_size_tensor():
+    """Forward and backward of the packed twin on a 2048 x 4096 fp32 weight: no op makes a tensor of more than a
+    quarter of the dense weight's bytes (the whole-weight unpacking it replaced made the dense weight, its mask and
+    the effective weight, each full-size); the dense-stored twin takes the weight as input, so it is the control."""
+    from vlmsparse.kernels import reference
+
+    out_features, in_features, tokens = 2048, 4096, 16
+    linear, mask = _pruned_linear(out=out_features, inp=in_features, dtype=torch.float32)
+    base = SparseLinear.from_linear(linear, backend="packed24")
+    A, B = torch.randn(8, in_features) * 0.01, torch.randn(out_features, 8) * 0.01
+    x, dy = torch.randn(tokens, in_features), torch.randn(tokens, out_features)
+    full = out_features * in_features * 4
+    forward = _largest_output_bytes(lambda: reference.packed24_lora_forward_ref(x, base.values, base.meta, A, B, 2.0))
+    backward = _largest_output_bytes(
+        lambda: reference.packed24_lora_backward_ref(dy, x, base.values, base.meta, A, B, 2.0))
+    assert 0 < forward <= full / 4 and 0 < backward <= full / 4, (forward, backward, full)
+    whole = _largest_output_bytes(lambda: reference.sparse_lora_forward_ref(
+        x, reference.unpack24(reference.Packed24(base.values, base.meta, in_features)), mask, A, B, 2.0))
+    assert whole >= full  # the measurement sees a full-size tensor when one is made

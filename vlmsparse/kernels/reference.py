@@ -14,8 +14,8 @@ The packed 2:4 variants take ``values [out, in/2]`` and ``meta [out, ceil(in/8)]
 :mod:`vlmsparse.sparse24`) in place of ``W`` and ``M``; the mask is the packed pattern.
 
 The SparseLoRA twins work in blocks of output rows (``BLOCK_ELEMENTS`` entries of ``W`` each), so neither
-the effective weight nor G exists full-size, even inside a call; the packed 2:4 twins unpack the weight
-(full-size, inside the call). Nothing is kept alive between calls. Arithmetic runs in the input dtype, as the torch reference of a kernel should.
+the effective weight nor G exists full-size, even inside a call; the packed 2:4 twins unpack the weight and its
+pattern one block at a time, so they hold no full-size tensor either. Nothing is kept alive between calls. Arithmetic runs in the input dtype, as the torch reference of a kernel should.
 """
 
 from __future__ import annotations
@@ -64,17 +64,82 @@ def _row_blocks(out_features: int, in_features: int) -> list[tuple[int, int]]:
     return [(i, min(i + rows, out_features)) for i in range(0, out_features, rows)]
 
 
-def _keep(mask: torch.Tensor, i: int, j: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``i:j`` of the mask as 0/1 in ``dtype`` (multiplying is much faster on CPU than a bool where)."""
-    return mask[i:j].view(torch.uint8).to(dtype)
+def _keep(mask_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Mask rows as 0/1 in ``dtype`` (multiplying is much faster on CPU than a bool where)."""
+    return mask_rows.view(torch.uint8).to(dtype)
 
 
-def _effective_rows(weight, keep, lora_A, lora_B, scaling, i, j) -> torch.Tensor:
-    """``(W + s*B@A)[i:j] * M[i:j]`` (pruned entries are +-0; :func:`effective_weight_ref` gives exact +0)."""
-    if lora_A is None or lora_B is None:
-        return weight[i:j] * keep
-    w = torch.addmm(weight[i:j], lora_B[i:j].to(weight.dtype), lora_A.to(weight.dtype), alpha=scaling)
+def _effective_rows(weight_rows, keep, lora_A, lora_B_rows, scaling) -> torch.Tensor:
+    """``(W + s*B@A)[i:j] * M[i:j]`` from rows ``i:j`` of ``W``, ``M`` (as ``keep``) and ``B`` (pruned entries are
+    +-0; :func:`effective_weight_ref` gives exact +0)."""
+    if lora_A is None or lora_B_rows is None:
+        return weight_rows * keep
+    w = torch.addmm(weight_rows, lora_B_rows.to(weight_rows.dtype), lora_A.to(weight_rows.dtype), alpha=scaling)
     return w.mul_(keep)
+
+
+# Row providers: ``rows(i, j) -> (W[i:j], M[i:j])`` of a dense-stored weight and mask, or of a packed 2:4 weight
+# unpacked one block at a time (its pattern is the mask), so the packed twins hold no full-size tensor either.
+def _dense_rows(weight: torch.Tensor, mask: torch.Tensor):
+    return lambda i, j: (weight[i:j], mask[i:j])
+
+
+def _packed_rows(packed: Packed24):
+    def rows(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        part = Packed24(packed.values[i:j], packed.meta[i:j], packed.in_features)
+        return unpack24(part), unpack24_mask(part)
+
+    return rows
+
+
+def _lora_forward_blocks(x, rows, out_features: int, in_features: int, lora_A, lora_B, scaling, bias):
+    """``y = x @ W_eff.T + b`` in blocks of output rows from the row provider ``rows``."""
+    blocks = _row_blocks(out_features, in_features)
+    B = lora_B
+
+    def effective(i: int, j: int) -> torch.Tensor:
+        w, m = rows(i, j)
+        return _effective_rows(w, _keep(m, w.dtype), lora_A, None if B is None else B[i:j], scaling)
+
+    if len(blocks) == 1:
+        return torch.nn.functional.linear(x, effective(0, out_features), bias)
+    x2 = _flatten(x)
+    parts = []
+    for i, j in blocks:
+        w = effective(i, j)
+        parts.append(torch.nn.functional.linear(x2, w, None if bias is None else bias[i:j]))
+        del w
+    return torch.cat(parts, dim=-1).reshape(*x.shape[:-1], out_features)
+
+
+def _lora_backward_blocks(grad_out, x, rows, out_features: int, in_features: int, lora_A, lora_B, scaling,
+                          need_input_grad: bool):
+    """``(dX, dA, dB)`` in blocks of output rows ``b``: ``dX += dY[:, b] @ W_eff[b]``, ``G_b = dY[:, b].T @ X``
+    masked, ``dB[b] = s * G_b @ A.T``, ``dA += s * B[b].T @ G_b``."""
+    dy, x2 = _flatten(grad_out), _flatten(x)
+    x2 = x2.to(dy.dtype)
+    A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
+    grad_x = torch.zeros(dy.shape[0], in_features, dtype=dy.dtype, device=dy.device) if need_input_grad else None
+    grad_A = torch.zeros(A.shape, dtype=dy.dtype, device=dy.device)
+    grad_B = torch.empty(B.shape, dtype=dy.dtype, device=dy.device)
+    for i, j in _row_blocks(out_features, in_features):
+        w_rows, m_rows = rows(i, j)
+        keep = _keep(m_rows, dy.dtype)
+        dy_b = dy[:, i:j]
+        if grad_x is not None:
+            keep_w = keep if w_rows.dtype == dy.dtype else _keep(m_rows, w_rows.dtype)
+            w = _effective_rows(w_rows, keep_w, lora_A, lora_B[i:j], scaling)
+            grad_x.addmm_(dy_b, w.to(dy.dtype))
+            del w
+        g = (dy_b.T @ x2).mul_(keep)  # (G*M)[i:j]
+        torch.mm(g, A.T, out=grad_B[i:j])
+        grad_A.addmm_(B[i:j].T, g)
+        del g
+    grad_A.mul_(scaling)
+    grad_B.mul_(scaling)
+    if grad_x is not None:
+        grad_x = grad_x.reshape(*grad_out.shape[:-1], in_features)
+    return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
 
 
 def sparse_lora_forward_ref(
@@ -88,18 +153,8 @@ def sparse_lora_forward_ref(
 ) -> torch.Tensor:
     """``y [..., out] = x @ (W*M + s*(B@A)*M).T + b`` for ``x [..., in]``, in blocks of output rows."""
     out_features, in_features = weight.shape
-    blocks = _row_blocks(out_features, in_features)
-    if len(blocks) == 1:
-        w_eff = _effective_rows(weight, _keep(mask, 0, out_features, weight.dtype), lora_A, lora_B, scaling,
-                                0, out_features)
-        return torch.nn.functional.linear(x, w_eff, bias)
-    x2 = _flatten(x)
-    parts = []
-    for i, j in blocks:
-        w = _effective_rows(weight, _keep(mask, i, j, weight.dtype), lora_A, lora_B, scaling, i, j)
-        parts.append(torch.nn.functional.linear(x2, w, None if bias is None else bias[i:j]))
-        del w
-    return torch.cat(parts, dim=-1).reshape(*x.shape[:-1], out_features)
+    return _lora_forward_blocks(x, _dense_rows(weight, mask), out_features, in_features, lora_A, lora_B, scaling,
+                                bias)
 
 
 def sparse_lora_backward_ref(
@@ -112,35 +167,11 @@ def sparse_lora_backward_ref(
     scaling: float,
     need_input_grad: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """``(dX [..., in] or None, dA [r, in], dB [out, r])`` for ``grad_out [..., out]`` and ``x [..., in]``.
-
-    Per block of output rows ``b``: ``dX += dY[:, b] @ W_eff[b]``, ``G_b = dY[:, b].T @ X`` masked,
-    ``dB[b] = s * G_b @ A.T``, ``dA += s * B[b].T @ G_b``.
-    """
+    """``(dX [..., in] or None, dA [r, in], dB [out, r])`` for ``grad_out [..., out]`` and ``x [..., in]`` (in
+    blocks of output rows, see :func:`_lora_backward_blocks`)."""
     out_features, in_features = weight.shape
-    dy, x2 = _flatten(grad_out), _flatten(x)
-    x2 = x2.to(dy.dtype)
-    A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
-    grad_x = torch.zeros(dy.shape[0], in_features, dtype=dy.dtype, device=dy.device) if need_input_grad else None
-    grad_A = torch.zeros(A.shape, dtype=dy.dtype, device=dy.device)
-    grad_B = torch.empty(B.shape, dtype=dy.dtype, device=dy.device)
-    for i, j in _row_blocks(out_features, in_features):
-        keep = _keep(mask, i, j, dy.dtype)
-        dy_b = dy[:, i:j]
-        if grad_x is not None:
-            keep_w = keep if weight.dtype == dy.dtype else _keep(mask, i, j, weight.dtype)
-            w = _effective_rows(weight, keep_w, lora_A, lora_B, scaling, i, j)
-            grad_x.addmm_(dy_b, w.to(dy.dtype))
-            del w
-        g = (dy_b.T @ x2).mul_(keep)  # (G*M)[i:j]
-        torch.mm(g, A.T, out=grad_B[i:j])
-        grad_A.addmm_(B[i:j].T, g)
-        del g
-    grad_A.mul_(scaling)
-    grad_B.mul_(scaling)
-    if grad_x is not None:
-        grad_x = grad_x.reshape(*grad_out.shape[:-1], in_features)
-    return grad_x, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
+    return _lora_backward_blocks(grad_out, x, _dense_rows(weight, mask), out_features, in_features, lora_A, lora_B,
+                                 scaling, need_input_grad)
 
 
 def _packed(values: torch.Tensor, meta: torch.Tensor, in_features: int, what: str) -> Packed24:
@@ -172,9 +203,9 @@ def packed24_lora_forward_ref(
     scaling: float,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y = x @ (unpack24(Wp) + s*(B@A)*M24).T + b``, ``M24`` the packed 2:4 pattern."""
+    """``y = x @ (unpack24(Wp) + s*(B@A)*M24).T + b``, ``M24`` the packed 2:4 pattern (unpacked block by block)."""
     packed = _packed(values, meta, x.shape[-1], "packed24_lora_forward_ref")
-    return sparse_lora_forward_ref(x, unpack24(packed), unpack24_mask(packed), lora_A, lora_B, scaling, bias)
+    return _lora_forward_blocks(x, _packed_rows(packed), values.shape[0], x.shape[-1], lora_A, lora_B, scaling, bias)
 
 
 def packed24_lora_backward_ref(
@@ -189,6 +220,5 @@ def packed24_lora_backward_ref(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``(dX, dA, dB)`` of :func:`packed24_lora_forward_ref`."""
     packed = _packed(values, meta, x.shape[-1], "packed24_lora_backward_ref")
-    return sparse_lora_backward_ref(
-        grad_out, x, unpack24(packed), unpack24_mask(packed), lora_A, lora_B, scaling, need_input_grad
-    )
+    return _lora_backward_blocks(grad_out, x, _packed_rows(packed), values.shape[0], x.shape[-1], lora_A, lora_B,
+                                 scaling, need_input_grad)
