@@ -255,17 +255,37 @@ def bench_e2e(dtype_name: str, threads: int, new_tokens: int, prompt: int, quick
         results[label] = (time.perf_counter() - start, out[0, prompt:].tolist())
     dense_s, dense_tokens = results["dense"]
     sparse_s, sparse_tokens = results["sparse"]
+    divergence = first_divergence(dense, ids, dense_tokens, sparse_tokens)
     row = {
         "bench": "cpu_e2e", "model": "llama {}L h{} i{} v{} (random weights, 2:4)".format(*dims),
         "dtype": dtype_name, "threads": threads, "prompt": prompt, "new_tokens": new_tokens,
         "swapped": report.counts(), "dense_tok_s": round(new_tokens / dense_s, 3),
         "sparse_tok_s": round(new_tokens / sparse_s, 3), "speedup": round(dense_s / sparse_s, 3),
-        "same_tokens": dense_tokens == sparse_tokens, **env,
+        "same_tokens": dense_tokens == sparse_tokens, **divergence, **env,
     }
+    where = ""
+    if divergence:
+        where = (f" (first differs at new token {divergence['first_diff']}; the dense model's top-2 logit gap there: "
+                 f"{divergence['dense_top2_gap']:.4g}, relative {divergence['dense_top2_gap_rel']:.2g})")
     print(f"e2e {row['model']} {dtype_name} t={threads}: dense {row['dense_tok_s']:.2f} tok/s, sparse "
-          f"{row['sparse_tok_s']:.2f} tok/s = {row['speedup']:.2f}x, same greedy tokens: {row['same_tokens']}",
+          f"{row['sparse_tok_s']:.2f} tok/s = {row['speedup']:.2f}x, same greedy tokens: {row['same_tokens']}{where}",
           flush=True)
     return row
+
+
+@torch.no_grad()
+def first_divergence(dense, ids: torch.Tensor, dense_tokens: list[int], sparse_tokens: list[int]) -> dict:
+    """Where two greedy continuations first differ (``{}`` when they do not), and the dense model's gap between its
+    two largest logits at that step (absolute, and relative to the largest logit's magnitude): a gap at the
+    rounding level of the dtype is a near-tie that another summation order can flip."""
+    first = next((i for i, (a, b) in enumerate(zip(dense_tokens, sparse_tokens)) if a != b), None)
+    if first is None:
+        return {}
+    prefix = torch.cat([ids, torch.tensor([dense_tokens[:first]], dtype=ids.dtype)], dim=1)
+    top2 = dense(prefix).logits[0, -1].float().topk(2).values
+    gap = float(top2[0] - top2[1])
+    return {"first_diff": first, "dense_top2_gap": round(gap, 6),
+            "dense_top2_gap_rel": round(gap / max(abs(float(top2[0])), 1e-12), 6)}
 
 
 def goal_table(rows: list[dict]) -> list[tuple[str, str, bool]]:

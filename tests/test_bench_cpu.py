@@ -70,3 +70,21 @@ def test_emulate_avx2_restricts_both_sides(tmp_path, native):
     for row in rows:
         assert row["isa"] == "avx2" and row["dense_isa"] == "AVX2"
         assert row["note"] == f"AVX2 tier, dense restricted to AVX2, load {row['load'][0]}"
+
+
+def test_first_divergence_reports_the_step_and_the_dense_top2_gap():
+    import torch
+    from factories import tiny_llama
+
+    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = tiny_llama().eval()
+    ids = torch.tensor([[5, 6, 7]])
+    assert bench.first_divergence(model, ids, [1, 2, 3], [1, 2, 3]) == {}
+    got = bench.first_divergence(model, ids, [1, 2, 3], [1, 9, 3])
+    with torch.no_grad():
+        top2 = model(torch.tensor([[5, 6, 7, 1]])).logits[0, -1].topk(2).values
+    assert got["first_diff"] == 1
+    assert got["dense_top2_gap"] == pytest.approx(float(top2[0] - top2[1]), abs=1e-5)
+    assert got["dense_top2_gap_rel"] == pytest.approx(got["dense_top2_gap"] / abs(float(top2[0])), rel=1e-3)
