@@ -424,3 +424,50 @@ def test_opt_language_model_alone_finetunes_in_memory(tmp_path, processor):
     assert record["mask_check"]["ok"] and record["sparsity_after"]["all"] == pytest.approx(0.5)
     weights = _reload(tmp_path / "run" / "merged", OPTForCausalLM)
     assert sum(_pruned_zeros_exact(weights, masks).values()) == 0
+
+
+def test_packed_base_trains_the_same_run_with_the_frozen_weights_packed(tmp_path, processor, data, monkeypatch):
+    """packed_base=True: the 2:4 linears train over packed bases (checked inside the run), the losses and the
+    merged model equal the nn.Linear-base run's (same seed; float32, summation order aside), the merged folder is
+    an ordinary one; refusals for what a packed base cannot do."""
+    import importlib
+
+    from vlmsparse.modules.sparse_linear import SparseLinear
+
+    finetune_module = importlib.import_module("vlmsparse.training.finetune")  # the package attribute is the function
+    seen = {}
+    real_build = finetune_module._build_trainer
+
+    def spy(student, *args, **kwargs):  # the student as training starts
+        layers = [m for m in student.modules() if isinstance(m, SparseLoRALinear)]
+        seen["packed"] = sum(m.packed_base for m in layers)
+        seen["layers"] = len(layers)
+        seen["bases"] = sum(isinstance(m, SparseLinear) for m in student.modules())
+        return real_build(student, *args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "_build_trainer", spy)
+    runs = {}
+    for packed in (False, True):
+        model, masks = pruned_tiny("llava", "2:4")
+        out = tmp_path / f"packed{packed}"
+        runs[packed] = finetune(model, data, out, masks=masks, processor=processor, max_steps=4, packed_base=packed,
+                                **FAST)
+        if packed:
+            assert seen["packed"] == seen["layers"] == seen["bases"] == len(masks)
+    losses = {p: [e["loss"] for e in r["losses"]] for p, r in runs.items()}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert runs[True]["mask_check"]["ok"] and runs[True]["sparsity_after"] == runs[True]["sparsity_before"]
+    plain = _reload(tmp_path / "packedFalse" / "merged", LlavaForConditionalGeneration)
+    packed_weights = _reload(tmp_path / "packedTrue" / "merged", LlavaForConditionalGeneration)
+    assert plain.keys() == packed_weights.keys()
+    for key in plain:
+        torch.testing.assert_close(packed_weights[key], plain[key], rtol=1e-4, atol=1e-5)
+    assert sum(_pruned_zeros_exact(packed_weights, masks).values()) == 0
+    for bad in (dict(method="lora"), dict(distill_lambda=0.5, teacher="self")):
+        with pytest.raises(ValueError, match="packed_base=True needs method='sparselora'"):
+            finetune(pruned_tiny("llava", "2:4")[0], data, tmp_path / "bad", masks=masks, processor=processor,
+                     max_steps=1, packed_base=True, **{**FAST, **bad})
+    unstructured, unstructured_masks = pruned_tiny("llava", "0.5")
+    with pytest.raises(ValueError, match="no adapted linear .* has a 2:4 mask"):
+        finetune(unstructured, data, tmp_path / "bad2", masks=unstructured_masks, processor=processor, max_steps=1,
+                 packed_base=True, **FAST)

@@ -178,3 +178,16 @@ def test_cli_finetune_destroys_the_launchers_process_group(tmp_path, monkeypatch
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_cli_packed_base_flag_reaches_the_config(tmp_path, monkeypatch, capsys):
+    finetune_module = importlib.import_module("vlmsparse.training.finetune")
+    seen = []
+    monkeypatch.setattr(finetune_module, "finetune", lambda model, data, out, config, **kw: seen.append(config) or {})
+    for flags in ([], ["--packed-base"]):
+        assert main(["finetune", str(tmp_path), "--data", "synthetic:2", "-o", str(tmp_path / "out"), "--json",
+                     *flags]) == 0
+    assert [c.packed_base for c in seen] == [False, True]
+    assert main(["finetune", str(tmp_path), "--data", "synthetic:2", "-o", str(tmp_path / "out"), "--packed-base",
+                 "--method", "lora"]) == 2
+    assert "packed_base=True needs method='sparselora'" in capsys.readouterr().err

@@ -129,6 +129,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--masks-from-zeros", action="store_true", help="take the masks from the zeros of the weights")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--packed-base", action="store_true",
+                   help="keep the frozen 2:4 weights packed while training (9/16 of the fp16 bytes, no bool mask; "
+                   "sparselora only); the merged model is saved as usual")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--logging-steps", type=int, default=10)
@@ -162,7 +165,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         distill_lambda=args.distill, temperature=args.temperature, teacher=args.teacher, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, max_length=args.max_length,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
-        num_workers=args.num_workers, progress=not args.no_progress,
+        num_workers=args.num_workers, progress=not args.no_progress, packed_base=args.packed_base,
     )
     record = finetune(args.model, args.data, args.output, config, masks_from_zeros=args.masks_from_zeros,
                       resume=args.resume, image_root=args.image_root)

@@ -111,11 +111,6 @@ class CompressReport:
         return {"counts": self.counts(), "layers": [asdict(d) for d in self.layers]}
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _median_ms(fn: Callable[[], object], device: torch.device) -> float:
     """Median time of ``fn`` in ms: ``triton.testing.do_bench`` on CUDA, a few perf_counter runs elsewhere."""
     if device.type == "cuda":
@@ -237,7 +232,7 @@ def _swap_linears(model: nn.Module, masks: Mapping[str, torch.Tensor] | None, au
         if chosen == "dense":
             report.layers.append(LayerDecision(name, shape, "dense", reason, dense_ms, sparse_ms, 0, times))
             continue
-        _set_module(model, name, SparseLinear(weight, module.bias, chosen, below))
+        model.set_submodule(name, SparseLinear(weight, module.bias, chosen, below))
         report.layers.append(LayerDecision(name, shape, chosen, reason, dense_ms, sparse_ms, below, times))
     logger.info("compress: %s", report.counts())
     return report
@@ -287,7 +282,7 @@ def decompress(model: nn.Module) -> int:
     """The inverse of :func:`compress`: every ``SparseLinear`` back to an ``nn.Linear``. Returns the count."""
     names = [name for name, module in model.named_modules() if isinstance(module, SparseLinear)]
     for name in names:
-        _set_module(model, name, model.get_submodule(name).to_linear())
+        model.set_submodule(name, model.get_submodule(name).to_linear())
     return len(names)
 
 

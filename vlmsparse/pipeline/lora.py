@@ -54,12 +54,6 @@ def _get_module(model: nn.Module, name: str) -> nn.Module:
         raise ValueError(f"the model has no module {name!r} (a name in the mask set)") from error
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _part_fn(model: nn.Module) -> Callable[[str], str | None]:
     try:
         from ..models import get_arch_spec
@@ -208,7 +202,7 @@ def add_sparse_lora(
             )
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from error
-        _set_module(model, name, wrapped)
+        model.set_submodule(name, wrapped)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in lora_parameters(model):
@@ -232,7 +226,7 @@ def merge_sparse_lora(model: nn.Module, safe_merge: bool = False, check: bool = 
             outside = int(((weight != 0) & ~module.keep_mask()).sum())
             if outside:
                 raise RuntimeError(f"merge_sparse_lora: {name}: {outside} non-zeros outside the mask after merging")
-        _set_module(model, name, linear)
+        model.set_submodule(name, linear)
         count += 1
     logger.info("merge_sparse_lora: merged %d modules", count)
     return model
@@ -242,7 +236,7 @@ def remove_sparse_lora(model: nn.Module) -> nn.Module:
     """The inverse of :func:`add_sparse_lora`: put the original ``nn.Linear`` modules back (adapters dropped,
     merged modules unmerged first), in place; returns ``model``."""
     for name, module in list(sparse_lora_modules(model)):
-        _set_module(model, name, module.to_base_linear())
+        model.set_submodule(name, module.to_base_linear())
     return model
 
 

@@ -33,6 +33,11 @@ class FinetuneConfig:
         distill_lambda > 0.
     max_steps: optimizer steps (> 0 overrides num_epochs). batch_size: per device.
     save_steps: checkpoint (adapters + optimizer state) every N steps; 0 = none.
+    packed_base: keep the frozen weights of the adapted linears whose masks are 2:4 packed while training (values +
+        2-bit indices, 9/16 of the fp16 bytes and no bool mask, against weight + mask: SparseLoRA over a packed
+        base, :mod:`vlmsparse.modules.sparse_lora`); the other linears keep their ``nn.Linear`` base. Only for
+        ``method="sparselora"`` without ``teacher="self"`` (which needs the dense weights). The merged model is
+        saved as with the ``nn.Linear`` base.
     """
 
     method: str = "sparselora"
@@ -62,6 +67,7 @@ class FinetuneConfig:
     logging_steps: int = 1
     num_workers: int = 0
     progress: bool = True
+    packed_base: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -98,6 +104,10 @@ class FinetuneConfig:
             raise ValueError(f"save_total_limit={self.save_total_limit!r} must be None or >= 1")
         if self.teacher is not None and self.distill_lambda == 0.0:
             raise ValueError(f"teacher={self.teacher!r} given but distill_lambda=0: set distill_lambda > 0 to distil")
+        if self.packed_base and (self.method != "sparselora" or self.teacher_source == "self"):
+            raise ValueError(f"packed_base=True needs method='sparselora' and a teacher other than 'self' (the packed "
+                             f"base holds the pruned weights only); got method={self.method!r}, teacher="
+                             f"{self.teacher_source!r}")
 
     @property
     def distill(self) -> bool:
@@ -119,5 +129,9 @@ class FinetuneConfig:
         return out
 
     def identity(self) -> dict:
-        """The fields that define what is trained (a resumed run must match them)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _RUN_ONLY_FIELDS}
+        """The fields that define what is trained (a resumed run must match them); ``packed_base`` only when set
+        (runs from before it existed resume unchanged)."""
+        out = {k: v for k, v in self.to_dict().items() if k not in _RUN_ONLY_FIELDS}
+        if not self.packed_base:
+            del out["packed_base"]
+        return out

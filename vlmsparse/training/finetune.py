@@ -101,9 +101,11 @@ def _masks_fingerprint(masks: MaskSet) -> str:
 def _weight_of(model: nn.Module, name: str) -> torch.Tensor:
     """The weight module ``name`` computes with, without its adapter: the plain / merged weight, or the
     masked base weight of an unmerged adapter module that keeps its dense weight."""
+    from ..modules.sparse_linear import SparseLinear
+
     module = model.get_submodule(name)
     base = getattr(module, "base_layer", module)
-    weight = base.weight.detach()
+    weight = base.dense_weight() if isinstance(base, SparseLinear) else base.weight.detach()
     if getattr(module, "keep_dense", False) and not getattr(module, "merged", True):
         weight = weight.masked_fill(~module.sparsity_mask, 0)
     return weight
@@ -282,12 +284,33 @@ def _prune_unadapted(model: nn.Module, masks: MaskSet) -> None:
             logger.warning("teacher='self': %s has no adapter; its pruned weights are zeroed for both", name)
 
 
+def _pack_bases(model: nn.Module, masks: MaskSet, config: FinetuneConfig) -> None:
+    """``packed_base``: the linears of the adapted parts whose masks keep exactly 2 of every 4 inputs become packed
+    2:4 ``SparseLinear`` modules (packed at their masks' positions), the frozen base the adapters then wrap."""
+    from ..pipeline.compress import compress
+
+    part_of = _part_of(model)
+    two_four = {n: m for n, m in masks.items() if part_of(n) in config.parts and m.shape[1] % 4 == 0
+                and bool((m.reshape(m.shape[0], -1, 4).sum(-1) == 2).all())}
+    if not two_four:
+        raise ValueError(f"packed_base=True: no adapted linear (parts {config.parts}) has a 2:4 mask; the packed "
+                         "base is the 2:4 format")
+    compress(model, two_four, backend="packed24", progress=False)
+    logger.info("packed_base: %d of %d masked linears keep their frozen weights packed 2:4", len(two_four),
+                len(masks))
+
+
 def _merge(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     if config.method == "full":
         return model
+    from ..modules.sparse_linear import SparseLinear
     from ..pipeline.lora import merge_sparse_lora
 
-    return merge_sparse_lora(model, check=False)  # the check below reports every module, then fails
+    merged = merge_sparse_lora(model, check=False)  # the check below reports every module, then fails
+    for name, module in list(merged.named_modules()):  # packed_base: saved as nn.Linear, like the other runs
+        if isinstance(module, SparseLinear):
+            merged.set_submodule(name, module.to_linear())
+    return merged
 
 
 # ------------------------------------------------------------------------------------------ resume
@@ -384,6 +407,9 @@ def finetune(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     fsdp = trainer.is_fsdp_enabled  # the model is sharded when training starts: keep a frame to gather it into
+    if fsdp and config.packed_base:
+        raise ValueError("packed_base=True is not supported under FSDP (it shards parameters; a packed base is "
+                         "buffers): train with the nn.Linear base, or with DDP / one process")
     frame = _meta_frame(student) if fsdp and trainer.args.should_save else None
 
     start = time.perf_counter()
@@ -448,6 +474,8 @@ def _prepare_student(student: nn.Module, masks: MaskSet, config: FinetuneConfig,
             + ("this model's weights are already pruned; " if not dense_kept else "")
             + "pass teacher=<path of the dense checkpoint> (--teacher DENSE_FOLDER) instead"
         )
+    if config.packed_base:
+        _pack_bases(student, masks, config)
     torch.manual_seed(config.seed)  # the adapters' initialisation: the same seed gives the same run
     _attach(student, masks, config, keep_dense=self_teacher)
     if self_teacher:
