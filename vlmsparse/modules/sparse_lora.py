@@ -313,10 +313,11 @@ class SparseLoRALinear(_PeftLoraLinear):
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{a}: r={self.r[a]}" for a in self.lora_A)
         base = ", base=packed 2:4" if self.packed_base else ""
+        # a packed pattern keeps 2 of every 4 inputs: no need to unpack it (printing a large model stays cheap)
+        density = 0.5 if self.packed_base else self.sparsity_mask.float().mean().item()
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, {ranks}, method={self.method!r}, "
-            f"keep_dense={self.keep_dense}, density={self.keep_mask().float().mean().item():.3f}, "
-            f"merged={self.merged}{base}"
+            f"keep_dense={self.keep_dense}, density={density:.3f}, merged={self.merged}{base}"
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
