@@ -11,8 +11,10 @@ Measured side by side in one run, every ratio against the dense run of the same 
 - ``prefill``: one forward over ``--prefill`` tokens (batch 1, last-token logits), eager (the kernels dominate at
   2048 tokens; ``--compile-prefill`` compiles it, at one more compilation per variant), per variant.
 - ``train``: one finetuning step (forward, loss, backward, AdamW) at ``--train-batch`` x ``--train-seq`` tokens:
-  ``sparselora`` (``add_sparse_lora``, the default backend) vs ``peft_lora`` (peft LoRA on the same pruned model),
-  r=16 on every linear of the blocks; peak memory of the step too.
+  ``sparselora`` (``add_sparse_lora``, the default backend), ``sparselora_packed`` (the same adapters over packed
+  2:4 bases: ``compress(..., backend="packed24")`` then ``add_sparse_lora(model, None)``) vs ``peft_lora`` (peft
+  LoRA on the same pruned model), r=16 on every linear of the blocks; peak memory of the step and the bytes the
+  prepared model holds (``model_mb``) too.
 
 Modes: default (GPU) 32 layers; ``--quick`` 4 layers (what ``benchmarks/run_gpu.sh`` runs); ``--tiny`` a CPU
 smoke mode (hidden 64, 2 layers, a few tokens, compile backend ``eager``) that checks the wiring, not speed.
@@ -143,14 +145,20 @@ def _peak(device: torch.device, fn) -> tuple[float, float | None]:
 
 
 def train_step(method: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
-    """``{"step_ms", "peak_mb"}`` of one finetuning step with ``method`` (``sparselora`` or ``peft_lora``)."""
+    """``{"step_ms", "peak_mb", "model_mb"}`` of one finetuning step with ``method`` (``sparselora``,
+    ``sparselora_packed`` or ``peft_lora``)."""
     import peft
 
+    from vlmsparse.pipeline.compress import compress
     from vlmsparse.pipeline.lora import add_sparse_lora, lora_parameters
 
     model, masks = build(args, device, dtype)
     if method == "sparselora":
         add_sparse_lora(model, masks, r=args.rank, lora_alpha=2 * args.rank, init_lora_weights=False)
+        params = lora_parameters(model)
+    elif method == "sparselora_packed":
+        compress(model, masks, backend="packed24", progress=False)
+        add_sparse_lora(model, None, r=args.rank, lora_alpha=2 * args.rank, init_lora_weights=False)
         params = lora_parameters(model)
     else:
         config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=sorted(masks),
@@ -171,7 +179,9 @@ def train_step(method: str, args: argparse.Namespace, device: torch.device, dtyp
     step()  # warm-up (optimizer state allocated)
     seconds, peak = _peak(device, step)
     seconds = statistics.median([seconds] + [_peak(device, step)[0] for _ in range(args.repeats - 1)])
-    return {"step_ms": seconds * 1e3, "peak_mb": peak}
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(),
+                                                                                  *model.buffers()]}
+    return {"step_ms": seconds * 1e3, "peak_mb": peak, "model_mb": sum(held.values()) / 2**20}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -232,18 +242,19 @@ def run(args: argparse.Namespace) -> list[dict]:
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    try:
-        train = {}
-        for method in ("sparselora", "peft_lora"):
+    train, errors = {}, {}
+    for method in ("peft_lora", "sparselora", "sparselora_packed"):
+        try:  # one method failing must not stop the others
             train[method] = train_step(method, args, device, dtype)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        peft_ms = train["peft_lora"]["step_ms"]
-        for method in ("peft_lora", "sparselora"):
-            add("train_step_ms", method, train[method]["step_ms"], peft_ms, False, peak_mb=train[method]["peak_mb"],
-                error=None)
-    except Exception as exc:
-        add("train_step_ms", "sparselora", None, None, False, error=f"{type(exc).__name__}: {exc}"[:300])
+        except Exception as exc:
+            errors[method] = f"{type(exc).__name__}: {exc}"[:300]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    peft_ms = train.get("peft_lora", {}).get("step_ms")
+    for method in ("peft_lora", "sparselora", "sparselora_packed"):
+        got = train.get(method, {})
+        add("train_step_ms", method, got.get("step_ms"), peft_ms, False, peak_mb=got.get("peak_mb"),
+            model_mb=got.get("model_mb"), error=errors.get(method))
     return rows
 
 

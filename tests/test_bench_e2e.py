@@ -27,7 +27,7 @@ def test_bench_e2e_tiny_rows_and_goal_table(tmp_path):
     got = {(r["metric"], r["variant"]) for r in rows}
     assert got == {("decode_tokens_per_s", v) for v in ("dense", "packed24", "auto")} | {
         ("prefill_ms", v) for v in ("dense", "packed24", "auto")} | {
-        ("train_step_ms", "sparselora"), ("train_step_ms", "peft_lora")}
+        ("train_step_ms", "sparselora"), ("train_step_ms", "sparselora_packed"), ("train_step_ms", "peft_lora")}
     for row in rows:
         assert row["bench"] == "e2e" and row["error"] is None and row["value"] > 0 and row["speedup"] > 0, row
         assert row["model"] == "tiny-llama" and row["layers"] == 2 and row["dtype"] == "fp32"
@@ -37,6 +37,8 @@ def test_bench_e2e_tiny_rows_and_goal_table(tmp_path):
     assert by[("decode_tokens_per_s", "dense")]["speedup"] == 1.0
     assert by[("decode_tokens_per_s", "packed24")]["swapped"] == {"packed24": 14}  # 7 linears x 2 blocks
     assert by[("decode_tokens_per_s", "auto")]["note"] == "all layers kept dense"  # no fast 2:4 path on a CPU
+    packed, plain = by[("train_step_ms", "sparselora_packed")], by[("train_step_ms", "sparselora")]
+    assert 0 < packed["model_mb"] < plain["model_mb"]  # the frozen 2:4 weights packed, no bool masks
     goals = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "goals.py"), str(out)], capture_output=True,
                            text=True, timeout=60)
     assert goals.returncode == 0, goals.stderr
