@@ -57,6 +57,20 @@ def test_txt_file_gives_seeded_windows_of_the_token_stream(tmp_path, tokenizer):
     assert all(bool(b["attention_mask"].all()) for b in batches)
 
 
+def test_text_windows_for_an_encoder_decoder_reach_the_decoder_shifted_right(tmp_path, tokenizer):
+    path = tmp_path / "corpus.txt"
+    path.write_text(_text(300))
+    plain = text_calibration_batches(path, tokenizer, nsamples=5, seqlen=16, batch_size=2, seed=1)
+    batches = text_calibration_batches(path, tokenizer, nsamples=5, seqlen=16, batch_size=2, seed=1,
+                                       decoder_start_token_id=7)
+    assert [sorted(b) for b in plain] == [["attention_mask", "input_ids"]] * 3
+    for a, b in zip(plain, batches):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+        assert b["decoder_input_ids"].tolist() == [[7, *row[:-1]] for row in a["input_ids"].tolist()]
+        assert b["decoder_attention_mask"].shape == b["decoder_input_ids"].shape == a["input_ids"].shape
+        assert bool(b["decoder_attention_mask"].all())
+
+
 def test_folder_of_text_files_and_image_folders_stay_images(tmp_path, tokenizer):
     folder = tmp_path / "texts"
     folder.mkdir()

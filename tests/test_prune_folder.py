@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import synthetic_processor, tiny_blip2, tiny_llava
+from factories import synthetic_processor, tiny_blip2, tiny_blip2_t5, tiny_llava
 
 import vlmsparse
 from vlmsparse.masks import MaskSet
@@ -34,6 +34,16 @@ def llava_folder(tmp_path_factory):
 def blip2_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prune-folder") / "blip2"
     model, processor = tiny_blip2(), synthetic_processor("blip2")
+    model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def blip2_t5_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prune-folder") / "blip2-t5"
+    model, processor = tiny_blip2_t5(), synthetic_processor("blip2")
     model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -155,6 +165,40 @@ def test_text_calibration_with_the_vision_and_connector_left_dense(tmp_path, lla
     before, after = dict(load_model(llava_folder).named_parameters()), dict(model.named_parameters())
     dense = prunable_linear_names(model, parts=("vision", "connector"), include_non_default=True)
     assert dense and all(torch.equal(before[f"{n}.weight"], after[f"{n}.weight"]) for n in dense)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("folder", ["blip2_folder", "blip2_t5_folder"])
+def test_text_calibration_of_a_blip2_language_part(tmp_path, request, folder, method):
+    """BLIP-2 (OPT, Flan-T5) needs pixel_values in its forward; allocation 'language' with a text source runs its
+    language model alone (Flan-T5: the decoder reads the windows shifted right): exactly the language linears
+    pruned to 2:4, the masks those of prune_model on text_calibration_batches by hand, vision and connector
+    unchanged."""
+    from vlmsparse.data.calibration import text_calibration_batches
+    from vlmsparse.models import decoder_start_token_id
+    from vlmsparse.pipeline.prune import prune_model
+
+    source = request.getfixturevalue(folder)
+    corpus = _corpus(tmp_path)
+    out, masks = vlmsparse.prune_folder(source, tmp_path / "out", method=method, sparsity="2:4",
+                                        allocation="language", calibration=corpus, seqlen=8, nsamples=4,
+                                        batch_size=2, progress=False)
+    model, saved = load_pruned(out)
+    language = prunable_linear_names(model, parts="language")
+    assert list(masks) == list(saved) == language and masks.info["calibration_batches"] == "2"
+    assert all(masks.patterns[n] == "2:4" and masks[n].float().mean() == 0.5 for n in language)
+    modules = dict(model.named_modules())
+    assert all(torch.equal(modules[n].weight != 0, masks[n]) for n in language)
+    reference = load_model(source)
+    processor = vlmsparse.pipeline.save.load_processor(source)
+    batches = text_calibration_batches(corpus, processor, nsamples=4, seqlen=8, batch_size=2,
+                                       decoder_start_token_id=decoder_start_token_id(reference))
+    expected = prune_model(reference, method=method, sparsity="2:4", allocation="language", calibration=batches,
+                           progress=False)
+    assert all(torch.equal(masks[n], expected[n]) for n in expected) and list(expected) == language
+    before, after = dict(load_model(source).named_parameters()), dict(model.named_parameters())
+    dense = [k for k in before if not k.startswith("language_model.")]
+    assert dense and all(torch.equal(before[k], after[k]) for k in dense)
 
 
 def test_pruned_parts_leaves_out_dense_and_absent_parts():

@@ -231,9 +231,10 @@ def prune_folder(
     text = needs_calibration and calib.is_text_source(calibration)
     batches = samples = empty = None
     if text:  # read, tokenize and cut the windows before the model loads: bad text fails fast
-        batches = calib.text_calibration_batches(calibration, processor, nsamples,
-                                                 seqlen or calib.default_text_seqlen(model), seed, batch_size)
         empty = _stream.empty_model(model, dtype)  # the parts a text can calibrate, checked before loading
+        batches = calib.text_calibration_batches(calibration, processor, nsamples,
+                                                 seqlen or calib.default_text_seqlen(model), seed, batch_size,
+                                                 decoder_start_token_id=models.decoder_start_token_id(empty))
         _check_text_calibrates(calibration, empty, method, sparsity, allocation, parts)
     elif needs_calibration and str(calibration) != "synthetic":  # bad records fail before the model loads
         samples = calib.load_calibration_samples(calibration, nsamples, seed, image_root=image_root)
