@@ -194,6 +194,26 @@ def test_cli_prunes_a_llama_from_text_and_fails_before_loading_on_bad_text(tmp_p
     assert "seqlen must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [["--vision", "0"], ["--vision", "0", "--connector", "0%"],
+                                   ["--allocation", "language", "--connector", "0"]])
+def test_cli_a_part_at_0_that_a_language_model_lacks_is_ignored(tmp_path, llama_folder, flags, capsys):
+    """A part left at 0 needs nothing, also where the model has no such part: a Llama pruned from text with
+    --vision 0 is the Llama pruned without it; a non-zero pattern for a part it lacks is still refused."""
+    from vlmsparse.pipeline.save import load_pruned
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(_text(200))
+    common = ["--method", "wanda", "--sparsity", "2:4", "--calibration", str(corpus), "--nsamples", "2", "--quiet"]
+    assert main(["prune", str(llama_folder), str(tmp_path / "plain"), *common]) == 0
+    assert main(["prune", str(llama_folder), str(tmp_path / "out"), *common, *flags]) == 0
+    _, expected = load_pruned(tmp_path / "plain")
+    model, masks = load_pruned(tmp_path / "out")
+    assert list(masks) == list(expected) and len(masks) == 14 and masks.sparsity() == 0.5
+    assert all(torch.equal(masks[n], expected[n]) for n in masks)
+    assert main(["prune", str(llama_folder), str(tmp_path / "x"), *common, "--vision", "0.5"]) == 2
+    assert "has no vision part to prune" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_cli_prune_turns_transformers_progress_bars_off_while_it_runs(tmp_path, llama_folder, monkeypatch):
     from transformers.utils import logging as hf_logging
 

@@ -201,6 +201,26 @@ def test_text_calibration_of_a_blip2_language_part(tmp_path, request, folder, me
     assert dense and all(torch.equal(before[k], after[k]) for k in dense)
 
 
+@pytest.mark.parametrize("parts", [dict(vision=0), dict(vision="0"), dict(vision="0%", connector=0.0),
+                                   dict(allocation={"language": "2:4", "vision": 0})])
+def test_a_part_at_0_that_a_language_model_lacks_is_ignored(tmp_path, parts):
+    """vision / connector at 0 on a language model prune what the call without them prunes; a non-zero pattern
+    for a part the model lacks is refused, naming it, and nothing is written."""
+    from factories import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    kwargs = dict(method="magnitude", sparsity="2:4", progress=False)
+    _, expected = vlmsparse.prune_folder(tmp_path / "llama", tmp_path / "plain", **kwargs)
+    out, masks = vlmsparse.prune_folder(tmp_path / "llama", tmp_path / "out", **(kwargs | parts))
+    assert list(masks) == list(expected) and masks.sparsity() == 0.5
+    assert all(torch.equal(masks[n], expected[n]) for n in masks)
+    assert all(torch.equal(a, b) for a, b in zip(load_model(out).state_dict().values(),
+                                                 load_model(tmp_path / "plain").state_dict().values()))
+    with pytest.raises(ValueError, match="has no vision part to prune"):
+        vlmsparse.prune_folder(tmp_path / "llama", tmp_path / "x", **kwargs, vision="2:4")
+    assert not (tmp_path / "x").exists()
+
+
 def test_pruned_parts_leaves_out_dense_and_absent_parts():
     from vlmsparse.pipeline.prune import PruneConfig
 

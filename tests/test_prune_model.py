@@ -638,6 +638,19 @@ def test_allocation_with_parts_refuses_owl_and_unknown_allocations():
         allocation_with_parts("most", "0.5", {"vision": "0.5"}, {"vision", "language"})
 
 
+def test_a_part_at_0_that_the_model_lacks_is_ignored():
+    """prune_model on a language model: a vision / connector pattern at 0 prunes what the allocation without it
+    prunes; a non-zero one for a part the model lacks is refused."""
+    batch = text_inputs(tiny_llama())
+    expected = prune_model(tiny_llama(), method="wanda", sparsity="2:4", calibration=[batch], progress=False)
+    for allocation in ({"language": "2:4", "vision": 0}, {"language": "2:4", "vision": "0%", "connector": "0"}):
+        masks = prune_model(tiny_llama(), method="wanda", allocation=allocation, calibration=[batch], progress=False)
+        assert list(masks) == list(expected) and all(torch.equal(masks[n], expected[n]) for n in masks)
+    for allocation in ({"language": "2:4", "vision": 0.5}, {"connector": "2:4"}):
+        with pytest.raises(ValueError, match="has no (vision|connector) part to prune; its parts: language"):
+            prune_model(tiny_llama(), method="wanda", allocation=allocation, calibration=[batch], progress=False)
+
+
 def test_needs_calibration():
     assert not PruneConfig(method="magnitude").needs_calibration
     assert PruneConfig(method="magnitude", allocation="owl").needs_calibration
