@@ -221,6 +221,33 @@ def test_a_part_at_0_that_a_language_model_lacks_is_ignored(tmp_path, parts):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("build", [tiny_blip2_t5, tiny_blip2])
+def test_a_folder_without_tokenizer_files_has_no_processor(tmp_path, build, monkeypatch):
+    """load_processor on a BLIP-2 folder holding no tokenizer files is None (transformers alone would build an
+    empty GPT2 tokenizer from the config), so prune_folder says so before the model loads; the tokenizer alone,
+    or the whole processor, load with their words."""
+    from vlmsparse.pipeline import save
+
+    processor = synthetic_processor("blip2")
+    build().save_pretrained(tmp_path / "bare")
+    assert save.load_processor(tmp_path / "bare") is None
+    build().save_pretrained(tmp_path / "tokenizer")
+    processor.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    build().save_pretrained(tmp_path / "processor")
+    processor.save_pretrained(tmp_path / "processor")
+    words = len(processor.tokenizer)
+    assert len(save.load_processor(tmp_path / "tokenizer")) == words
+    assert len(save.load_processor(tmp_path / "processor").tokenizer) == words
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the processor was checked")
+
+    monkeypatch.setattr(save, "load_model", no_model)
+    with pytest.raises(ValueError, match="bare holds no processor or tokenizer files to build calibration inputs"):
+        vlmsparse.prune_folder(tmp_path / "bare", tmp_path / "out", method="wanda", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_pruned_parts_leaves_out_dense_and_absent_parts():
     from vlmsparse.pipeline.prune import PruneConfig
 
