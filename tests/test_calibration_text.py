@@ -57,6 +57,20 @@ def test_txt_file_gives_seeded_windows_of_the_token_stream(tmp_path, tokenizer):
     assert all(bool(b["attention_mask"].all()) for b in batches)
 
 
+def test_text_windows_for_an_encoder_decoder_reach_the_decoder_shifted_right(tmp_path, tokenizer):
+    path = tmp_path / "corpus.txt"
+    path.write_text(_text(300))
+    plain = text_calibration_batches(path, tokenizer, nsamples=5, seqlen=16, batch_size=2, seed=1)
+    batches = text_calibration_batches(path, tokenizer, nsamples=5, seqlen=16, batch_size=2, seed=1,
+                                       decoder_start_token_id=7)
+    assert [sorted(b) for b in plain] == [["attention_mask", "input_ids"]] * 3
+    for a, b in zip(plain, batches):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+        assert b["decoder_input_ids"].tolist() == [[7, *row[:-1]] for row in a["input_ids"].tolist()]
+        assert b["decoder_attention_mask"].shape == b["decoder_input_ids"].shape == a["input_ids"].shape
+        assert bool(b["decoder_attention_mask"].all())
+
+
 def test_folder_of_text_files_and_image_folders_stay_images(tmp_path, tokenizer):
     folder = tmp_path / "texts"
     folder.mkdir()
@@ -178,6 +192,26 @@ def test_cli_prunes_a_llama_from_text_and_fails_before_loading_on_bad_text(tmp_p
     assert main(["prune", str(llama_folder), str(tmp_path / "x"), "--calibration", str(corpus), "--seqlen",
                  "0", "--quiet"]) == 2
     assert "seqlen must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--vision", "0"], ["--vision", "0", "--connector", "0%"],
+                                   ["--allocation", "language", "--connector", "0"]])
+def test_cli_a_part_at_0_that_a_language_model_lacks_is_ignored(tmp_path, llama_folder, flags, capsys):
+    """A part left at 0 needs nothing, also where the model has no such part: a Llama pruned from text with
+    --vision 0 is the Llama pruned without it; a non-zero pattern for a part it lacks is still refused."""
+    from vlmsparse.pipeline.save import load_pruned
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(_text(200))
+    common = ["--method", "wanda", "--sparsity", "2:4", "--calibration", str(corpus), "--nsamples", "2", "--quiet"]
+    assert main(["prune", str(llama_folder), str(tmp_path / "plain"), *common]) == 0
+    assert main(["prune", str(llama_folder), str(tmp_path / "out"), *common, *flags]) == 0
+    _, expected = load_pruned(tmp_path / "plain")
+    model, masks = load_pruned(tmp_path / "out")
+    assert list(masks) == list(expected) and len(masks) == 14 and masks.sparsity() == 0.5
+    assert all(torch.equal(masks[n], expected[n]) for n in masks)
+    assert main(["prune", str(llama_folder), str(tmp_path / "x"), *common, "--vision", "0.5"]) == 2
+    assert "has no vision part to prune" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_cli_prune_turns_transformers_progress_bars_off_while_it_runs(tmp_path, llama_folder, monkeypatch):

@@ -129,7 +129,8 @@ def test_vqav2_images_without_data_subtype_and_in_the_root(tmp_path):
                                   ["other", "other"], subtype=None, image_dir="imgs")
     rows = load_vqa_rows(q_path, a_path, image_root=tmp_path / "imgs")
     assert [r.image for r in rows] == [str(tmp_path / "imgs" / f"COCO_val2014_{i:012d}.jpg") for i in IMAGE_IDS[:2]]
-    with pytest.raises(FileNotFoundError, match=r"no image file \*_000000262148.jpg in"):
+    with pytest.raises(FileNotFoundError, match=r"no image file \*_000000262148.jpg in .*point image_root "
+                       r"\(--image-root\) at their folder"):
         load_vqa_rows(q_path, a_path)  # default root: the file's folder, which holds no images
 
 
@@ -148,10 +149,12 @@ def test_gqa_rows_exact_match_per_structural_type(tmp_path):
 
 def test_bad_files_give_clear_errors(tmp_path):
     q_path, a_path = _vqav2_files(tmp_path, ["q1?", "q2?", "q3?"], [["a"] * 10] * 3, ["other"] * 3)
-    with pytest.raises(ValueError, match="holds no answers; give the annotations JSON .* with --annotations .* or "
-                       "--results FILE to write the predictions in the official results format without scoring"):
+    with pytest.raises(ValueError, match=r"holds no answers; give the annotations JSON .* as annotations "
+                       r"\(--annotations; .* or write the predictions in the official results format without "
+                       r"scoring \(write_folder_results, --results FILE\)"):
         load_vqa_rows(q_path)
-    with pytest.raises(ValueError, match="is a VQAv2 / OK-VQA annotations file; give the questions file as --data"):
+    with pytest.raises(ValueError, match=r"is a VQAv2 / OK-VQA annotations file; give the questions file as data "
+                       r"\(--data\) and this one as annotations \(--annotations\)"):
         load_vqa_rows(a_path)
     anns = json.loads(a_path.read_text())
     anns["annotations"] = anns["annotations"][1:]
@@ -164,17 +167,19 @@ def test_bad_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="image_id 262148 in the questions file but 5 in"):
         load_vqa_rows(q_path, tmp_path / "other.json")
     (tmp_path / "val2014" / "COCO_val2014_000000393225.jpg").unlink()
-    with pytest.raises(FileNotFoundError, match="image COCO_val2014_000000393225.jpg is neither in"):
+    with pytest.raises(FileNotFoundError, match=r"image COCO_val2014_000000393225.jpg is neither in .*point "
+                       r"image_root \(--image-root\) at their folder"):
         load_vqa_rows(q_path, a_path)
 
     gqa = _gqa_file(tmp_path, ["q?"], ["a"], ["query"])
-    with pytest.raises(ValueError, match="--annotations is only for a VQAv2 / OK-VQA questions file"):
+    with pytest.raises(ValueError, match=r"annotations \(--annotations\) is only for a VQAv2 / OK-VQA questions file"):
         load_vqa_rows(gqa, a_path)
     entries = json.loads(gqa.read_text())
     del entries["020000"]["answer"]
     gqa.write_text(json.dumps(entries))
-    with pytest.raises(ValueError, match="no 'answer' \\(GQA test / challenge questions are unanswered\\).* or "
-                       "--results FILE to write the predictions for a submission without scoring"):
+    with pytest.raises(ValueError, match=r"no 'answer' \(GQA test / challenge questions are unanswered\).* or "
+                       r"write the predictions for a submission without scoring \(write_folder_results, "
+                       r"--results FILE\)"):
         load_vqa_rows(gqa)
     for name, text in [("unknown.json", '{"foo": 1}'), ("list.json", "[1, 2]"), ("text.txt", "not json\n")]:
         (tmp_path / name).write_text(text)
@@ -229,7 +234,9 @@ def test_eval_cli_on_vqav2_files(tmp_path, model_folder, capsys):
     assert brief["num"] == 1 and brief["accuracy"] == pytest.approx(first)
     assert main(["eval", str(folder), "--data", str(q_path), "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
-    assert "holds no answers; give the annotations JSON" in err and "--results FILE to write the predictions" in err
+    assert "holds no answers; give the annotations JSON" in err
+    assert "write the predictions in the official results format without scoring (write_folder_results, " \
+           "--results FILE)" in err
     assert main(["eval", str(folder), "--data", str(a_path), "--max-new-tokens", "2"]) == 2
     assert "is a VQAv2 / OK-VQA annotations file" in capsys.readouterr().err
 
@@ -244,7 +251,7 @@ def test_eval_cli_on_gqa_file(tmp_path, model_folder, capsys):
     assert report["accuracy"] == pytest.approx(2 / 3) and report["metric"] == "exact" and report["num"] == 3
     assert report["per_kind"] == {"query": 1.0, "verify": 0.5}
     assert main(["eval", str(folder), "--data", str(path), "--annotations", str(path)]) == 2
-    assert "--annotations is only for a VQAv2 / OK-VQA questions file" in capsys.readouterr().err
+    assert "annotations (--annotations) is only for a VQAv2 / OK-VQA questions file" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- results files (no answers)
@@ -291,7 +298,8 @@ def test_write_results_formats_normalisation_and_atomicity(tmp_path, monkeypatch
                                                {"questionId": "020001", "prediction": "cat"}]
 
     before = out.read_text()
-    with pytest.raises(FileExistsError, match="the file already exists; pass --overwrite to replace it"):
+    with pytest.raises(FileExistsError, match=r"path \(--results\) .*: the file already exists; pass "
+                       r"overwrite=True \(--overwrite\) to replace it"):
         write_results(rows, ["x"] * 3, out)
 
     def broken_dump(obj, f, **kwargs):  # a write that dies half-way: the old file must survive, no temp left
@@ -335,7 +343,8 @@ def test_eval_cli_results_for_vqav2_test_dev(tmp_path, model_folder, capsys):
 
     before = results.read_text()
     assert main(args) == 2  # refused before the model loads
-    assert "the file already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert f"results (--results) {results}: the file already exists; pass overwrite=True (--overwrite) to " \
+           "replace it" in capsys.readouterr().err
     assert results.read_text() == before
     assert main(args + ["--overwrite", "--limit", "1", "--json", "-o", str(tmp_path / "run.json")]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -420,7 +429,7 @@ def test_eval_cli_results_errors(tmp_path, model_folder, capsys):
     cases = [
         (["--data", str(jsonl), "--results", result], "our JSONL has no official question ids"),
         (["--text", str(jsonl), "--results", result], "--results goes with --data"),
-        (["--data", str(q_path), "--results", str(q_path)], f"--results {q_path}: is the file {q_path} given as"),
+        (["--data", str(q_path), "--results", str(q_path)], f"results (--results) {q_path}: is the file {q_path} given as"),
         (["--data", str(q_path), "--results", result, "-o", result], "given as another argument"),
         (["--data", str(q_path), "--results", str(tmp_path / "folder")], "is a folder"),
     ]

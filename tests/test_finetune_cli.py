@@ -48,7 +48,7 @@ def test_cli_folder_without_masks(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["finetune", str(tmp_path / "plain"), "--data", "synthetic:4", "-o", str(out), *ARGS]) == 2
     err = capsys.readouterr().err
-    assert "must be pruned first" in err and "--masks-from-zeros" in err
+    assert "must be pruned first" in err and "pass masks_from_zeros=True (--masks-from-zeros) to take" in err
     assert main(["finetune", str(tmp_path / "plain"), "--data", "synthetic:4", "-o", str(out), "--masks-from-zeros",
                  "--method", "full", *ARGS]) == 0
     assert "masks kept: True" in capsys.readouterr().out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import synthetic_processor, tiny_blip2, tiny_llava
+from factories import synthetic_processor, tiny_blip2, tiny_blip2_t5, tiny_llava
 
 import vlmsparse
 from vlmsparse.masks import MaskSet
@@ -34,6 +34,16 @@ def llava_folder(tmp_path_factory):
 def blip2_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prune-folder") / "blip2"
     model, processor = tiny_blip2(), synthetic_processor("blip2")
+    model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def blip2_t5_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prune-folder") / "blip2-t5"
+    model, processor = tiny_blip2_t5(), synthetic_processor("blip2")
     model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -155,6 +165,87 @@ def test_text_calibration_with_the_vision_and_connector_left_dense(tmp_path, lla
     before, after = dict(load_model(llava_folder).named_parameters()), dict(model.named_parameters())
     dense = prunable_linear_names(model, parts=("vision", "connector"), include_non_default=True)
     assert dense and all(torch.equal(before[f"{n}.weight"], after[f"{n}.weight"]) for n in dense)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("folder", ["blip2_folder", "blip2_t5_folder"])
+def test_text_calibration_of_a_blip2_language_part(tmp_path, request, folder, method):
+    """BLIP-2 (OPT, Flan-T5) needs pixel_values in its forward; allocation 'language' with a text source runs its
+    language model alone (Flan-T5: the decoder reads the windows shifted right): exactly the language linears
+    pruned to 2:4, the masks those of prune_model on text_calibration_batches by hand, vision and connector
+    unchanged."""
+    from vlmsparse.data.calibration import text_calibration_batches
+    from vlmsparse.models import decoder_start_token_id
+    from vlmsparse.pipeline.prune import prune_model
+
+    source = request.getfixturevalue(folder)
+    corpus = _corpus(tmp_path)
+    out, masks = vlmsparse.prune_folder(source, tmp_path / "out", method=method, sparsity="2:4",
+                                        allocation="language", calibration=corpus, seqlen=8, nsamples=4,
+                                        batch_size=2, progress=False)
+    model, saved = load_pruned(out)
+    language = prunable_linear_names(model, parts="language")
+    assert list(masks) == list(saved) == language and masks.info["calibration_batches"] == "2"
+    assert all(masks.patterns[n] == "2:4" and masks[n].float().mean() == 0.5 for n in language)
+    modules = dict(model.named_modules())
+    assert all(torch.equal(modules[n].weight != 0, masks[n]) for n in language)
+    reference = load_model(source)
+    processor = vlmsparse.pipeline.save.load_processor(source)
+    batches = text_calibration_batches(corpus, processor, nsamples=4, seqlen=8, batch_size=2,
+                                       decoder_start_token_id=decoder_start_token_id(reference))
+    expected = prune_model(reference, method=method, sparsity="2:4", allocation="language", calibration=batches,
+                           progress=False)
+    assert all(torch.equal(masks[n], expected[n]) for n in expected) and list(expected) == language
+    before, after = dict(load_model(source).named_parameters()), dict(model.named_parameters())
+    dense = [k for k in before if not k.startswith("language_model.")]
+    assert dense and all(torch.equal(before[k], after[k]) for k in dense)
+
+
+@pytest.mark.parametrize("parts", [dict(vision=0), dict(vision="0"), dict(vision="0%", connector=0.0),
+                                   dict(allocation={"language": "2:4", "vision": 0})])
+def test_a_part_at_0_that_a_language_model_lacks_is_ignored(tmp_path, parts):
+    """vision / connector at 0 on a language model prune what the call without them prunes; a non-zero pattern
+    for a part the model lacks is refused, naming it, and nothing is written."""
+    from factories import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    kwargs = dict(method="magnitude", sparsity="2:4", progress=False)
+    _, expected = vlmsparse.prune_folder(tmp_path / "llama", tmp_path / "plain", **kwargs)
+    out, masks = vlmsparse.prune_folder(tmp_path / "llama", tmp_path / "out", **(kwargs | parts))
+    assert list(masks) == list(expected) and masks.sparsity() == 0.5
+    assert all(torch.equal(masks[n], expected[n]) for n in masks)
+    assert all(torch.equal(a, b) for a, b in zip(load_model(out).state_dict().values(),
+                                                 load_model(tmp_path / "plain").state_dict().values()))
+    with pytest.raises(ValueError, match="has no vision part to prune"):
+        vlmsparse.prune_folder(tmp_path / "llama", tmp_path / "x", **kwargs, vision="2:4")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("build", [tiny_blip2_t5, tiny_blip2])
+def test_a_folder_without_tokenizer_files_has_no_processor(tmp_path, build, monkeypatch):
+    """load_processor on a BLIP-2 folder holding no tokenizer files is None (transformers alone would build an
+    empty GPT2 tokenizer from the config), so prune_folder says so before the model loads; the tokenizer alone,
+    or the whole processor, load with their words."""
+    from vlmsparse.pipeline import save
+
+    processor = synthetic_processor("blip2")
+    build().save_pretrained(tmp_path / "bare")
+    assert save.load_processor(tmp_path / "bare") is None
+    build().save_pretrained(tmp_path / "tokenizer")
+    processor.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    build().save_pretrained(tmp_path / "processor")
+    processor.save_pretrained(tmp_path / "processor")
+    words = len(processor.tokenizer)
+    assert len(save.load_processor(tmp_path / "tokenizer")) == words
+    assert len(save.load_processor(tmp_path / "processor").tokenizer) == words
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the processor was checked")
+
+    monkeypatch.setattr(save, "load_model", no_model)
+    with pytest.raises(ValueError, match="bare holds no processor or tokenizer files to build calibration inputs"):
+        vlmsparse.prune_folder(tmp_path / "bare", tmp_path / "out", method="wanda", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_pruned_parts_leaves_out_dense_and_absent_parts():

@@ -3,6 +3,8 @@ sequential calibration equal to a full-model reference, shared statistics, paddi
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from factories import (
@@ -10,9 +12,11 @@ from factories import (
     blip2_t5_inputs,
     instructblip_inputs,
     llava_inputs,
+    text_inputs,
     tiny_blip2,
     tiny_blip2_t5,
     tiny_instructblip,
+    tiny_instructblip_t5,
     tiny_llama,
     tiny_llava,
     tiny_opt,
@@ -493,6 +497,81 @@ def test_t5_blocks_get_their_own_position_bias():
         assert torch.equal(masks[name], expected), name
 
 
+def _text_batches(model, seeds=(21, 22)):
+    """Text-only batches (no pixel_values, no image tokens; the last row padded); an encoder-decoder language
+    model's decoder reads the text shifted right behind its start token, as text calibration builds it."""
+    batches = [text_inputs(model, seed=s) for s in seeds]
+    config = getattr(model.config, "text_config", model.config)
+    if getattr(config, "is_encoder_decoder", False):
+        for b in batches:
+            start = torch.full_like(b["input_ids"][:, :1], config.decoder_start_token_id)
+            b["decoder_input_ids"] = torch.cat([start, b["input_ids"][:, :-1]], dim=1)
+    return batches
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("build", [tiny_blip2, tiny_instructblip])
+def test_text_calibration_of_a_blip_language_part_runs_the_language_model_alone(build, method):
+    """BLIP-2's / InstructBLIP's forward needs pixel_values: a text batch calibrates the language part by running
+    the language model alone. The masks and weights equal those of pruning that language model by itself on the
+    same batches; exactly the language linears are pruned to 2:4; vision and connector are bit-identical."""
+    model = build()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    alone = copy.deepcopy(model.language_model)
+    batches = _text_batches(model)
+    masks = prune_model(model, method=method, sparsity="2:4", allocation="language", calibration=batches,
+                        progress=False)
+    expected = prune_model(alone, method=method, sparsity="2:4", calibration=batches, progress=False)
+    assert list(masks) == [f"language_model.{n}" for n in expected]
+    assert all(torch.equal(masks[f"language_model.{n}"], expected[n]) for n in expected)
+    modules = dict(alone.named_modules())
+    assert all(torch.equal(model.get_submodule(f"language_model.{n}").weight, modules[n].weight) for n in expected)
+    _check_pruned(model, original, masks, prunable_linear_names(model, parts="language"), "2:4", method)
+    assert masks.sparsity() == 0.5
+
+
+@pytest.mark.parametrize("build", [tiny_blip2_t5, tiny_instructblip_t5])
+def test_text_calibration_of_a_flan_t5_language_part(build):
+    """BLIP-2 / InstructBLIP with Flan-T5: text batches with the decoder's inputs calibrate the encoder and the
+    decoder (the language model run alone); the Wanda masks of their second blocks equal those from inputs
+    captured in ordinary forwards of the pruned language model (that block made dense again); vision and
+    connector are bit-identical."""
+    model = build()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = {k.removeprefix("language_model."): v for k, v in original.items() if k.startswith("language_model.")}
+    batches = _text_batches(model)
+    masks = prune_model(model, method="wanda", sparsity=0.5, allocation="language", calibration=batches,
+                        progress=False)
+    _check_pruned(model, original, masks, prunable_linear_names(model, parts="language"), "0.5", "wanda")
+    language = model.language_model
+    for block, name, use_mask in [("encoder.block.1", "encoder.block.1.layer.0.SelfAttention.q", True),
+                                  ("encoder.block.1", "encoder.block.1.layer.1.DenseReluDense.wo", True),
+                                  ("decoder.block.1", "decoder.block.1.layer.0.SelfAttention.q", False),
+                                  ("decoder.block.1", "decoder.block.1.layer.2.DenseReluDense.wo", False)]:
+        norm = _dense_block_input_norm(language, dense, block, language.get_submodule(name), batches, use_mask)
+        _, expected = wanda_prune(dense[f"{name}.weight"], norm, 0.5)
+        assert torch.equal(masks[f"language_model.{name}"], expected), name
+
+
+def test_text_batches_cannot_calibrate_a_vision_part():
+    """A text batch never reaches the vision tower: pruning vision with calibration refuses it up front (naming
+    pixel_values and the part), the model unchanged; magnitude with text batches (its error report) still runs."""
+    model = tiny_blip2()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = _text_batches(model)
+    with pytest.raises(ValueError, match="batch 0 has no pixel_values .* cannot calibrate the vision part"):
+        prune_model(model, method="wanda", sparsity="2:4", calibration=batches, progress=False)
+    with pytest.raises(ValueError, match="batch 1 has no pixel_values .* cannot calibrate the connector"):
+        prune_model(model, method="sparsegpt", allocation={"language": "2:4", "connector": 0.5},
+                    calibration=[blip2_inputs(), *batches[1:]], progress=False)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    masks = prune_model(model, method="magnitude", sparsity="2:4", calibration=batches, progress=False)
+    assert set(masks) == set(prunable_linear_names(model)) and masks.sparsity() == 0.5
+    errors = {r.name: r.error for r in report_of(masks)}
+    assert all(errors[n] is not None for n in prunable_linear_names(model, parts="language"))
+    assert all(errors[n] is None for n in prunable_linear_names(model, parts="vision"))
+
+
 def test_t5_cross_attention_statistics_skip_encoder_padding():
     """The decoder's cross-attention k/v read the encoder output: their statistics skip the encoder's padding
     (``attention_mask``), not the decoder's (``decoder_attention_mask``). Their Wanda masks equal those from
@@ -557,6 +636,19 @@ def test_allocation_with_parts_refuses_owl_and_unknown_allocations():
         allocation_with_parts("owl", "0.5", {"vision": "0.5"}, {"vision", "language"})
     with pytest.raises(ValueError, match="unknown allocation 'most'; allowed: equal, language, vision, owl"):
         allocation_with_parts("most", "0.5", {"vision": "0.5"}, {"vision", "language"})
+
+
+def test_a_part_at_0_that_the_model_lacks_is_ignored():
+    """prune_model on a language model: a vision / connector pattern at 0 prunes what the allocation without it
+    prunes; a non-zero one for a part the model lacks is refused."""
+    batch = text_inputs(tiny_llama())
+    expected = prune_model(tiny_llama(), method="wanda", sparsity="2:4", calibration=[batch], progress=False)
+    for allocation in ({"language": "2:4", "vision": 0}, {"language": "2:4", "vision": "0%", "connector": "0"}):
+        masks = prune_model(tiny_llama(), method="wanda", allocation=allocation, calibration=[batch], progress=False)
+        assert list(masks) == list(expected) and all(torch.equal(masks[n], expected[n]) for n in masks)
+    for allocation in ({"language": "2:4", "vision": 0.5}, {"connector": "2:4"}):
+        with pytest.raises(ValueError, match="has no (vision|connector) part to prune; its parts: language"):
+            prune_model(tiny_llama(), method="wanda", allocation=allocation, calibration=[batch], progress=False)
 
 
 def test_needs_calibration():

@@ -297,3 +297,24 @@ def test_cli_text_calibration_cannot_calibrate_a_pruned_connector(tmp_path, llav
     assert main(["prune", str(llava_folder), str(out), "--allocation", "language", "--connector", "0.5",
                  "--calibration", str(tmp_path / "corpus.txt"), "--seqlen", "16", "--nsamples", "2", "--quiet"]) == 2
     assert "cannot calibrate the connector part" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("flags", [["--allocation", "language"], ["--vision", "0"]])
+def test_cli_text_calibration_of_a_blip2_language_part(tmp_path, blip2_folder, flags, capsys):
+    """BLIP-2's forward needs pixel_values: a text source calibrates its language part (the language model run
+    alone) instead of failing on the missing images; pruning its vision part from text is refused before loading."""
+    from vlmsparse.pipeline.save import load_model
+
+    (tmp_path / "corpus.txt").write_text(" ".join(["a red circle"] * 200))
+    out = tmp_path / "pruned"
+    assert main(["prune", str(blip2_folder), str(out), "--sparsity", "2:4", "--calibration",
+                 str(tmp_path / "corpus.txt"), "--seqlen", "16", "--nsamples", "2", "--quiet", *flags]) == 0
+    model, masks = load_pruned(out)
+    language = prunable_linear_names(model, parts="language")
+    assert list(masks) == language and all(masks[n].float().mean() == 0.5 for n in language)
+    before, after = dict(load_model(blip2_folder).named_parameters()), dict(model.named_parameters())
+    dense = [k for k in before if not k.startswith("language_model.")]
+    assert dense and all(torch.equal(before[k], after[k]) for k in dense)
+    assert main(["prune", str(blip2_folder), str(tmp_path / "x"), "--calibration", str(tmp_path / "corpus.txt"),
+                 "--seqlen", "16", "--nsamples", "2", "--quiet"]) == 2
+    assert "cannot calibrate the vision part" in capsys.readouterr().err and not (tmp_path / "x").exists()

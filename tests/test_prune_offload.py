@@ -102,6 +102,14 @@ def _llama_batches(model):
     return [text_inputs(model, seed=1), text_inputs(model, seed=2)]
 
 
+def _text_batches(model):
+    batches = _llama_batches(model)
+    if getattr(model.config.text_config, "is_encoder_decoder", False):  # the decoder reads the text shifted right
+        for b in batches:
+            b["decoder_input_ids"] = torch.cat([torch.zeros_like(b["input_ids"][:, :1]), b["input_ids"][:, :-1]], 1)
+    return batches
+
+
 def _llava_batches(model):
     return [llava_inputs(seed=1), llava_inputs(seed=2)]
 
@@ -121,6 +129,10 @@ CASES = {
     # T5 stages capture every block's own arguments (the capture runs each block of the stage, one at a time)
     "blip2-t5-sparsegpt": (tiny_blip2_t5, lambda m: [blip2_t5_inputs(seed=1), blip2_t5_inputs(seed=2)],
                            dict(method="sparsegpt", sparsity=0.5)),
+    # text batches: BLIP-2's language model runs alone (its forward needs pixel_values)
+    "blip2-text-language": (tiny_blip2, _text_batches, dict(method="wanda", sparsity="2:4", allocation="language")),
+    "blip2-t5-text-language": (tiny_blip2_t5, _text_batches,
+                               dict(method="sparsegpt", sparsity=0.5, allocation="language")),
 }
 
 

@@ -399,7 +399,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.results is not None and args.data is None:
         raise ValueError("--results goes with --data (a VQAv2 / OK-VQA or GQA questions file), not with --text")
     if args.output:
-        check_output_file(args.output, [args.data, args.annotations, args.text], args.overwrite, "-o")
+        check_output_file(args.output, [args.data, args.annotations, args.text], args.overwrite, "-o",
+                          "--overwrite")
     if args.results is not None:
         check_results_path(args.results, args.overwrite, [args.data, args.annotations, args.output, args.fill_questions])
     if args.text is not None:

@@ -22,7 +22,8 @@ replacement) from ``[0, n_tokens - seqlen]`` by a ``torch.Generator`` seeded wit
 
 Encoder-decoder language models (Flan-T5 in BLIP-2 / InstructBLIP): the text goes to the encoder as for any
 model, and the decoder reads it too (``decoder_input_ids`` = start token + the text's tokens + EOS), so both
-halves see real text while their statistics are collected.
+halves see real text while their statistics are collected. A text window goes to the decoder shifted right
+behind the start token (``decoder_input_ids`` = start + the window's tokens but its last), as T5 reads labels.
 """
 
 from __future__ import annotations
@@ -388,13 +389,22 @@ def default_text_seqlen(model_dir: str | os.PathLike) -> int:
 
 
 def text_calibration_batches(source: str | os.PathLike, tokenizer: Any, nsamples: int = 128, seqlen: int = 512,
-                             seed: int = 0, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+                             seed: int = 0, batch_size: int = 8,
+                             decoder_start_token_id: int | None = None) -> list[dict[str, torch.Tensor]]:
     """Calibration batches for a language model from a text source: ``{"input_ids", "attention_mask"}``
     ``[<= batch_size, seqlen]`` (no padding: the mask is all ones), ``nsamples`` windows in all. The counts are
-    checked before the source is read."""
+    checked before the source is read. ``decoder_start_token_id`` (an encoder-decoder language model, e.g.
+    Flan-T5) adds ``decoder_input_ids`` (the window shifted right behind it) and ``decoder_attention_mask``."""
     _check_count("nsamples", nsamples, "calibration windows")
     _check_count("seqlen", seqlen, "tokens per calibration window")
     _check_count("batch_size", batch_size, "calibration windows per forward")
     windows = text_calibration_windows(load_calibration_text(source), tokenizer, nsamples, seqlen, seed,
                                        source=f"calibration source {str(source)!r}")
-    return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in windows.split(batch_size)]
+    batches = [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in windows.split(batch_size)]
+    if decoder_start_token_id is not None:
+        for batch in batches:
+            ids = batch["input_ids"]
+            start = torch.full_like(ids[:, :1], decoder_start_token_id)
+            batch["decoder_input_ids"] = torch.cat([start, ids[:, :-1]], dim=1)
+            batch["decoder_attention_mask"] = torch.ones_like(ids)
+    return batches

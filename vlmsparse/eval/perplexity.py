@@ -151,11 +151,13 @@ def perplexity_of_folder(model_dir: str | os.PathLike, path: str | os.PathLike, 
     opens: dense, pruned, finetuned or compressed) on the text in ``path`` (UTF-8), with the tokenizer saved
     beside it (a processor's tokenizer). The text is read before the model loads, so a missing or empty file fails
     first; a folder without a tokenizer is a ValueError."""
-    from ..pipeline.save import load_model, load_processor  # not at import: the pipeline pulls in the kernels
+    # not at import: the pipeline pulls in the kernels
+    from ..pipeline.save import check_model_folder, load_model, load_processor
 
     with open(path, encoding="utf-8") as f:
         text = f.read()
     _check_text(text)
+    check_model_folder(model_dir)  # config and weights first: a bare folder has no tokenizer either
     processor = load_processor(model_dir)
     if processor is None:
         raise ValueError(f"{model_dir}: no tokenizer saved in the folder; perplexity needs one")

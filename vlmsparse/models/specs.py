@@ -53,6 +53,9 @@ __all__ = [
 ]
 
 PARTS = ("vision", "connector", "language")
+# the inputs of a language model run alone on a text-only calibration batch (ArchSpec.text_model)
+TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "decoder_input_ids",
+               "decoder_attention_mask")
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,9 @@ class ArchSpec:
     LLaVA-NeXT's ``image_sizes``, Mllama's ``aspect_ratio_ids``).
     ``flat_images``: ``pixel_values`` hold the patches of all images of a batch concatenated, ``[patches, dim]``,
     with no batch dimension (Qwen2-VL): batches of examples concatenate them instead of stacking.
+    ``text_model``: candidate attribute paths (first existing wins) of the language model that a calibration
+    batch without ``pixel_values`` runs alone, for a model whose own forward needs an image (BLIP-2 and
+    InstructBLIP: text calibration of the language part); empty: such a batch goes to the model's forward.
     ``found``: for a spec built by :func:`structural_spec`, what it found where (else None).
     ``part_prefixes`` may hold dotted prefixes (``visual.merger``); the longest match wins.
     """
@@ -144,6 +150,7 @@ class ArchSpec:
     required_inputs: tuple[str, ...] = ()
     image_inputs: tuple[str, ...] = ()
     flat_images: bool = False
+    text_model: tuple[str, ...] = ()
     found: str | None = None
 
     def part_of(self, name: str) -> str | None:
@@ -194,6 +201,19 @@ class ArchSpec:
                 f"{type(model).__name__}; is this transformers version laid out differently?"
             )
         return stages
+
+    def calibration_call(self, model: nn.Module, batch: dict) -> tuple[nn.Module, dict]:
+        """The module a calibration batch runs through and its inputs: ``model`` and ``batch``, or for a batch
+        without ``pixel_values`` on a spec with ``text_model``, that language model alone and the batch's text
+        inputs (:data:`TEXT_INPUTS`): what the model's language part would read without an image."""
+        if "pixel_values" in batch or not self.text_model:
+            return model, dict(batch)
+        for path in self.text_model:
+            language = _get_path(model, path)
+            if language is not None:
+                return language, {k: v for k, v in batch.items() if k in TEXT_INPUTS}
+        raise ValueError(f"{self.name}: none of the language model paths {list(self.text_model)} exist on "
+                         f"{type(model).__name__}; is this transformers version laid out differently?")
 
     def check_inputs(self, model: nn.Module, batch: dict) -> None:
         """Raise ``ValueError`` when a calibration batch cannot show the model its image."""
@@ -300,6 +320,8 @@ _BLIP_LANGUAGE = (
               mask_key="decoder_attention_mask", reuse_kwargs=False,
               context_masks=(("encoder_hidden_states", "attention_mask"),)),  # cross-attention k / v
 )
+# BLIP-2's / InstructBLIP's forward needs pixel_values: a text batch runs the language model alone
+_BLIP_TEXT_MODEL = ("language_model", "model.language_model")
 _BLIP_PREFIXES = {"vision": ("vision_model",), "connector": ("qformer", "query_tokens", "language_projection"),
                   "language": ("language_model",)}
 
@@ -310,6 +332,7 @@ _BLIP2 = ArchSpec(
     stages=(_BLIP_VISION, *_BLIP_CONNECTOR, *_BLIP_LANGUAGE),
     part_prefixes=_BLIP_PREFIXES,
     image_tokens="query",
+    text_model=_BLIP_TEXT_MODEL,
 )
 
 # InstructBLIP's Q-Former reads [query tokens; instruction tokens]: the instruction's padding is skipped, the
@@ -327,7 +350,8 @@ _INSTRUCTBLIP = ArchSpec(
     stages=(_BLIP_VISION, _INSTRUCTBLIP_QFORMER, _BLIP_CONNECTOR[1], *_BLIP_LANGUAGE),
     part_prefixes=_BLIP_PREFIXES,
     image_tokens="query",
-    required_inputs=("qformer_input_ids",),
+    image_inputs=("qformer_input_ids",),  # with an image; a text batch runs the language model alone
+    text_model=_BLIP_TEXT_MODEL,
 )
 
 _LLAMA = ArchSpec(

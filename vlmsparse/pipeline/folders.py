@@ -178,7 +178,7 @@ def prune_folder(
     What is pruned: ``method``, ``sparsity``, ``allocation``, ``scope``, ``blocksize``, ``dampening`` and
     ``report_error`` as in :func:`~vlmsparse.pipeline.prune.prune_model`. ``vision`` / ``language`` /
     ``connector``: one part's pattern on top of ``allocation`` at ``sparsity`` (replacing it for that part, or
-    adding the part; ``0`` leaves a part dense; see :func:`~vlmsparse.pipeline.prune.allocation_with_parts`).
+    adding the part; ``0`` leaves a part dense, and is ignored for a part the model lacks; see :func:`~vlmsparse.pipeline.prune.allocation_with_parts`).
 
     Calibration (needed by every method but magnitude, and by OWL): ``calibration`` is ``"synthetic"`` (coloured
     shapes with captions at the vision tower's image size), image-text records (a ``.json`` / ``.jsonl`` file,
@@ -231,9 +231,10 @@ def prune_folder(
     text = needs_calibration and calib.is_text_source(calibration)
     batches = samples = empty = None
     if text:  # read, tokenize and cut the windows before the model loads: bad text fails fast
-        batches = calib.text_calibration_batches(calibration, processor, nsamples,
-                                                 seqlen or calib.default_text_seqlen(model), seed, batch_size)
         empty = _stream.empty_model(model, dtype)  # the parts a text can calibrate, checked before loading
+        batches = calib.text_calibration_batches(calibration, processor, nsamples,
+                                                 seqlen or calib.default_text_seqlen(model), seed, batch_size,
+                                                 decoder_start_token_id=models.decoder_start_token_id(empty))
         _check_text_calibrates(calibration, empty, method, sparsity, allocation, parts)
     elif needs_calibration and str(calibration) != "synthetic":  # bad records fail before the model loads
         samples = calib.load_calibration_samples(calibration, nsamples, seed, image_root=image_root)

@@ -45,10 +45,11 @@ def check_output_folder(out_dir: str | os.PathLike, inputs: list[str | os.PathLi
 
 
 def check_output_file(path: str | os.PathLike, inputs: list[str | os.PathLike | None], overwrite: bool,
-                      flag: str) -> Path:
-    """Refuse an output file ``path`` (the option ``flag`` names it) that is a folder, one of the ``inputs``
-    files, or an existing file unless ``overwrite`` (ValueError / FileExistsError); returns it as a Path. Call it
-    before long work."""
+                      flag: str, option: str = "overwrite=True (--overwrite)") -> Path:
+    """Refuse an output file ``path`` (``flag`` names it in messages: the parameter and its command-line flag,
+    e.g. ``"results (--results)"``) that is a folder, one of the ``inputs`` files, or an existing file unless
+    ``overwrite`` (ValueError / FileExistsError; ``option`` names how to pass ``overwrite``); returns it as a
+    Path. Call it before long work."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path}: is a folder; give the path of the JSON file to write")
@@ -56,7 +57,7 @@ def check_output_file(path: str | os.PathLike, inputs: list[str | os.PathLike | 
         if given is not None and path.resolve() == Path(given).resolve():
             raise ValueError(f"{flag} {path}: is the file {given} given as another argument; choose another file")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{flag} {path}: the file already exists; pass --overwrite to replace it")
+        raise FileExistsError(f"{flag} {path}: the file already exists; pass {option} to replace it")
     return path
 
 

@@ -289,6 +289,6 @@ def inspect_checkpoint(path: str | os.PathLike, linear_only: bool = True) -> Ins
         )
     if not report.rows:
         kind = "linear weight" if linear_only else "2-D weight"
-        raise ValueError(f"no {kind} found in {path}" + (" (--all also reports embeddings and other 2-D weights)"
+        raise ValueError(f"no {kind} found in {path}" + (" (linear_only=False (--all) also reports embeddings and other 2-D weights)"
                                                          if linear_only else ""))
     return report

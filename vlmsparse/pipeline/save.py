@@ -106,10 +106,20 @@ def load_model(
     return model.eval()
 
 
+# names (prefixes) of the files a saved tokenizer consists of: a folder holding none has no tokenizer
+_TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece", "sentencepiece")
+
+
 def load_processor(path: str | os.PathLike) -> Any:
-    """The processor saved in a model folder (``AutoProcessor``), else its tokenizer, else ``None``."""
+    """The processor saved in a model folder (``AutoProcessor``), else its tokenizer, else ``None``: also for a
+    folder without tokenizer files (``tokenizer*``, ``vocab*``, ``merges*``, ``spiece*``, ...), where transformers
+    would build an empty tokenizer from the config alone (BLIP-2's ``GPT2Tokenizer`` of 0 words)."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    folder = Path(path)
+    if folder.is_dir() and not any(f.is_file() and f.name.startswith(_TOKENIZER_FILES) for f in folder.iterdir()):
+        log.debug("%s holds no tokenizer files: no processor", path)
+        return None
     for loader in (AutoProcessor, AutoTokenizer):
         try:
             return loader.from_pretrained(str(path))

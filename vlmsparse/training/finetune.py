@@ -153,7 +153,7 @@ def _load(model: str | os.PathLike | nn.Module, masks: MaskSet | None, masks_fro
     if masks is None and not (path / MASKS_FILENAME).exists() and not masks_from_zeros:
         raise ValueError(
             f"{path} has no {MASKS_FILENAME}: it must be pruned first (vlmsparse prune ...), or pass "
-            "--masks-from-zeros to take the masks from the zeros of its weights"
+            "masks_from_zeros=True (--masks-from-zeros) to take the masks from the zeros of its weights"
         )
     if (path / MASKS_FILENAME).exists() and not dense_weights:
         from ..pipeline.save import load_pruned

@@ -39,10 +39,11 @@ def results_format(rows: Sequence[VQARow]) -> str:
 
 
 def check_results_path(path: str | os.PathLike, overwrite: bool = False,
-                       inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+                       inputs: Sequence[str | os.PathLike | None] = (), name: str = "results") -> Path:
     """Refuse a results ``path`` that is a folder, one of the ``inputs`` files, or an existing file unless
-    ``overwrite`` (ValueError / FileExistsError); returns it as a Path."""
-    return check_output_file(path, list(inputs), overwrite, "--results")
+    ``overwrite`` (ValueError / FileExistsError; the messages call it ``name`` (--results), the caller's parameter);
+    returns it as a Path."""
+    return check_output_file(path, list(inputs), overwrite, f"{name} (--results)")
 
 
 def write_results(rows: Sequence[VQARow], predictions: Sequence[str], path: str | os.PathLike,
@@ -64,7 +65,7 @@ def write_results(rows: Sequence[VQARow], predictions: Sequence[str], path: str 
     if len(rows) != len(predictions):
         raise ValueError(f"got {len(predictions)} predictions for {len(rows)} rows")
     fmt = _check_results_rows(rows)
-    path = check_results_path(path, overwrite)
+    path = check_results_path(path, overwrite, name="path")
     _write_results(path, rows, predictions, fmt, _filling(rows, fmt, fill_from))
     return path
 

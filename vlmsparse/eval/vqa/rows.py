@@ -85,7 +85,7 @@ def load_vqa_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None
 FORMATS_HELP = (
     "the formats read are: our JSONL (one {\"image\", \"question\", \"answers\"} object per line); a VQAv2 / OK-VQA "
     "questions JSON ({\"questions\": [{\"image_id\", \"question\", \"question_id\"}, ...]}) with its annotations JSON "
-    "given by --annotations; a GQA questions JSON ({\"<question id>\": {\"imageId\", \"question\", \"answer\"}, ...})"
+    "given as annotations (--annotations); a GQA questions JSON ({\"<question id>\": {\"imageId\", \"question\", \"answer\"}, ...})"
 )
 
 
@@ -123,8 +123,8 @@ def data_format(path: Path) -> tuple[str, Any]:
     if isinstance(obj, dict) and isinstance(obj.get("questions"), list):
         return "vqav2", obj
     if isinstance(obj, dict) and "annotations" in obj:
-        raise DataFormatError(f"{path}: is a VQAv2 / OK-VQA annotations file; give the questions file as --data and "
-                              "this one as --annotations")
+        raise DataFormatError(f"{path}: is a VQAv2 / OK-VQA annotations file; give the questions file as data (--data) "
+                              "and this one as annotations (--annotations)")
     if isinstance(obj, dict) and obj and all(isinstance(q, dict) and "imageId" in q and "question" in q
                                              for q in obj.values()):
         return "gqa", obj
@@ -156,7 +156,8 @@ def _coco_image_finder(root: Path, subtype: str | None) -> Callable[[int], Path]
         def find(image_id: int) -> Path:
             if image_id not in index:
                 raise FileNotFoundError(f"no image file *_{image_id:012d}.jpg in {root} (COCO images are named "
-                                        "COCO_<split>_<12-digit image_id>.jpg; point --image-root at their folder)")
+                                        "COCO_<split>_<12-digit image_id>.jpg; point image_root (--image-root) at "
+                                        "their folder)")
             return index[image_id]
         return find
 
@@ -169,7 +170,8 @@ def _coco_image_finder(root: Path, subtype: str | None) -> Callable[[int], Path]
             if candidate.is_file():
                 return candidate
         raise FileNotFoundError(f"image {name} is neither in {root} nor in {root / subtype} (COCO images are named "
-                                "COCO_<data_subtype>_<12-digit image_id>.jpg; point --image-root at their folder)")
+                                "COCO_<data_subtype>_<12-digit image_id>.jpg; point image_root (--image-root) at "
+                                "their folder)")
     return find_named
 
 
@@ -177,8 +179,9 @@ def _vqav2_rows(path: Path, questions: dict, annotations: str | os.PathLike | No
                 limit: int | None, require_answers: bool) -> list[VQARow]:
     if annotations is None and require_answers:
         raise ValueError(f"{path}: a VQAv2 / OK-VQA questions file holds no answers; give the annotations JSON of the "
-                         "same split with --annotations (e.g. v2_mscoco_val2014_annotations.json) to score it, or "
-                         "--results FILE to write the predictions in the official results format without scoring "
+                         "same split as annotations (--annotations; e.g. v2_mscoco_val2014_annotations.json) to "
+                         "score it, or write the predictions in the official results format without scoring "
+                         "(write_folder_results, --results FILE) "
                          "(test-dev / test splits, which have no public annotations)")
     subtype = questions.get("data_subtype")
     find_image = _coco_image_finder(root, subtype if isinstance(subtype, str) and subtype else None)
@@ -227,13 +230,14 @@ def _gqa_rows(path: Path, questions: dict, root: Path, limit: int | None, requir
         if "answer" not in q and require_answers:
             raise ValueError(f"{where}: no 'answer' (GQA test / challenge questions are unanswered); use a split "
                              "with answers such as testdev_balanced_questions.json or val_balanced_questions.json to "
-                             "score, or --results FILE to write the predictions for a submission without scoring")
+                             "score, or write the predictions for a submission without scoring "
+                             "(write_folder_results, --results FILE)")
         image_id = checked_field(q, "imageId", str, where)
         name = f"{image_id}.jpg"
         image = next((c for c in (root / name, root / "images" / name) if c.is_file()), None)
         if image is None:
             raise FileNotFoundError(f"{where}: image {name} is neither in {root} nor in {root / 'images'} (point "
-                                    "--image-root at the GQA images folder)")
+                                    "image_root (--image-root) at the GQA images folder)")
         types = q.get("types")
         kind = types.get("structural") if isinstance(types, dict) else None
         answers = (checked_field(q, "answer", str, where),) if "answer" in q else ()
@@ -267,7 +271,8 @@ def load_vqa_rows(path: str | os.PathLike, annotations: str | os.PathLike | None
     path = Path(path)
     fmt, obj = data_format(path)
     if annotations is not None and fmt != "vqav2":
-        raise ValueError(f"--annotations is only for a VQAv2 / OK-VQA questions file, but {path} is a {fmt} file")
+        raise ValueError(f"annotations (--annotations) is only for a VQAv2 / OK-VQA questions file, but {path} is a "
+                         f"{fmt} file")
     if fmt == "jsonl":
         return load_vqa_jsonl(path, image_root, limit)
     root = Path(image_root) if image_root is not None else path.parent

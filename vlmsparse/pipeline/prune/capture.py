@@ -1,6 +1,8 @@
 """Calibration batches and block inputs (layer 5, part of :mod:`vlmsparse.pipeline.prune`): checking the
 batches, capturing the inputs of a stage's first block (all positional and keyword arguments, caches dropped,
-``use_cache=False``) by running the model until it reaches that block, and running one block on them.
+``use_cache=False``) by running the model until it reaches that block, and running one block on them. A text-only
+batch of a model whose forward needs an image (BLIP-2, InstructBLIP) runs its language model alone
+(:meth:`~vlmsparse.models.ArchSpec.calibration_call`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...models import ArchSpec, ResolvedStage
+from ...models import ArchSpec, ResolvedStage, get_arch_spec
 from .placement import _move, _Onload
 
 _CACHE_KEYS = ("past_key_value", "past_key_values", "layer_past")
@@ -74,10 +76,11 @@ def _first(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the hidden states in a block output of type {type(output).__name__}")
 
 
-def _run_model(model: nn.Module, batch: Mapping, device: torch.device) -> None:
-    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+def _run_model(spec: ArchSpec, model: nn.Module, batch: Mapping, device: torch.device) -> None:
+    module, inputs = spec.calibration_call(model, dict(batch))
+    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     inputs.setdefault("use_cache", False)
-    model(**inputs)
+    module(**inputs)
 
 
 def _check_batches(spec: ArchSpec, model: nn.Module, batches: list) -> None:
@@ -99,16 +102,19 @@ def _check_batches(spec: ArchSpec, model: nn.Module, batches: list) -> None:
 
 def _capture(
     model: nn.Module, stage: ResolvedStage, batches: list, device: torch.device, store: torch.device | None,
-    onload: _Onload | None = None,
+    onload: _Onload | None = None, spec: ArchSpec | None = None,
 ) -> list[_Batch]:
     """Inputs of the stage's first block (and of every block when kwargs cannot be reused), per batch. With
-    ``onload``, the modules the forward calls visit ``device`` while needed (:meth:`_Onload.on_call`)."""
+    ``onload``, the modules the forward calls visit ``device`` while needed (:meth:`_Onload.on_call`).
+    ``spec``: the model's (default :func:`~vlmsparse.models.get_arch_spec`)."""
+    spec = spec if spec is not None else get_arch_spec(model)
     with onload.on_call() if onload is not None else nullcontext():
-        return _capture_batches(model, stage, batches, device, store)
+        return _capture_batches(spec, model, stage, batches, device, store)
 
 
 def _capture_batches(
-    model: nn.Module, stage: ResolvedStage, batches: list, device: torch.device, store: torch.device | None
+    spec: ArchSpec, model: nn.Module, stage: ResolvedStage, batches: list, device: torch.device,
+    store: torch.device | None,
 ) -> list[_Batch]:
     blocks = stage.blocks
     all_blocks = not stage.spec.reuse_kwargs and len(blocks) > 1
@@ -130,7 +136,7 @@ def _capture_batches(
             handles.append(blocks[-1].register_forward_hook(last_hook))
         try:
             with torch.no_grad():
-                _run_model(model, batch, device)
+                _run_model(spec, model, batch, device)
         except _Stop:
             pass
         finally:

@@ -72,6 +72,8 @@ def prune_model(
     batches = list(calibration) if calibration is not None else []
     if cfg.needs_calibration or batches:
         _check_batches(spec, model, batches)
+    if cfg.needs_calibration:
+        _check_images(spec, plan, batches)
     device = torch.device(cfg.device) if cfg.device is not None else _model_device(model)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"PruneConfig.device: got {cfg.device!r}, but CUDA is not available on this machine")
@@ -121,9 +123,22 @@ def prune_model(
     return masks
 
 
+def _check_images(spec, plan, batches: list) -> None:
+    """ValueError when a stage other than language is pruned with calibration and a batch has no
+    ``pixel_values``: a text-only batch never reaches the vision tower or the connector."""
+    parts = sorted({stage.part for stage, _ in plan} - {"language"})
+    text = [i for i, batch in enumerate(batches) if "pixel_values" not in batch]
+    if parts and text:
+        raise ValueError(f"calibration batch {text[0]} has no pixel_values (text only), so it cannot calibrate the "
+                         f"{', '.join(parts)} part(s) of {spec.name}; prune the language part alone "
+                         "(allocation='language', or leave those parts dense at 0) or give image-text batches")
+
+
 def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups,
                  onload: _Onload | None = None) -> None:
-    needs_data = cfg.method != "magnitude" or (cfg.report_error and bool(batches))
+    # magnitude reports its error only where every batch reaches the stage (text never reaches the vision tower)
+    reached = stage.part == "language" or all("pixel_values" in b for b in batches)
+    needs_data = cfg.method != "magnitude" or (cfg.report_error and bool(batches) and reached)
     blocks = _progress(list(zip(stage.blocks, per_block)), f"prune {stage.part}", cfg.progress, len(per_block))
     if not needs_data:
         for block, targets in blocks:

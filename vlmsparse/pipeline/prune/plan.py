@@ -178,8 +178,8 @@ def _plan(
     present = {s.part for s in stages}
     if cfg.allocation in ("equal", "owl"):  # both parts where the model has them (language-only LMs too)
         patterns = {part: p for part, p in patterns.items() if part in present}
-    for part in patterns:
-        if part not in present:
+    for part, pattern in patterns.items():
+        if part not in present and not _is_dense(pattern):  # a part left at 0 needs nothing: ignored
             raise ValueError(f"{spec.name} has no {part} part to prune; its parts: {', '.join(sorted(present))}")
     explicit_connector = isinstance(cfg.allocation, Mapping) and "connector" in cfg.allocation
     plan = []
