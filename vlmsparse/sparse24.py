@@ -28,6 +28,7 @@ __all__ = [
     "pack24",
     "unpack24",
     "unpack24_mask",
+    "kept_columns",
     "semi_structured_support",
     "to_semi_structured",
     "SEMI_STRUCTURED_DTYPES",
@@ -103,22 +104,31 @@ def pack24(weight: torch.Tensor, mask: torch.Tensor | None = None) -> Packed24:
     return Packed24(values.contiguous(), meta, in_features)
 
 
+# byte of meta (two groups of 4 inputs) -> the 4 kept columns it names, counted from the byte's first input (a list:
+# the tensor is made per call, so that the function also traces under fake tensors / torch.compile)
+_META_COLUMNS = [[b & 3, (b >> 2) & 3, 4 + ((b >> 4) & 3), 4 + (b >> 6)] for b in range(256)]
+
+
+def kept_columns(meta: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The column of every stored value: int64 ``[out, in/2]`` from ``meta [out, ceil(in/8)]``, so that
+    ``W[r, kept_columns[r, c]] = values[r, c]``."""
+    table = torch.tensor(_META_COLUMNS, device=meta.device)
+    columns = torch.nn.functional.embedding(meta.long(), table)  # one table lookup per meta byte
+    columns += 8 * torch.arange(meta.shape[1], device=meta.device).view(1, -1, 1)
+    return columns.reshape(meta.shape[0], -1)[:, : in_features // 2]
+
+
 def unpack24(packed: Packed24) -> torch.Tensor:
     """Dense ``[out, in]`` weight from a :class:`Packed24` (exact inverse of :func:`pack24`)."""
-    values, meta, in_features = packed.values, packed.meta, packed.in_features
-    out_features = values.shape[0]
-    groups = in_features // 4
-    nibbles = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(out_features, -1)[:, :groups].long()
-    kept = torch.stack([nibbles & 0x3, (nibbles >> 2) & 0x3], dim=-1)  # [out, groups, 2]
-    dense = torch.zeros(out_features, groups, 4, dtype=values.dtype, device=values.device)
-    dense.scatter_(-1, kept, values.reshape(out_features, groups, 2))
-    return dense.reshape(out_features, in_features)
+    values = packed.values
+    dense = torch.zeros(values.shape[0], packed.in_features, dtype=values.dtype, device=values.device)
+    return dense.scatter_(1, kept_columns(packed.meta, packed.in_features), values)
 
 
 def unpack24_mask(packed: Packed24) -> torch.Tensor:
     """The keep-mask ``[out, in]`` (bool) the packed indices describe."""
-    ones = Packed24(torch.ones_like(packed.values, dtype=torch.uint8), packed.meta, packed.in_features)
-    return unpack24(ones).bool()
+    mask = torch.zeros(packed.values.shape[0], packed.in_features, dtype=torch.bool, device=packed.values.device)
+    return mask.scatter_(1, kept_columns(packed.meta, packed.in_features), True)
 
 
 # torch.sparse semi-structured: sparse-operand minimum shape (rows, cols), which must also divide the shape.

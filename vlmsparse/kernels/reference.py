@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..bitmask import BitmaskWeight, unpack_bitmask_weight
-from ..sparse24 import Packed24, unpack24, unpack24_mask
+from ..sparse24 import Packed24, kept_columns, unpack24
 from .checks import check_bitmask, check_packed
 
 __all__ = [
@@ -69,37 +69,65 @@ def _keep(mask_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask_rows.view(torch.uint8).to(dtype)
 
 
-def _effective_rows(weight_rows, keep, lora_A, lora_B_rows, scaling) -> torch.Tensor:
-    """``(W + s*B@A)[i:j] * M[i:j]`` from rows ``i:j`` of ``W``, ``M`` (as ``keep``) and ``B`` (pruned entries are
-    +-0; :func:`effective_weight_ref` gives exact +0)."""
-    if lora_A is None or lora_B_rows is None:
-        return weight_rows * keep
-    w = torch.addmm(weight_rows, lora_B_rows.to(weight_rows.dtype), lora_A.to(weight_rows.dtype), alpha=scaling)
-    return w.mul_(keep)
+class _DenseBlock:
+    """Rows ``i:j`` of a dense-stored weight ``W`` and its bool mask ``M``."""
+
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, i: int, j: int) -> None:
+        self.weight, self.mask, self._keeps = weight[i:j], mask[i:j], {}
+
+    def keep(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._keeps:
+            self._keeps[dtype] = _keep(self.mask, dtype)
+        return self._keeps[dtype]
+
+    def effective(self, lora_A, lora_B_rows, scaling) -> torch.Tensor:
+        """``(W + s*B@A) * M`` of the rows, in ``W``'s dtype (pruned entries +-0; :func:`effective_weight_ref`
+        gives exact +0)."""
+        keep = self.keep(self.weight.dtype)
+        if lora_A is None or lora_B_rows is None:
+            return self.weight * keep
+        w = torch.addmm(self.weight, lora_B_rows.to(self.weight.dtype), lora_A.to(self.weight.dtype), alpha=scaling)
+        return w.mul_(keep)
+
+    def mask_(self, g: torch.Tensor) -> torch.Tensor:
+        """``G * M`` of the rows, in place."""
+        return g.mul_(self.keep(g.dtype))
 
 
-# Row providers: ``rows(i, j) -> (W[i:j], M[i:j])`` of a dense-stored weight and mask, or of a packed 2:4 weight
-# unpacked one block at a time (its pattern is the mask), so the packed twins hold no full-size tensor either.
-def _dense_rows(weight: torch.Tensor, mask: torch.Tensor):
-    return lambda i, j: (weight[i:j], mask[i:j])
+class _PackedBlock:
+    """Rows ``i:j`` of a packed 2:4 weight, its pattern the mask. Works on the stored entries: the update is
+    gathered at the kept columns and the result scattered into a zero block, about twice as fast on a CPU as
+    unpacking the weight and its mask and masking (2048x5504 fp32 blocks, 1 thread)."""
+
+    def __init__(self, packed: Packed24, i: int, j: int) -> None:
+        self.values = packed.values[i:j]
+        self.columns = kept_columns(packed.meta[i:j], packed.in_features)
+        self.in_features = packed.in_features
+
+    def _scatter(self, stored: torch.Tensor) -> torch.Tensor:
+        dense = torch.zeros(stored.shape[0], self.in_features, dtype=stored.dtype, device=stored.device)
+        return dense.scatter_(1, self.columns, stored)
+
+    def effective(self, lora_A, lora_B_rows, scaling) -> torch.Tensor:
+        """``unpack(values + s*(B@A)[kept])``: the rows of ``(W + s*B@A) * M`` (pruned entries exact +0)."""
+        if lora_A is None or lora_B_rows is None:
+            return self._scatter(self.values)
+        dtype = self.values.dtype
+        update = torch.mm(lora_B_rows.to(dtype), lora_A.to(dtype))
+        return self._scatter(torch.gather(update, 1, self.columns).mul_(scaling).add_(self.values))
+
+    def mask_(self, g: torch.Tensor) -> torch.Tensor:
+        """``G * M`` of the rows (a new block)."""
+        return self._scatter(torch.gather(g, 1, self.columns))
 
 
-def _packed_rows(packed: Packed24):
-    def rows(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        part = Packed24(packed.values[i:j], packed.meta[i:j], packed.in_features)
-        return unpack24(part), unpack24_mask(part)
-
-    return rows
-
-
-def _lora_forward_blocks(x, rows, out_features: int, in_features: int, lora_A, lora_B, scaling, bias):
-    """``y = x @ W_eff.T + b`` in blocks of output rows from the row provider ``rows``."""
+def _lora_forward_blocks(x, block, out_features: int, in_features: int, lora_A, lora_B, scaling, bias):
+    """``y = x @ W_eff.T + b`` in blocks of output rows; ``block(i, j)`` gives rows ``i:j`` of the weight
+    (:class:`_DenseBlock` / :class:`_PackedBlock`)."""
     blocks = _row_blocks(out_features, in_features)
-    B = lora_B
 
     def effective(i: int, j: int) -> torch.Tensor:
-        w, m = rows(i, j)
-        return _effective_rows(w, _keep(m, w.dtype), lora_A, None if B is None else B[i:j], scaling)
+        return block(i, j).effective(lora_A, None if lora_B is None else lora_B[i:j], scaling)
 
     if len(blocks) == 1:
         return torch.nn.functional.linear(x, effective(0, out_features), bias)
@@ -112,7 +140,7 @@ def _lora_forward_blocks(x, rows, out_features: int, in_features: int, lora_A, l
     return torch.cat(parts, dim=-1).reshape(*x.shape[:-1], out_features)
 
 
-def _lora_backward_blocks(grad_out, x, rows, out_features: int, in_features: int, lora_A, lora_B, scaling,
+def _lora_backward_blocks(grad_out, x, block, out_features: int, in_features: int, lora_A, lora_B, scaling,
                           need_input_grad: bool):
     """``(dX, dA, dB)`` in blocks of output rows ``b``: ``dX += dY[:, b] @ W_eff[b]``, ``G_b = dY[:, b].T @ X``
     masked, ``dB[b] = s * G_b @ A.T``, ``dA += s * B[b].T @ G_b``."""
@@ -123,15 +151,13 @@ def _lora_backward_blocks(grad_out, x, rows, out_features: int, in_features: int
     grad_A = torch.zeros(A.shape, dtype=dy.dtype, device=dy.device)
     grad_B = torch.empty(B.shape, dtype=dy.dtype, device=dy.device)
     for i, j in _row_blocks(out_features, in_features):
-        w_rows, m_rows = rows(i, j)
-        keep = _keep(m_rows, dy.dtype)
+        rows = block(i, j)
         dy_b = dy[:, i:j]
         if grad_x is not None:
-            keep_w = keep if w_rows.dtype == dy.dtype else _keep(m_rows, w_rows.dtype)
-            w = _effective_rows(w_rows, keep_w, lora_A, lora_B[i:j], scaling)
+            w = rows.effective(lora_A, lora_B[i:j], scaling)
             grad_x.addmm_(dy_b, w.to(dy.dtype))
             del w
-        g = (dy_b.T @ x2).mul_(keep)  # (G*M)[i:j]
+        g = rows.mask_(dy_b.T @ x2)  # (G*M)[i:j]
         torch.mm(g, A.T, out=grad_B[i:j])
         grad_A.addmm_(B[i:j].T, g)
         del g
@@ -153,8 +179,8 @@ def sparse_lora_forward_ref(
 ) -> torch.Tensor:
     """``y [..., out] = x @ (W*M + s*(B@A)*M).T + b`` for ``x [..., in]``, in blocks of output rows."""
     out_features, in_features = weight.shape
-    return _lora_forward_blocks(x, _dense_rows(weight, mask), out_features, in_features, lora_A, lora_B, scaling,
-                                bias)
+    return _lora_forward_blocks(x, lambda i, j: _DenseBlock(weight, mask, i, j), out_features, in_features, lora_A,
+                                lora_B, scaling, bias)
 
 
 def sparse_lora_backward_ref(
@@ -170,8 +196,8 @@ def sparse_lora_backward_ref(
     """``(dX [..., in] or None, dA [r, in], dB [out, r])`` for ``grad_out [..., out]`` and ``x [..., in]`` (in
     blocks of output rows, see :func:`_lora_backward_blocks`)."""
     out_features, in_features = weight.shape
-    return _lora_backward_blocks(grad_out, x, _dense_rows(weight, mask), out_features, in_features, lora_A, lora_B,
-                                 scaling, need_input_grad)
+    return _lora_backward_blocks(grad_out, x, lambda i, j: _DenseBlock(weight, mask, i, j), out_features,
+                                 in_features, lora_A, lora_B, scaling, need_input_grad)
 
 
 def _packed(values: torch.Tensor, meta: torch.Tensor, in_features: int, what: str) -> Packed24:
@@ -205,7 +231,8 @@ def packed24_lora_forward_ref(
 ) -> torch.Tensor:
     """``y = x @ (unpack24(Wp) + s*(B@A)*M24).T + b``, ``M24`` the packed 2:4 pattern (unpacked block by block)."""
     packed = _packed(values, meta, x.shape[-1], "packed24_lora_forward_ref")
-    return _lora_forward_blocks(x, _packed_rows(packed), values.shape[0], x.shape[-1], lora_A, lora_B, scaling, bias)
+    return _lora_forward_blocks(x, lambda i, j: _PackedBlock(packed, i, j), values.shape[0], x.shape[-1], lora_A,
+                                lora_B, scaling, bias)
 
 
 def packed24_lora_backward_ref(
@@ -220,5 +247,5 @@ def packed24_lora_backward_ref(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``(dX, dA, dB)`` of :func:`packed24_lora_forward_ref`."""
     packed = _packed(values, meta, x.shape[-1], "packed24_lora_backward_ref")
-    return _lora_backward_blocks(grad_out, x, _packed_rows(packed), values.shape[0], x.shape[-1], lora_A, lora_B,
-                                 scaling, need_input_grad)
+    return _lora_backward_blocks(grad_out, x, lambda i, j: _PackedBlock(packed, i, j), values.shape[0],
+                                 x.shape[-1], lora_A, lora_B, scaling, need_input_grad)
