@@ -716,6 +716,13 @@ def test_text_calibration_of_mllama_leaves_its_cross_attention_blocks_dense(meth
                 norm = _dense_block_input_norm(model, dense, block, modules[name], batches, True)
                 _, expected = wanda_prune(dense[f"{name}.weight"], norm, "2:4")
                 assert torch.equal(masks[name], expected), name
+        # with an execution device (each block visits it; offloaded activations): the same masks and weights
+        moved = _mllama()
+        again = prune_model(moved, method=method, sparsity="2:4", allocation="language", calibration=batches,
+                            device="cpu", offload=True, progress=False)
+        assert list(again) == pruned and all(torch.equal(again[n], masks[n]) for n in pruned)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in moved.state_dict().items())
+        assert again.info["not_pruned"] == masks.info["not_pruned"]
     with torch.no_grad():  # the pruned model still runs text and image-text forwards
         assert torch.isfinite(model(**batches[0], use_cache=False).logits).all()
         assert torch.isfinite(model(**mllama_inputs(model), use_cache=False).logits).all()
@@ -743,7 +750,8 @@ def test_mllama_text_calibration_with_magnitude_and_owl():
     assert [r["block"] for r in not_pruned_of(masks)] == [f"model.language_model.layers.{i}" for i in MLLAMA_CROSS]
     spread = [float(masks.patterns[f"model.language_model.layers.{i}.self_attn.q_proj"]) for i in (0, 2, 4)]
     assert len(set(spread)) == 3 and sum(spread) / 3 == pytest.approx(0.5, abs=1e-5)
-    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items() if k not in {f"{n}.weight" for n in masks})
+    pruned = {f"{n}.weight" for n in masks}
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items() if k not in pruned)
 
 
 def test_mllama_image_and_text_batches_calibrate_cross_attention_on_the_image_batches():

@@ -45,7 +45,8 @@ def prune_model(
     The per-layer report is in ``masks.info["report"]`` (JSON; see :func:`report_of`). A block the model's
     forward skips on every calibration batch (Mllama's cross-attention layers on text without ``pixel_values``)
     gets no inputs: Wanda / SparseGPT leave its linears dense, with a warning, and list it in
-    ``masks.info["not_pruned"]`` (:func:`~vlmsparse.pipeline.prune.not_pruned_of`); magnitude, which needs no inputs, prunes it.
+    ``masks.info["not_pruned"]`` (:func:`~vlmsparse.pipeline.prune.not_pruned_of`); magnitude, which needs no
+    inputs, prunes it.
     ``device``: run there, moving one block at a time (see :class:`PruneConfig`). ``weights``: for a model built
     on the meta device, where its weights come from and go to (e.g. streamed from safetensors shards:
     :func:`vlmsparse.pipeline.stream.prune_streamed`); needs ``device``.
@@ -174,8 +175,8 @@ def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, 
                 _advance(block, index, captured, device, store)
 
 
-UNREACHED = ("the model's forward skips this block on every calibration batch (Mllama's cross-attention layers "
-             "on text without pixel_values), so no inputs calibrate it")
+UNREACHED = ("the model's forward skips this block on every calibration batch (e.g. Mllama's cross-attention "
+             "layers on text without pixel_values), so no inputs calibrate it")
 
 
 def _prune_unreached(stage, index, block, targets, cfg, masks, report, backups, onload, dense) -> None:
