@@ -403,16 +403,18 @@ def tiny_gemma3(seed: int = 0):
 MLLAMA_TILES = 2
 
 
-def tiny_mllama(seed: int = 0):
-    """Mllama: local (2) + global (1) vision blocks, projector, 3 language blocks (block 1 cross-attention)."""
+def tiny_mllama(seed: int = 0, text_layers: int = 3, cross_attention_layers: tuple[int, ...] = (1,)):
+    """Mllama: local (2) + global (1) vision blocks, projector, ``text_layers`` language blocks (by default 3, block 1
+    cross-attention)."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
     torch.manual_seed(seed)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
                   image_size=IMAGE_SIZE, patch_size=PATCH, max_num_tiles=MLLAMA_TILES, intermediate_layers_indices=[0],
                   vision_output_dim=64, supported_aspect_ratios=[[1, 1], [1, 2]])
-    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                num_key_value_heads=2, cross_attention_layers=[1], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
+                num_attention_heads=2, num_key_value_heads=2, cross_attention_layers=list(cross_attention_layers),
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=VOCAB - 1)
     return MllamaForConditionalGeneration(config).eval()
 

@@ -304,17 +304,22 @@ def test_encoded_examples_keep_every_per_example_processor_output():
     assert out["pixel_attention_mask"].shape == (1, 32, 32)
 
 
-@pytest.mark.parametrize("arch", ["gemma3_text_mixed", *ARCHS])
+@pytest.mark.parametrize("arch", ["gemma3_text_mixed", "mllama_text", *ARCHS])
 def test_calibration_runs_each_block_as_the_model_does(arch):
     """Each block of a stage, run on the captured inputs with its captured arguments, gives the output the
     model's own forward gives it (Gemma 3's full-attention block its own mask and rotary embedding, Qwen2.5-VL's
-    full-attention vision block its own cu_seqlens): block 0's arguments are not reused where they differ."""
-    from factories import text_inputs, tiny_gemma3_text_mixed
+    full-attention vision block its own cu_seqlens): block 0's arguments are not reused where they differ. A block
+    the forward skips (Mllama's cross-attention blocks on text without pixel_values) is skipped here too: its
+    inputs pass on, so every later block's inputs are the forward's."""
+    from factories import text_inputs, tiny_gemma3_text_mixed, tiny_mllama
 
     from vlmsparse.pipeline.prune.capture import _capture, _run_block
 
     if arch == "gemma3_text_mixed":
         model = tiny_gemma3_text_mixed(0)
+        x = text_inputs(model, 2, 0)
+    elif arch == "mllama_text":
+        model = tiny_mllama(0, text_layers=5, cross_attention_layers=(1, 3))
         x = text_inputs(model, 2, 0)
     else:
         build, make_inputs = MODEL_COVERAGE[arch]
@@ -325,12 +330,22 @@ def test_calibration_runs_each_block_as_the_model_does(arch):
     for stage in spec.resolve(model):
         if stage.spec.single:
             continue
+        if "pixel_values" not in x and stage.part != "language":
+            continue  # a text batch never reaches the vision tower
+        inputs: dict[int, torch.Tensor] = {}
         outputs: dict[int, torch.Tensor] = {}
 
         def keep(index: int, store: dict = outputs):
             return lambda module, args, out: store.setdefault(index, out[0] if isinstance(out, tuple) else out)
 
+        def keep_input(index: int, store: dict = inputs):
+            def hook(module, args, kwargs):
+                store.setdefault(index, args[0] if args else
+                                 next(v for k, v in kwargs.items() if k.startswith("hidden_state")))
+            return hook
+
         hooks = [b.register_forward_hook(keep(i)) for i, b in enumerate(stage.blocks)]
+        hooks += [b.register_forward_pre_hook(keep_input(i), with_kwargs=True) for i, b in enumerate(stage.blocks)]
         with torch.no_grad():
             model(**x, use_cache=False)
         for h in hooks:
@@ -338,8 +353,15 @@ def test_calibration_runs_each_block_as_the_model_does(arch):
         (batch,) = _capture(model, stage, [x], cpu, None)
         with torch.no_grad():
             for index, block in enumerate(stage.blocks):
+                if index not in inputs:  # the forward skipped it: so does the sequential pass
+                    assert not batch.reaches(index), f"{stage.path}.{index}"
+                    continue
+                assert batch.reaches(index)
+                torch.testing.assert_close(batch.hidden, inputs[index], msg=f"{stage.path}.{index} inputs")
                 batch.hidden = _run_block(block, index, batch, cpu)
                 torch.testing.assert_close(batch.hidden, outputs[index], msg=f"{stage.path}.{index}")
+        if arch == "mllama_text" and stage.part == "language":
+            assert sorted(inputs) == [0, 2, 4]  # the cross-attention blocks 1 and 3 skipped
 
 
 def test_structural_fallback_logs_what_it_found(caplog):

@@ -3,16 +3,17 @@
 Outcomes checked: the folder it writes equals the library pieces run by hand (load, calibrate, prune_model,
 save_pruned), bit for bit; bad inputs are refused before the model loads, with the parameter's name; a failure
 (before or during pruning) leaves the output folder as it was; a text source calibrates a model whose vision /
-connector parts are left dense at 0 (issue 15).
+connector parts are left dense at 0 (issue 15), and an Mllama's language part, its cross-attention blocks left dense.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from factories import synthetic_processor, tiny_blip2, tiny_blip2_t5, tiny_llava
+from factories import synthetic_processor, tiny_blip2, tiny_blip2_t5, tiny_llava, tiny_mllama
 
 import vlmsparse
 from vlmsparse.masks import MaskSet
@@ -47,6 +48,17 @@ def blip2_t5_folder(tmp_path_factory):
     model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mllama_folder(tmp_path_factory):
+    """A tiny Mllama (language blocks 0 and 2 self-attention, 1 cross-attention) with a tokenizer, no processor."""
+    from vlmsparse.data.vocab import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("prune-folder") / "mllama"
+    tiny_mllama(0).save_pretrained(folder)
+    build_tokenizer("a red circle left of blue square".split()).save_pretrained(folder)
     return folder
 
 
@@ -199,6 +211,44 @@ def test_text_calibration_of_a_blip2_language_part(tmp_path, request, folder, me
     before, after = dict(load_model(source).named_parameters()), dict(model.named_parameters())
     dense = [k for k in before if not k.startswith("language_model.")]
     assert dense and all(torch.equal(before[k], after[k]) for k in dense)
+
+
+def test_text_calibration_of_an_mllama_language_part(tmp_path, mllama_folder, capsys):
+    """Mllama's forward skips its cross-attention blocks on text: a text source prunes the self-attention blocks to
+    2:4 (the masks those of prune_model on text_calibration_batches by hand) and leaves the cross-attention block
+    dense, said in the saved masks' info and the CLI's report (text and --json); every other weight unchanged."""
+    from vlmsparse.cli import main
+    from vlmsparse.data.calibration import text_calibration_batches
+    from vlmsparse.pipeline.prune import not_pruned_of, prune_model
+
+    corpus = _corpus(tmp_path)
+    out, masks = vlmsparse.prune_folder(mllama_folder, tmp_path / "out", method="wanda", sparsity="2:4",
+                                        allocation="language", calibration=corpus, seqlen=8, nsamples=4,
+                                        batch_size=2, progress=False)
+    model, saved = load_pruned(out)
+    language = prunable_linear_names(model, parts="language")
+    pruned = [n for n in language if ".layers.1." not in n]
+    assert list(masks) == list(saved) == pruned and masks.sparsity() == 0.5
+    assert [r["block"] for r in not_pruned_of(saved)] == ["model.language_model.layers.1"]
+    assert not_pruned_of(saved)[0]["linears"] == [n for n in language if ".layers.1." in n]
+    reference = load_model(mllama_folder)
+    batches = text_calibration_batches(corpus, vlmsparse.pipeline.save.load_processor(mllama_folder), nsamples=4,
+                                       seqlen=8, batch_size=2)
+    expected = prune_model(reference, method="wanda", sparsity="2:4", allocation="language", calibration=batches,
+                           progress=False)
+    assert list(expected) == pruned and all(torch.equal(masks[n], expected[n]) for n in pruned)
+    before, after = dict(load_model(mllama_folder).named_parameters()), dict(model.named_parameters())
+    unchanged = [k for k in before if k.removesuffix(".weight") not in pruned]
+    assert all(torch.equal(before[k], after[k]) for k in unchanged)
+
+    flags = ["--method", "wanda", "--sparsity", "2:4", "--allocation", "language", "--calibration", str(corpus),
+             "--seqlen", "8", "--nsamples", "4", "--batch-size", "2"]
+    assert main(["prune", str(mllama_folder), str(tmp_path / "cli"), *flags]) == 0
+    assert "left dense: model.language_model.layers.1 (7 language linears)" in capsys.readouterr().out
+    assert main(["prune", str(mllama_folder), str(tmp_path / "cli-json"), *flags, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["block"] for r in report["not_pruned"]] == ["model.language_model.layers.1"]
+    assert [r["name"] for r in report["layers"]] == pruned
 
 
 @pytest.mark.parametrize("parts", [dict(vision=0), dict(vision="0"), dict(vision="0%", connector=0.0),

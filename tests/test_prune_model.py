@@ -1,5 +1,6 @@
-"""prune_model on tiny LLaVA / BLIP-2 / InstructBLIP / Llama / OPT: exact sparsity on exactly the asked modules,
-sequential calibration equal to a full-model reference, shared statistics, padding, OWL, errors, save/load."""
+"""prune_model on tiny LLaVA / BLIP-2 / InstructBLIP / Llama / OPT / Mllama: exact sparsity on exactly the asked
+modules, sequential calibration equal to a full-model reference, shared statistics, padding, OWL, errors, save/load,
+the blocks a forward skips (Mllama's cross-attention layers on text)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from factories import (
     blip2_t5_inputs,
     instructblip_inputs,
     llava_inputs,
+    mllama_inputs,
     text_inputs,
     tiny_blip2,
     tiny_blip2_t5,
@@ -19,13 +21,21 @@ from factories import (
     tiny_instructblip_t5,
     tiny_llama,
     tiny_llava,
+    tiny_mllama,
     tiny_opt,
 )
 from torch import nn
 
 from vlmsparse.masks import MaskSet
 from vlmsparse.models import prunable_linear_names
-from vlmsparse.pipeline.prune import PruneConfig, allocation_with_parts, format_report, prune_model, report_of
+from vlmsparse.pipeline.prune import (
+    PruneConfig,
+    allocation_with_parts,
+    format_report,
+    not_pruned_of,
+    prune_model,
+    report_of,
+)
 from vlmsparse.pipeline.prune.plan import _plan
 from vlmsparse.pipeline.prune.statistics import _collect_stats
 from vlmsparse.pipeline.save import load_pruned, save_pruned
@@ -656,3 +666,108 @@ def test_needs_calibration():
     assert PruneConfig(method="magnitude", allocation="owl").needs_calibration
     assert PruneConfig(method="magnitude", owl=True).needs_calibration
     assert PruneConfig(method="wanda").needs_calibration and PruneConfig(method="sparsegpt").needs_calibration
+
+
+# ------------------------------------------------------------------ Mllama: cross-attention blocks and text batches
+MLLAMA_CROSS = (1, 3)
+
+
+def _mllama():
+    """5 language blocks, cross-attention at 1 and 3: self-attention blocks before, between and after them."""
+    return tiny_mllama(0, text_layers=5, cross_attention_layers=MLLAMA_CROSS)
+
+
+def _language_linears(model, blocks):
+    return [n for n in prunable_linear_names(model, parts="language")
+            if int(n.split(".layers.")[1].split(".")[0]) in blocks]
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_text_calibration_of_mllama_leaves_its_cross_attention_blocks_dense(method, caplog):
+    """Mllama's forward skips its cross-attention blocks on text without pixel_values; the sequential pass does
+    too: the self-attention blocks are pruned to exactly 2:4 (Wanda: each block's masks equal those from inputs
+    captured in ordinary forwards of the pruned model, that block made dense again), the cross-attention blocks'
+    linears stay dense (no inputs calibrate them: their keys / values read the image states), with a warning, in
+    masks.info["not_pruned"] and in the report; every other weight is bit-identical."""
+    model = _mllama()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [text_inputs(model, seed=s) for s in (31, 32)]
+    batches[0]["attention_mask"][0, :2] = 0  # left padding in one row (the last row's end is padded)
+    with caplog.at_level("WARNING", logger="vlmsparse.pipeline.prune.driver"):
+        masks = prune_model(model, method=method, sparsity="2:4", allocation="language", calibration=batches,
+                            progress=False)
+    pruned = _language_linears(model, (0, 2, 4))
+    _check_pruned(model, original, masks, pruned, "2:4", method)
+    assert masks.sparsity() == 0.5
+    cross = [f"model.language_model.layers.{i}" for i in MLLAMA_CROSS]
+    rows = not_pruned_of(masks)
+    assert [r["block"] for r in rows] == cross and all(r["part"] == "language" for r in rows)
+    assert [r["linears"] for r in rows] == [_language_linears(model, (i,)) for i in MLLAMA_CROSS]
+    assert all(len(r["linears"]) == 7 and "skips this block" in r["reason"] for r in rows)
+    warned = [r.getMessage() for r in caplog.records if "stay dense" in r.getMessage()]
+    assert [m.split(":")[0] for m in warned] == cross and all("pixel_values" in m for m in warned)
+    text = format_report(masks)
+    assert all(f"left dense: {b} (7 language linears)" in text for b in cross)
+    if method == "wanda":
+        dense = original
+        modules = dict(model.named_modules())
+        for block in ("model.language_model.layers.2", "model.language_model.layers.4"):
+            for name in (f"{block}.self_attn.q_proj", f"{block}.mlp.down_proj"):
+                norm = _dense_block_input_norm(model, dense, block, modules[name], batches, True)
+                _, expected = wanda_prune(dense[f"{name}.weight"], norm, "2:4")
+                assert torch.equal(masks[name], expected), name
+        # with an execution device (each block visits it; offloaded activations): the same masks and weights
+        moved = _mllama()
+        again = prune_model(moved, method=method, sparsity="2:4", allocation="language", calibration=batches,
+                            device="cpu", offload=True, progress=False)
+        assert list(again) == pruned and all(torch.equal(again[n], masks[n]) for n in pruned)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in moved.state_dict().items())
+        assert again.info["not_pruned"] == masks.info["not_pruned"]
+    with torch.no_grad():  # the pruned model still runs text and image-text forwards
+        assert torch.isfinite(model(**batches[0], use_cache=False).logits).all()
+        assert torch.isfinite(model(**mllama_inputs(model), use_cache=False).logits).all()
+
+
+def test_mllama_text_calibration_with_magnitude_and_owl():
+    """Magnitude needs no inputs: text batches (for its error report) prune the cross-attention blocks too, with no
+    error reported for them. OWL on text: the cross-attention blocks get no outlier ratio and stay dense; the
+    sparsities spread over the self-attention blocks."""
+    batches = [text_inputs(_mllama(), seed=s) for s in (33, 34)]
+    model = _mllama()
+    masks = prune_model(model, method="magnitude", sparsity="2:4", allocation="language", calibration=batches,
+                        progress=False)
+    assert list(masks) == prunable_linear_names(model, parts="language") and masks.sparsity() == 0.5
+    assert not_pruned_of(masks) == [] and "not_pruned" not in masks.info
+    errors = {r.name: r.error for r in report_of(masks)}
+    assert all(errors[n] is None for n in _language_linears(model, MLLAMA_CROSS))
+    assert all(errors[n] is not None for n in _language_linears(model, (0, 2, 4)))
+
+    model = _mllama()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = prune_model(model, method="wanda", sparsity=0.5, allocation="language", owl=True, owl_lambda=0.1,
+                        owl_threshold=2.0, calibration=batches, progress=False)
+    assert list(masks) == _language_linears(model, (0, 2, 4))
+    assert [r["block"] for r in not_pruned_of(masks)] == [f"model.language_model.layers.{i}" for i in MLLAMA_CROSS]
+    spread = [float(masks.patterns[f"model.language_model.layers.{i}.self_attn.q_proj"]) for i in (0, 2, 4)]
+    assert len(set(spread)) == 3 and sum(spread) / 3 == pytest.approx(0.5, abs=1e-5)
+    pruned = {f"{n}.weight" for n in masks}
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items() if k not in pruned)
+
+
+def test_mllama_image_and_text_batches_calibrate_cross_attention_on_the_image_batches():
+    """Image-text and text batches together: every language linear is pruned; a cross-attention block's statistics
+    come from the batches whose forward runs it (the image-text ones), the self-attention blocks' from all: the
+    Wanda masks equal those from ordinary forwards of the pruned model (the block made dense again)."""
+    model = _mllama()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [mllama_inputs(model, seed=35), text_inputs(model, seed=36)]
+    masks = prune_model(model, method="wanda", sparsity=0.5, allocation="language", calibration=batches,
+                        progress=False)
+    assert list(masks) == prunable_linear_names(model, parts="language") and not_pruned_of(masks) == []
+    modules = dict(model.named_modules())
+    for block, sub in [(1, "cross_attn.q_proj"), (1, "mlp.gate_proj"), (2, "self_attn.q_proj"), (3, "mlp.down_proj"),
+                       (4, "self_attn.o_proj")]:
+        name = f"model.language_model.layers.{block}.{sub}"
+        norm = _dense_block_input_norm(model, dense, f"model.language_model.layers.{block}", modules[name], batches,
+                                       True)
+        assert torch.equal(masks[name], wanda_prune(dense[f"{name}.weight"], norm, 0.5)[1]), name

@@ -265,7 +265,7 @@ def _run_prune(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from .pipeline.folders import prune_folder
-    from .pipeline.prune import format_report, report_of
+    from .pipeline.prune import format_report, not_pruned_of, report_of
 
     out, masks = prune_folder(
         args.model, args.output, method=args.method, sparsity=args.sparsity, allocation=args.allocation,
@@ -277,7 +277,7 @@ def _prune(args: argparse.Namespace) -> int:
     )
     if args.json:
         _print_json({"output": str(out), "sparsity": masks.sparsity(), "method": masks.method,
-                     "layers": [vars(r) for r in report_of(masks)]})
+                     "layers": [vars(r) for r in report_of(masks)], "not_pruned": not_pruned_of(masks)})
     elif not args.quiet:
         print(format_report(masks))
         print(f"saved to {out}")

@@ -448,8 +448,10 @@ _MLLAMA = ArchSpec(
         StageSpec("vision", ("model.vision_model.global_transformer.layers",
                              "vision_model.global_transformer.layers")),
         StageSpec("connector", ("model.multi_modal_projector", "multi_modal_projector"), single=True, default=False),
+        # each block's own arguments (self- and cross-attention blocks differ): the capture sees which blocks the
+        # forward calls, and a text batch without pixel_values skips the cross-attention ones, as the forward does
         StageSpec("language", ("model.language_model.layers", "language_model.model.layers",
-                               "language_model.layers"), mask_key="attention_mask",
+                               "language_model.layers"), mask_key="attention_mask", reuse_kwargs=False,
                   context_masks=(("cross_attention_states", None),)),
     ),
     part_prefixes={"vision": ("vision_model",), "connector": ("multi_modal_projector",),

@@ -28,7 +28,8 @@ weights changed so far are restored and the error is raised.
 Modules, each importing only those above it: ``plan`` (:class:`PruneConfig` and its vocabularies, :func:`allocation_with_parts`, the target linears per block),
 ``placement`` (moving tensors and weights, :class:`WeightSource`, ``_Onload``), ``capture`` (checking the
 calibration batches, a stage's block inputs, running a block), ``statistics`` (a block's input statistics),
-``owl`` (the OWL pre-pass), ``report`` (:class:`LayerReport`, :func:`report_of`, :func:`format_report`),
+``owl`` (the OWL pre-pass), ``report`` (:class:`LayerReport`, :func:`report_of`, :func:`format_report`,
+:func:`not_pruned_of`),
 ``driver`` (:func:`prune_model`: the order of it all, pruning a block's targets, restoring on failure).
 """
 
@@ -37,7 +38,7 @@ from __future__ import annotations
 from .driver import prune_model
 from .placement import WeightSource
 from .plan import ALLOCATIONS, SCOPES, PruneConfig, allocation_with_parts
-from .report import LayerReport, format_report, report_of
+from .report import LayerReport, format_report, not_pruned_of, report_of
 
-__all__ = ["PruneConfig", "LayerReport", "WeightSource", "prune_model", "report_of", "format_report", "ALLOCATIONS",
-           "SCOPES", "allocation_with_parts"]
+__all__ = ["PruneConfig", "LayerReport", "WeightSource", "prune_model", "report_of", "format_report", "not_pruned_of",
+           "ALLOCATIONS", "SCOPES", "allocation_with_parts"]

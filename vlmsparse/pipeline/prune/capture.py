@@ -2,7 +2,9 @@
 batches, capturing the inputs of a stage's first block (all positional and keyword arguments, caches dropped,
 ``use_cache=False``) by running the model until it reaches that block, and running one block on them. A text-only
 batch of a model whose forward needs an image (BLIP-2, InstructBLIP) runs its language model alone
-(:meth:`~vlmsparse.models.ArchSpec.calibration_call`).
+(:meth:`~vlmsparse.models.ArchSpec.calibration_call`). Where each block's arguments are captured, a block the
+model's forward does not call for a batch (Mllama's cross-attention layers without an image) is skipped for that
+batch in the sequential pass as well: its inputs pass on unchanged (:meth:`_Batch.reaches`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,15 @@ class _Batch:
     kwargs: dict
     hidden_in_kwargs: bool
     token_mask: torch.Tensor | None
-    per_block: list | None = None  # (args, kwargs) per block when kwargs cannot be reused
+    per_block: list | None = None  # (args, kwargs) per block when kwargs cannot be reused; None: a block not called
     tail_mask: torch.Tensor | None = None  # the mask of the stage sequence's tail (StageSpec.masked_tail)
     contexts: dict = field(default_factory=dict)  # block argument name -> token mask of that sequence (or None)
     hidden_key: str = "hidden_states"  # the keyword of the hidden states when hidden_in_kwargs
+
+    def reaches(self, index: int) -> bool:
+        """Whether the model's forward calls block ``index`` on this batch (else it skips it: the block's inputs
+        are the next block's inputs). Known only where each block's arguments were captured (``per_block``)."""
+        return self.per_block is None or self.per_block[index] is not None
 
 
 class _Stop(Exception):
@@ -120,18 +127,20 @@ def _capture_batches(
     all_blocks = not stage.spec.reuse_kwargs and len(blocks) > 1
     captured: list[_Batch] = []
     for batch in batches:
-        calls: list[tuple[tuple, dict]] = []
+        calls: dict[int, tuple[tuple, dict]] = {}  # block index -> its (first) call's arguments
 
-        def pre_hook(module, args, kwargs, _calls=calls):
-            _calls.append((args, kwargs))
-            if not all_blocks:
-                raise _Stop
+        def make_pre_hook(index: int, _calls=calls):
+            def pre_hook(module, call_args, call_kwargs):
+                _calls.setdefault(index, (call_args, call_kwargs))
+                if not all_blocks:
+                    raise _Stop
+            return pre_hook
 
         def last_hook(module, args, output):
             raise _Stop
 
-        handles = [b.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)  # before an onload
-                   for b in (blocks if all_blocks else blocks[:1])]
+        handles = [b.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True, prepend=True)  # before an onload
+                   for i, b in enumerate(blocks if all_blocks else blocks[:1])]
         if all_blocks:
             handles.append(blocks[-1].register_forward_hook(last_hook))
         try:
@@ -144,21 +153,23 @@ def _capture_batches(
                 h.remove()
         if not calls:
             raise RuntimeError(f"calibration forward never reached {stage.block_names[0]}")
+        # the first block the forward called: the stage's inputs (the blocks it skipped before it pass them on)
+        first = min(calls)
         memo: dict = {}
-        entries = []
+        entries: dict[int, tuple] = {}
         # the hidden states' keyword when given by keyword: hidden_states, or e.g. hidden_state (Mllama's vision
         # encoder in transformers 5.17), else the first forward parameter the call names
-        given = calls[0][1]
-        params = [p for p in inspect.signature(blocks[0].forward).parameters if p in given]
+        given = calls[first][1]
+        params = [p for p in inspect.signature(blocks[first].forward).parameters if p in given]
         hidden_key = next((k for k in given if k.startswith("hidden_state")), params[0] if params else "hidden_states")
-        for args, kwargs in calls:
+        for index, (args, kwargs) in sorted(calls.items()):
             kwargs, args = _clean_kwargs(kwargs), _clean_args(args)
             if args:
                 hidden, rest, in_kwargs = args[0], tuple(args[1:]), False
             else:
                 hidden, rest, in_kwargs = kwargs.pop(hidden_key), (), True
-            entries.append((hidden, _move(rest, store, memo), _move(kwargs, store, memo), in_kwargs))
-        hidden, rest, kwargs, in_kwargs = entries[0]
+            entries[index] = (hidden, _move(rest, store, memo), _move(kwargs, store, memo), in_kwargs)
+        hidden, rest, kwargs, in_kwargs = entries[first]
         token_mask = tail_mask = None
         key = stage.spec.mask_key
         given = batch.get(key) if key else None
@@ -171,7 +182,7 @@ def _capture_batches(
             token_mask = torch.cat([lead, tail_mask], dim=1)
         contexts: dict[str, torch.Tensor | None] = {}
         if stage.spec.context_masks:
-            bound = _arguments(blocks[0], *calls[0])
+            bound = _arguments(blocks[first], *calls[first])
             for arg, ctx_key in stage.spec.context_masks:
                 value, ctx_mask = bound.get(arg), batch.get(ctx_key)
                 if not isinstance(value, torch.Tensor):
@@ -187,7 +198,8 @@ def _capture_batches(
                 hidden_key=hidden_key,
                 token_mask=token_mask,
                 tail_mask=tail_mask,
-                per_block=[(e[1], e[2]) for e in entries] if all_blocks else None,
+                per_block=([(entries[i][1], entries[i][2]) if i in entries else None for i in range(len(blocks))]
+                           if all_blocks else None),
                 contexts=contexts,
             )
         )
@@ -195,6 +207,10 @@ def _capture_batches(
 
 
 def _run_block(block: nn.Module, index: int, b: _Batch, device: torch.device) -> torch.Tensor:
+    """``block``'s outputs on ``b`` (a block the model's forward skips for ``b`` is never run: see ``reaches``)."""
+    if not b.reaches(index):
+        raise RuntimeError(f"block {index} is not called by the model's forward on this batch; it passes its "
+                           "inputs on unchanged")
     args, kwargs = (b.per_block[index] if b.per_block is not None else (b.args, b.kwargs))
     memo: dict = {}
     hidden = b.hidden.to(device)
@@ -208,7 +224,10 @@ def _run_block(block: nn.Module, index: int, b: _Batch, device: torch.device) ->
 
 def _advance(block: nn.Module, index: int, captured: list[_Batch], device: torch.device,
              store: torch.device | None) -> None:
-    """Replace each batch's hidden states by ``block``'s outputs: the inputs of the next block."""
+    """Replace each batch's hidden states by ``block``'s outputs: the inputs of the next block (a batch whose
+    forward skips ``block`` keeps its hidden states, as the model's own forward does)."""
     for b in captured:
+        if not b.reaches(index):
+            continue
         out = _run_block(block, index, b, device).detach()
         b.hidden = out.to(store) if store is not None else out

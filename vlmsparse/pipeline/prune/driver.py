@@ -42,7 +42,11 @@ def prune_model(
     ``calibration``: an iterable of model-input dicts (``input_ids``, ``attention_mask``, ``pixel_values``,
     ...), each one batch; not needed for magnitude pruning without OWL. ``options``: the other fields of
     :class:`PruneConfig` (``scope``, ``owl``, ``blocksize``, ``dampening``, ``report_error``, ``offload``...).
-    The per-layer report is in ``masks.info["report"]`` (JSON; see :func:`report_of`).
+    The per-layer report is in ``masks.info["report"]`` (JSON; see :func:`report_of`). A block the model's
+    forward skips on every calibration batch (Mllama's cross-attention layers on text without ``pixel_values``)
+    gets no inputs: Wanda / SparseGPT leave its linears dense, with a warning, and list it in
+    ``masks.info["not_pruned"]`` (:func:`~vlmsparse.pipeline.prune.not_pruned_of`); magnitude, which needs no
+    inputs, prunes it.
     ``device``: run there, moving one block at a time (see :class:`PruneConfig`). ``weights``: for a model built
     on the meta device, where its weights come from and go to (e.g. streamed from safetensors shards:
     :func:`vlmsparse.pipeline.stream.prune_streamed`); needs ``device``.
@@ -86,6 +90,7 @@ def prune_model(
 
     masks = MaskSet(method=cfg.method)
     report: list[LayerReport] = []
+    dense: list[dict] = []  # blocks whose targets stay dense: no calibration batch reaches them
     backups: dict[str, torch.Tensor] = {}
     was_training = model.training
     model.eval()
@@ -96,7 +101,7 @@ def prune_model(
                 _apply_owl(model, plan, batches, device, store, cfg, onload)
             for stage, per_block in plan:
                 _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups,
-                             onload)
+                             onload, dense)
     except BaseException:
         with torch.no_grad():
             modules = dict(model.named_modules())
@@ -118,6 +123,8 @@ def prune_model(
         calibration_batches=str(len(batches)),
         report=json.dumps([asdict(r) for r in report]),
     )
+    if dense:
+        masks.info["not_pruned"] = json.dumps(dense)
     log.info("pruned %d linears of %s with %s in %.1f s (overall sparsity %.4f)", len(masks), spec.name,
              cfg.method, total, masks.sparsity())
     return masks
@@ -135,7 +142,7 @@ def _check_images(spec, plan, batches: list) -> None:
 
 
 def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups,
-                 onload: _Onload | None = None) -> None:
+                 onload: _Onload | None = None, dense: list[dict] | None = None) -> None:
     # magnitude reports its error only where every batch reaches the stage (text never reaches the vision tower)
     reached = stage.part == "language" or all("pixel_values" in b for b in batches)
     needs_data = cfg.method != "magnitude" or (cfg.report_error and bool(batches) and reached)
@@ -151,6 +158,10 @@ def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, 
     captured = _capture(model, stage, batches, device, store, onload)
     last = len(stage.blocks) - 1
     for index, (block, targets) in enumerate(blocks):
+        if not any(b.reaches(index) for b in captured):  # the model's forward skips it: its inputs pass on
+            if targets:
+                _prune_unreached(stage, index, block, targets, cfg, masks, report, backups, onload, dense)
+            continue
         if not targets and index == last:
             continue
         with _visit(onload, block):
@@ -162,6 +173,27 @@ def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, 
                 del stats
             if index < last:
                 _advance(block, index, captured, device, store)
+
+
+UNREACHED = ("the model's forward skips this block on every calibration batch (e.g. Mllama's cross-attention "
+             "layers on text without pixel_values), so no inputs calibrate it")
+
+
+def _prune_unreached(stage, index, block, targets, cfg, masks, report, backups, onload, dense) -> None:
+    """A block no calibration batch reaches: magnitude (no inputs needed) prunes it; Wanda / SparseGPT leave it
+    dense, logged and listed in ``dense``. (Text cannot stand in for the inputs it would get: a cross-attention
+    block's keys / values read the image states, and its text-side inputs come from a forward with an image.)"""
+    name = stage.block_names[index]
+    if cfg.method == "magnitude":
+        with _visit(onload, block):
+            _check_arrived(targets)
+            _backup(targets, backups, cfg)
+            _prune_block(targets, {}, {}, cfg, masks, report)
+        return
+    log.warning("%s: %s; its %d linears stay dense (%s needs their inputs: calibrate with image-text batches to "
+                "prune them)", name, UNREACHED, len(targets), cfg.method)
+    if dense is not None:
+        dense.append({"block": name, "part": stage.part, "linears": [t.name for t in targets], "reason": UNREACHED})
 
 
 def _prune_block(

@@ -27,12 +27,17 @@ def _apply_owl(model, plan, batches, device, store, cfg: PruneConfig, onload: _O
     """Dense pre-pass: outlier ratio per block, then the block's targets get OWL sparsities (per part).
 
     A block without targets is run (the next block's inputs are its outputs, as in :func:`_prune_stage`) but gets
-    no ratio: the sparsities spread around the target over the blocks that are pruned."""
+    no ratio: the sparsities spread around the target over the blocks that are pruned. A block the model's forward
+    skips on every batch (Mllama's cross-attention layers on text) gets no ratio either and keeps the target."""
     for stage, per_block in plan:
         captured = _capture(model, stage, batches, device, store, onload)
         last = len(stage.blocks) - 1
         ratios = []
+        unreached: set[int] = set()
         for index, (block, targets) in enumerate(zip(stage.blocks, per_block)):
+            if not any(b.reaches(index) for b in captured):  # skipped by the forward on every batch: no ratio,
+                unreached.add(index)                          # its inputs pass on (see driver._prune_unreached)
+                continue
             if not targets:
                 if index < last:
                     with _visit(onload, block):
@@ -44,7 +49,9 @@ def _apply_owl(model, plan, batches, device, store, cfg: PruneConfig, onload: _O
                 ratios.append(_outlier_ratio(targets, stats, cfg.owl_threshold))
             for b, out in zip(captured, outputs):
                 b.hidden = out
-        pruned = [targets for targets in per_block if targets]
+        pruned = [targets for index, targets in enumerate(per_block) if targets and index not in unreached]
+        if not pruned:
+            continue
         sparsities = owl_sparsities(ratios, pruned[0][0].pattern.sparsity, cfg.owl_lambda)
         for targets, s in zip(pruned, sparsities):
             for t in targets:

@@ -1,5 +1,6 @@
 """The per-layer report of a pruning run (layer 5, part of :mod:`vlmsparse.pipeline.prune`): one
-:class:`LayerReport` per pruned linear, stored as JSON in ``masks.info["report"]``.
+:class:`LayerReport` per pruned linear, stored as JSON in ``masks.info["report"]``; the blocks left dense because no
+calibration batch reached them in ``masks.info["not_pruned"]`` (:func:`not_pruned_of`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ def report_of(masks: MaskSet) -> list[LayerReport]:
     return [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in rows]
 
 
+def not_pruned_of(masks: MaskSet) -> list[dict]:
+    """The blocks :func:`prune_model` left dense because the model's forward skipped them on every calibration
+    batch (Mllama's cross-attention layers on text without ``pixel_values``): dicts with ``block``, ``part``,
+    ``linears`` (their names) and ``reason``; empty when every targeted block was pruned."""
+    return json.loads(masks.info.get("not_pruned", "[]"))
+
+
 def format_report(masks: MaskSet) -> str:
     """The per-layer report as a text table (name, part, shape, pattern, sparsity, error, seconds)."""
     rows = report_of(masks)
@@ -41,6 +49,8 @@ def format_report(masks: MaskSet) -> str:
                      f"{r.seconds:>7.3f}")
     lines.append(f"overall sparsity of pruned layers: {masks.sparsity():.4f}; method {masks.method}; "
                  f"{masks.info.get('seconds', '?')} s")
+    for row in not_pruned_of(masks):
+        lines.append(f"left dense: {row['block']} ({len(row['linears'])} {row['part']} linears): {row['reason']}")
     if "stages" in masks.info:
         lines.append(f"architecture {masks.info.get('architecture', '?')}: {masks.info['stages']}")
     return "\n".join(lines)

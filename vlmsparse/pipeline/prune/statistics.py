@@ -23,7 +23,8 @@ def _collect_stats(
     hessian: bool, keep_outputs: bool, store: torch.device | None,
 ) -> tuple[dict[str, InputStats], dict[str, int], list[torch.Tensor] | None]:
     """Run every batch through ``block``; return stats per group, group index per target, and the outputs
-    (when ``keep_outputs``, used when the block is not pruned afterwards)."""
+    (when ``keep_outputs``, used when the block is not pruned afterwards). A batch whose forward skips ``block``
+    (:meth:`_Batch.reaches`) adds no statistics and its output is its input."""
     group_of: dict[str, int] = {}
     stats: dict[int, InputStats] = {}
     outputs: list[torch.Tensor] | None = [] if keep_outputs else None
@@ -69,6 +70,10 @@ def _collect_stats(
     try:
         stop_at = None
         for b in batches:
+            if not b.reaches(index):  # the model's forward skips the block for this batch: its inputs pass on
+                if outputs is not None:
+                    outputs.append(b.hidden)
+                continue
             state.update(held=[], ids={}, added=set(), mask=b.token_mask, tail_mask=b.tail_mask, order=[],
                          stop_at=stop_at, contexts=b.contexts, context_keys={})
             try:
