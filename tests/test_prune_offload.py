@@ -10,6 +10,7 @@ the same pruning done on a model that never moves. The GPU tier bounds real devi
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -371,16 +372,50 @@ def test_streamed_pruning_writes_the_same_model(tmp_path):
     assert not list(tmp_path.glob(".out.*"))  # no temporary folder left
 
 
-def test_streamed_pruning_refuses_renamed_checkpoints_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("kind", ["llava", "mllama"])
+def test_streamed_pruning_of_a_checkpoint_saved_under_older_key_names(tmp_path, kind):
+    """transformers 5 saves LLaVA (and Mllama) under older key names and renames them on load: streaming maps the
+    stored keys the same way, and gives the model pruned in memory, bit for bit; the output keeps the stored
+    names (it loads as the source does)."""
+    from factories import llava_inputs, tiny_mllama
+    from safetensors import safe_open
+
+    from vlmsparse.pipeline.stream import empty_model, prune_streamed
+
+    build = (lambda: tiny_llava(0)) if kind == "llava" else (lambda: tiny_mllama(0))
+    source = tmp_path / "source"
+    build().save_pretrained(source, max_shard_size="20KB")
+    with safe_open(str(next(source.glob("*.safetensors"))), framework="pt") as f:
+        stored = list(f.keys())
+    reference = build()
+    assert not set(stored) <= set(reference.state_dict())  # the folder does hold older names
+    options = dict(method="wanda", sparsity="2:4", allocation="language", progress=False,
+                   calibration=[{"input_ids": torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(3))}])
+    if kind == "llava":
+        options.update(allocation="equal", calibration=[llava_inputs(batch=2)])
+    expected = prune_model(reference, **options)
+    model = empty_model(source)
+    out, masks = prune_streamed(model, source, tmp_path / "out", **options)
+    _assert_same_masks(masks, expected)
+    loaded, _ = load_pruned(out)
+    _assert_same_model(loaded, reference)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(json.loads((source / "model.safetensors.index.json").read_text())
+                                           ["weight_map"])
+
+
+def test_streamed_pruning_refuses_missing_weights_and_leaves_nothing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
     from vlmsparse.pipeline.stream import StreamedWeights, empty_model, prune_streamed
 
-    source = tmp_path / "llava"
-    tiny_llava().save_pretrained(source)  # transformers writes LLaVA with its older key names
-    model = empty_model(source)
-    with pytest.raises(ValueError, match="not in the safetensors files"):
-        StreamedWeights(model, source, tmp_path / "x")
     llama = tmp_path / "llama"
     tiny_llama().save_pretrained(llama)
+    tensors = load_file(str(llama / "model.safetensors"))
+    del tensors["model.layers.0.self_attn.q_proj.weight"]
+    save_file(tensors, str(llama / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="1 are not in the safetensors files .*model.layers.0.self_attn.q_proj"):
+        StreamedWeights(empty_model(llama), llama, tmp_path / "x")
     with pytest.raises(ValueError, match="meta device"):
         prune_streamed(tiny_llama(), llama, tmp_path / "out", method="magnitude", progress=False)
     assert not (tmp_path / "out").exists()

@@ -177,10 +177,9 @@ def _checkpoint_namer(folder: Path) -> tuple[Callable[[str], str], torch.nn.Modu
     try:
         import transformers
         from transformers import AutoConfig
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
 
         from ..models import model_class_for
+        from ..models.keys import checkpoint_key_namer
 
         data = json.loads(config_path.read_text())
         architectures = data.get("architectures") or []
@@ -190,18 +189,11 @@ def _checkpoint_namer(folder: Path) -> tuple[Callable[[str], str], torch.nn.Modu
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         with torch.device("meta"):
             model = cls(config)
-        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-        params = model.state_dict()
-        prefix = model.base_model_prefix
+        name_of = checkpoint_key_namer(model)
     except (ImportError, AttributeError, KeyError, ValueError, TypeError, OSError, RuntimeError) as error:
         log.warning("inspect: cannot rebuild the model class of %s (%s); rows are named by checkpoint key",
                     folder, error)
         return (lambda key: key), None
-
-    def name_of(key: str) -> str:
-        renamed, _ = rename_source_key(key, renamings, [], prefix, params)
-        return renamed if renamed in params else key
-
     return name_of, model
 
 

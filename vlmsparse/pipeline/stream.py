@@ -8,8 +8,9 @@ it again. At the end the tensors no block changed are copied from the source fil
 masks and the processor; the folder appears atomically.
 
 Host memory: one block (read, pruned, written) and the masks (one byte per pruned weight), plus the calibration
-activations. Checkpoint keys must equal the model's parameter names (causal LMs; transformers saves some VLMs,
-e.g. LLaVA, with renamed keys: load those and use ``device`` alone).
+activations. Stored keys are matched to the model's parameter names as transformers renames them on load
+(:func:`vlmsparse.models.keys.checkpoint_key_namer`: LLaVA and Mllama are saved under older names); the output
+keeps the stored names.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from .._io import write_folder_atomically
 from ..masks import MASKS_FILENAME, MaskSet
 from ..models import model_class_for
+from ..models.keys import checkpoint_key_namer
 from .prune import prune_model
 from .save import check_model_folder, check_output_folder
 
@@ -85,6 +87,9 @@ class StreamedWeights:
         self.versions: dict[str, int] = {}  # checkpoint key -> version counter when loaded
         self.slots: dict[str, list[tuple[nn.Module, str]]] = {}  # checkpoint key -> (module, parameter name)
         self.key_of: dict[tuple[int, str], str] = {}
+        # the model's names of the stored keys (transformers renames some layouts on load, e.g. LLaVA's)
+        name_of = checkpoint_key_namer(model)
+        self.stored_key = {name_of(key): key for key in self.files}
         names_of: dict[int, list[tuple[str, nn.Module, str]]] = {}
         for module_name, module in model.named_modules():
             for name, p in module._parameters.items():
@@ -93,7 +98,7 @@ class StreamedWeights:
                     names_of.setdefault(id(p), []).append((full, module, name))
         missing = []
         for entries in names_of.values():
-            key = next((full for full, _, _ in entries if full in self.files), None)
+            key = next((self.stored_key[full] for full, _, _ in entries if full in self.stored_key), None)
             if key is None:
                 missing.append(entries[0][0])
                 continue
@@ -103,8 +108,8 @@ class StreamedWeights:
         self._read_buffers(model)
         if missing:
             raise ValueError(f"{self.source}: streaming reads each parameter by its name, and {len(missing)} are not "
-                             f"in the safetensors files (e.g. {', '.join(missing[:3])}); transformers saves some "
-                             "models with renamed keys: load the model and prune with a device instead")
+                             f"in the safetensors files (e.g. {', '.join(missing[:3])}), also under transformers' "
+                             "renamings of older layouts: load the model and prune with a device instead")
 
     def _read_buffers(self, model: nn.Module) -> None:
         """Buffers are built real (small: rotary tables, position ids); those the checkpoint holds are read now."""
@@ -112,8 +117,8 @@ class StreamedWeights:
 
         for module_name, module in model.named_modules():
             for name, buffer in module._buffers.items():
-                key = f"{module_name}.{name}" if module_name else name
-                if buffer is not None and key in self.files:
+                key = self.stored_key.get(f"{module_name}.{name}" if module_name else name)
+                if buffer is not None and key is not None:
                     with safe_open(str(self.files[key]), framework="pt", device="cpu") as f:
                         module._buffers[name] = f.get_tensor(key)
 
