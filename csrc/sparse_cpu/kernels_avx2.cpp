@@ -351,7 +351,8 @@ struct P24Decode {
 // the whole row up to 50% stored; the packing otherwise leaves the memory idle): side by side,
 // load 5, 70% bitmask fp32 4096->4096 1.73-1.89 -> 1.21-1.31 ms, 4096->11008 4.38-5.02 -> 3.04-3.38, 11008->4096
 // 4.41-5.00 -> 3.22-3.55; bf16 11008->4096 3.97-4.17 -> 2.98-3.22, 4096->4096 and 4096->11008 the same (1.07-1.17,
-// 2.89-3.06). Two rows ahead (bf16): no faster; two lines per 64 inputs for bf16: the same.
+// 2.89-3.06). Two rows ahead (bf16): no faster; two lines per 64 inputs for bf16: the same; the bf16 table offset
+// (byte * 16) taken by one shift and one and instead of extracting the byte: no faster (1.13-1.21 vs 1.05-1.09 ms).
 template <typename V>
 struct BitmaskDecode {
   // Dot product of the n values v with the packed inputs xp (xp holds n + 8 floats).
