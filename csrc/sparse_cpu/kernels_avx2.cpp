@@ -238,7 +238,7 @@ const float* decode_row(const SparseWeight& w, const V* values, int64_t r, int64
   }
 }
 
-// One row of x (decode), packed 2:4: x is arranged once per call (arrange_x24) in blocks of 32 inputs (8 groups
+// One row of x (decode), packed 2:4: x is arranged once per call (arrange) in blocks of 32 inputs (8 groups
 // of 4) as four vectors of two groups each (one group per 128-bit lane), so that the plain 2-bit indices of the
 // meta, shifted into the lanes (one variable shift; the permute reads the low 2 bits), pick each lane's input with
 // an in-lane permute (vpermilps) of two of these vectors and one blend: per 8 stored values one shift, two in-lane
