@@ -8,9 +8,11 @@ Ops, in the torch.library namespace ``vlmsparse_native`` (defined in C++, fake i
   :mod:`vlmsparse.bitmask` (unstructured sparsity).
 
 x and values are float32 or bfloat16 (the same dtype); arithmetic is fp32, the result has x's dtype. Each weight
-row is read once per call and serves blocks of 4 rows of x (decode, small batches); on the AVX2 tier, from 8 rows
-of x on (12 for packed 2:4 bf16), a column pass instead: x transposed into blocks of 8 or 16 rows, each stored
-weight one broadcast times its column (no products with the pruned zeros). Rows are split over torch's intra-op
+row is read once per call and serves blocks of 4 rows of x (decode, small batches); on the AVX2 tier, one row of x
+(decode) has its own passes (packed 2:4: x arranged once per call so that in-lane permutes pick the kept inputs;
+bitmask: x packed to each weight row's stored entries, then a dense dot product), and from 8 rows of x on (12 for
+packed 2:4 bf16) a column pass: x transposed into blocks of 8 or 16 rows, each stored weight one broadcast times
+its column (no products with the pruned zeros). Rows are split over torch's intra-op
 threads. From ``DENSE_FROM_ROWS`` rows of x on (prefill), :func:`packed24_matmul` and
 :func:`bitmask_matmul` instead run dense GEMMs (``packed24_linear_dense`` / ``bitmask_linear_dense``): the weight
 is expanded block by block of rows (about 16 MB each) into one buffer that the call reuses, and each block is one
