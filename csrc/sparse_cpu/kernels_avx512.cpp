@@ -3,7 +3,9 @@
 //   one two-source permute of x picks the kept inputs;
 // - bitmask: 16 inputs (two mask bytes) per step; the next 16 stored values go to their columns with one
 //   masked expand (no table);
-// - two weight rows per pass share each load of x; blocks of up to 4 rows of x share each weight vector.
+// - two weight rows per pass share each load of x; blocks of up to 4 rows of x share each weight vector;
+// - bitmask, one row of x (fp32 values): x compressed by the row's mask, then a dense dot with the stored values
+//   (bitmask_decode_rows); bitmask fp32 values from 12 rows of x: the column pass of decode.h (column_rows).
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,popcnt"))), \
                              apply_to = function)
@@ -18,6 +20,7 @@
 #include <immintrin.h>
 
 #include "decode.h"
+
 
 namespace vlmsparse_cpu {
 namespace {
@@ -126,10 +129,65 @@ bool bitmask_decode_rows(const SparseWeight& w, const V* values, const float* x,
   return true;
 }
 
+// The stored entries of bitmask weight row r for the column pass (decode.h column_rows; rows_avx512 runs it for
+// no other format): cols[e] = column * L of entry e (in order), 16 inputs a step, the set lanes of the step's
+// columns compressed to the next entries; the values as fp32 (the row's own values, prefetched in order).
+template <typename V>
+const float* decode_row(const SparseWeight& w, const V* values, int64_t r, int64_t L, int32_t* cols, float* buf) {
+  static_assert(sizeof(V) == sizeof(float), "the AVX-512 column pass takes fp32 values");
+  (void)buf;
+  const uint8_t* meta = w.meta + r * w.meta_stride;
+  const int64_t k = w.k;
+  const V* v = values + w.row_offsets[r];
+  const int64_t count = w.row_offsets[r + 1] - w.row_offsets[r];
+  const __m512i scale = _mm512_set1_epi32(static_cast<int>(L));
+  const __m512i step = _mm512_set1_epi32(static_cast<int>(16 * L));
+  __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), scale);
+  int64_t e = 0, kk = 0;
+  for (; kk + 16 <= k; kk += 16) {
+    uint16_t bits;
+    std::memcpy(&bits, meta + kk / 8, sizeof(bits));
+    _mm512_storeu_si512(cols + e, _mm512_maskz_compress_epi32(bits, column));
+    column = _mm512_add_epi32(column, step);
+    e += popcount(bits);
+  }
+  if (kk < k) {  // the last 1-15 inputs; mask bits past k dropped
+    const int rest = static_cast<int>(k - kk);
+    unsigned bits = meta[kk / 8];
+    if (rest > 8) bits |= static_cast<unsigned>(meta[kk / 8 + 1]) << 8;
+    bits &= (1u << rest) - 1;
+    _mm512_storeu_si512(cols + e, _mm512_maskz_compress_epi32(static_cast<__mmask16>(bits), column));
+  }
+  for (int64_t p = 0; p < count; p += 16) _mm_prefetch(reinterpret_cast<const char*>(v + p), _MM_HINT_T0);
+  return v;  // read next by the column loop, chunk by chunk: fetched above in order
+}
+
 struct Avx512 {
   using Vec = __m512;
   static constexpr int64_t kPackedInputs = 32, kBitmaskInputs = 16, kBitmaskDecodeInputs = 16;
+  // Bitmask fp32 values from kColumnFromRows rows of x on: the column pass (decode.h column_rows, 16 fp32 lanes,
+  // kColumnChains chains, kColumnChunk columns a chunk), called by rows_avx512 (not through tier_rows:
+  // kColumnPass is false). Measured side by side against the row pass (4096->4096, 1 thread, thread CPU time,
+  // median of 24 calls on rotated copies, AMD EPYC, load 4.6-5.7): 70% bitmask M = 8 4.02-4.10 -> 3.80-3.83 ms,
+  // M = 12 5.05-5.54 -> 4.08-4.09, M = 16 5.85-6.80 -> 3.96-4.29, M = 32 10.1 -> 5.9-6.2; 50% bitmask M = 8
+  // 4.56-4.71 -> 5.52-5.54 (slower), M = 12 5.40-5.70 -> 5.63-6.11 (even), M = 16 6.16 -> 5.51-5.63, M = 64
+  // 19.1 -> 15.6. 4 chains and 512 columns against decode.h's defaults (8, 256): 70% M = 16 4.14-4.29 vs
+  // 4.42-4.81 ms, M = 32 5.95-6.20 vs 6.16-6.33. Not for packed 2:4 fp32 (M = 8 2.97-3.06 -> 5.18-5.32 ms,
+  // M = 16 5.07-5.34 -> 5.43-5.95) nor bf16 values (on this tier M = 16 packed 2:4 3.80-4.20 -> 5.5-7.1 ms, 70%
+  // bitmask 4.20-4.58 -> 5.0-6.3; the bf16 tier's row pass is faster still): those keep the row pass.
   static constexpr bool kColumnPass = false;
+  static constexpr int64_t kLanes = 16;
+  static constexpr int64_t kColumnFromRows = 12, kColumnChunk = 512;
+  static constexpr int kColumnChains = 4;
+  static VLMSPARSE_INLINE Vec bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static VLMSPARSE_INLINE Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static VLMSPARSE_INLINE void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  static VLMSPARSE_INLINE Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  template <typename V>
+  static const float* decode(const SparseWeight& w, const V* values, int64_t r, int64_t L, int32_t* cols,
+                             float* buf) {
+    return decode_row(w, values, r, L, cols, buf);
+  }
   // Bitmask fp32 values, one row of x: bitmask_decode_rows (x compressed by each row's mask) instead of the row
   // pass. Measured side by side (4096->4096, 1 thread, thread CPU time, median of 24 calls on rotated copies, AMD
   // EPYC, load 3-3.5): 70% bitmask fp32 2.80-3.12 -> 1.82-1.99 ms, 50% 3.11-3.22 -> 2.56-2.57 ms. Not for bf16
@@ -161,6 +219,16 @@ void rows_avx512(const SparseWeight& w, const Input& in, const float* bias, floa
   if (Avx512::kCompressDecode && w.format == kBitmask && in.m == 1 && !w.values_bf16 &&
       bitmask_decode_rows(w, static_cast<const float*>(w.values), in.x, bias, y, row_begin, row_end)) {
     return;
+  }
+  if (w.format == kBitmask && !w.values_bf16 && in.m >= Avx512::kColumnFromRows) {
+    const float* values = static_cast<const float*>(w.values);
+    const bool done =
+        in.m <= Avx512::kLanes
+            ? column_rows<Avx512, float, 1, Avx512::kColumnChains, Avx512::kColumnChunk>(w, values, in.x, in.m, bias, y,
+                                                                                        row_begin, row_end)
+            : column_rows<Avx512, float, 2, Avx512::kColumnChains, Avx512::kColumnChunk>(w, values, in.x, in.m, bias, y,
+                                                                                        row_begin, row_end);
+    if (done) return;  // else (no memory for its buffers) the row pass
   }
   rows_for_tier<Avx512>(w, in, bias, y, row_begin, row_end);
 }
