@@ -83,7 +83,9 @@ VLMSPARSE_INLINE void bitmask_step(const uint16_t* (&v)[R], const uint8_t* const
 // pruned), prefetched kPrefetch values ahead. Same products (exact) and fp32 sums as the expand, in another order.
 // The expand path read its weight at 6.7 GB/s (the loads wait on the popcounts); this one at ~15. Measured: see
 // Avx512Bf16::kCompressDecode.
-constexpr int64_t kPrefetch = 512;  // values (1 KiB) ahead
+constexpr int64_t kPrefetch = 1024;  // values (2 KiB) ahead: 70% bitmask bf16, M = 1, 1 thread, thread CPU time,
+// load 1.7-2.6, against 512: 11008->4096 2.70-2.76 -> 2.40-2.44 ms, 4096->11008 2.05-2.06 -> 2.07-2.10, 4096->4096
+// 0.80 -> 0.82-0.89 (2048: 2.25-2.34, 2.16-2.19, 0.80-0.85)
 constexpr int64_t kRowPiece = 2048;  // inputs compressed, then dotted, at a time (a 4 KiB buffer):
 // measured against whole rows (1 thread, thread CPU time, 70% bitmask bf16, M = 1, load 3.3-3.7): 11008->4096
 // 2.95-4.17 -> 2.72-2.77 ms, 4096->4096 0.81 -> 0.72-0.83 (1024 inputs: 2.65-2.69 and 0.83-0.98)
