@@ -140,8 +140,8 @@ void group_rows(const SparseWeight& w, const V* values, const X* x, int64_t m, c
 // as fp32) and then walked once per block of x, in chunks of kChunkCols columns with the panel's rows innermost,
 // so that the chunk of xt (kChunk * L floats) stays in L1 for all of them. Each row's entries of a chunk are
 // summed in U independent chains, the chains and then the chunks added in order. U and kChunk (a multiple of 64)
-// are template parameters: by default 8 (NV = 1) or 4 and kChunkCols; the AVX-512 tier passes its own. Returns false (nothing written)
-// when its buffers cannot be allocated.
+// are template parameters: by default 8 (NV = 1) or 4 and kChunkCols; the AVX-512 tier passes its own. Returns
+// false (nothing written) when its buffers cannot be allocated.
 constexpr int64_t kPanelRows = 8;
 constexpr int64_t kChunkCols = 256;  // a multiple of 64 (whole 64-bit words of bitmask)
 

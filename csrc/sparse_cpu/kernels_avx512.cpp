@@ -118,7 +118,8 @@ VLMSPARSE_INLINE float bitmask_compressed_row(const V* v, const uint8_t* meta, c
     }
     for (; e < count; e += 16) {
       const __mmask16 lanes = count - e >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - e)) - 1);
-      acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, buf + e), _mm512_maskz_mov_ps(lanes, load16(v + e)), acc[0]);
+      const __m512 xv = _mm512_maskz_loadu_ps(lanes, buf + e);
+      acc[0] = _mm512_fmadd_ps(xv, _mm512_maskz_mov_ps(lanes, load16(v + e)), acc[0]);
     }
     v += count;
   }

@@ -79,9 +79,10 @@ VLMSPARSE_INLINE void bitmask_step(const uint16_t* (&v)[R], const uint8_t* const
 // One row of x, bitmask (decode): instead of expanding each weight row's stored values to their columns (a 16-bit
 // expand per 32 inputs, then a load of values whose address waits on the mask's popcounts), x is compressed by the
 // row's mask into `buf`, kRowPiece inputs at a time (one 16-bit compress per 32 inputs, reading only the mask and
-// x), and the piece's stored values are then one contiguous dense dot with it (VDPBF16PS on 32 stored values a step, none
-// pruned), prefetched kPrefetch values ahead. Same products (exact) and fp32 sums as the expand, in another order.
-// The expand path read its weight at 6.7 GB/s (the loads wait on the popcounts); this one at ~15. Measured: see
+// x), and the piece's stored values are then one contiguous dense dot with it (VDPBF16PS on 32 stored values a
+// step, none pruned), prefetched kPrefetch values ahead. Same products (exact) and fp32 sums as the expand, in
+// another order. The expand path read its weight at 6.7 GB/s (the loads wait on the popcounts); this one at ~15
+// (4096->4096). Measured: see
 // Avx512Bf16::kCompressDecode.
 constexpr int64_t kPrefetch = 1024;  // values (2 KiB) ahead: 70% bitmask bf16, M = 1, 1 thread, thread CPU time,
 // load 1.7-2.6, against 512: 11008->4096 2.70-2.76 -> 2.40-2.44 ms, 4096->11008 2.05-2.06 -> 2.07-2.10, 4096->4096
