@@ -89,6 +89,19 @@ def test_long_rows_in_several_column_chunks(isa, native, dtype, rows):
     _check(native.bitmask_matmul(x_bm, bm.values, bm.bitmask, bm.row_offsets, bias), x_bm, weight_bm, bias)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx512bf16"], indirect=True)  # (the scalar tier's one long sum of 4100
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])     # fp32 products can exceed the bound)
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_bitmask_decode_in_several_pieces(isa, native, dtype, density):
+    """One row of x, bitmask: the AVX-512 tiers compress x by each row's mask 1024 (fp32) or 2048 (bf16) inputs
+    at a time; rows of 4100 inputs run several pieces and a tail that is not a whole vector."""
+    weight = _weight_unstructured(7, 4100, dtype, density)
+    bm = pack_bitmask_weight(weight)
+    bias = torch.randn(7).to(dtype)
+    x = torch.randn(1, 4100).to(dtype)
+    _check(native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets, bias), x, weight, bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_rows_go_through_the_dense_expansion(native, dtype, monkeypatch):
     """From DENSE_FROM_ROWS rows of x on the weight is expanded (bit for bit) and F.linear runs."""

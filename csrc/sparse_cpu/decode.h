@@ -138,20 +138,20 @@ void group_rows(const SparseWeight& w, const V* values, const X* x, int64_t m, c
 // pruned zeros too, or permutes x once per weight row and row of x). Per panel of kPanelRows weight rows, each
 // row is decoded once (Tier::decode: the column offsets col * L of its stored entries, in order, and their values
 // as fp32) and then walked once per block of x, in chunks of kChunkCols columns with the panel's rows innermost,
-// so that the chunk of xt (kChunkCols * L floats) stays in L1 for all of them. Each row's entries of a chunk are
-// summed in U independent chains, the chains and then the chunks added in order. Returns false (nothing written)
-// when its buffers cannot be allocated.
+// so that the chunk of xt (kChunk * L floats) stays in L1 for all of them. Each row's entries of a chunk are
+// summed in U independent chains, the chains and then the chunks added in order. U and kChunk (a multiple of 64)
+// are template parameters: by default 8 (NV = 1) or 4 and kChunkCols; the AVX-512 tier passes its own. Returns
+// false (nothing written) when its buffers cannot be allocated.
 constexpr int64_t kPanelRows = 8;
 constexpr int64_t kChunkCols = 256;  // a multiple of 64 (whole 64-bit words of bitmask)
 
-template <class Tier, typename V, int NV>
+template <class Tier, typename V, int NV, int U = (NV == 1 ? 8 : 4), int64_t kChunk = kChunkCols>
 bool column_rows(const SparseWeight& w, const V* values, const float* x, int64_t m, const float* bias, float* y,
                  int64_t row_begin, int64_t row_end) {
   using Vec = typename Tier::Vec;
   constexpr int64_t L = NV * Tier::kLanes;
-  constexpr int U = NV == 1 ? 8 : 4;
   const int64_t n = w.n, k = w.k;
-  const int64_t blocks = (m + L - 1) / L, chunks = (k + kChunkCols - 1) / kChunkCols;
+  const int64_t blocks = (m + L - 1) / L, chunks = (k + kChunk - 1) / kChunk;
   float* xt = static_cast<float*>(malloc(sizeof(float) * blocks * k * L));
   int32_t* cols = static_cast<int32_t*>(malloc(sizeof(int32_t) * kPanelRows * (k + 2 * Tier::kLanes)));
   float* vals = static_cast<float*>(malloc(sizeof(float) * kPanelRows * (k + 2 * Tier::kLanes)));
@@ -188,12 +188,12 @@ bool column_rows(const SparseWeight& w, const V* values, const float* x, int64_t
       start[0] = 0;
       for (int64_t c = 1; c < chunks; ++c) {  // every chunk but the last is whole bytes within k
         if (w.format == kPacked24) {
-          start[c] = c * (kChunkCols / 2);
+          start[c] = c * (kChunk / 2);
         } else {
           int64_t count = 0;
-          for (int64_t q = 0; q < kChunkCols / 64; ++q) {
+          for (int64_t q = 0; q < kChunk / 64; ++q) {
             uint64_t word;
-            std::memcpy(&word, meta + (c - 1) * (kChunkCols / 8) + 8 * q, sizeof(word));
+            std::memcpy(&word, meta + (c - 1) * (kChunk / 8) + 8 * q, sizeof(word));
             count += __builtin_popcountll(word);
           }
           start[c] = start[c - 1] + count;

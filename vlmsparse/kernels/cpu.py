@@ -8,19 +8,22 @@ Ops, in the torch.library namespace ``vlmsparse_native`` (defined in C++, fake i
   :mod:`vlmsparse.bitmask` (unstructured sparsity).
 
 x and values are float32 or bfloat16 (the same dtype); arithmetic is fp32, the result has x's dtype. Each weight
-row is read once per call and serves blocks of 4 rows of x (decode, small batches); on the AVX2 tier, one row of x
-(decode) has its own passes (packed 2:4: x arranged once per call so that in-lane permutes pick the kept inputs;
-bitmask: x packed to each weight row's stored entries, then a dense dot product), and from 8 rows of x on (12 for
-packed 2:4 bf16) a column pass: x transposed into blocks of 8 or 16 rows, each stored weight one broadcast times
-its column (no products with the pruned zeros). Rows are split over torch's intra-op
-threads. From ``DENSE_FROM_ROWS`` rows of x on (prefill), :func:`packed24_matmul` and
-:func:`bitmask_matmul` instead run dense GEMMs (``packed24_linear_dense`` / ``bitmask_linear_dense``): the weight
-is expanded block by block of rows (about 16 MB each) into one buffer that the call reuses, and each block is one
-``addmm`` into its columns of y (bit for bit ``F.linear(x, dense W, b)``; no full-size dense copy, no page faults
-of a fresh full-size allocation per call). ``packed24_to_dense`` / ``bitmask_to_dense`` give the whole dense
-weight. ISA tiers: ``scalar``, ``avx2`` (AVX2 + FMA), ``avx512`` (F, BW, VL, DQ), ``avx512bf16``
-(also AVX512_BF16 and VBMI2: bf16 weights times bf16 inputs with VDPBF16PS, exact products summed in fp32;
-bf16 denormal inputs count as zero): the best the CPU has, or ``$VLMSPARSE_CPU_ISA``, or :func:`set_isa`.
+row is read once per call and serves blocks of 4 rows of x (decode, small batches). One row of x (decode) has its
+own passes: on the AVX2 tier for packed 2:4 (x arranged once per call so that in-lane permutes pick the kept
+inputs) and bitmask weights (x packed to each weight row's stored entries, then a dense dot product), on the AVX-512
+tiers for bitmask weights (bf16 ones on ``avx512bf16`` only: x compressed by each row's mask, then one dense dot
+with the row's stored values). A column pass (x transposed into blocks of 8 or 16 rows, each stored weight one
+broadcast times its column: no products with the pruned zeros) runs on the AVX2 tier from 8 rows of x (12 for
+packed 2:4 bf16) and on the AVX-512 tiers for bitmask fp32 weights from 12 rows of x (16 rows a block).
+Rows are split over torch's intra-op threads. From ``DENSE_FROM_ROWS`` rows of x on (prefill),
+:func:`packed24_matmul` and :func:`bitmask_matmul` instead run dense GEMMs (``packed24_linear_dense`` /
+``bitmask_linear_dense``): the weight is expanded block by block of rows (about 16 MB each) into one buffer that
+the call reuses, and each block is one ``addmm`` into its columns of y (bit for bit ``F.linear(x, dense W, b)``;
+no full-size dense copy, no page faults of a fresh full-size allocation per call). ``packed24_to_dense`` /
+``bitmask_to_dense`` give the whole dense weight. ISA tiers: ``scalar``, ``avx2`` (AVX2 + FMA), ``avx512`` (F,
+BW, VL, DQ), ``avx512bf16`` (also AVX512_BF16 and VBMI2: bf16 weights times bf16 inputs with VDPBF16PS, exact
+products summed in fp32; bf16 denormal inputs count as zero): the best the CPU has, or ``$VLMSPARSE_CPU_ISA``, or
+:func:`set_isa`.
 
 :func:`packed24_matmul` / :func:`bitmask_matmul` check their arguments in Python (clear ``ValueError``); the
 ``*_unchecked`` twins, which :mod:`vlmsparse.ops` runs after its own checks (or a module's at construction), skip
