@@ -303,13 +303,11 @@ def _pack_bases(model: nn.Module, masks: MaskSet, config: FinetuneConfig) -> Non
 def _merge(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     if config.method == "full":
         return model
-    from ..modules.sparse_linear import SparseLinear
+    from ..pipeline.compress import decompress
     from ..pipeline.lora import merge_sparse_lora
 
     merged = merge_sparse_lora(model, check=False)  # the check below reports every module, then fails
-    for name, module in list(merged.named_modules()):  # packed_base: saved as nn.Linear, like the other runs
-        if isinstance(module, SparseLinear):
-            merged.set_submodule(name, module.to_linear())
+    decompress(merged)  # packed_base: the merged packed modules saved as nn.Linear, like the other runs
     return merged
 
 
