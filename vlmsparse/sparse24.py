@@ -28,6 +28,7 @@ __all__ = [
     "pack24",
     "unpack24",
     "unpack24_mask",
+    "unpack24_with_mask",
     "kept_columns",
     "semi_structured_support",
     "to_semi_structured",
@@ -118,17 +119,31 @@ def kept_columns(meta: torch.Tensor, in_features: int) -> torch.Tensor:
     return columns.reshape(meta.shape[0], -1)[:, : in_features // 2]
 
 
-def unpack24(packed: Packed24) -> torch.Tensor:
-    """Dense ``[out, in]`` weight from a :class:`Packed24` (exact inverse of :func:`pack24`)."""
+def _unpack(packed: Packed24, columns: torch.Tensor) -> torch.Tensor:
     values = packed.values
     dense = torch.zeros(values.shape[0], packed.in_features, dtype=values.dtype, device=values.device)
-    return dense.scatter_(1, kept_columns(packed.meta, packed.in_features), values)
+    return dense.scatter_(1, columns, values)
+
+
+def _unpack_mask(packed: Packed24, columns: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(packed.values.shape[0], packed.in_features, dtype=torch.bool, device=packed.values.device)
+    return mask.scatter_(1, columns, True)
+
+
+def unpack24(packed: Packed24) -> torch.Tensor:
+    """Dense ``[out, in]`` weight from a :class:`Packed24` (exact inverse of :func:`pack24`)."""
+    return _unpack(packed, kept_columns(packed.meta, packed.in_features))
 
 
 def unpack24_mask(packed: Packed24) -> torch.Tensor:
     """The keep-mask ``[out, in]`` (bool) the packed indices describe."""
-    mask = torch.zeros(packed.values.shape[0], packed.in_features, dtype=torch.bool, device=packed.values.device)
-    return mask.scatter_(1, kept_columns(packed.meta, packed.in_features), True)
+    return _unpack_mask(packed, kept_columns(packed.meta, packed.in_features))
+
+
+def unpack24_with_mask(packed: Packed24) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(unpack24(packed), unpack24_mask(packed))``, the kept columns found once."""
+    columns = kept_columns(packed.meta, packed.in_features)
+    return _unpack(packed, columns), _unpack_mask(packed, columns)
 
 
 # torch.sparse semi-structured: sparse-operand minimum shape (rows, cols), which must also divide the shape.

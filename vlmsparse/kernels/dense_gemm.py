@@ -22,7 +22,7 @@ import importlib.util
 
 import torch
 
-from ..sparse24 import Packed24, unpack24, unpack24_mask
+from ..sparse24 import Packed24, unpack24_with_mask
 from .reference import effective_weight_ref
 
 __all__ = ["sparse_lora_forward", "sparse_lora_backward", "packed24_lora_forward", "packed24_lora_backward",
@@ -90,8 +90,7 @@ def sparse_lora_backward(
 
 
 def _unpacked(values: torch.Tensor, meta: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    packed = Packed24(values, meta, in_features)
-    return unpack24(packed), unpack24_mask(packed)
+    return unpack24_with_mask(Packed24(values, meta, in_features))
 
 
 def packed24_lora_forward(

@@ -53,7 +53,7 @@ from torch import nn
 from .. import ops
 from ..kernels.checks import check_bias, check_features, check_lora, check_packed, check_same_device
 from ..kernels.reference import effective_weight_ref
-from ..sparse24 import Packed24, pack24, unpack24, unpack24_mask
+from ..sparse24 import Packed24, pack24, unpack24, unpack24_mask, unpack24_with_mask
 from .sparse_linear import SparseLinear
 
 __all__ = ["SparseLoRALinear", "METHODS", "check_mask", "migrate_state_dict", "teacher_mode",
@@ -456,8 +456,7 @@ class SparseLoRALinear(_PeftLoraLinear):
         names = self._active() if adapter_names is None else adapter_names
         names = [a for a in names if a not in self.merged_adapters]
         if self.packed_base:
-            packed = self._packed()
-            merged, mask = unpack24(packed), unpack24_mask(packed)
+            merged, mask = unpack24_with_mask(self._packed())
             for a in names:
                 merged = effective_weight_ref(merged, mask, self.lora_A[a].weight, self.lora_B[a].weight,
                                               self.scaling[a])
@@ -503,7 +502,7 @@ class SparseLoRALinear(_PeftLoraLinear):
         if not self.merged:
             self._unmerged_weight = self._base_tensor().data if keep_original else None
         if self.packed_base:  # the merged entries sit at the packed pattern: same indices, new values
-            base.values = pack24(new, unpack24_mask(self._packed())).values
+            base.values = pack24(new, self.keep_mask()).values
         else:
             base.weight.data = new
         self.merged_adapters.extend(names)
@@ -544,19 +543,21 @@ class SparseLoRALinear(_PeftLoraLinear):
         module is left as it was."""
         if not self.packed_base:
             return self.to_linear()
-        base = self.get_base_layer()
-        weight = unpack24(self._packed()) if self.merged else self.merged_weight()
-        return SparseLinear(weight, base.bias, backend="packed24")
+        return SparseLinear(self._merged_dense_weight(), self.get_base_layer().bias, backend="packed24")
+
+    def _merged_dense_weight(self) -> torch.Tensor:
+        """The dense ``[out, in]`` weight with the active adapters merged: the base's own when merged already (a new
+        tensor), else :meth:`merged_weight`."""
+        if not self.merged:
+            return self.merged_weight()
+        return unpack24(self._packed()) if self.packed_base else self.get_base_layer().weight.detach().clone()
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the merged weight of the active adapters (and the base bias); the module is
         left as it was."""
         base = self.get_base_layer()
-        if self.packed_base:
-            weight = unpack24(self._packed()) if self.merged else self.merged_weight()
-        else:
-            weight = base.weight.detach().clone() if self.merged else self.merged_weight()
+        weight = self._merged_dense_weight()
         linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
                            device=weight.device, dtype=weight.dtype)
         linear.weight = nn.Parameter(weight, requires_grad=not self.packed_base and base.weight.requires_grad)
