@@ -147,6 +147,12 @@ def adapter_config(model: nn.Module, adapter_name: str = "default") -> LoraConfi
     )
 
 
+def _saved_key(module: str, matrix: str) -> str:
+    """peft's key of adapter matrix ``matrix`` (``lora_A`` / ``lora_B``) of ``module`` in an adapter file (the
+    adapter name dropped, as ``get_peft_model_state_dict`` writes it)."""
+    return f"base_model.model.{module}.{matrix}.weight"
+
+
 def _save_in_place_adapter(model: nn.Module, path: Path, adapter_name: str) -> None:
     """What ``PeftModel.save_pretrained`` writes, for adapters added in place: ``adapter_config.json`` and
     ``adapter_model.safetensors`` with peft's saved keys (``base_model.model.<module>.lora_A.weight``: the adapter
@@ -159,7 +165,7 @@ def _save_in_place_adapter(model: nn.Module, path: Path, adapter_name: str) -> N
     for name, layer in _sparse_layers(model).items():
         if adapter_name in layer.lora_A:
             for key, layers in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-                tensors[f"base_model.model.{name}.{key}.weight"] = layers[adapter_name].weight.detach().cpu().contiguous()
+                tensors[_saved_key(name, key)] = layers[adapter_name].weight.detach().cpu().contiguous()
     path.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(path))
     save_file(tensors, str(path / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
@@ -281,7 +287,7 @@ def _load_in_place(model: nn.Module, path: Path, config: LoraConfig, saved: Mask
         for name in saved:
             layer = model.get_submodule(name)
             for key, layers in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-                stored = tensors.get(f"base_model.model.{name}.{key}.weight")
+                stored = tensors.get(_saved_key(name, key))
                 weight = layers[adapter_name].weight
                 if stored is None or stored.shape != weight.shape:
                     got = None if stored is None else tuple(stored.shape)
