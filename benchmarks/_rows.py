@@ -3,7 +3,7 @@
 ``environment(device)`` gives the fields common to every row (machine, device, versions, git commit, date, host);
 a benchmark adds its own fields after them (and may override ``device`` or ``machine`` with its own wording).
 ``results_machine(device, cpu)`` is the machine part of a results file name and ``append_rows(path, rows)`` appends
-rows to a JSONL file, one line each.
+rows to a JSONL file, one line each; ``model_bytes(model)`` is the bytes a model holds (the ``model_mb`` field).
 
 Imported as a plain module from the benchmarks folder (``sys.path`` holds it), like ``bench_linear`` is from
 ``bench_e2e``. It imports neither vlmsparse nor, at import time, torch: bench_overhead's child processes import the
@@ -114,3 +114,10 @@ def append_rows(path, rows: Iterable[dict]) -> Path:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(text)
     return path
+
+
+def model_bytes(model) -> int:
+    """Bytes of the parameters and buffers a ``torch.nn.Module`` holds (each storage once): a row's ``model_mb``."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()]}
+    return sum(storages.values())

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _rows import RESULTS, append_rows, environment, results_machine  # noqa: E402
+from _rows import RESULTS, append_rows, environment, model_bytes, results_machine  # noqa: E402
 
 LLAVA15_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                   vocab_size=32000)
@@ -179,9 +179,7 @@ def train_step(method: str, args: argparse.Namespace, device: torch.device, dtyp
     step()  # warm-up (optimizer state allocated)
     seconds, peak = _peak(device, step)
     seconds = statistics.median([seconds] + [_peak(device, step)[0] for _ in range(args.repeats - 1)])
-    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*model.parameters(),
-                                                                                  *model.buffers()]}
-    return {"step_ms": seconds * 1e3, "peak_mb": peak, "model_mb": sum(held.values()) / 2**20}
+    return {"step_ms": seconds * 1e3, "peak_mb": peak, "model_mb": model_bytes(model) / 2**20}
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _rows import append_rows, environment, results_machine  # noqa: E402
+from _rows import append_rows, environment, model_bytes, results_machine  # noqa: E402
 
 from vlmsparse.masks import MaskSet  # noqa: E402
 from vlmsparse.modules.sparse_lora import SparseLoRALinear  # noqa: E402
@@ -185,14 +185,6 @@ def _train_step(setup, sync) -> float:
     opt.zero_grad(set_to_none=True)
     sync()
     return time.perf_counter() - start
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters and buffers ``model`` holds (each storage once)."""
-    storages = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(storages.values())
 
 
 def _setup(build: Callable, method: str, r: int, alpha: float):
