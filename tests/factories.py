@@ -197,6 +197,16 @@ def pruned_tiny(kind: str = "llava", pattern: str = "0.5", seed: int = 0, keep_d
     return model, MaskSet(masks=masks, patterns={n: pattern for n in masks}, method="magnitude")
 
 
+def save_blip2_folder(folder, model):
+    """Save a tiny BLIP-2 ``model`` (OPT or Flan-T5) with the synthetic processor to ``folder``, its image token id
+    set to the processor's ``<image>``; returns ``folder``."""
+    processor = synthetic_processor("blip2")
+    model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def instructblip_inputs(batch: int = 2, text_len: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
     """BLIP-2-style inputs plus the instruction for the Q-Former (qformer_input_ids, qformer_attention_mask)."""
     inputs = blip2_inputs(batch, text_len, seed)

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import synthetic_processor, tiny_blip2, tiny_blip2_t5, tiny_llava, tiny_mllama
+from factories import (
+    save_blip2_folder,
+    synthetic_processor,
+    tiny_blip2,
+    tiny_blip2_t5,
+    tiny_llava,
+    tiny_mllama,
+)
 
 import vlmsparse
 from vlmsparse.masks import MaskSet
@@ -33,22 +40,12 @@ def llava_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def blip2_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("prune-folder") / "blip2"
-    model, processor = tiny_blip2(), synthetic_processor("blip2")
-    model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_blip2_folder(tmp_path_factory.mktemp("prune-folder") / "blip2", tiny_blip2())
 
 
 @pytest.fixture(scope="module")
 def blip2_t5_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("prune-folder") / "blip2-t5"
-    model, processor = tiny_blip2_t5(), synthetic_processor("blip2")
-    model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_blip2_folder(tmp_path_factory.mktemp("prune-folder") / "blip2-t5", tiny_blip2_t5())
 
 
 @pytest.fixture(scope="module")

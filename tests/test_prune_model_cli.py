@@ -164,14 +164,9 @@ def test_cli_prune_blip2_flan_t5_with_decoder_calibration(tmp_path):
 # ---------------------------------------------------------------------- per-part flags on top of --allocation
 @pytest.fixture(scope="module")
 def blip2_folder(tmp_path_factory):
-    from factories import synthetic_processor, tiny_blip2
+    from factories import save_blip2_folder, tiny_blip2
 
-    folder = tmp_path_factory.mktemp("blip2") / "blip2"
-    model, processor = tiny_blip2(), synthetic_processor("blip2")
-    model.config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_blip2_folder(tmp_path_factory.mktemp("blip2") / "blip2", tiny_blip2())
 
 
 @pytest.mark.parametrize(
