@@ -102,6 +102,54 @@ def test_bitmask_decode_in_several_pieces(isa, native, dtype, density):
     _check(native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets, bias), x, weight, bias)
 
 
+@pytest.mark.parametrize("isa", ["avx512bf16"], indirect=True)
+@pytest.mark.parametrize("in_features", [4, 60, 64, 68, 1000])  # tables of 64 inputs: less, a part, one, and a rest
+@pytest.mark.parametrize("rows", [11, 12, 16, 17, 31, 32, 33, 50])  # 32 rows of x a pass, then 16 (and padding)
+def test_packed24_token_lanes(isa, native, in_features, rows):
+    """From 12 rows of x, packed 2:4 bf16 on the AVX-512 BF16 tier puts the rows of x in the vector lanes
+    (p24_token_rows); 133 weight rows: a panel of 128, a group of 4 and one alone."""
+    weight = _weight24(133, in_features, torch.bfloat16)
+    packed = pack24(weight)
+    bias = torch.randn(133).bfloat16() if rows % 2 else None
+    x = torch.randn(rows, in_features).bfloat16()
+    _check(native.packed24_matmul(x, packed.values, packed.meta, bias), x, weight, bias)
+
+
+def _packed_pairs_product(x, values, meta):
+    """``y[t, r] = sum_g values[r, 2g] * x[t, 4g + i0] + values[r, 2g + 1] * x[t, 4g + i1]`` in float64 for any
+    nibbles (also i0 >= i1, which no packing writes)."""
+    rows, groups = values.shape[0], values.shape[1] // 2
+    nibbles = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(rows, -1)[:, :groups].long()
+    columns = 4 * torch.arange(groups)
+    x64, v64 = x.double(), values.double()
+    y = torch.zeros(x.shape[0], rows, dtype=torch.float64)
+    for r in range(rows):
+        y[:, r] = x64[:, columns + (nibbles[r] & 3)] @ v64[r, 0::2] + x64[:, columns + (nibbles[r] >> 2)] @ v64[r, 1::2]
+    return y
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("rows", [1, 5, 16, 33])
+def test_packed24_any_nibble(isa, native, rows):
+    """Meta nibbles with i0 >= i1 (not written by pack24; files from elsewhere may hold them) give the sum of the
+    two stored products on every tier, as ordered ones do: the token-lanes path's table holds only i0 < i1 and sums
+    the chunks of such rows another way. Rows mix ordered and unordered chunks."""
+    generator = torch.Generator().manual_seed(3)
+    out_features, in_features = 37, 200
+    values = torch.randn(out_features, in_features // 2, generator=generator).bfloat16()
+    ordered = torch.tensor([4, 8, 12, 9, 13, 14], dtype=torch.uint8)
+    nibbles = ordered[torch.randint(0, 6, (out_features, in_features // 4), generator=generator)]
+    unordered = torch.rand(out_features, 1, generator=generator) < 0.5  # rows with some unordered groups
+    anything = torch.randint(0, 16, nibbles.shape, generator=generator, dtype=torch.uint8)
+    nibbles = torch.where(unordered & (torch.rand(nibbles.shape, generator=generator) < 0.1), anything, nibbles)
+    meta = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
+    x = torch.randn(rows, in_features, generator=generator).bfloat16()
+    exact = _packed_pairs_product(x, values, meta)
+    low = _packed_pairs_product(x.float(), values.float(), meta).to(torch.bfloat16)
+    result = native.packed24_matmul(x, values, meta)
+    assert_close_to_reference(result, low, exact)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_rows_go_through_the_dense_expansion(native, dtype, monkeypatch):
     """From DENSE_FROM_ROWS rows of x on the weight is expanded (bit for bit) and F.linear runs."""

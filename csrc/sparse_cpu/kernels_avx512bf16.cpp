@@ -3,7 +3,8 @@
 // VBMI2 (16-bit expand). fp32 weights or inputs go to the AVX-512 tier.
 // - packed 2:4: 64 inputs (32 stored values, 64 meta bits) a step; lane l of 32 gets column
 //   4*(l/2) + ((bits >> 2l) & 3) (the 16-bit piece l/8 of the meta word, shifted by 2l mod 16), one two-source
-//   16-bit permute of x picks the kept inputs, one VDPBF16PS;
+//   16-bit permute of x picks the kept inputs, one VDPBF16PS; from 12 rows of x, the rows of x go in the lanes
+//   instead (p24_token_rows: no permute per weight row);
 // - bitmask: 32 inputs (32 mask bits) a step; the next 32 stored values go to their columns with one 16-bit
 //   masked expand, one VDPBF16PS.
 #if defined(__clang__)
@@ -144,6 +145,215 @@ bool bitmask_decode_rows(const SparseWeight& w, const uint16_t* values, const ui
   return true;
 }
 
+// Packed 2:4, several rows of x ("token lanes"): the 16 fp32 lanes hold 16 rows of x (tokens), so that each
+// stored pair of a weight row (w0, w1) at (4g + i0, 4g + i1) is one broadcast dword and one VDPBF16PS with the
+// pairs (x[t, 4g + i0], x[t, 4g + i1]) of the 16 tokens: 32 products, none of them a pruned zero and no permute
+// per weight row. (The row pass permutes x once per weight row and row of x: measured here in a loop, a permute
+// + VDPBF16PS pair costs ~0.36 ns, VDPBF16PS alone ~0.12 ns, VDPBF16PS with its two loads from L1 ~0.28 ns.)
+// Those pair vectors depend only on x and the nibble i0 | i1 << 2, so they are made once per chunk of
+// kTokenChunkGroups groups and panel of weight rows, for the six nibbles with i0 < i1 (every packing writes those;
+// a chunk of a row with any other nibble is summed by p24_token_chunk_scalar instead), into a table indexed by the
+// nibble that stays in L1, and looked up by each stored pair's nibble.
+constexpr int kTokenLanes = 16;            // rows of x per block (lanes)
+constexpr int64_t kTokenChunkGroups = 16;  // groups of 4 inputs per table: 64 inputs, 16 x 16 x 64 B (6 KiB used)
+// Weight rows per table: 1 thread, 16 rows of x, 4096->11008 / 11008->4096 / 4096->4096: 48 rows 7.82 / 7.76 /
+// 2.80 ms, 128 rows 5.52 / 5.11 / 2.19, 256 rows 5.60 / 5.05 / 2.17.
+constexpr int64_t kTokenPanelRows = 128;
+constexpr int kOrderedNibbles[6] = {4, 8, 12, 9, 13, 14};  // i0 | i1 << 2 with i0 < i1
+
+// The meta of `groups` (<= 16) groups from group g0 of one row, nibble j = group g0 + j (bits 4j..4j+3).
+VLMSPARSE_INLINE uint64_t chunk_nibbles(const uint8_t* meta, int64_t g0, int64_t groups) {
+  uint64_t word = 0;
+  if (groups == kTokenChunkGroups) {
+    std::memcpy(&word, meta + g0 / 2, sizeof(word));
+  } else {
+    std::memcpy(&word, meta + g0 / 2, static_cast<size_t>((groups + 1) / 2));
+    word &= groups * 4 >= 64 ? ~0ull : (1ull << (groups * 4)) - 1;
+  }
+  return word;
+}
+
+// Whether every nibble of `word` among the first `groups` has i0 < i1 (the table holds only those).
+VLMSPARSE_INLINE bool nibbles_ordered(uint64_t word, int64_t groups) {
+  const uint64_t lo = word & 0x3333333333333333ull, hi = (word >> 2) & 0x3333333333333333ull;
+  // per nibble 4 + i1 - i0 - 1 (>= 0, no borrow between nibbles): bit 2 set iff i1 > i0
+  const uint64_t ok = (hi + 0x3333333333333333ull - lo) & 0x4444444444444444ull;
+  const uint64_t used = groups * 4 >= 64 ? ~0ull : (1ull << (groups * 4)) - 1;
+  return (ok & used) == (0x4444444444444444ull & used);
+}
+
+// Rows 16b..16b+15 of columns c and c + 1 of a group stored [4][lanes]: `p` points at column c's piece, the next
+// column's piece is `lanes` entries on.
+VLMSPARSE_INLINE __m512i pair_columns(const uint16_t* p, int64_t lanes) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(p))),
+                            _mm256_load_si256(reinterpret_cast<const __m256i*>(p + lanes)), 1);
+}
+
+// R weight rows against one chunk's table for NB blocks of 16 rows of x: the rows' sums in `tile` (NB x 16 fp32
+// a row) += the chunk's products. A whole chunk is unrolled; two chains per row and block when NB = 1.
+template <int R, int NB>
+VLMSPARSE_INLINE void p24_token_chunk(const uint16_t* const (&v)[R], const uint64_t (&word)[R], const __m512i* table,
+                                      int64_t g0, int64_t groups, float* const (&tile)[R]) {
+  constexpr int U = NB == 1 ? 2 : 1;
+  __m512 acc[R][NB][U];
+  for (int i = 0; i < R; ++i) {
+    // into L2: a panel's rows are k bytes apart, so with k = 4096 each chunk of every row falls in the same L1 set;
+    // 16 rows of x, 4096->11008 / 4096->4096 with _MM_HINT_T0: 6.12 / 2.43 ms, with T1: 5.52 / 2.19
+    _mm_prefetch(reinterpret_cast<const char*>(v[i] + 2 * (g0 + 2 * kTokenChunkGroups)), _MM_HINT_T1);
+    for (int b = 0; b < NB; ++b) {
+      acc[i][b][0] = _mm512_loadu_ps(tile[i] + b * kTokenLanes);
+      for (int u = 1; u < U; ++u) acc[i][b][u] = _mm512_setzero_ps();
+    }
+  }
+  auto step = [&](int64_t j, int u) __attribute__((always_inline)) {
+    for (int i = 0; i < R; ++i) {
+      uint32_t pair;
+      std::memcpy(&pair, v[i] + 2 * (g0 + j), sizeof(pair));
+      const __m512i weights = _mm512_set1_epi32(static_cast<int>(pair));
+      const __m512i* entry = table + (j * 16 + ((word[i] >> (4 * j)) & 15)) * NB;
+      for (int b = 0; b < NB; ++b) acc[i][b][u] = dot_bf16(acc[i][b][u], _mm512_load_si512(entry + b), weights);
+    }
+  };
+  if (groups == kTokenChunkGroups) {
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < kTokenChunkGroups; j += 2) {
+      step(j, 0);
+      step(j + 1, U - 1);
+    }
+  } else {
+    for (int64_t j = 0; j < groups; ++j) step(j, 0);
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int b = 0; b < NB; ++b) {
+      __m512 total = acc[i][b][0];
+      for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[i][b][u]);
+      _mm512_storeu_ps(tile[i] + b * kTokenLanes, total);
+    }
+  }
+}
+
+// One row's chunk whose nibbles are not all ordered (i0 >= i1: no packing here writes them, the row pass accepts
+// them), for `lanes` rows of x: each stored pair summed in fp32 from xg, as the row pass does.
+void p24_token_chunk_scalar(const uint16_t* v, uint64_t word, const uint16_t* xg, int64_t lanes, int64_t g0,
+                            int64_t groups, float* tile) {
+  for (int64_t j = 0; j < groups; ++j) {
+    const int nib = static_cast<int>((word >> (4 * j)) & 15);
+    const float w0 = bf16_to_float(v[2 * (g0 + j)]), w1 = bf16_to_float(v[2 * (g0 + j) + 1]);
+    const uint16_t* x0 = xg + (4 * (g0 + j) + (nib & 3)) * lanes;
+    const uint16_t* x1 = xg + (4 * (g0 + j) + (nib >> 2)) * lanes;
+    for (int64_t t = 0; t < lanes; ++t) tile[t] += w0 * bf16_to_float(x0[t]) + w1 * bf16_to_float(x1[t]);
+  }
+}
+
+// One pass over the weight rows [row_begin, row_end) for NB blocks of 16 rows of x (the last block may be partial):
+// xg [groups][4][NB * 16] holds them (zero past m), `table` and `tile` are the caller's buffers.
+template <int NB>
+void p24_token_pass(const SparseWeight& w, const uint16_t* values, const uint16_t* xg, const __m512i (&pick)[6],
+                    __m512i* table, float* tile, const float* bias, float* y, int64_t tokens, int64_t row_begin,
+                    int64_t row_end) {
+  constexpr int64_t lanes = NB * kTokenLanes;
+  const int64_t k = w.k, n = w.n, groups = k / 4;
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kTokenPanelRows) {
+    const int64_t rows = row_end - r0 < kTokenPanelRows ? row_end - r0 : kTokenPanelRows;
+    std::memset(tile, 0, sizeof(float) * rows * lanes);
+    for (int64_t g0 = 0; g0 < groups; g0 += kTokenChunkGroups) {
+      const int64_t chunk = groups - g0 < kTokenChunkGroups ? groups - g0 : kTokenChunkGroups;
+      for (int64_t j = 0; j < chunk; ++j) {
+        const uint16_t* group = xg + (g0 + j) * 4 * lanes;  // [4][lanes]: block b of column c at c * lanes + 16b
+        for (int b = 0; b < NB; ++b) {
+          // columns 0, 1 of the block's 16 rows (lanes 0..31 of the permute), then columns 2, 3 (32..63)
+          const __m512i lo = NB == 1 ? _mm512_load_si512(group) : pair_columns(group + 16 * b, lanes);
+          const __m512i hi = NB == 1 ? _mm512_load_si512(group + 32) : pair_columns(group + 2 * lanes + 16 * b, lanes);
+          for (int e = 0; e < 6; ++e) {
+            table[(j * 16 + kOrderedNibbles[e]) * NB + b] = _mm512_permutex2var_epi16(lo, pick[e], hi);
+          }
+        }
+      }
+      int64_t i = 0;
+      for (; i + 4 <= rows; i += 4) {
+        const uint16_t* v[4];
+        uint64_t word[4];
+        float* out[4];
+        bool ordered = true;
+        for (int q = 0; q < 4; ++q) {
+          v[q] = values + (r0 + i + q) * (k / 2);
+          word[q] = chunk_nibbles(w.meta + (r0 + i + q) * w.meta_stride, g0, chunk);
+          out[q] = tile + (i + q) * lanes;
+          ordered = ordered && nibbles_ordered(word[q], chunk);
+        }
+        if (ordered) {
+          p24_token_chunk<4, NB>(v, word, table, g0, chunk, out);
+        } else {
+          for (int q = 0; q < 4; ++q) p24_token_chunk_scalar(v[q], word[q], xg, lanes, g0, chunk, out[q]);
+        }
+      }
+      for (; i < rows; ++i) {
+        const uint16_t* v[1] = {values + (r0 + i) * (k / 2)};
+        const uint64_t word[1] = {chunk_nibbles(w.meta + (r0 + i) * w.meta_stride, g0, chunk)};
+        float* out[1] = {tile + i * lanes};
+        if (nibbles_ordered(word[0], chunk)) {
+          p24_token_chunk<1, NB>(v, word, table, g0, chunk, out);
+        } else {
+          p24_token_chunk_scalar(v[0], word[0], xg, lanes, g0, chunk, out[0]);
+        }
+      }
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      const float b = bias ? bias[r0 + i] : 0.0f;
+      for (int64_t t = 0; t < tokens; ++t) y[t * n + r0 + i] = tile[i * lanes + t] + b;
+    }
+  }
+}
+
+// The rows [row_begin, row_end) of y for packed 2:4 bf16 weights and m rows of bf16 x, 32 rows of x per pass
+// over the weight (16 for the last 1-16; token lanes, above). False (nothing written) when its buffers cannot be
+// allocated.
+bool p24_token_rows(const SparseWeight& w, const uint16_t* values, const uint16_t* x, int64_t m, const float* bias,
+                    float* y, int64_t row_begin, int64_t row_end) {
+  constexpr int64_t kMaxLanes = 2 * kTokenLanes;
+  const int64_t k = w.k, n = w.n, groups = k / 4;
+  uint16_t* xg = static_cast<uint16_t*>(aligned_alloc(64, sizeof(uint16_t) * groups * 4 * kMaxLanes + 64));
+  __m512i* table = static_cast<__m512i*>(aligned_alloc(64, sizeof(__m512i) * kTokenChunkGroups * 16 * 2));
+  float* tile = static_cast<float*>(aligned_alloc(64, sizeof(float) * kTokenPanelRows * kMaxLanes));
+  if (xg == nullptr || table == nullptr || tile == nullptr) {
+    free(tile);
+    free(table);
+    free(xg);
+    return false;
+  }
+  // nibble i0 | i1 << 2 (entry e): lane 2t <- column i0 of row t of x (word 16 * i0 + t of the two vectors that
+  // hold a group's 4 columns of 16 rows), 2t + 1 <- column i1
+  __m512i pick[6];
+  for (int e = 0; e < 6; ++e) {
+    alignas(64) uint16_t lanes[32];
+    for (int t = 0; t < kTokenLanes; ++t) {
+      lanes[2 * t] = static_cast<uint16_t>(16 * (kOrderedNibbles[e] & 3) + t);
+      lanes[2 * t + 1] = static_cast<uint16_t>(16 * (kOrderedNibbles[e] >> 2) + t);
+    }
+    pick[e] = _mm512_load_si512(lanes);
+  }
+  for (int64_t t0 = 0; t0 < m;) {
+    const int64_t tokens = m - t0 < kMaxLanes ? m - t0 : kMaxLanes;
+    const int64_t lanes = tokens > kTokenLanes ? kMaxLanes : kTokenLanes;
+    // xg[g][c][t] = x[t0 + t, 4g + c] (t < lanes; zero past m)
+    if (tokens < lanes) std::memset(xg, 0, sizeof(uint16_t) * groups * 4 * lanes);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const uint16_t* row = x + (t0 + t) * k;
+      for (int64_t col = 0; col < 4 * groups; ++col) xg[col * lanes + t] = row[col];
+    }
+    if (lanes == kMaxLanes) {
+      p24_token_pass<2>(w, values, xg, pick, table, tile, bias, y + t0 * n, tokens, row_begin, row_end);
+    } else {
+      p24_token_pass<1>(w, values, xg, pick, table, tile, bias, y + t0 * n, tokens, row_begin, row_end);
+    }
+    t0 += tokens;
+  }
+  free(tile);
+  free(table);
+  free(xg);
+  return true;
+}
+
 struct Avx512Bf16 {
   using Vec = __m512;
   static constexpr int64_t kPackedInputs = 64, kBitmaskInputs = 32, kBitmaskDecodeInputs = 32;
@@ -152,6 +362,12 @@ struct Avx512Bf16 {
   // Measured side by side (4096->4096, 1 thread, thread CPU time, median of 24 calls on rotated copies, AMD EPYC,
   // load 3.4-4): 70% bitmask bf16 1.80-1.83 -> 0.80-0.83 ms, 50% 2.22 -> 0.99 ms.
   static constexpr bool kCompressDecode = true;
+  // Packed 2:4 from this many rows of x: p24_token_rows instead of the row pass. Measured side by side (1 thread,
+  // thread CPU time, median of 20 calls on rotated copies, load ~1; row pass -> token lanes, dense bf16 F.linear in
+  // brackets), 4096->11008 / 11008->4096 / 4096->4096: 8 rows 4.85 -> 6.04 / 4.32 -> 5.03 / 1.85 -> 2.26 ms; 12 rows
+  // 6.31 -> 6.02 / 5.34 -> 5.13 / 2.41 -> 2.32; 16 rows 7.23 -> 5.52 (7.00) / 6.82 -> 5.11 (7.53) / 2.76 -> 2.19
+  // (2.74); 32 rows 11.04 -> 7.97 (10.21) / 10.59 -> 7.99 (10.61) / 4.18 -> 3.71 (3.85).
+  static constexpr int64_t kTokenLanesFromRows = 12;
   // Rows of x per block; weight rows per pass by format and for one row of x (decode) or more: the fastest of
   // 1, 2 and 4 (and 2x8, 1x16 blocks) measured side by side, 1 thread, thread CPU time, AMD EPYC (Zen 4).
   static constexpr int kDotRows = 4;
@@ -181,6 +397,10 @@ void rows_avx512bf16(const SparseWeight& w, const Input& in, const float* bias, 
   const uint16_t* values = static_cast<const uint16_t*>(w.values);
   if (Avx512Bf16::kCompressDecode && w.format == kBitmask && in.m == 1 &&
       bitmask_decode_rows(w, values, in.x_bf16, bias, y, row_begin, row_end)) {
+    return;
+  }
+  if (w.format == kPacked24 && in.m >= Avx512Bf16::kTokenLanesFromRows &&
+      p24_token_rows(w, values, in.x_bf16, in.m, bias, y, row_begin, row_end)) {
     return;
   }
   tier_rows<Avx512Bf16>(w, values, in.x_bf16, in.m, bias, y, row_begin, row_end);
