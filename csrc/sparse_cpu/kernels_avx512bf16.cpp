@@ -368,6 +368,11 @@ struct Avx512Bf16 {
   // 6.31 -> 6.02 / 5.34 -> 5.13 / 2.41 -> 2.32; 16 rows 7.23 -> 5.52 (7.00) / 6.82 -> 5.11 (7.53) / 2.76 -> 2.19
   // (2.74); 32 rows 11.04 -> 7.97 (10.21) / 10.59 -> 7.99 (10.61) / 4.18 -> 3.71 (3.85).
   static constexpr int64_t kTokenLanesFromRows = 12;
+  // Tried for bitmask and not kept: rows of x in the lanes over column pairs (2j, 2j + 1), each weight row decoded
+  // per call into the dwords of its non-empty pairs and their offsets (a 16-bit expand, two 32-bit compresses and a
+  // pext per 32 columns), one VDPBF16PS per non-empty pair and 16 rows of x. 70% bitmask, 16 rows of x, 1 thread,
+  // 4096->11008: 9.30 ms against the row pass's 8.32 and dense bf16's 6.99; the decode alone took 3.8 ms (2.6 ns per
+  // 32 columns, and only after prefetching the values, whose address waits on the mask's popcounts: 8 ms without).
   // Rows of x per block; weight rows per pass by format and for one row of x (decode) or more: the fastest of
   // 1, 2 and 4 (and 2x8, 1x16 blocks) measured side by side, 1 thread, thread CPU time, AMD EPYC (Zen 4).
   static constexpr int kDotRows = 4;
