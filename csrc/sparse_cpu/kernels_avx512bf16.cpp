@@ -68,6 +68,10 @@ VLMSPARSE_INLINE void bitmask_step(const uint16_t* (&v)[R], const uint8_t* const
   for (int i = 0; i < R; ++i) {
     uint32_t bits;
     std::memcpy(&bits, meta[i] + k0 / 8, sizeof(bits));
+    // the address of the next values waits on this mask's popcount: fetched 2 KiB ahead. 70% bitmask, 1 thread,
+    // thread CPU time, without -> with, 4096->11008 / 11008->4096 / 4096->4096: 4 rows of x 5.56 -> 4.37 / 4.77 ->
+    // 2.91 / 1.86 -> 1.60 ms; 16 rows 8.80 -> 7.55 / 8.12 -> 6.31 / 3.29 -> 3.20
+    _mm_prefetch(reinterpret_cast<const char*>(v[i] + 1024), _MM_HINT_T0);
     val[i] = _mm512_maskz_expand_epi16(static_cast<__mmask32>(bits), load32(v[i]));
     v[i] += popcount(bits);
   }
