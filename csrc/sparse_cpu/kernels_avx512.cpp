@@ -62,6 +62,7 @@ VLMSPARSE_INLINE void bitmask_step(const V* (&v)[R], const uint8_t* const (&meta
   for (int i = 0; i < R; ++i) {
     uint16_t bits;
     std::memcpy(&bits, meta[i] + k0 / 8, sizeof(bits));
+    _mm_prefetch(reinterpret_cast<const char*>(v[i]) + 2048, _MM_HINT_T0);
     val[i] = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load16(v[i]));
     v[i] += popcount(bits);
   }
