@@ -62,6 +62,10 @@ VLMSPARSE_INLINE void bitmask_step(const V* (&v)[R], const uint8_t* const (&meta
   for (int i = 0; i < R; ++i) {
     uint16_t bits;
     std::memcpy(&bits, meta[i] + k0 / 8, sizeof(bits));
+    // the address of the next values waits on the mask's popcount: fetched 2 KiB ahead. 70% bitmask fp32, 1 thread,
+    // thread CPU time, without -> with, 4096->11008 / 11008->4096 / 4096->4096: 2 rows of x 7.86-8.20 -> 4.94-8.59 /
+    // 8.25-8.85 -> 3.74-3.82 / 3.01-3.19 -> 1.99-2.07 ms; 4 rows 8.70-8.91 -> 6.05-6.62 / 8.90-9.19 -> 4.25-4.46 /
+    // 3.21-3.47 -> 2.28-2.37
     _mm_prefetch(reinterpret_cast<const char*>(v[i]) + 2048, _MM_HINT_T0);
     val[i] = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load16(v[i]));
     v[i] += popcount(bits);
