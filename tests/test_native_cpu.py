@@ -158,13 +158,13 @@ def test_many_rows_go_through_the_dense_expansion(native, dtype, monkeypatch):
     assert torch.equal(torch.ops.vlmsparse_native.packed24_to_dense(packed.values, packed.meta), weight24)
     assert torch.equal(torch.ops.vlmsparse_native.bitmask_to_dense(bm.values, bm.bitmask, bm.row_offsets, 64),
                        weight_bm)
-    x = torch.randn(native.DENSE_FROM_ROWS, 64).to(dtype)
+    x = torch.randn(native.dense_from_rows(dtype), 64).to(dtype)
     assert torch.equal(native.packed24_matmul(x, packed.values, packed.meta), nn.functional.linear(x, weight24))
     assert torch.equal(native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets),
                        nn.functional.linear(x, weight_bm))
-    kernel_rows = native.DENSE_FROM_ROWS - 1  # the row kernels, up to the threshold
+    kernel_rows = native.dense_from_rows(dtype) - 1  # the row kernels, up to the threshold
     _check(native.packed24_matmul(x[:kernel_rows], packed.values, packed.meta), x[:kernel_rows], weight24, None)
-    monkeypatch.setattr(native, "DENSE_FROM_ROWS", 1 << 30)  # the row kernels for every size
+    monkeypatch.setitem(native._dense_from, dtype, 1 << 30)  # the row kernels for every size
     _check(native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets), x, weight_bm, None)
 
 
@@ -172,7 +172,7 @@ def test_many_rows_go_through_the_dense_expansion(native, dtype, monkeypatch):
 def test_every_row_count_across_the_thresholds(native, dtype, monkeypatch):
     """M = 1 .. 40 rows of x (decode, the row kernels' blocks, DENSE_FROM_ROWS moved to 24 and the dense GEMM
     path) against float64; 67 weight rows (groups of 4 and remainders)."""
-    monkeypatch.setattr(native, "DENSE_FROM_ROWS", 24)
+    monkeypatch.setitem(native._dense_from, dtype, 24)
     weight24, weight_bm = _weight24(67, 136, dtype), _weight_unstructured(67, 136, dtype)
     packed, bm = pack24(weight24), pack_bitmask_weight(weight_bm)
     bias = torch.randn(67).to(dtype)
@@ -182,6 +182,15 @@ def test_every_row_count_across_the_thresholds(native, dtype, monkeypatch):
         _check(native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets, None), x, weight_bm, None)
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_dense_path_threshold_follows_the_tier(isa, native):
+    """bf16 prefill goes to dense GEMMs from 256 rows of x only on the avx512bf16 tier (elsewhere torch's bf16 GEMMs
+    are slow: from 4096); fp32 from 1024 on every tier."""
+    bf16 = 256 if isa == "avx512bf16" else native.DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16
+    assert native.dense_from_rows(torch.bfloat16) == bf16
+    assert native.dense_from_rows(torch.float32) == native.DENSE_FROM_ROWS[torch.float32] == 1024
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_rows", [0, 32, 45, 1000])  # one block; blocks of 32-33, 45-46 rows; one block
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -189,7 +198,7 @@ def test_dense_gemm_path_is_flinear_bit_for_bit(native, dtype, block_rows, with_
     """The prefill path (weight rows expanded block by block into one reused buffer, one addmm per block) gives
     exactly F.linear(x, dense W, b) from 12 rows of x on (below that torch's fp32 GEMM picks kernels by the
     number of output columns, so blocks could differ in the last bit; the path starts at DENSE_FROM_ROWS)."""
-    assert native.DENSE_FROM_ROWS >= 12
+    assert min(native.DENSE_FROM_ROWS.values()) >= 12 and native.DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16 >= 12
     ops_ = torch.ops.vlmsparse_native
     weight24, weight_bm = _weight24(197, 264, dtype), _weight_unstructured(197, 264, dtype)
     packed, bm = pack24(weight24), pack_bitmask_weight(weight_bm)
@@ -289,7 +298,8 @@ def test_tiny_llama_with_sparse_linears_compiles_inductor_fullgraph(native, one_
     """A tiny Llama whose decoder linears are SparseLinear on the native kernels (packed 2:4 and bitmask) compiles
     with inductor in one graph and gives eager's logits, on the row kernels (2 tokens) and on the dense-GEMM path
     (18 tokens, DENSE_FROM_ROWS moved to 16: the custom op reads it when it runs)."""
-    monkeypatch.setattr(native, "DENSE_FROM_ROWS", 16)
+    monkeypatch.setitem(native._dense_from, torch.float32, 16)
+    monkeypatch.setitem(native._dense_from, torch.bfloat16, 16)
     from factories import tiny_llama
 
     from vlmsparse.pipeline.compress import compress

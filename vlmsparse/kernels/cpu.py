@@ -15,7 +15,10 @@ tiers for bitmask weights (bf16 ones on ``avx512bf16`` only: x compressed by eac
 with the row's stored values). A column pass (x transposed into blocks of 8 or 16 rows, each stored weight one
 broadcast times its column: no products with the pruned zeros) runs on the AVX2 tier from 8 rows of x (12 for
 packed 2:4 bf16) and on the AVX-512 tiers for bitmask fp32 weights from 12 rows of x (16 rows a block).
-Rows are split over torch's intra-op threads. From ``DENSE_FROM_ROWS`` rows of x on (prefill),
+Packed 2:4 bf16 on the avx512bf16 tier from 12 rows of x puts the rows of x in the vector lanes instead (one
+VDPBF16PS per stored pair and 16 rows of x, the pairs of x looked up by the pair's 2-bit indices).
+Rows are split over torch's intra-op threads. From :func:`dense_from_rows` rows of x on (prefill: ``DENSE_FROM_ROWS``
+by dtype, 1024 fp32 and 256 bf16, 4096 bf16 on tiers without AVX-512 BF16, whose bf16 GEMMs are slow),
 :func:`packed24_matmul` and :func:`bitmask_matmul` instead run dense GEMMs (``packed24_linear_dense`` /
 ``bitmask_linear_dense``): the weight is expanded block by block of rows (about 16 MB each) into one buffer that
 the call reuses, and each block is one ``addmm`` into its columns of y (bit for bit ``F.linear(x, dense W, b)``;
@@ -44,6 +47,8 @@ from .checks import check_bias, check_bitmask, check_features, check_packed
 __all__ = [
     "NATIVE_DTYPES",
     "DENSE_FROM_ROWS",
+    "DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16",
+    "dense_from_rows",
     "native_available",
     "unavailable_reason",
     "supports",
@@ -57,14 +62,16 @@ __all__ = [
 ]
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
-# Rows of x from which the dense-GEMM path runs: the smallest crossover measured by benchmarks/bench_cpu.py
-# --prefill (4096->11008, 2-core AMD EPYC, 1 and 2 threads): 512 for packed 2:4 bf16 (1 thread), 1024 for
-# fp32 and 2 threads; at 128 rows the row kernels were 2.2-4.5x faster than the dense path. On the AVX2 tier
-# (its column pass, against dense GEMMs limited to AVX2: bench_cpu.py --emulate-avx2 --prefill, 1 thread, load 5-6)
-# the crossover is between 512 and 1024 rows for fp32 (packed 2:4 471 vs 503 ms at 512, 1939 vs 1094 at 1024;
-# 70% bitmask 358 vs 633, 1533 vs 1077), above 2048 for bf16 (AVX2 has no bf16 GEMM: packed 2:4 3974 vs 6625 ms
-# at 2048), so bf16 prefill from 512 rows on is slower there than it could be (one threshold for every tier).
-DENSE_FROM_ROWS = 512
+# Rows of x from which the dense-GEMM path runs, by dtype; for bf16 also by whether the tier in use is avx512bf16
+# (torch's bf16 GEMMs are fast only with AVX-512 BF16). The crossovers measured by benchmarks/bench_cpu.py --prefill
+# (4096->11008, 1 thread, thread CPU time, 2026-12-07, after the faster expansion; row kernels vs dense path, ms):
+# packed 2:4 fp32 306 vs 466 at 512 rows, 1185 vs 986 at 1024; 70% bitmask fp32 909 vs 1020 at 1024, 2898 vs 1991
+# at 2048; packed 2:4 bf16 32 vs 42 at 128, 64 vs 65 at 256, 146 vs 124 at 512; 70% bitmask bf16 45 vs 45 at 128,
+# 123 vs 70 at 256. On the AVX2 tier (bench_cpu.py --emulate-avx2 --prefill, 1 thread, load 5-6, 2026-12-06) fp32
+# crosses between 512 and 1024 rows (packed 2:4 471 vs 503 ms at 512, 1939 vs 1094 at 1024), bf16 above 2048 (no
+# bf16 GEMM: packed 2:4 3974 vs 6625 ms at 2048).
+DENSE_FROM_ROWS = {torch.float32: 1024, torch.bfloat16: 256}
+DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16 = 4096
 _MODULE = "vlmsparse._native_cpu"
 
 
@@ -142,6 +149,23 @@ def _ops():
     return torch.ops.vlmsparse_native
 
 
+# DENSE_FROM_ROWS for the tier in use (set at load and by set_isa; read on every call)
+_dense_from: dict[torch.dtype, int] = {}
+
+
+def _set_dense_from(tier: str) -> None:
+    _dense_from.clear()
+    _dense_from.update(DENSE_FROM_ROWS)
+    if tier != "avx512bf16":
+        _dense_from[torch.bfloat16] = DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16
+
+
+def dense_from_rows(dtype: torch.dtype) -> int:
+    """Rows of x from which :func:`packed24_matmul` / :func:`bitmask_matmul` run the dense-GEMM path for
+    ``dtype`` on the tier in use (``DENSE_FROM_ROWS``)."""
+    return _dense_from[dtype]
+
+
 def isa() -> str:
     """The ISA tier in use: ``scalar``, ``avx2``, ``avx512`` or ``avx512bf16``."""
     return _ops().isa()
@@ -149,7 +173,12 @@ def isa() -> str:
 
 def set_isa(name: str) -> str:
     """Use tier ``name`` from now on (process-wide); returns the previous one. Raises for a tier this CPU lacks."""
-    return _ops().set_isa(name)
+    previous = _ops().set_isa(name)
+    _set_dense_from(name)
+    return previous
+
+
+_set_dense_from(isa() if native_available() else "scalar")
 
 
 def supported_isas() -> list[str]:
@@ -166,8 +195,8 @@ def _check(x: torch.Tensor, values: torch.Tensor, what: str) -> None:
 
 
 def _dense_rows(x: torch.Tensor) -> bool:
-    """Whether ``x [..., in]`` has ``DENSE_FROM_ROWS`` rows or more (prefill: the dense-GEMM path)."""
-    return x.dim() > 0 and x.numel() >= DENSE_FROM_ROWS * x.shape[-1]
+    """Whether ``x [..., in]`` has :func:`dense_from_rows` rows or more (prefill: the dense-GEMM path)."""
+    return x.dim() > 0 and x.numel() >= _dense_from[x.dtype] * x.shape[-1]
 
 
 def packed24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,

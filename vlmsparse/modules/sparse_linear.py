@@ -24,8 +24,8 @@ numbers), which today gives ``dense`` for every 2:4 weight (no compressed path i
 ``M``). On a CPU with the native kernels built and a float32 / bfloat16 weight it picks ``packed24`` for a 2:4
 weight and ``bitmask`` for one at least ``BITMASK_MIN_SPARSITY`` sparse: there the compressed weight takes fewer
 bytes and decodes faster (``benchmarks/bench_cpu.py``: 2:4 bf16 at 1.6-3.7x of the faster dense at one token,
-1.1-1.3x at 16; a 70% bitmask at 16 tokens 0.8-0.85x), and from ``DENSE_FROM_ROWS`` tokens on the kernel expands
-the weight block by block for dense GEMMs (slower than dense by the expansion).
+1.3-1.5x at 16; a 70% bitmask at 16 tokens 0.9-1.0x), and from ``kernels.cpu.dense_from_rows`` tokens on the kernel
+expands the weight block by block for dense GEMMs (slower than dense by the expansion).
 :func:`vlmsparse.pipeline.compress.compress` with ``auto=True`` measures on the actual device instead, per layer
 shape, and may keep both copies (``dense_below``) when asked to (``dense_copy=True``).
 The swap is an instance swap with an inverse: :meth:`SparseLinear.from_linear` / :meth:`SparseLinear.to_linear`.
