@@ -377,6 +377,9 @@ struct Avx512Bf16 {
   // pext per 32 columns), one VDPBF16PS per non-empty pair and 16 rows of x. 70% bitmask, 16 rows of x, 1 thread,
   // 4096->11008: 9.30 ms against the row pass's 8.32 and dense bf16's 6.99; the decode alone took 3.8 ms (2.6 ns per
   // 32 columns, and only after prefetching the values, whose address waits on the mask's popcounts: 8 ms without).
+  // Also tried: the row pass with all 16 rows of x per expanded weight vector, in 512-column chunks of x kept in L1
+  // for a panel of 16 weight rows (accumulators in an L1 tile between chunks): 16.9 ms at 4096->11008 against the
+  // row pass's 8.8 (10.0 with only two distinct rows of x loaded: the 16 loads of x per vector cost the most).
   // Rows of x per block; weight rows per pass by format and for one row of x (decode) or more: the fastest of
   // 1, 2 and 4 (and 2x8, 1x16 blocks) measured side by side, 1 thread, thread CPU time, AMD EPYC (Zen 4).
   static constexpr int kDotRows = 4;
