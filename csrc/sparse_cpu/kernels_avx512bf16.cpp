@@ -165,14 +165,14 @@ constexpr int64_t kTokenChunkGroups = 16;  // groups of 4 inputs per table: 64 i
 constexpr int64_t kTokenPanelRows = 128;
 constexpr int kOrderedNibbles[6] = {4, 8, 12, 9, 13, 14};  // i0 | i1 << 2 with i0 < i1
 
-// The meta of `groups` (<= 16) groups from group g0 of one row, nibble j = group g0 + j (bits 4j..4j+3).
+// The meta of `groups` (<= 16) groups from group g0 of one row, nibble j = group g0 + j (bits 4j..4j+3); nibbles
+// past `groups` are not meaningful (every reader stops at `groups`).
 VLMSPARSE_INLINE uint64_t chunk_nibbles(const uint8_t* meta, int64_t g0, int64_t groups) {
   uint64_t word = 0;
-  if (groups == kTokenChunkGroups) {
+  if (groups == kTokenChunkGroups) {  // a fixed-size copy: one load (a variable size is a library call)
     std::memcpy(&word, meta + g0 / 2, sizeof(word));
   } else {
     std::memcpy(&word, meta + g0 / 2, static_cast<size_t>((groups + 1) / 2));
-    word &= groups * 4 >= 64 ? ~0ull : (1ull << (groups * 4)) - 1;
   }
   return word;
 }
@@ -266,8 +266,8 @@ void p24_token_pass(const SparseWeight& w, const uint16_t* values, const uint16_
         const uint16_t* group = xg + (g0 + j) * 4 * lanes;  // [4][lanes]: block b of column c at c * lanes + 16b
         for (int b = 0; b < NB; ++b) {
           // columns 0, 1 of the block's 16 rows (lanes 0..31 of the permute), then columns 2, 3 (32..63)
-          const __m512i lo = NB == 1 ? _mm512_load_si512(group) : pair_columns(group + 16 * b, lanes);
-          const __m512i hi = NB == 1 ? _mm512_load_si512(group + 32) : pair_columns(group + 2 * lanes + 16 * b, lanes);
+          const __m512i lo = pair_columns(group + 16 * b, lanes);
+          const __m512i hi = pair_columns(group + 2 * lanes + 16 * b, lanes);
           for (int e = 0; e < 6; ++e) {
             table[(j * 16 + kOrderedNibbles[e]) * NB + b] = _mm512_permutex2var_epi16(lo, pick[e], hi);
           }
