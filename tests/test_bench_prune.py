@@ -76,6 +76,15 @@ def test_check_pruned_alike(bench):
     with torch.no_grad():  # a zero row in a dense weight (a padding embedding tied to lm_head) is not pruning
         model.lm_head.weight[0] = 0
     assert bench.check_pruned_alike(model, reference, "2:4", "same")["lm_head"] > 0
+    head = model.lm_head.weight.detach().clone()
+    with torch.no_grad():  # 3% zeros in a dense weight (a quantized checkpoint's small values): counted as pruned
+        model.lm_head.weight.view(-1)[: head.numel() * 3 // 100] = 0
+    with pytest.raises(RuntimeError, match=r"pruned other linears than vlmsparse: only \['lm_head'\] differ"):
+        bench.check_pruned_alike(model, reference, "2:4", "other")
+    dense_zeros = {**{name: 0.0 for name in reference}, "lm_head": bench.linear_sparsities(model)["lm_head"]}
+    assert bench.check_pruned_alike(model, reference, "2:4", "same", dense=dense_zeros)["lm_head"] > 0.025
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head)
     with pytest.raises(RuntimeError, match="not 0.75"):
         bench.check_pruned_alike(model, reference, "0.75", "other")
     down = model.model.layers[0].mlp.down_proj.weight
@@ -111,3 +120,182 @@ def test_compare_with_llmcompressor(bench, tmp_path):
         assert ours["perplexity"] != ours["dense_perplexity"]
         assert len(ours["runs_s"]) == len(theirs["runs_s"]) == 2 and ours["total_s"] == min(ours["runs_s"])
         assert len(ours["loadavg_1m_runs"]) == 2 and ours["llmcompressor"] == theirs["llmcompressor"]
+
+
+# ------------------------------------------------------------------------- --compare-reference, --model, --text
+@pytest.fixture(scope="module")
+def reference_prune():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reference_prune
+
+    return reference_prune
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "2:4"), ("wanda", "0.5"), ("sparsegpt", "2:4"),
+                                            ("sparsegpt", "0.5"), ("sparsegpt", "4:8")])
+def test_reference_prune_equals_the_scalar_reference(reference_prune, method, pattern):
+    """The vectorised reference of the benchmark against the float64 scalar one of the tests (immediate SparseGPT
+    updates, masks chosen entry by entry), block by block on a tiny Llama: the same masks and weights."""
+    import copy
+
+    from factories import tiny_llama_config
+    from test_prune_fidelity import ref_sequential_prune
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(4)
+    model = LlamaForCausalLM(tiny_llama_config(hidden=32, layers=2)).eval().double()
+    sequences = torch.randint(3, 120, (3, 10), generator=torch.Generator().manual_seed(6))
+    scalar = copy.deepcopy(model)
+    nm = tuple(map(int, pattern.split(":"))) if ":" in pattern else None
+    # blocks of 16 columns x 32 or 64 rows: int(numel s) is the scalar reference's count too
+    expected = ref_sequential_prune(scalar, sequences, method, pattern, blocksize=16)
+    got = reference_prune.sequential_prune(model, sequences, method, None if nm else float(pattern), nm,
+                                           blocksize=16)
+    assert set(got) == set(expected) and len(got) == 14
+    for name, keep in expected.items():
+        assert torch.equal(got[name], keep), name
+        assert keep.float().mean() == 0.5
+    for (name, ours), theirs in zip(model.named_parameters(), scalar.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_python_docs_are_two_disjoint_halves(bench):
+    calibration, held_out = bench.python_docs()
+    assert len(calibration) >= 30 and len(held_out) >= 30
+    assert not set(calibration) & set(held_out)
+    assert sum(map(len, calibration)) > 100_000 and sum(map(len, held_out)) > 100_000
+    assert bench.python_docs() == (calibration, held_out)
+
+
+@pytest.fixture
+def llama_folder(tmp_path):
+    from factories import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from vlmsparse.data.vocab import build_tokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path / "llama"
+    LlamaForCausalLM(tiny_llama_config(hidden=32, layers=2)).save_pretrained(folder)
+    build_tokenizer([f"w{i}" for i in range(40)]).save_pretrained(folder)
+    return folder
+
+
+def _words(n: int, seed: int) -> str:
+    generator = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{i}" for i in torch.randint(0, 40, (n,), generator=generator).tolist())
+
+
+def test_compare_reference_on_a_model_folder_and_text_files(bench, tmp_path, llama_folder):
+    (tmp_path / "calibration.txt").write_text(_words(400, 1))
+    (tmp_path / "held-out.txt").write_text(_words(300, 2))
+    out = tmp_path / "rows"
+    args = ["--compare-reference", "--model", str(llama_folder), "--text", str(tmp_path / "calibration.txt"),
+            "--eval-text", str(tmp_path / "held-out.txt"), "--samples", "4", "--seqlen", "16", "--batch-size", "2",
+            "--eval-seqlen", "32", "--device", "cpu", "--out", str(out)]
+    assert bench.main(args) == 0
+    (rows_file,) = out.glob("prune-*.jsonl")
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [(r["tool"], r["method"], r["sparsity"]) for r in rows] == [
+        (tool, method, pattern) for pattern in ("2:4", "0.5") for method in ("wanda", "sparsegpt")
+        for tool in ("vlmsparse", "reference")]
+    for ours, theirs in zip(rows[::2], rows[1::2]):
+        assert ours["model"] == "llama" and ours["text"].endswith("calibration.txt")
+        assert ours["eval_tokens"] == 300 and ours["eval_seqlen"] == 32  # a token per word
+        assert ours["linears_pruned"] == theirs["linears_pruned"] == 14
+        assert ours["perplexity"] != ours["dense_perplexity"]
+        # the same algorithm on the same windows (only SparseGPT's unstructured counts per block may differ by one)
+        assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-3)
+
+
+def test_compare_refuses_bad_model_and_text_arguments(bench, tmp_path, llama_folder):
+    common = ["--compare-reference", "--samples", "2", "--seqlen", "8", "--device", "cpu", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        bench.main([*common, "--model", str(tmp_path / "missing")])
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="must be a .gguf checkpoint"):
+        bench.main([*common, "--model", str(tmp_path / "weights.bin")])
+    (tmp_path / "calibration.txt").write_text(_words(100, 1))
+    with pytest.raises(SystemExit, match="needs --eval-text"):
+        bench.main([*common, "--model", str(llama_folder), "--text", str(tmp_path / "calibration.txt")])
+    (tmp_path / "short.txt").write_text(_words(5, 2))
+    with pytest.raises(SystemExit, match="holds 5 tokens, fewer than one --eval-seqlen window"):
+        bench.main([*common, "--model", str(llama_folder), "--text", str(tmp_path / "calibration.txt"),
+                    "--eval-text", str(tmp_path / "short.txt")])
+    with pytest.raises(SystemExit):  # argparse: --model without a comparison
+        bench.main(["--model", str(llama_folder), "--out", str(tmp_path)])
+    assert not list(tmp_path.glob("prune-*.jsonl"))
+
+
+def _write_tiny_gguf(path: Path, hidden: int = 32, layers: int = 2, ffn: int = 64) -> None:
+    """A two-block Llama in the GGUF layout of llama.cpp (the one SmolLM2's ``.gguf`` has): a byte-level BPE
+    tokenizer (characters and one merge), float32 tensors but the embedding, which is Q8_0-quantized."""
+    import gguf
+    import numpy as np
+
+    tokens = ["<unk>", "<s>", "</s>", "w", "Ġ", *(str(i) for i in range(10)), "w1"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(hidden // 2)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["w 1"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    rng = np.random.default_rng(0)
+
+    def matrix(rows: int, cols: int):
+        return (rng.standard_normal((rows, cols)) * 0.1).astype(np.float32)
+
+    embedding = gguf.quants.quantize(matrix(len(tokens), hidden), gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("token_embd.weight", embedding, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            writer.add_tensor(f"blk.{i}.{name}.weight", matrix(hidden, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", matrix(ffn, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", matrix(ffn, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", matrix(hidden, ffn))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_checkpoint_is_dequantized_into_a_folder_and_compared(bench, tmp_path):
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    _write_tiny_gguf(tmp_path / "tiny.gguf")
+    folder = bench._checkpoint_folder(str(tmp_path / "tiny.gguf"), str(tmp_path / "hf"))
+    direct = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32)
+    saved = LlamaForCausalLM.from_pretrained(folder)
+    assert getattr(saved.config, "quantization_config", None) is None and saved.config.num_hidden_layers == 2
+    want = direct.state_dict()
+    assert saved.state_dict().keys() == want.keys()
+    for name, value in saved.state_dict().items():
+        assert torch.equal(value, want[name]), name
+    assert len(torch.unique(saved.model.embed_tokens.weight)) < saved.model.embed_tokens.weight.numel()  # Q8_0
+    text = "w1 w23 w4"
+    assert AutoTokenizer.from_pretrained(folder)(text).input_ids == \
+        AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")(text).input_ids
+
+    (tmp_path / "calibration.txt").write_text(_words(300, 1))
+    (tmp_path / "held-out.txt").write_text(_words(200, 2))
+    args = ["--compare-reference", "--model", str(tmp_path / "tiny.gguf"), "--text", str(tmp_path / "calibration.txt"),
+            "--eval-text", str(tmp_path / "held-out.txt"), "--samples", "2", "--seqlen", "16", "--batch-size", "2",
+            "--sparsity", "2:4", "--device", "cpu", "--out", str(tmp_path / "rows")]
+    assert bench.main(args) == 0
+    rows = [json.loads(line) for line in next((tmp_path / "rows").glob("prune-*.jsonl")).read_text().splitlines()]
+    assert [(r["tool"], r["model"]) for r in rows] == [("vlmsparse", "tiny.gguf"), ("reference", "tiny.gguf")] * 2
