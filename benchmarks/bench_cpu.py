@@ -11,6 +11,9 @@ End-to-end row (``--e2e``): a Llama built from a config (TinyLlama widths: hidde
 heads, 4 KV heads; 8 layers, vocab 4096; random weights), every decoder linear pruned 2:4 by magnitude. Greedy
 decoding of ``--new-tokens`` tokens with the pruned weights stored dense (``F.linear``) vs the same model after
 ``vlmsparse.compress`` (packed 2:4 through the native kernels); the two must produce the same tokens.
+``--e2e-model FOLDER`` runs it on a local checkpoint instead (a Llama-architecture causal LM, e.g. SmolLM2-135M
+converted by ``bench_prune.py --model X.gguf`` or a ``vlmsparse prune --sparsity 2:4`` output): decoder linears that
+are not 2:4 yet are pruned 2:4 by magnitude, and the prompt is ``E2E_PROMPT`` through the folder's tokenizer.
 
 Prefill rows (``--prefill``): for 4096->11008 (``--prefill-shape``), packed 2:4 and 70% bitmask, fp32 and bf16,
 rows of x M in ``--prefill-tokens``: the row kernels (``*_linear``), the dense-GEMM path (``*_linear_dense``: the
@@ -216,6 +219,21 @@ def crossover(measured: list[tuple[int, float, float]]) -> int | None:
     return found
 
 
+def _prune_decoder_24(model) -> int:
+    """Magnitude 2:4 on every decoder linear (``.layers.`` in its name) that is not 2:4 already; returns how many
+    were pruned."""
+    from vlmsparse.sparsity import mask_nm, satisfies_nm
+
+    pruned = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name and not satisfies_nm(module.weight, 2, 4):
+                weight = module.weight
+                weight.copy_(torch.where(mask_nm(weight.abs().float(), 2, 4), weight, 0.0))
+                pruned += 1
+    return pruned
+
+
 def _e2e_model(layers: int, hidden: int, intermediate: int, vocab: int, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -224,28 +242,41 @@ def _e2e_model(layers: int, hidden: int, intermediate: int, vocab: int, dtype: t
                          num_key_value_heads=max(hidden // 512, 1), max_position_embeddings=512)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(dtype).eval()
-    from vlmsparse.sparsity import mask_nm
-
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and ".layers." in name:
-                weight = module.weight
-                weight.copy_(torch.where(mask_nm(weight.abs().float(), 2, 4), weight, 0.0))
+    _prune_decoder_24(model)
     return model
 
 
+E2E_PROMPT = "Python is a programming language that lets you work quickly and integrate systems more effectively. It"
+
+
+def _e2e_inputs(model_folder: str | None, dtype: torch.dtype, prompt: int, quick: bool):
+    """``(2:4-pruned model stored dense, prompt ids [1, P], row label)``: the Llama built in code with ``prompt``
+    random tokens, or the checkpoint in ``model_folder`` with ``E2E_PROMPT``."""
+    if model_folder is None:
+        dims = (2, 64, 128, 256) if quick else (8, 2048, 5632, 4096)
+        ids = torch.randint(3, dims[3], (1, prompt), generator=torch.Generator().manual_seed(1))
+        return _e2e_model(*dims, dtype), ids, "llama {}L h{} i{} v{} (random weights, 2:4)".format(*dims)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=dtype).eval()
+    pruned = _prune_decoder_24(model)
+    ids = AutoTokenizer.from_pretrained(model_folder)(E2E_PROMPT, return_tensors="pt").input_ids
+    how = f"{pruned} decoder linears 2:4 by magnitude" if pruned else "its own 2:4 weights"
+    return model, ids, f"{Path(model_folder).name} ({how})"
+
+
 @torch.no_grad()
-def bench_e2e(dtype_name: str, threads: int, new_tokens: int, prompt: int, quick: bool, env: dict) -> dict:
+def bench_e2e(dtype_name: str, threads: int, new_tokens: int, prompt: int, quick: bool, env: dict,
+              model_folder: str | None = None) -> dict:
     import copy
 
     from vlmsparse.pipeline.compress import compress
 
     torch.set_num_threads(threads)
-    dims = (2, 64, 128, 256) if quick else (8, 2048, 5632, 4096)
-    dense = _e2e_model(*dims, DTYPES[dtype_name])
+    dense, ids, model_label = _e2e_inputs(model_folder, DTYPES[dtype_name], prompt, quick)
+    prompt = ids.shape[1]
     sparse = copy.deepcopy(dense)
     report = compress(sparse, progress=False)
-    ids = torch.randint(3, dims[3], (1, prompt), generator=torch.Generator().manual_seed(1))
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     results = {}
     for label, model in (("dense", dense), ("sparse", sparse)):
@@ -257,7 +288,7 @@ def bench_e2e(dtype_name: str, threads: int, new_tokens: int, prompt: int, quick
     sparse_s, sparse_tokens = results["sparse"]
     divergence = first_divergence(dense, ids, dense_tokens, sparse_tokens)
     row = {
-        "bench": "cpu_e2e", "model": "llama {}L h{} i{} v{} (random weights, 2:4)".format(*dims),
+        "bench": "cpu_e2e", "model": model_label,
         "dtype": dtype_name, "threads": threads, "prompt": prompt, "new_tokens": new_tokens,
         "swapped": report.counts(), "dense_tok_s": round(new_tokens / dense_s, 3),
         "sparse_tok_s": round(new_tokens / sparse_s, 3), "speedup": round(dense_s / sparse_s, 3),
@@ -319,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 and all")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--e2e-model", default=None, metavar="FOLDER",
+                        help="--e2e on this local causal LM folder instead of the Llama built in code")
     parser.add_argument("--prefill", action="store_true", help="also the prefill rows (row kernels vs dense GEMMs)")
     parser.add_argument("--prefill-shape", type=int, nargs=2, default=[4096, 11008], metavar=("IN", "OUT"))
     parser.add_argument("--prefill-tokens", type=int, nargs="+", default=[8, 12, 16, 24, 32, 48, 64, 128, 512])
@@ -328,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--emulate-avx2", action="store_true",
                         help="re-run with the native AVX2 tier and torch's dense kernels limited to AVX2 (AVX2_ENV)")
     args = parser.parse_args(argv)
+    if args.e2e_model and not args.e2e:
+        parser.error("--e2e-model needs --e2e")
     if args.clock == "cpu" and args.threads != [1]:
         parser.error("--clock cpu needs --threads 1 (other threads' CPU time would not be counted)")
     if args.emulate_avx2 and any(os.environ.get(name) != value for name, value in AVX2_ENV.items()):
@@ -361,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_prefill(shape, tuple(args.prefill_tokens), threads, args.repeats, env)
     if args.e2e:
         for dtype_name in DTYPES:
-            rows.append(bench_e2e(dtype_name, max(threads), args.new_tokens, args.prompt, args.quick, env))
+            rows.append(bench_e2e(dtype_name, max(threads), args.new_tokens, args.prompt, args.quick, env,
+                                  args.e2e_model))
     out = args.out or RESULTS / f"cpu-{platform.machine()}-x{os.cpu_count()}.jsonl"
     for row in rows:
         if "note" in row:

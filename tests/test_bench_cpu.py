@@ -88,3 +88,40 @@ def test_first_divergence_reports_the_step_and_the_dense_top2_gap():
     assert got["first_diff"] == 1
     assert got["dense_top2_gap"] == pytest.approx(float(top2[0] - top2[1]), abs=1e-5)
     assert got["dense_top2_gap_rel"] == pytest.approx(got["dense_top2_gap"] / abs(float(top2[0])), rel=1e-3)
+
+
+def test_e2e_on_a_checkpoint_folder(tmp_path, native):
+    """--e2e-model: a local Llama folder, its dense decoder linears pruned 2:4 by magnitude (one already 2:4 left
+    as it is), the prompt through its tokenizer; the same greedy tokens dense-stored and compressed."""
+    import torch
+    from factories import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from vlmsparse.data.vocab import build_tokenizer
+    from vlmsparse.sparsity import mask_nm
+
+    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(hidden=64, layers=2))
+    down = model.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():  # this one is 2:4 already, not by magnitude: it must be kept as it is
+        keep = mask_nm(torch.rand_like(down), 2, 4)
+        down.mul_(keep)
+    model.save_pretrained(tmp_path / "tiny")
+    words = sorted({w.strip(".,") for w in bench.E2E_PROMPT.split()})
+    build_tokenizer(words).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "rows.jsonl"
+    assert bench.main(["--no-layers", "--e2e", "--e2e-model", str(tmp_path / "tiny"), "--threads", "1",
+                       "--new-tokens", "4", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["dtype"] for r in rows] == ["fp32", "bf16"]
+    for row in rows:
+        assert row["model"] == "tiny (13 decoder linears 2:4 by magnitude)"
+        assert row["same_tokens"] and row["swapped"]["packed24"] == 14 and row["new_tokens"] == 4
+        assert row["prompt"] == len(build_tokenizer(words)(bench.E2E_PROMPT).input_ids) > 10
+    dense, _, _ = bench._e2e_inputs(str(tmp_path / "tiny"), torch.float32, 0, False)
+    assert torch.equal(dense.model.layers[1].mlp.down_proj.weight, down)
+    with pytest.raises(SystemExit):  # argparse: --e2e-model without --e2e
+        bench.main(["--no-layers", "--e2e-model", str(tmp_path / "tiny"), "--out", str(out)])
