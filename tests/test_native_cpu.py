@@ -115,6 +115,24 @@ def test_packed24_token_lanes(isa, native, in_features, rows):
     _check(native.packed24_matmul(x, packed.values, packed.meta, bias), x, weight, bias)
 
 
+@pytest.mark.parametrize("isa", ["avx512bf16"], indirect=True)
+@pytest.mark.parametrize("in_features", [4, 31, 32, 33, 512, 600, 1100])  # partial vectors, chunks of 512 inputs
+@pytest.mark.parametrize("rows", [8, 9, 15, 16, 17, 33])  # token groups of 16 in blocks of 4, and their rests
+def test_bitmask_expanded_tiles(isa, native, in_features, rows):
+    """From 8 rows of x, bitmask bf16 on the AVX-512 BF16 tier expands panels of 8 weight rows into a dense tile
+    (bitmask_tile_rows); 21 weight rows: two panels and one of 5 (a block of 4 and one row), among them an empty
+    row and a full one, and the last row's values end at the padding."""
+    weight = _weight_unstructured(21, in_features, torch.bfloat16)
+    weight[3] = 0  # an empty row
+    for full in (12, 20):  # full rows; 20 is the last, its values end where the padding starts
+        row = torch.randn(in_features).bfloat16()
+        weight[full] = torch.where(row == 0, 1.0, row)
+    bm = pack_bitmask_weight(weight)
+    bias = torch.randn(21).bfloat16() if rows % 2 else None
+    x = torch.randn(rows, in_features).bfloat16()
+    _check(native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets, bias), x, weight, bias)
+
+
 def _packed_pairs_product(x, values, meta):
     """``y[t, r] = sum_g values[r, 2g] * x[t, 4g + i0] + values[r, 2g + 1] * x[t, 4g + i1]`` in float64 for any
     nibbles (also i0 >= i1, which no packing writes)."""
