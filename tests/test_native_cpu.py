@@ -389,3 +389,58 @@ def test_compress_and_load_unstructured_as_bitmask(native, tmp_path):
     swapped = {n for n, m in loaded.named_modules() if isinstance(m, SparseLinear)}
     assert swapped == set(names) and {loaded.get_submodule(n).backend for n in swapped} == {"bitmask"}
     torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+# (tier, format, dtype, rows of x): each path that needs a scratch buffer on this tier
+PATHS_WITH_BUFFERS = [
+    ("avx2", "packed24", torch.float32, 1), ("avx2", "packed24", torch.bfloat16, 1),  # decode passes
+    ("avx2", "bitmask", torch.float32, 1), ("avx2", "bitmask", torch.bfloat16, 1),
+    ("avx2", "packed24", torch.float32, 9), ("avx2", "bitmask", torch.bfloat16, 20),  # column passes
+    ("avx512", "bitmask", torch.float32, 1),  # x compressed by the row's mask
+    ("avx512", "bitmask", torch.float32, 20),  # column pass (bitmask fp32)
+    ("avx512bf16", "bitmask", torch.bfloat16, 1), ("avx512bf16", "packed24", torch.bfloat16, 12),  # token lanes
+    ("avx512bf16", "bitmask", torch.bfloat16, 8),  # expanded tiles
+]
+
+
+@pytest.mark.parametrize("isa,fmt,dtype,rows", PATHS_WITH_BUFFERS, indirect=["isa"])
+def test_without_scratch_memory_every_path_falls_back_to_the_row_pass(isa, native, fmt, dtype, rows):
+    """A kernel whose scratch buffer cannot be allocated writes nothing and the row pass computes the rows instead
+    (refuse_buffers: the test hook that makes every buffer request fail). The count of refused requests shows that
+    the path asked for one; the result must still be right."""
+    ops = native._ops()
+    weight = _weight24(37, 300, dtype) if fmt == "packed24" else _weight_unstructured(37, 300, dtype)
+    bias = torch.randn(37).to(dtype)
+    x = torch.randn(rows, 300).to(dtype)
+    if fmt == "packed24":
+        packed = pack24(weight)
+        run = lambda: native.packed24_matmul(x, packed.values, packed.meta, bias)  # noqa: E731
+    else:
+        bm = pack_bitmask_weight(weight)
+        run = lambda: native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets, bias)  # noqa: E731
+    ops.refuse_buffers(False)
+    assert ops.refuse_buffers(False) == 0
+    _check(run(), x, weight, bias)
+    assert ops.refuse_buffers(True) == 0  # the path has its buffer when memory is there
+    try:
+        result = run()
+    finally:
+        refused = ops.refuse_buffers(False)
+    assert refused >= 1
+    _check(result, x, weight, bias)
+
+
+@pytest.mark.parametrize("isa", ["avx512bf16"], indirect=True)
+def test_the_row_pass_asks_for_no_buffer(isa, native):
+    """The counterpart of the test above: 4 rows of x, bitmask bf16, take the row pass, which needs no buffer."""
+    ops = native._ops()
+    weight = _weight_unstructured(37, 300, torch.bfloat16)
+    bm = pack_bitmask_weight(weight)
+    x = torch.randn(4, 300).bfloat16()
+    ops.refuse_buffers(True)
+    try:
+        result = native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets)
+    finally:
+        refused = ops.refuse_buffers(False)
+    assert refused == 0
+    _check(result, x, weight, None)

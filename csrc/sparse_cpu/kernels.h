@@ -12,6 +12,7 @@
 // for its instruction set, and nothing inline may be shared between tiers (the linker could otherwise pick an
 // AVX-512 copy of an inline function for the scalar path).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace vlmsparse_cpu {
@@ -37,6 +38,13 @@ struct Input {
 };
 
 constexpr int64_t kBitmaskPadding = 32;  // entries after the last stored value (vector loads of up to 32 bf16)
+
+// A scratch buffer of `bytes` for a kernel (aligned to `align` bytes when align > 0; released with free()), or
+// null when there is no memory for it, or while refuse_buffers(true) holds: a test hook, so that every kernel that
+// needs one takes its fallback (the row pass, which needs none). Defined in ops.cpp.
+void* kernel_buffer(size_t bytes, size_t align = 0);
+// Sets the hook; returns how many buffers were refused since the last call.
+int64_t refuse_buffers(bool refuse);
 
 // Computes y[:, r] for r in [row_begin, row_end): y [m, n] fp32 row-major, bias [n] fp32 or null.
 using RowsFn = void (*)(const SparseWeight&, const Input&, const float* bias, float* y, int64_t row_begin,

@@ -363,7 +363,7 @@ struct P24Decode {
   static bool run(const SparseWeight& w, const V* values, const float* x, const float* bias, float* y,
                   int64_t row_begin, int64_t row_end) {
     const int64_t blocks = w.k / 32;
-    float* xr = static_cast<float*>(malloc(sizeof(float) * (32 * blocks + 1)));
+    float* xr = static_cast<float*>(kernel_buffer(sizeof(float) * (32 * blocks + 1)));
     if (xr == nullptr) return false;
     arrange(x, blocks, xr);
     int64_t r = row_begin;
@@ -502,7 +502,7 @@ struct BitmaskDecode {
     const int64_t k = w.k;
     if constexpr (sizeof(V) == 2) {
       // x holds bf16 numbers (the ops take x in the values' dtype), so its upper 16 bits are exact
-      uint16_t* xb = static_cast<uint16_t*>(malloc(sizeof(uint16_t) * (2 * k + 48)));
+      uint16_t* xb = static_cast<uint16_t*>(kernel_buffer(sizeof(uint16_t) * (2 * k + 48)));
       if (xb == nullptr) return false;
       uint16_t* xp = xb + k + 8;
       for (int64_t c = 0; c < k; ++c) {
@@ -517,7 +517,7 @@ struct BitmaskDecode {
       }
       free(xb);
     } else {
-      float* xp = static_cast<float*>(malloc(sizeof(float) * (k + 16)));
+      float* xp = static_cast<float*>(kernel_buffer(sizeof(float) * (k + 16)));
       if (xp == nullptr) return false;
       for (int64_t r = row_begin; r < row_end; ++r) {
         const int64_t n = pack(w.meta + r * w.meta_stride, x, k, xp,

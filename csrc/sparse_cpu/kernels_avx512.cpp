@@ -136,7 +136,7 @@ VLMSPARSE_INLINE float bitmask_compressed_row(const V* v, const uint8_t* meta, c
 template <typename V>
 bool bitmask_decode_rows(const SparseWeight& w, const V* values, const float* x, const float* bias, float* y,
                          int64_t row_begin, int64_t row_end) {
-  float* buf = static_cast<float*>(malloc(sizeof(float) * (kRowPiece + 16)));
+  float* buf = static_cast<float*>(kernel_buffer(sizeof(float) * (kRowPiece + 16)));
   if (buf == nullptr) return false;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const float dot = bitmask_compressed_row(values + w.row_offsets[r], w.meta + r * w.meta_stride, x, w.k, buf);

@@ -139,7 +139,7 @@ VLMSPARSE_INLINE float bitmask_compressed_row(const uint16_t* v, const uint8_t* 
 // when its buffer cannot be allocated.
 bool bitmask_decode_rows(const SparseWeight& w, const uint16_t* values, const uint16_t* x, const float* bias,
                          float* y, int64_t row_begin, int64_t row_end) {
-  uint16_t* buf = static_cast<uint16_t*>(malloc(sizeof(uint16_t) * (kRowPiece + 32)));
+  uint16_t* buf = static_cast<uint16_t*>(kernel_buffer(sizeof(uint16_t) * (kRowPiece + 32)));
   if (buf == nullptr) return false;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const float dot = bitmask_compressed_row(values + w.row_offsets[r], w.meta + r * w.meta_stride, x, w.k, buf);
@@ -316,9 +316,9 @@ bool p24_token_rows(const SparseWeight& w, const uint16_t* values, const uint16_
                     float* y, int64_t row_begin, int64_t row_end) {
   constexpr int64_t kMaxLanes = 2 * kTokenLanes;
   const int64_t k = w.k, n = w.n, groups = k / 4;
-  uint16_t* xg = static_cast<uint16_t*>(aligned_alloc(64, sizeof(uint16_t) * groups * 4 * kMaxLanes + 64));
-  __m512i* table = static_cast<__m512i*>(aligned_alloc(64, sizeof(__m512i) * kTokenChunkGroups * 16 * 2));
-  float* tile = static_cast<float*>(aligned_alloc(64, sizeof(float) * kTokenPanelRows * kMaxLanes));
+  uint16_t* xg = static_cast<uint16_t*>(kernel_buffer(sizeof(uint16_t) * groups * 4 * kMaxLanes + 64, 64));
+  __m512i* table = static_cast<__m512i*>(kernel_buffer(sizeof(__m512i) * kTokenChunkGroups * 16 * 2, 64));
+  float* tile = static_cast<float*>(kernel_buffer(sizeof(float) * kTokenPanelRows * kMaxLanes, 64));
   if (xg == nullptr || table == nullptr || tile == nullptr) {
     free(tile);
     free(table);
@@ -428,9 +428,9 @@ bool bitmask_tile_rows(const SparseWeight& w, const uint16_t* values, const uint
   // extra line, varying with where the buffers fell)
   const int64_t stride = kpad + 32;
   constexpr int64_t kGroups = kTileRows / 4, kBlocks = kTileTokens / 4;
-  uint16_t* xp = static_cast<uint16_t*>(aligned_alloc(64, sizeof(uint16_t) * xrows * stride));
-  uint16_t* tile = static_cast<uint16_t*>(aligned_alloc(64, sizeof(uint16_t) * kTileRows * stride));
-  __m512* sums = static_cast<__m512*>(aligned_alloc(64, sizeof(__m512) * kGroups * kBlocks * 16));
+  uint16_t* xp = static_cast<uint16_t*>(kernel_buffer(sizeof(uint16_t) * xrows * stride, 64));
+  uint16_t* tile = static_cast<uint16_t*>(kernel_buffer(sizeof(uint16_t) * kTileRows * stride, 64));
+  __m512* sums = static_cast<__m512*>(kernel_buffer(sizeof(__m512) * kGroups * kBlocks * 16, 64));
   if (xp == nullptr || tile == nullptr || sums == nullptr) {
     free(sums);
     free(tile);

@@ -339,7 +339,24 @@ at::Tensor bitmask_linear_dense(const at::Tensor& x, const at::Tensor& values, c
   return dense_linear(c.w, x, c.values, bias, block_rows);
 }
 
+std::atomic<bool> g_refuse_buffers{false};
+std::atomic<int64_t> g_refused_buffers{0};
+
 }  // namespace
+
+void* kernel_buffer(size_t bytes, size_t align) {
+  if (g_refuse_buffers.load(std::memory_order_relaxed)) {
+    g_refused_buffers.fetch_add(1, std::memory_order_relaxed);
+    return nullptr;
+  }
+  return align ? aligned_alloc(align, (bytes + align - 1) / align * align) : malloc(bytes);
+}
+
+int64_t refuse_buffers(bool refuse) {
+  g_refuse_buffers.store(refuse);
+  return g_refused_buffers.exchange(0);
+}
+
 }  // namespace vlmsparse_cpu
 
 TORCH_LIBRARY(vlmsparse_native, m) {
@@ -353,6 +370,7 @@ TORCH_LIBRARY(vlmsparse_native, m) {
   m.def("isa() -> str", &vlmsparse_cpu::isa);
   m.def("set_isa(str name) -> str", &vlmsparse_cpu::set_isa);
   m.def("supported_isas() -> str[]", &vlmsparse_cpu::supported_isas);
+  m.def("refuse_buffers(bool refuse) -> int", &vlmsparse_cpu::refuse_buffers);  // a test hook (kernels.h)
 }
 
 TORCH_LIBRARY_IMPL(vlmsparse_native, CPU, m) {
