@@ -229,11 +229,11 @@ def test_compare_refuses_bad_model_and_text_arguments(bench, tmp_path, llama_fol
 
 def _write_tiny_gguf(path: Path, hidden: int = 32, layers: int = 2, ffn: int = 64) -> None:
     """A two-block Llama in the GGUF layout of llama.cpp (the one SmolLM2's ``.gguf`` has): a byte-level BPE
-    tokenizer (characters and one merge), float32 tensors but the embedding, which is Q8_0-quantized."""
+    tokenizer (characters and two merges), float32 tensors but the embedding, which is Q8_0-quantized."""
     import gguf
     import numpy as np
 
-    tokens = ["<unk>", "<s>", "</s>", "w", "Ġ", *(str(i) for i in range(10)), "w1"]
+    tokens = ["<unk>", "<s>", "</s>", "w", "Ġ", *(str(i) for i in range(10)), "w1", "w2"]
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(layers)
     writer.add_context_length(128)
@@ -247,7 +247,7 @@ def _write_tiny_gguf(path: Path, hidden: int = 32, layers: int = 2, ffn: int = 6
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
     writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-    writer.add_token_merges(["w 1"])
+    writer.add_token_merges(["w 1", "w 2"])  # two: transformers 5.17 reads a one-element array as its element
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
