@@ -320,3 +320,59 @@ def test_collator_mixes_images_for_llava_only(tmp_path, processor):
         VLMCollator(pad_token_id=0)([text, qformer])
     with pytest.raises(ValueError, match="row 1 has no 'qformer_input_ids', another row has"):
         VLMCollator(pad_token_id=0)([qformer, picture])
+
+
+def test_text_windows_for_language_modelling(tmp_path, processor):
+    """A .txt file (or a folder of them) gives consecutive windows of max_length tokens of the joined documents,
+    every token a label; the rest is dropped; the collator batches them as they are."""
+    from vlmsparse.data.datasets import TextWindowDataset
+
+    tokenizer = processor.tokenizer
+    words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2][:30]
+    text = " ".join(words[i % len(words)] for i in range(200))
+    (tmp_path / "corpus.txt").write_text(text)
+    expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+    data = load_dataset(str(tmp_path / "corpus.txt"), tokenizer, max_length=16)
+    assert isinstance(data, TextWindowDataset) and len(data) == len(expected) // 16 > 5
+    for i in range(len(data)):
+        item = data[i]
+        assert item["input_ids"].tolist() == expected[16 * i : 16 * (i + 1)]
+        assert torch.equal(item["labels"], item["input_ids"]) and item["attention_mask"].tolist() == [1] * 16
+    batch = VLMCollator(pad_token_id=tokenizer.pad_token_id)([data[0], data[1]])
+    assert batch["input_ids"].shape == (2, 16) and torch.equal(batch["labels"], batch["input_ids"])
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text(text[: len(text) // 2])
+    (folder / "b.txt").write_text(text[len(text) // 2 :])
+    joined = tokenizer(text[: len(text) // 2] + "\n\n" + text[len(text) // 2 :], add_special_tokens=False)["input_ids"]
+    assert load_dataset(str(folder), tokenizer, max_length=16)[1]["input_ids"].tolist() == joined[16:32]
+    (tmp_path / "long.txt").write_text(" ".join(words[i % len(words)] for i in range(1100)))
+    default = load_dataset(str(tmp_path / "long.txt"), tokenizer)  # windows of TEXT_WINDOW = 512 tokens
+    assert default.max_length == 512 and len(default) == 2 and default[1]["input_ids"].shape == (512,)
+
+
+def test_text_data_refusals(tmp_path, processor):
+    from vlmsparse.data.datasets import TextWindowDataset
+
+    (tmp_path / "short.txt").write_text("a few words")
+    with pytest.raises(ValueError, match=r"holds \d+ tokens, fewer than one window of max_length=512"):
+        load_dataset(str(tmp_path / "short.txt"), processor.tokenizer)
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        load_dataset(str(tmp_path / "empty.txt"), processor.tokenizer)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="holds no .txt files"):
+        load_dataset(str(tmp_path / "nothing"), processor.tokenizer)
+    (tmp_path / "long.txt").write_text("word " * 100)
+    with pytest.raises(ValueError, match="encoder-decoder one"):
+        TextWindowDataset(tmp_path / "long.txt", processor.tokenizer, 8, decoder_start_token_id=0)
+
+    class Blip2Like:
+        num_query_tokens = 4
+        tokenizer = processor.tokenizer
+
+    with pytest.raises(ValueError, match="every example needs an image"):
+        load_dataset(str(tmp_path / "long.txt"), Blip2Like(), max_length=8)
+    with pytest.raises(ValueError, match=r"unknown format '.csv' \(allowed: .*\.txt text or a folder of text"):
+        (tmp_path / "rows.csv").write_text("x")
+        load_dataset(str(tmp_path / "rows.csv"), processor.tokenizer)

@@ -97,7 +97,10 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         "DDP (FSDP / DeepSpeed through accelerate configs).",
     )
     p.add_argument("model", help="pruned model folder (vlmsparse prune output)")
-    p.add_argument("--data", required=True, help="a .json LLaVA conversation file, a .jsonl caption file, or synthetic / synthetic:N")
+    p.add_argument("--data", required=True,
+                   help="a .json LLaVA conversation file, a .jsonl caption file, synthetic / synthetic:N, or for "
+                        "language modelling text: a .txt file, a folder of .txt files or a datasets folder, cut into "
+                        "windows of --max-length tokens (default 512), every token scored")
     p.add_argument("-o", "--output", required=True, help="output folder (checkpoints, merged model, record)")
     p.add_argument("--image-root", default=None, help="folder the data's image paths are relative to (default: the data file's)")
     p.add_argument("--method", default="sparselora", choices=FINETUNE_METHODS, metavar="METHOD",
@@ -133,7 +136,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                    help="keep the frozen 2:4 weights packed while training (9/16 of the fp16 bytes, no bool mask; "
                    "sparselora only); the merged model is saved as usual")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per example: longer ones are cut; the window of a text --data (default 512)")
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -37,6 +37,9 @@ Formats:
 - caption JSONL: one ``{"image": "rel/path.jpg", "caption": "..."}`` per line (``"text"`` is accepted for
   ``"caption"``); the prompt is a fixed caption instruction.
 - synthetic: scenes and questions from :mod:`vlmsparse.data.synthetic` (no files).
+- text (:class:`TextWindowDataset`): a ``.txt`` file, a folder of them or a ``datasets`` folder (the sources of
+  text calibration), for language modelling: consecutive windows of ``max_length`` tokens (default
+  ``TEXT_WINDOW``), every token a label, as the LoRA recovery of Wanda / SparseGPT trains on C4.
 
 The processor is the model's (``AutoProcessor``): called as ``processor(images=img, text=prompt,
 return_tensors="pt")`` for the first prompt segment, ``processor.tokenizer(text, add_special_tokens=False)``
@@ -392,10 +395,51 @@ class SyntheticVQADataset(ExampleDataset):
         super().__init__(examples, processor, max_length, decoder_start_token_id)
 
 
+TEXT_WINDOW = 512  # tokens per window of a text data set when max_length is not given
+
+
+class TextWindowDataset(Dataset):
+    """Language modelling on a text source (see :func:`vlmsparse.data.calibration.load_calibration_text`): the
+    documents joined by blank lines and tokenized without special tokens, cut into consecutive windows of
+    ``max_length`` tokens (the rest dropped). Each example: ``input_ids [L]``, ``attention_mask [L]`` of ones,
+    ``labels [L] = input_ids`` (every token is scored; the loss shifts by one). For decoder-only models taking
+    text rows (a language model alone, LLaVA-style VLMs); ValueError for an encoder-decoder language model or a
+    BLIP-2 / InstructBLIP processor, and for a text shorter than one window."""
+
+    def __init__(self, path: str | os.PathLike, processor: Any, max_length: int | None = None,
+                 decoder_start_token_id: int | None = None) -> None:
+        from .calibration import load_calibration_text
+
+        if decoder_start_token_id is not None:
+            raise ValueError(f"data {str(path)!r}: a text corpus trains a decoder-only language model; an "
+                             "encoder-decoder one (Flan-T5) needs prompt / answer pairs: give a conversation JSON")
+        if hasattr(processor, "num_query_tokens"):
+            raise ValueError(f"data {str(path)!r}: a BLIP-2 / InstructBLIP processor puts query tokens in every "
+                             "row, so every example needs an image; a text corpus suits a language model alone "
+                             "or LLaVA")
+        self.max_length = max_length or TEXT_WINDOW
+        tokenizer = getattr(processor, "tokenizer", processor)
+        docs = load_calibration_text(path)
+        ids = tokenizer("\n\n".join(docs), add_special_tokens=False, verbose=False)["input_ids"]
+        count = len(ids) // self.max_length
+        if count == 0:
+            raise ValueError(f"data {str(path)!r} holds {len(ids)} tokens, fewer than one window of max_length="
+                             f"{self.max_length}; give more text or a smaller max_length (--max-length)")
+        self.windows = torch.tensor(ids[: count * self.max_length], dtype=torch.long).reshape(count, -1)
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        window = self.windows[index]
+        return {"input_ids": window.clone(), "attention_mask": torch.ones_like(window), "labels": window.clone()}
+
+
 def load_dataset(spec: str, processor: Any, image_root: str | None = None, max_length: int | None = None,
                  num_synthetic: int = 64, seed: int = 0, decoder_start_token_id: int | None = None) -> ExampleDataset:
-    """A dataset from a spec: ``synthetic`` (or ``synthetic:N``), a ``.jsonl`` caption file, or a ``.json``
-    conversation file; ``decoder_start_token_id`` for an encoder-decoder language model (see
+    """A dataset from a spec: ``synthetic`` (or ``synthetic:N``), a ``.jsonl`` caption file, a ``.json``
+    conversation file, or text (a ``.txt`` file, a folder of them or a ``datasets`` folder:
+    :class:`TextWindowDataset`); ``decoder_start_token_id`` for an encoder-decoder language model (see
     :func:`encode_example`)."""
     options = dict(max_length=max_length, decoder_start_token_id=decoder_start_token_id)
     if spec == "synthetic" or spec.startswith("synthetic:"):
@@ -407,12 +451,15 @@ def load_dataset(spec: str, processor: Any, image_root: str | None = None, max_l
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"data {spec!r}: no such file (allowed: a .json conversation file, a .jsonl "
-                                "caption file, 'synthetic' or 'synthetic:N')")
+                                "caption file, a .txt file or folder of text, 'synthetic' or 'synthetic:N')")
+    if path.is_dir() or path.suffix.lower() == ".txt":
+        return TextWindowDataset(path, processor, max_length, decoder_start_token_id)
     if path.suffix == ".jsonl":
         return CaptionDataset(path, processor, image_root, **options)
     if path.suffix == ".json":
         return ConversationDataset(path, processor, image_root, **options)
-    raise ValueError(f"data {spec!r}: unknown format {path.suffix!r} (allowed: .json conversations, .jsonl captions, 'synthetic' or 'synthetic:N')")
+    raise ValueError(f"data {spec!r}: unknown format {path.suffix!r} (allowed: .json conversations, .jsonl captions, "
+                     ".txt text or a folder of text, 'synthetic' or 'synthetic:N')")
 
 
 # -------------------------------------------------------------------------------------------- collator
