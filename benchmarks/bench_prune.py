@@ -155,6 +155,12 @@ def linear_sparsities(model) -> dict[str, float]:
     return {name: sparsity_of(m.weight) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+def pruned_names(sparsities: dict[str, float], dense: dict[str, float]) -> set[str]:
+    """The linears whose zero fraction grew by over 1% from ``dense`` (their fractions before pruning; 0 where
+    absent)."""
+    return {n for n, s in sparsities.items() if s - dense.get(n, 0.0) > 0.01}
+
+
 def check_pruned_alike(model, reference: dict[str, float], pattern: str, tool: str,
                        dense: dict[str, float] | None = None) -> dict[str, float]:
     """The per-linear sparsities of ``model``; raises ``RuntimeError`` unless exactly the linears pruned in
@@ -167,8 +173,7 @@ def check_pruned_alike(model, reference: dict[str, float], pattern: str, tool: s
     dense = dense or {}
     got = linear_sparsities(model)
     target = parse_pattern(pattern).sparsity
-    grew = lambda sparsities: {n for n, s in sparsities.items() if s - dense.get(n, 0.0) > 0.01}  # noqa: E731
-    pruned, want = grew(got), grew(reference)
+    pruned, want = pruned_names(got, dense), pruned_names(reference, dense)
     if pruned != want:
         raise RuntimeError(f"{tool} pruned other linears than vlmsparse: only {sorted(pruned ^ want)[:6]} differ")
     modules = dict(model.named_modules())
@@ -244,7 +249,8 @@ def _compare_run(tool: str, folder: str, method: str, pattern: str, batches: lis
         seconds = _prune_with_llmcompressor(model, method, pattern, copy.deepcopy(batches), tokenizer)
     load_after = os.getloadavg()[0]
     sparsities = check_pruned_alike(model, reference, pattern, tool, dense)
-    pruned = [s for name, s in sparsities.items() if s - dense[name] > 0.01]
+    chosen = pruned_names(sparsities, dense)
+    pruned = [s for name, s in sparsities.items() if name in chosen]
     fields = {
         "tool": tool, "method": method, "sparsity": pattern, "params": sum(p.numel() for p in model.parameters()),
         "total_s": round(seconds, 3), "perplexity": round(heldout_perplexity(model, held_out, args.eval_seqlen,
@@ -296,12 +302,12 @@ def _checkpoint_folder(model: str, folder: str) -> str:
         return str(path)
     if path.suffix != ".gguf":
         raise SystemExit(f"--model {model}: a file must be a .gguf checkpoint (or give a Hugging Face folder)")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    config.quantization_config = None  # the weights are dequantized: save them as a plain checkpoint
-    del config.quantization_config
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):  # the weights are dequantized: save them as a plain checkpoint
+        del config.quantization_config
     model_out = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model_out.load_state_dict(loaded.state_dict())
     model_out.save_pretrained(folder)
@@ -314,7 +320,7 @@ def _text_inputs(args: argparse.Namespace, model_folder: str):
     ``--eval-text``."""
     from transformers import AutoTokenizer
 
-    from vlmsparse.data.calibration import load_calibration_text, text_calibration_windows
+    from vlmsparse.data.calibration import load_calibration_text, text_calibration_windows, text_token_ids
 
     if args.text == "python-docs":
         calibration, held_out_docs = python_docs()
@@ -327,8 +333,7 @@ def _text_inputs(args: argparse.Namespace, model_folder: str):
                          "for python-docs")
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     windows = text_calibration_windows(calibration, tokenizer, args.samples, args.seqlen, seed=0)
-    held_out = torch.tensor(tokenizer("\n\n".join(held_out_docs), add_special_tokens=False)["input_ids"])
-    held_out = held_out[: args.eval_tokens]
+    held_out = text_token_ids(held_out_docs, tokenizer)[: args.eval_tokens]
     if len(held_out) < args.eval_seqlen:
         raise SystemExit(f"the held-out text holds {len(held_out)} tokens, fewer than one --eval-seqlen window "
                          f"({args.eval_seqlen})")

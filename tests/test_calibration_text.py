@@ -382,3 +382,23 @@ def test_default_text_seqlen(tmp_path, config, expected):
 
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert default_text_seqlen(tmp_path) == expected
+
+
+def test_text_token_ids_joins_documents_by_a_blank_line():
+    """The token stream that text calibration and text training cut: the documents joined by a blank line,
+    tokenized without special tokens, a processor's tokenizer taken from it."""
+    from vlmsparse.data.calibration import text_token_ids
+
+    seen = []
+
+    class Recorder:
+        def __call__(self, text, add_special_tokens=True, verbose=True):
+            seen.append((text, add_special_tokens))
+            return {"input_ids": [len(part) for part in text.split("\n\n")]}
+
+    class Processor:
+        tokenizer = Recorder()
+
+    ids = text_token_ids(["one", "three", "fifteen"], Processor())
+    assert seen == [("one\n\nthree\n\nfifteen", False)]
+    assert ids.dtype == torch.long and ids.tolist() == [3, 5, 7]

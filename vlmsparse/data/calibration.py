@@ -362,18 +362,24 @@ def load_calibration_text(source: str | os.PathLike) -> list[str]:
     return docs
 
 
+def text_token_ids(docs: list[str], tokenizer: Any) -> torch.Tensor:
+    """``[T]`` long: ``docs`` joined by blank lines and tokenized without special tokens (``tokenizer``: a
+    tokenizer or a processor holding one): the token stream that text calibration and text training cut."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
+    ids = tokenizer("\n\n".join(docs), add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def text_calibration_windows(docs: list[str], tokenizer: Any, nsamples: int = 128, seqlen: int = 512,
                              seed: int = 0, source: str = "calibration text") -> torch.Tensor:
     """``input_ids [nsamples, seqlen]``: random windows of the tokenized, concatenated ``docs`` (see the module
     docstring). Raises ``ValueError`` (naming ``source``) when the text holds fewer than ``seqlen`` tokens."""
     _check_count("nsamples", nsamples, "calibration windows")
     _check_count("seqlen", seqlen, "tokens per calibration window")
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
-    ids = tokenizer("\n\n".join(docs), add_special_tokens=False, verbose=False)["input_ids"]
+    ids = text_token_ids(docs, tokenizer)
     if len(ids) < seqlen:
         raise ValueError(f"{source} holds {len(ids)} tokens, fewer than one window of seqlen={seqlen}; "
                          "give more text or a smaller seqlen")
-    ids = torch.tensor(ids, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seqlen + 1, (nsamples,), generator=generator)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .calibration import TEXT_EXTENSIONS
 from .records import DataFormatError, iter_jsonl, load_image
 
 __all__ = [
@@ -408,7 +409,7 @@ class TextWindowDataset(Dataset):
 
     def __init__(self, path: str | os.PathLike, processor: Any, max_length: int | None = None,
                  decoder_start_token_id: int | None = None) -> None:
-        from .calibration import load_calibration_text
+        from .calibration import load_calibration_text, text_token_ids
 
         if decoder_start_token_id is not None:
             raise ValueError(f"data {str(path)!r}: a text corpus trains a decoder-only language model; an "
@@ -418,14 +419,12 @@ class TextWindowDataset(Dataset):
                              "row, so every example needs an image; a text corpus suits a language model alone "
                              "or LLaVA")
         self.max_length = max_length or TEXT_WINDOW
-        tokenizer = getattr(processor, "tokenizer", processor)
-        docs = load_calibration_text(path)
-        ids = tokenizer("\n\n".join(docs), add_special_tokens=False, verbose=False)["input_ids"]
+        ids = text_token_ids(load_calibration_text(path), processor)
         count = len(ids) // self.max_length
         if count == 0:
             raise ValueError(f"data {str(path)!r} holds {len(ids)} tokens, fewer than one window of max_length="
                              f"{self.max_length}; give more text or a smaller max_length (--max-length)")
-        self.windows = torch.tensor(ids[: count * self.max_length], dtype=torch.long).reshape(count, -1)
+        self.windows = ids[: count * self.max_length].reshape(count, -1)
 
     def __len__(self) -> int:
         return self.windows.shape[0]
@@ -436,7 +435,7 @@ class TextWindowDataset(Dataset):
 
 
 def load_dataset(spec: str, processor: Any, image_root: str | None = None, max_length: int | None = None,
-                 num_synthetic: int = 64, seed: int = 0, decoder_start_token_id: int | None = None) -> ExampleDataset:
+                 num_synthetic: int = 64, seed: int = 0, decoder_start_token_id: int | None = None) -> Dataset:
     """A dataset from a spec: ``synthetic`` (or ``synthetic:N``), a ``.jsonl`` caption file, a ``.json``
     conversation file, or text (a ``.txt`` file, a folder of them or a ``datasets`` folder:
     :class:`TextWindowDataset`); ``decoder_start_token_id`` for an encoder-decoder language model (see
@@ -452,7 +451,7 @@ def load_dataset(spec: str, processor: Any, image_root: str | None = None, max_l
     if not path.exists():
         raise FileNotFoundError(f"data {spec!r}: no such file (allowed: a .json conversation file, a .jsonl "
                                 "caption file, a .txt file or folder of text, 'synthetic' or 'synthetic:N')")
-    if path.is_dir() or path.suffix.lower() == ".txt":
+    if path.is_dir() or path.suffix.lower() in TEXT_EXTENSIONS:
         return TextWindowDataset(path, processor, max_length, decoder_start_token_id)
     if path.suffix == ".jsonl":
         return CaptionDataset(path, processor, image_root, **options)
