@@ -241,9 +241,10 @@ def test_lowest_selection_is_exact_with_ties():
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_threads_one_only_in_the_sparsegpt_column_loop(method, monkeypatch):
+def test_threads_one_only_in_the_sparsegpt_column_loop(method, without_native, monkeypatch):
     """Statistics, scores, the Cholesky and the reconstruction error run on all threads; SparseGPT's per-column
-    loop alone on one (a speed choice, see ``one_thread``); the caller's thread count is restored."""
+    Python loop (the fallback of the native column steps) alone on one (a speed choice, see ``one_thread``); the
+    caller's thread count is restored."""
     import vlmsparse.pruning.algorithms as algorithms
 
     seen: dict[str, list[int]] = {}
@@ -284,3 +285,71 @@ def test_nm_selection_by_pairwise_ranks_equals_a_stable_sort_with_ties(n, m):
         order = torch.sort(-scores, dim=0, stable=True).indices[:n]  # the n best, ties to the lower index
         expected = torch.zeros(m, 64, dtype=torch.bool).scatter_(0, order, True)
         assert torch.equal(keep_top_dim0(scores, n), expected)
+
+
+def _sparsegpt_both(weight, hessian, pattern, monkeypatch, segments=None):
+    """``(native, python)``: sparsegpt_prune with the native column steps, and with the Python loop."""
+    import vlmsparse.pruning.algorithms as algorithms
+
+    native = sparsegpt_prune(weight, hessian, pattern, blocksize=64, segments=segments)
+    with monkeypatch.context() as patch:
+        patch.setattr(algorithms, "_native_columns", lambda WT: None)
+        python = sparsegpt_prune(weight, hessian, pattern, blocksize=64, segments=segments)
+    return native, python
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16"])
+@pytest.mark.parametrize("pattern,segments", [("2:4", None), ("4:8", None), (0.5, [24, 40]), (0.7, None)])
+def test_native_column_steps_equal_the_python_loop(native, isa, pattern, segments, monkeypatch):
+    """The C++ column steps (csrc/sparse_cpu/obs.h, each ISA tier) choose the same masks as the Python loop and
+    give the same weights: in float64 to 1e-10; in float32 within the table's bound against the float64 run.
+    130 input columns: blocks of 64, 64 and 2 (a rest); 64 rows: split over the threads in chunks of 64 and less."""
+    if isa not in native.supported_isas():
+        pytest.skip(f"this CPU has no {isa} tier")
+    from tolerances import assert_close_to_reference
+
+    previous = native.set_isa(isa)
+    try:
+        generator = torch.Generator().manual_seed(3)
+        in_features = 128 if isinstance(pattern, str) else 130  # N:M needs whole groups
+        weight = torch.randn(64, in_features, generator=generator, dtype=torch.float64)
+        x = torch.randn(400, in_features, generator=generator, dtype=torch.float64)
+        hessian = 2 * x.T @ x / 400
+        (w64, keep64), (p64, pkeep64) = _sparsegpt_both(weight, hessian, pattern, monkeypatch, segments)
+        assert torch.equal(keep64, pkeep64)
+        assert (w64 - p64).abs().max().item() <= 1e-10
+        (w32, keep32), (p32, pkeep32) = _sparsegpt_both(weight.float(), hessian.float(), pattern, monkeypatch,
+                                                        segments)
+        assert torch.equal(keep32, pkeep32) and torch.equal(keep32, keep64)
+        assert_close_to_reference(w32, p32, w64)
+        assert torch.equal(w32 == 0, ~keep32)
+    finally:
+        native.set_isa(previous)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
+def test_native_nm_ties_go_to_the_lower_column(native, n, m, monkeypatch):
+    """Equal scores in an N:M group (integer weights, identity Hessian): the native steps keep the lower columns
+    first, as the Python loop's keep_top_dim0."""
+    weight = torch.randint(-2, 3, (32, 2 * m)).double()
+    hessian = torch.eye(2 * m, dtype=torch.float64)
+    (w, keep), (pw, pkeep) = _sparsegpt_both(weight, hessian, f"{n}:{m}", monkeypatch)
+    assert torch.equal(keep, pkeep) and torch.equal(w, pw)
+    assert satisfies_nm(keep, n, m)
+
+
+def test_native_column_steps_refuse_bad_input(native):
+    op = torch.ops.vlmsparse_native.sparsegpt_columns
+    w, err = torch.randn(8, 16), torch.empty(8, 16)
+    pruned, u = torch.zeros(8, 16, dtype=torch.bool), torch.eye(8)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        op(w.half(), err.half(), pruned, u.half(), 0, 0)
+    with pytest.raises(RuntimeError, match=r"u must be \[8, 8\]"):
+        op(w, err, pruned, torch.eye(7), 0, 0)
+    with pytest.raises(RuntimeError, match="pruned must be bool"):
+        op(w, err, pruned.float(), u, 0, 0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(torch.randn(16, 8).T, err, pruned, u, 0, 0)
+    with pytest.raises(RuntimeError, match="m dividing"):
+        op(w, err, pruned, u, 2, 3)
+    torch.library.opcheck(op, (w, err, pruned, u, 2, 4))

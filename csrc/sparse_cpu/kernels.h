@@ -50,6 +50,27 @@ int64_t refuse_buffers(bool refuse);
 using RowsFn = void (*)(const SparseWeight&, const Input&, const float* bias, float* y, int64_t row_begin,
                         int64_t row_end);
 
+// SparseGPT's OBS column steps for one block of columns (obs.h): the block's columns of the weight as rows of
+// its transpose, [count, rows], float32 or float64 (fp64), row-major.
+constexpr int64_t kObsMaxM = 32;  // the largest M of an N:M pattern
+
+struct ObsBlock {
+  void* w;             // [count, rows]: updated in place (pruned entries become 0)
+  void* err;           // [count, rows]: out, (w - q) / d per column, 0 where kept
+  bool* pruned;        // [count, rows]: unstructured (nm_m == 0): the given choice; N:M: out, chosen per group
+  const void* u;       // [count, count]: this block of the upper Cholesky factor of H^-1
+  int64_t count, rows;
+  int64_t nm_n, nm_m;  // keep n of every m columns; 0, 0: unstructured
+  bool fp64;
+};
+
+// Runs the block on weight rows [row_begin, row_end).
+using ObsFn = void (*)(const ObsBlock&, int64_t row_begin, int64_t row_end);
+
+void obs_scalar(const ObsBlock&, int64_t, int64_t);
+void obs_avx2(const ObsBlock&, int64_t, int64_t);
+void obs_avx512(const ObsBlock&, int64_t, int64_t);
+
 void rows_scalar(const SparseWeight&, const Input&, const float*, float*, int64_t, int64_t);
 void rows_avx2(const SparseWeight&, const Input&, const float*, float*, int64_t, int64_t);
 void rows_avx512(const SparseWeight&, const Input&, const float*, float*, int64_t, int64_t);

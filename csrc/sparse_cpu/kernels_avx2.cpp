@@ -23,6 +23,7 @@
 #include <immintrin.h>
 
 #include "decode.h"
+#include "obs.h"
 
 namespace vlmsparse_cpu {
 namespace {
@@ -589,6 +590,8 @@ void rows_avx2(const SparseWeight& w, const Input& in, const float* bias, float*
   }
   rows_for_tier<Avx2>(w, in, bias, y, row_begin, row_end);
 }
+
+void obs_avx2(const ObsBlock& b, int64_t row_begin, int64_t row_end) { obs_block(b, row_begin, row_end); }
 
 }  // namespace vlmsparse_cpu
 

@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include "decode.h"
+#include "obs.h"
 
 namespace vlmsparse_cpu {
 namespace {
@@ -249,6 +250,8 @@ void rows_avx512(const SparseWeight& w, const Input& in, const float* bias, floa
   }
   rows_for_tier<Avx512>(w, in, bias, y, row_begin, row_end);
 }
+
+void obs_avx512(const ObsBlock& b, int64_t row_begin, int64_t row_end) { obs_block(b, row_begin, row_end); }
 
 }  // namespace vlmsparse_cpu
 

@@ -1,6 +1,7 @@
 // Scalar tier: one dot product per weight row and row of x, over the row's stored entries. Portable C++:
 // the semantics every vector tier matches.
 #include "decode.h"
+#include "obs.h"
 
 namespace vlmsparse_cpu {
 namespace {
@@ -50,5 +51,7 @@ void rows_scalar(const SparseWeight& w, const Input& in, const float* bias, floa
     rows(w, static_cast<const float*>(w.values), in, bias, y, row_begin, row_end);
   }
 }
+
+void obs_scalar(const ObsBlock& b, int64_t row_begin, int64_t row_end) { obs_block(b, row_begin, row_end); }
 
 }  // namespace vlmsparse_cpu

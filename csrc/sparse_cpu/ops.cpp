@@ -339,6 +339,44 @@ at::Tensor bitmask_linear_dense(const at::Tensor& x, const at::Tensor& values, c
   return dense_linear(c.w, x, c.values, bias, block_rows);
 }
 
+ObsFn obs_fn(int isa) {
+#if defined(__x86_64__) && defined(VLMSPARSE_X86_TIERS)
+  if (isa >= 2) return obs_avx512;  // the avx512bf16 tier has no bf16 work here: its AVX-512 code
+  if (isa == 1) return obs_avx2;
+#endif
+  return obs_scalar;
+}
+
+// SparseGPT's OBS column steps for one block of columns, in place (obs.h; vlmsparse/pruning/algorithms.py
+// _sparsegpt_columns): w, err [count, rows] and u [count, count] float32 or float64, pruned [count, rows] bool,
+// all contiguous CPU tensors; n, m: the N:M pattern chosen here per group of m columns, or 0, 0 (unstructured:
+// pruned holds the choice).
+void sparsegpt_columns(const at::Tensor& w, const at::Tensor& err, const at::Tensor& pruned, const at::Tensor& u,
+                       int64_t n, int64_t m) {
+  const char* op = "vlmsparse_native::sparsegpt_columns";
+  TORCH_CHECK(w.device().is_cpu() && err.device().is_cpu() && pruned.device().is_cpu() && u.device().is_cpu(), op,
+              ": needs CPU tensors");
+  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble), op,
+              ": w must be a 2-D float32 or float64 tensor, got ", w.scalar_type(), " ", w.sizes());
+  const int64_t count = w.size(0), rows = w.size(1);
+  TORCH_CHECK(err.sizes() == w.sizes() && err.scalar_type() == w.scalar_type(), op, ": err must be ", w.sizes(),
+              " ", w.scalar_type(), ", got ", err.sizes(), " ", err.scalar_type());
+  TORCH_CHECK(pruned.sizes() == w.sizes() && pruned.scalar_type() == at::kBool, op, ": pruned must be bool ",
+              w.sizes(), ", got ", pruned.scalar_type(), " ", pruned.sizes());
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == count && u.size(1) == count && u.scalar_type() == w.scalar_type(), op,
+              ": u must be [", count, ", ", count, "] ", w.scalar_type(), ", got ", u.scalar_type(), " ", u.sizes());
+  TORCH_CHECK(w.is_contiguous() && err.is_contiguous() && pruned.is_contiguous() && u.is_contiguous(), op,
+              ": w, err, pruned and u must be contiguous");
+  TORCH_CHECK((n == 0 && m == 0) || (0 < n && n < m && m <= kObsMaxM && count % m == 0), op,
+              ": n, m must be 0, 0 (unstructured) or 0 < n < m <= ", kObsMaxM, " with m dividing the block's ",
+              count, " columns; got ", n, ", ", m);
+  const ObsBlock b{w.data_ptr(), err.data_ptr(), pruned.data_ptr<bool>(), u.data_ptr(), count, rows, n, m,
+                   w.scalar_type() == at::kDouble};
+  const ObsFn fn = obs_fn(current_isa().load());
+  // rows in chunks of >= 64 (a chunk's segment of a column: 256 bytes of fp32 or more)
+  if (count > 0 && rows > 0) at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) { fn(b, begin, end); });
+}
+
 std::atomic<bool> g_refuse_buffers{false};
 std::atomic<int64_t> g_refused_buffers{0};
 
@@ -367,6 +405,7 @@ TORCH_LIBRARY(vlmsparse_native, m) {
   m.def("packed24_linear_dense(Tensor x, Tensor values, Tensor meta, Tensor? bias, int block_rows=0) -> Tensor");
   m.def("bitmask_linear_dense(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, Tensor? bias, "
         "int block_rows=0) -> Tensor");
+  m.def("sparsegpt_columns(Tensor(a!) w, Tensor(b!) err, Tensor(c!) pruned, Tensor u, int n, int m) -> ()");
   m.def("isa() -> str", &vlmsparse_cpu::isa);
   m.def("set_isa(str name) -> str", &vlmsparse_cpu::set_isa);
   m.def("supported_isas() -> str[]", &vlmsparse_cpu::supported_isas);
@@ -380,4 +419,5 @@ TORCH_LIBRARY_IMPL(vlmsparse_native, CPU, m) {
   m.impl("bitmask_to_dense", &vlmsparse_cpu::bitmask_to_dense);
   m.impl("packed24_linear_dense", &vlmsparse_cpu::packed24_linear_dense);
   m.impl("bitmask_linear_dense", &vlmsparse_cpu::bitmask_linear_dense);
+  m.impl("sparsegpt_columns", &vlmsparse_cpu::sparsegpt_columns);
 }

@@ -6,6 +6,9 @@ Ops, in the torch.library namespace ``vlmsparse_native`` (defined in C++, fake i
   ``y = x @ unpack24(values, meta).T + b`` (the packed 2:4 format of :mod:`vlmsparse.sparse24`);
 - ``bitmask_linear(x, values, bitmask, row_offsets, bias?)``: the same for the bitmask format of
   :mod:`vlmsparse.bitmask` (unstructured sparsity).
+- ``sparsegpt_columns(w!, err!, pruned!, u, n, m)``: SparseGPT's per-column OBS steps of one block of columns,
+  in place (``csrc/sparse_cpu/obs.h``; called by :mod:`vlmsparse.pruning.algorithms`, whose Python loop is the
+  fallback and the semantics).
 
 x and values are float32 or bfloat16 (the same dtype); arithmetic is fp32, the result has x's dtype. Each weight
 row is read once per call and serves blocks of 4 rows of x (decode, small batches). One row of x (decode) has its
@@ -115,6 +118,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("vlmsparse_native::bitmask_linear_dense")
     def _(x, values, bitmask, row_offsets, bias, block_rows=0):
         return x.new_empty((*x.shape[:-1], bitmask.shape[0]))
+
+    @torch.library.register_fake("vlmsparse_native::sparsegpt_columns")
+    def _(w, err, pruned, u, n, m):  # in place: w, err, pruned
+        return None
 
 
 # Loaded when this module is imported (a prebuilt library, milliseconds; vlmsparse imports this module only

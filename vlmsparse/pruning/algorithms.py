@@ -206,6 +206,7 @@ def _sparsegpt_columns(
     device = WT.device
     pruneT = torch.zeros(cols, rows, dtype=torch.bool, device=device)
     nm = SparsityPattern.nm(pattern.n, pattern.m) if pattern.is_nm else None
+    native = _native_columns(WT)
     for c0 in range(0, cols, blocksize):
         c1 = min(c0 + blocksize, cols)
         W1 = WT[c0:c1]  # a view: updated in place
@@ -221,15 +222,30 @@ def _sparsegpt_columns(
                 k = num_pruned(n * c1, pattern.sparsity) - num_pruned(n * c0, pattern.sparsity)
                 if k > 0:
                     P1[:, r0:r1] = _lowest(scores[:, r0:r1].T.contiguous(), k).T
-        # per column: err = w * E (E = pruned / d), q = w * K (K = kept); three kernels per column in all.
-        # (q holds -0.0 where a negative weight was pruned; the caller's torch.where turns it into +0.0.)
-        E1 = P1.to(W1.dtype) * inv_d
-        K1 = (~P1).to(W1.dtype)
-        with one_thread(device):
-            _columns_of_block(W1, Err1, U1, d1, P1, E1, K1, inv_d, nm)
+        if native is not None:
+            native(W1, Err1, P1, U1.contiguous(), nm.n if nm else 0, nm.m if nm else 0)
+        else:
+            # per column: err = w * E (E = pruned / d), q = w * K (K = kept); three kernels per column in all.
+            # (q holds -0.0 where a negative weight was pruned; the caller's torch.where turns it into +0.0.)
+            E1 = P1.to(W1.dtype) * inv_d
+            K1 = (~P1).to(W1.dtype)
+            with one_thread(device):
+                _columns_of_block(W1, Err1, U1, d1, P1, E1, K1, inv_d, nm)
         if c1 < cols:
             WT[c1:].addmm_(U[c0:c1, c1:].T, Err1, alpha=-1.0)
     return pruneT
+
+
+def _native_columns(WT: torch.Tensor):
+    """The native op for the column steps of a block (``csrc/sparse_cpu/obs.h``: the same steps as
+    :func:`_columns_of_block`, rows split over all threads) for a CPU float32 / float64 ``WT`` when the extension
+    is built, else None. Measured on SmolLM2-135M (2 CPU threads, SparseGPT 2:4, 30 blocks): the Python loop
+    takes 11.3 s of the 19.5 s run, about 3 torch calls per column at ~35 us each."""
+    if WT.device.type != "cpu" or WT.dtype not in (torch.float32, torch.float64):
+        return None
+    from ..kernels import cpu as native_cpu
+
+    return torch.ops.vlmsparse_native.sparsegpt_columns if native_cpu.native_available() else None
 
 
 def _columns_of_block(W1: torch.Tensor, Err1: torch.Tensor, U1: torch.Tensor, d1: torch.Tensor, P1: torch.Tensor,

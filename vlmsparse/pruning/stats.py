@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.cpu_gemm import gram_add_, linear
+
 __all__ = ["InputStats"]
 
 
@@ -55,7 +57,7 @@ class InputStats:
         if flat.shape[0] == 0:
             return
         if self.gram is not None:  # sum of squares = diag(X^T X): one product gives both
-            self.gram.addmm_(flat.T, flat)
+            gram_add_(self.gram, flat)
             batch_sq = self.gram.diagonal()
         else:
             batch_sq = flat.square().sum(dim=0)
@@ -92,8 +94,8 @@ class InputStats:
         gram = self.gram
         dense = dense.to(gram.device, torch.float32)
         delta = dense - pruned.to(gram.device, torch.float32)
-        num = (delta * (delta @ gram)).sum().clamp_min(0)
-        den = (dense * (dense @ gram)).sum()
+        num = (delta * linear(delta, gram)).sum().clamp_min(0)  # gram is symmetric: linear(D, G) = D @ G
+        den = (dense * linear(dense, gram)).sum()
         if float(den) <= 0:
             return 0.0 if float(num) == 0 else float("inf")
         return float((num / den).sqrt())
