@@ -199,9 +199,11 @@ def _sparsegpt_columns(
     WT: torch.Tensor, U: torch.Tensor, pattern: SparsityPattern, blocksize: int, bounds: list[int]
 ) -> torch.Tensor:
     """The OBS column loop of :func:`sparsegpt_prune` on the transposed weight ``WT`` ``[in, out]`` (float32/64,
-    updated in place); returns the pruned positions ``[in, out]``. Working on rows of ``WT`` keeps every
-    per-column update contiguous and one BLAS call (``addr_``: ``WT[j+1:] -= U[j, j+1:] outer err``). The column
-    loop runs on one thread (:func:`one_thread`), the GEMM of a block's error onto the later columns on all."""
+    updated in place); returns the pruned positions ``[in, out]``. The column steps of a block run natively
+    (:func:`_native_columns`) where they can, else in the Python loop :func:`_columns_of_block`. Working on rows of
+    ``WT`` keeps every per-column update contiguous and, in the Python loop, one BLAS call (``addr_``:
+    ``WT[j+1:] -= U[j, j+1:] outer err``) run on one thread (:func:`one_thread`). The GEMM of a block's error onto
+    the later columns runs on all threads."""
     cols, rows = WT.shape
     device = WT.device
     pruneT = torch.zeros(cols, rows, dtype=torch.bool, device=device)
