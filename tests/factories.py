@@ -175,26 +175,30 @@ def synthetic_processor(kind: str = "llava"):
                           num_query_tokens=NUM_QUERY_TOKENS)
 
 
-def pruned_tiny(kind: str = "llava", pattern: str = "0.5", seed: int = 0, keep_dense: bool = False):
-    """A tiny LLaVA / BLIP-2 whose vision and language block linears are magnitude-pruned to ``pattern``:
-    ``(model, MaskSet)``. Pruned entries are +0.0 unless ``keep_dense`` (then the weights stay dense and
-    only the MaskSet records the pruning). The image token id is the synthetic processor's ``<image>``."""
+def magnitude_pruned(model, pattern: str, parts: tuple[str, ...] = ("vision", "language"), keep_dense: bool = False):
+    """Magnitude-prune the block linears of ``model``'s ``parts`` to ``pattern`` in place; returns their
+    ``MaskSet``. Pruned entries become +0.0 unless ``keep_dense`` (then only the MaskSet records the pruning)."""
     from vlmsparse.masks import MaskSet
     from vlmsparse.models import prunable_linear_names
     from vlmsparse.sparsity import build_mask
 
+    masks = {}
+    with torch.no_grad():
+        for name in prunable_linear_names(model, parts):
+            weight = model.get_submodule(name).weight
+            masks[name] = build_mask(weight.abs(), pattern)
+            if not keep_dense:
+                weight.masked_fill_(~masks[name], 0)
+    return MaskSet(masks=masks, patterns={n: pattern for n in masks}, method="magnitude")
+
+
+def pruned_tiny(kind: str = "llava", pattern: str = "0.5", seed: int = 0, keep_dense: bool = False):
+    """A tiny LLaVA / BLIP-2 whose vision and language block linears are magnitude-pruned to ``pattern``:
+    ``(model, MaskSet)`` (see :func:`magnitude_pruned`). The image token id is the synthetic processor's
+    ``<image>``."""
     model = tiny_llava(seed) if kind == "llava" else tiny_blip2(seed)
     model.config.image_token_index = 4  # "<image>" of vlmsparse.data.vocab
-    masks = {}
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name in prunable_linear_names(model, ("vision", "language")):
-            weight = modules[name].weight
-            mask = build_mask(weight.abs(), pattern)
-            if not keep_dense:
-                weight.copy_(torch.where(mask, weight, torch.zeros((), dtype=weight.dtype)))
-            masks[name] = mask
-    return model, MaskSet(masks=masks, patterns={n: pattern for n in masks}, method="magnitude")
+    return model, magnitude_pruned(model, pattern, keep_dense=keep_dense)
 
 
 def save_blip2_folder(folder, model):

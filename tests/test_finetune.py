@@ -187,20 +187,11 @@ def test_tiny_blip2_finetune(tmp_path):
 
 
 def _pruned_blip2_t5(pattern: str):
-    from factories import tiny_blip2_t5
-
-    from vlmsparse.models import prunable_linear_names
-    from vlmsparse.sparsity import build_mask
+    from factories import magnitude_pruned, tiny_blip2_t5
 
     model = tiny_blip2_t5(seed=1)
     model.config.image_token_index = 4  # "<image>" of the synthetic processor
-    masks = {}
-    with torch.no_grad():
-        for name in prunable_linear_names(model, ("vision", "language")):
-            weight = model.get_submodule(name).weight
-            masks[name] = build_mask(weight.abs(), pattern)
-            weight.masked_fill_(~masks[name], 0)
-    return model, MaskSet(masks=masks, patterns={n: pattern for n in masks}, method="magnitude")
+    return model, magnitude_pruned(model, pattern)
 
 
 def test_blip2_flan_t5_finetune(tmp_path):
@@ -398,21 +389,13 @@ def test_mixed_llava_batch_loss_and_training(tmp_path, processor):
 def test_opt_language_model_alone_finetunes_in_memory(tmp_path, processor):
     """A pruned OPT with its tokenizer as the processor, on text-only conversation rows: the loss goes down
     and every pruned weight stays zero (the Llama folder through the CLI: tests/test_finetune_cli.py)."""
-    from factories import tiny_opt
+    from factories import magnitude_pruned, tiny_opt
     from transformers import OPTForCausalLM
 
     from vlmsparse.data.datasets import ConversationDataset
-    from vlmsparse.models import prunable_linear_names
-    from vlmsparse.sparsity import build_mask
 
     model = tiny_opt(seed=1)
-    masks = {}
-    with torch.no_grad():
-        for name in prunable_linear_names(model, ("language",)):
-            weight = model.get_submodule(name).weight
-            masks[name] = build_mask(weight.abs(), "0.5")
-            weight.masked_fill_(~masks[name], 0)
-    masks = MaskSet(masks=masks, method="magnitude")
+    masks = magnitude_pruned(model, "0.5", ("language",))
     rows = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
             for q, a in [("what color is the circle?", "red"), ("how many shapes?", "two")]]
     (tmp_path / "text.json").write_text(json.dumps(rows))
@@ -477,20 +460,11 @@ def test_language_model_finetunes_on_a_text_file(tmp_path, processor):
     """A pruned Llama with its tokenizer, on a .txt corpus (windows of max_length tokens, every token scored, as
     the LoRA recovery of Wanda / SparseGPT): the examples are the windows, the loss goes down, and every pruned
     weight stays zero in the merged model."""
-    from factories import tiny_llama
+    from factories import magnitude_pruned, tiny_llama
     from transformers import LlamaForCausalLM
 
-    from vlmsparse.models import prunable_linear_names
-    from vlmsparse.sparsity import build_mask
-
     model = tiny_llama(seed=2)
-    masks = {}
-    with torch.no_grad():
-        for name in prunable_linear_names(model, ("language",)):
-            weight = model.get_submodule(name).weight
-            masks[name] = build_mask(weight.abs(), "2:4")
-            weight.masked_fill_(~masks[name], 0)
-    masks = MaskSet(masks=masks, method="magnitude")
+    masks = magnitude_pruned(model, "2:4", ("language",))
     tokenizer = processor.tokenizer
     words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2][:6]
     (tmp_path / "corpus.txt").write_text(" ".join(words[i % 6] for i in range(320)))  # a cycle: easy to learn

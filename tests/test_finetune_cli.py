@@ -101,21 +101,12 @@ def test_cli_distill_teacher_and_data_errors(tmp_path, capsys):
 
 def _pruned_llama_folder(tmp_path, pattern="2:4"):
     """A tiny Llama with magnitude-pruned language linears, saved with the word-level tokenizer."""
-    import torch
-    from factories import tiny_llama
+    from factories import magnitude_pruned, tiny_llama
 
     from vlmsparse.data.vocab import build_tokenizer
-    from vlmsparse.models import prunable_linear_names
-    from vlmsparse.sparsity import build_mask
 
     model = tiny_llama(seed=2)
-    masks = {}
-    with torch.no_grad():
-        for name in prunable_linear_names(model, ("language",)):
-            weight = model.get_submodule(name).weight
-            masks[name] = build_mask(weight.abs(), pattern)
-            weight.masked_fill_(~masks[name], 0)
-    masks = MaskSet(masks=masks, patterns={n: pattern for n in masks}, method="magnitude")
+    masks = magnitude_pruned(model, pattern, ("language",))
     return save_pruned(model, masks, tmp_path / "llama", processor=build_tokenizer()), masks
 
 

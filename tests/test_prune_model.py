@@ -771,3 +771,26 @@ def test_mllama_image_and_text_batches_calibrate_cross_attention_on_the_image_ba
         norm = _dense_block_input_norm(model, dense, f"model.language_model.layers.{block}", modules[name], batches,
                                        True)
         assert torch.equal(masks[name], wanda_prune(dense[f"{name}.weight"], norm, 0.5)[1]), name
+
+
+def test_pruned_weights_are_set_without_copying_into_the_loaded_storage():
+    """``_set_weight``: the Parameter object stays (ties hold), its storage becomes the new values (no write into
+    the old, possibly file-mapped, pages), a view of a larger tensor is copied rather than aliased, the version
+    rises as after an in-place copy, and a mismatched dtype falls back to a copy."""
+    from vlmsparse.pipeline.prune.driver import _set_weight
+
+    shared = nn.Linear(4, 6, bias=False)
+    tied = nn.Linear(4, 6, bias=False)
+    tied.weight = shared.weight
+    old_storage, version = shared.weight.data_ptr(), shared.weight._version
+    stacked = torch.randn(10, 4)
+    _set_weight(shared.weight, stacked[2:8])
+    assert tied.weight is shared.weight and torch.equal(tied.weight, stacked[2:8])
+    assert shared.weight.data_ptr() not in (old_storage, stacked[2:8].data_ptr())
+    assert shared.weight._version > version and shared.weight.is_contiguous()
+    transposed = torch.randn(4, 6).T
+    _set_weight(shared.weight, transposed)
+    assert torch.equal(shared.weight, transposed) and shared.weight.is_contiguous()
+    kept = shared.weight.data_ptr()
+    _set_weight(shared.weight, torch.ones(6, 4, dtype=torch.float64))
+    assert shared.weight.dtype == torch.float32 and shared.weight.data_ptr() == kept and bool((shared.weight == 1).all())

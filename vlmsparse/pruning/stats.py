@@ -2,7 +2,7 @@
 
 For inputs ``X`` (``n`` real tokens x ``in`` features) a :class:`InputStats` accumulates
 
-- ``sum_sq[j] = sum_t X[t, j]^2``    (Wanda's ``||X_j||_2^2``; squares and sums in float64),
+- ``sum_sq[j] = sum_t X[t, j]^2``    (Wanda's ``||X_j||_2^2``; the diagonal of ``gram`` when that is kept),
 - ``gram = X^T X``                   (only with ``hessian=True``; SparseGPT's Hessian is ``2 X^T X / n``),
 - ``count = n``.
 
@@ -56,17 +56,16 @@ class InputStats:
         flat = flat.to(device=self.sum_sq.device, dtype=torch.float32)
         if flat.shape[0] == 0:
             return
-        # In float64 (the squares of float32 values exactly, sums rounded at 1e-16) Wanda's masks do not depend on
-        # how the tokens are batched or summed: float32 sums flipped 2-30 of a million mask entries in SmolLM2-135M's
-        # second block against a float64 run. Cost: [1024, 1536] 0.64 ms against 0.12 ms in float32 (2 threads),
-        # about 0.1 s of a 7 s Wanda run of SmolLM2.
-        batch_sq = flat.double().square().sum(dim=0)
+        if self.gram is not None:  # sum of squares = diag(X^T X): one product gives both
+            gram_add_(self.gram, flat)
+            batch_sq = self.gram.diagonal()
+        else:
+            batch_sq = flat.square().sum(dim=0)
         if not bool(torch.isfinite(batch_sq).all()):  # any NaN/inf input makes its column's sum non-finite
             bad = int((~torch.isfinite(flat)).sum())
             raise ValueError(f"InputStats: calibration activations hold {bad} NaN/inf values")
-        if self.gram is not None:
-            gram_add_(self.gram, flat)
-        self.sum_sq += batch_sq
+        if self.gram is None:
+            self.sum_sq += batch_sq.to(torch.float64)
         self.count += flat.shape[0]
 
     def _check(self) -> None:
@@ -77,7 +76,8 @@ class InputStats:
     def norm(self) -> torch.Tensor:
         """Root mean square of each input feature, ``[in]`` float32 (Wanda's ``||X_j||_2`` up to a constant)."""
         self._check()
-        return (self.sum_sq / self.count).sqrt().float()
+        sum_sq = self.gram.diagonal().to(torch.float64) if self.gram is not None else self.sum_sq
+        return (sum_sq / self.count).sqrt().float()
 
     def hessian(self) -> torch.Tensor:
         """``H = 2 X^T X / n`` ``[in, in]`` float32 (a new tensor)."""

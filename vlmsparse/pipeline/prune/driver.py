@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
 from ...kernels import cpu_gemm
 from ...masks import MaskSet
@@ -250,13 +251,29 @@ def _prune_block(
 
 def _store(t: _Target, new: torch.Tensor, keep: torch.Tensor, error: float | None, seconds: float,
            masks: MaskSet, report: list[LayerReport]) -> None:
-    with torch.no_grad():
-        t.module.weight.copy_(new)
+    _set_weight(t.module.weight, new)
     masks.masks[t.name] = keep.detach().to("cpu")
     masks.patterns[t.name] = str(t.pattern)
     sparsity = 1.0 - float(keep.sum()) / keep.numel()
     report.append(LayerReport(t.name, t.part, tuple(keep.shape), str(t.pattern), sparsity, error, seconds))
     log.debug("pruned %s to %s (sparsity %.4f, error %s)", t.name, t.pattern, sparsity, error)
+
+
+def _set_weight(weight: nn.Parameter, new: torch.Tensor) -> None:
+    """``weight`` takes ``new``'s values. ``new`` becomes its storage (the Parameter object stays, so tied weights
+    stay tied) instead of being copied in: the loaded weights may be pages of the checkpoint file mapped copy-on-
+    write, and the first write to each page faults; copying SmolLM2-135M's pruned linears in took 0.7-0.9 s of a
+    7-8 s Wanda run (2 CPU threads). The version counter is raised as a copy would (streamed pruning saves the
+    weights whose version changed)."""
+    with torch.no_grad():
+        if new.shape != weight.shape or new.dtype != weight.dtype or new.device != weight.device:
+            weight.copy_(new)
+            return
+        fresh = new.contiguous()
+        if fresh._base is not None or fresh.data_ptr() == weight.data_ptr():  # a view, or the weight itself
+            fresh = fresh.clone()
+        weight.data = fresh
+        increment_version(weight)
 
 
 def _backup(targets: list[_Target], backups: dict[str, torch.Tensor], cfg: PruneConfig) -> None:
