@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vlmsparse.pruning import InputStats, prune_layer, sparsegpt_prune
+from vlmsparse.pruning.algorithms import _columns_of_block as _COLUMNS_OF_BLOCK
 from vlmsparse.sparsity import check_pattern, num_pruned, satisfies_nm
 
 PATTERNS = ["0.5", "0.7", "2:4", "4:8"]
@@ -336,6 +337,18 @@ def test_native_nm_ties_go_to_the_lower_column(native, n, m, monkeypatch):
     (w, keep), (pw, pkeep) = _sparsegpt_both(weight, hessian, f"{n}:{m}", monkeypatch)
     assert torch.equal(keep, pkeep) and torch.equal(w, pw)
     assert satisfies_nm(keep, n, m)
+
+
+def test_wide_nm_groups_take_the_python_loop(native, monkeypatch):
+    """N:M with M above the native steps' limit (32) runs the Python loop instead of failing."""
+    import vlmsparse.pruning.algorithms as algorithms
+
+    calls = []
+    monkeypatch.setattr(algorithms, "_columns_of_block",
+                        lambda *args: calls.append(1) or _COLUMNS_OF_BLOCK(*args))
+    weight, x = torch.randn(16, 128), torch.randn(300, 128)
+    new, keep = sparsegpt_prune(weight, 2 * x.T @ x / 300, "8:64", blocksize=64)
+    assert calls and satisfies_nm(keep, 8, 64) and torch.equal(new == 0, ~keep)
 
 
 def test_native_column_steps_refuse_bad_input(native):

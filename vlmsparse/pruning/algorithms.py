@@ -208,7 +208,7 @@ def _sparsegpt_columns(
     device = WT.device
     pruneT = torch.zeros(cols, rows, dtype=torch.bool, device=device)
     nm = SparsityPattern.nm(pattern.n, pattern.m) if pattern.is_nm else None
-    native = _native_columns(WT)
+    native = _native_columns(WT) if nm is None or nm.m <= NATIVE_MAX_M else None
     for c0 in range(0, cols, blocksize):
         c1 = min(c0 + blocksize, cols)
         W1 = WT[c0:c1]  # a view: updated in place
@@ -236,6 +236,9 @@ def _sparsegpt_columns(
         if c1 < cols:
             WT[c1:].addmm_(U[c0:c1, c1:].T, Err1, alpha=-1.0)
     return pruneT
+
+
+NATIVE_MAX_M = 32  # the largest M of an N:M pattern the native column steps take (kObsMaxM in csrc/sparse_cpu)
 
 
 def _native_columns(WT: torch.Tensor):
