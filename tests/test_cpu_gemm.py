@@ -84,8 +84,8 @@ def test_auto_measures_once_and_needs_a_clear_gain(monkeypatch):
         pytest.skip("this torch has no working oneDNN linear op")
     monkeypatch.delenv(cpu_gemm.ENV, raising=False)
     monkeypatch.setattr(cpu_gemm, "_decided", {"available": True})
-    times = iter([2.0, 1.0])  # torch 2.0 s, oneDNN 1.0 s: a gain of 2x >= MIN_SPEEDUP
-    monkeypatch.setattr(cpu_gemm, "_seconds", lambda fn: next(times))
+    times = iter([2.0, 1.0])  # torch 2.0 ms, oneDNN 1.0 ms: a gain of 2x >= MIN_SPEEDUP
+    monkeypatch.setattr(cpu_gemm, "median_ms", lambda fn, device: next(times))
     assert cpu_gemm.use_onednn() and cpu_gemm.use_onednn()  # the second call reads the cached decision
     monkeypatch.setattr(cpu_gemm, "_decided", {"available": True})
     times = iter([1.2, 1.0])  # 1.2x: below MIN_SPEEDUP, torch's default stays

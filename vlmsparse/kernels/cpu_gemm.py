@@ -9,9 +9,9 @@ float32 with float32 accumulation; only the order of the sums differs (relative 
 
 Used for the calibration forwards and input statistics of pruning (:mod:`vlmsparse.pipeline.prune`), which are
 float32 GEMMs on the CPU for most of their time. Which one runs (:func:`use_onednn`) is decided once per process:
-``$VLMSPARSE_CPU_GEMM`` = ``onednn`` / ``torch`` forces one; unset or ``auto`` times both on one GEMM and takes
-oneDNN when it is at least :data:`MIN_SPEEDUP` times faster (so a machine where they are about equal, e.g. MKL on
-an Intel CPU, keeps torch's default and its results).
+``$VLMSPARSE_CPU_GEMM`` = ``onednn`` / ``torch`` forces one; unset or ``auto`` times both on one GEMM
+(:func:`~vlmsparse.kernels.timing.median_ms`) and takes oneDNN when it is at least :data:`MIN_SPEEDUP` times
+faster (so a machine where they are about equal, e.g. MKL on an Intel CPU, keeps torch's default and its results).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .timing import median_ms
 
 __all__ = ["MIN_SPEEDUP", "ENV", "onednn_available", "use_onednn", "linear", "gram_add_", "onednn_linears"]
 
@@ -54,16 +55,6 @@ def onednn_available() -> bool:
     return _decided["available"]
 
 
-def _seconds(fn, repeats: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def use_onednn() -> bool:
     """Whether float32 CPU GEMMs of :func:`linear` / :func:`gram_add_` run on oneDNN (decided once per process,
     see the module docstring). ValueError for an unknown ``$VLMSPARSE_CPU_GEMM``."""
@@ -83,11 +74,12 @@ def use_onednn() -> bool:
             generator = torch.Generator().manual_seed(0)
             x = torch.randn(512, 1024, generator=generator)
             w = torch.randn(1024, 1024, generator=generator)
-            default = _seconds(lambda: F.linear(x, w))
-            onednn = _seconds(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+            cpu = torch.device("cpu")
+            default = median_ms(lambda: F.linear(x, w), cpu)
+            onednn = median_ms(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), cpu)
             faster = default >= MIN_SPEEDUP * onednn
             log.info("float32 CPU GEMM [512, 1024] x [1024, 1024]^T: torch %.2f ms, oneDNN %.2f ms: using %s",
-                     default * 1e3, onednn * 1e3, "oneDNN" if faster else "torch's default")
+                     default, onednn, "oneDNN" if faster else "torch's default")
         _decided["auto"] = faster
     return _decided["auto"]
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 from torch import nn
 
 from .._io import write_folder_atomically
+from ..kernels.timing import median_ms
 from ..masks import MASKS_FILENAME, MaskSet, pack_bitmask, unpack_bitmask
 from ..modules.sparse_linear import (
     BITMASK_MIN_SPARSITY,
@@ -109,21 +108,6 @@ class CompressReport:
 
     def to_dict(self) -> dict:
         return {"counts": self.counts(), "layers": [asdict(d) for d in self.layers]}
-
-
-def _median_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Median time of ``fn`` in ms: ``triton.testing.do_bench`` on CUDA, a few perf_counter runs elsewhere."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def _mask_is_24(mask: torch.Tensor) -> bool:
@@ -268,7 +252,7 @@ def _time_candidates(dense: nn.Linear, names: Sequence[str], tokens: Iterable[in
     for t in tokens:
         x = torch.randn(int(t), dense.in_features, device=device, dtype=dtype)
         for name, layer in layers.items():
-            times[name][int(t)] = _median_ms(lambda x=x, layer=layer: layer(x), device)
+            times[name][int(t)] = median_ms(lambda x=x, layer=layer: layer(x), device)
     return times
 
 

@@ -1,0 +1,27 @@
+"""Timing a kernel call where a choice between paths is made by measurement (``compress(backend="auto")``, the
+float32 CPU GEMM of :mod:`vlmsparse.kernels.cpu_gemm`)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["median_ms"]
+
+
+def median_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Median time of ``fn`` in ms: ``triton.testing.do_bench`` on CUDA, a few perf_counter runs elsewhere."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
