@@ -216,7 +216,6 @@ def _sparsegpt_columns(
         U1 = U[c0:c1, c0:c1]
         d1 = U1.diagonal()
         P1 = pruneT[c0:c1]
-        inv_d = d1.reciprocal().unsqueeze(1)
         if nm is None:
             scores = W1.square() / d1.square().unsqueeze(1)  # [count, rows]
             for r0, r1 in zip(bounds[:-1], bounds[1:]):
@@ -229,6 +228,7 @@ def _sparsegpt_columns(
         else:
             # per column: err = w * E (E = pruned / d), q = w * K (K = kept); three kernels per column in all.
             # (q holds -0.0 where a negative weight was pruned; the caller's torch.where turns it into +0.0.)
+            inv_d = d1.reciprocal().unsqueeze(1)
             E1 = P1.to(W1.dtype) * inv_d
             K1 = (~P1).to(W1.dtype)
             with one_thread(device):
