@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from vlmsparse.pruning import InputStats, prune_layer, sparsegpt_prune
+from vlmsparse.pruning import InputStats, algorithms, prune_layer, sparsegpt_prune
 from vlmsparse.pruning.algorithms import _columns_of_block as _COLUMNS_OF_BLOCK
 from vlmsparse.sparsity import check_pattern, num_pruned, satisfies_nm
 
@@ -187,6 +187,49 @@ def test_sparsegpt_raises_dampening_on_singular_hessian(caplog):
     x = torch.randn(2, 8)
     out, mask = sparsegpt_prune(w, 2 * x.T @ x / 2, 0.5)
     assert int((~mask).sum()) == 16 and torch.isfinite(out).all()
+
+
+def _hessian(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """A damped Gram matrix with a few loud inputs (condition number ~1e4), as calibration gives."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    x[:, : max(1, n // 50)] *= 100
+    h = x.T @ x / x.shape[0]
+    return (h + 0.01 * h.diagonal().mean() * torch.eye(n, dtype=torch.float64)).to(dtype)
+
+
+def _former_factor(h: torch.Tensor) -> torch.Tensor:
+    """The reference's chain: cholesky -> cholesky_inverse -> upper cholesky."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+@pytest.mark.parametrize("leaf", [128, 4])
+@pytest.mark.parametrize("n", [1, 5, 128, 129, 300, 700])
+def test_upper_inverse_factor_matches_the_cholesky_chain(monkeypatch, n, leaf):
+    """U upper triangular with U^T U = H^-1, against float64; leaves of 4 run the recursion deep on odd splits."""
+    from tolerances import assert_close_to_reference
+
+    monkeypatch.setattr(algorithms, "FACTOR_LEAF", leaf)
+    h64 = _hessian(n, torch.float64)
+    exact = _former_factor(h64)
+    got64 = algorithms._upper_inverse_factor(h64)
+    assert torch.equal(got64, got64.triu()) and bool((got64.diagonal() > 0).all())
+    assert_close_to_reference(got64, exact, exact)
+    h32 = h64.float()
+    got32 = algorithms._upper_inverse_factor(h32)
+    assert got32.dtype == torch.float32 and torch.equal(got32, got32.triu())
+    assert_close_to_reference(got32, _former_factor(h32), exact)
+
+
+@pytest.mark.parametrize("where", [0, -1])
+def test_upper_inverse_factor_refuses_an_indefinite_matrix(monkeypatch, where):
+    """A negative pivot in the first or the last half (the Schur complement or the trailing block) gives None."""
+    monkeypatch.setattr(algorithms, "FACTOR_LEAF", 4)
+    h = _hessian(20, torch.float64)
+    h[where, :] = 0.0
+    h[:, where] = 0.0
+    h[where, where] = -1.0
+    assert algorithms._upper_inverse_factor(h) is None
 
 
 def _naive_obs_nm(w: torch.Tensor, h: torch.Tensor, n: int, m: int, dampening: float = 0.01):

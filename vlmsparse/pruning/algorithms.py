@@ -28,6 +28,7 @@ import logging
 
 import torch
 
+from ..kernels import cpu_gemm
 from ..sparsity import SparsityPattern, all_finite, build_mask, keep_top_dim0, num_pruned, parse_pattern
 
 __all__ = ["magnitude_prune", "wanda_prune", "sparsegpt_prune", "check_weight", "one_thread"]
@@ -88,13 +89,9 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
     damp = dampening
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     for attempt in range(6):
-        damped = hessian + (damp * max(diag_mean, 1e-12)) * eye
-        factor, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0 and torch.isfinite(upper).all():
-                return upper
+        upper = _upper_inverse_factor(hessian + (damp * max(diag_mean, 1e-12)) * eye)
+        if upper is not None and torch.isfinite(upper).all():
+            return upper
         if attempt == 5:
             break
         log.warning("sparsegpt: Hessian not positive definite with dampening %g; retrying with %g", damp, damp * 10)
@@ -103,6 +100,43 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
         f"sparsegpt: Cholesky factorisation failed even with dampening {damp:g}; the calibration inputs are "
         "degenerate (too few tokens or NaN/inf)"
     )
+
+
+# Matrices up to this size are factored by LAPACK, larger ones by the recursion. Measured (2 threads, float32,
+# median of 7): the former chain cholesky -> cholesky_inverse -> cholesky took 6.6 / 75 / 826 ms at n = 576 /
+# 1536 / 4096; the recursion with leaves of 128 takes 3.8 / 19 / 276 ms (oneDNN GEMMs), leaves of 512
+# 3.5 / 21 / 288 ms.
+FACTOR_LEAF = 128
+
+
+def _upper_inverse_factor(h: torch.Tensor) -> torch.Tensor | None:
+    """Upper triangular ``U`` with ``U^T U = h^-1``, for a symmetric ``h [n, n]``; None if ``h`` is not positive
+    definite.
+
+    With ``h = R R^T``, ``R`` upper triangular (the Cholesky factor of ``h`` with rows and columns reversed),
+    ``U = R^-1``. Above :data:`FACTOR_LEAF`, on the split ``h = [[A, B], [B^T, D]]``: ``U22`` of ``D``;
+    ``T = B U22^T``; ``U11`` of the Schur complement ``A - T T^T`` (= ``A - B D^-1 B^T``); ``U12 = -U11 T U22``.
+    About 4/3 n^3 flops, nearly all of them in GEMMs (on the CPU through :func:`cpu_gemm.linear`)."""
+    n = h.shape[0]
+    if n <= FACTOR_LEAF:
+        lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+        if int(info) != 0:
+            return None
+        eye = torch.eye(n, dtype=h.dtype, device=h.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+    top = n // 2
+    u22 = _upper_inverse_factor(h[top:, top:])
+    if u22 is None:
+        return None
+    t = cpu_gemm.linear(h[:top, top:], u22)  # B @ U22^T
+    u11 = _upper_inverse_factor(h[:top, :top] - cpu_gemm.linear(t, t))
+    if u11 is None:
+        return None
+    u = torch.zeros_like(h)
+    u[:top, :top] = u11
+    u[:top, top:] = -cpu_gemm.linear(cpu_gemm.linear(u11, t.T), u22.T)  # -U11 @ T @ U22
+    u[top:, top:] = u22
+    return u
 
 
 @contextlib.contextmanager
