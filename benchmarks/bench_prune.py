@@ -38,7 +38,9 @@ even topics for calibration, odd ones held out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import math
 import os
 import platform
@@ -194,6 +196,20 @@ def _prune_with_vlmsparse(model, method: str, pattern: str, batches: list) -> fl
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def stderr_held():
+    """Holds back what the body writes to ``sys.stderr`` and writes it out only if the body raises: the progress
+    bars that llm-compressor's pipeline and transformers' GGUF conversion draw with their own ``tqdm`` (dozens of
+    lines per run, which ``disable_progress_bar`` does not reach)."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+
+
 def _prune_with_llmcompressor(model, method: str, pattern: str, batches: list, tokenizer) -> float:
     """llm-compressor's ``oneshot`` with its sequential pipeline (one decoder block at a time, pruned outputs
     propagated), every ``Linear`` but ``lm_head``, the batches as given (a DataLoader of ready batches)."""
@@ -209,8 +225,9 @@ def _prune_with_llmcompressor(model, method: str, pattern: str, batches: list, t
     modifier = (WandaPruningModifier(**common) if method == "wanda"
                 else SparseGPTModifier(**common, block_size=128, dampening_frac=0.01))
     start = time.perf_counter()
-    oneshot(model=model, tokenizer=tokenizer, dataset=DataLoader(batches, batch_size=None), recipe=[modifier],
-            pipeline="sequential")
+    with stderr_held():
+        oneshot(model=model, tokenizer=tokenizer, dataset=DataLoader(batches, batch_size=None), recipe=[modifier],
+                pipeline="sequential")
     return time.perf_counter() - start
 
 
@@ -304,7 +321,8 @@ def _checkpoint_folder(model: str, folder: str) -> str:
         raise SystemExit(f"--model {model}: a file must be a .gguf checkpoint (or give a Hugging Face folder)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with stderr_held():
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):  # the weights are dequantized: save them as a plain checkpoint
         del config.quantization_config

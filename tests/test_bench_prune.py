@@ -95,6 +95,17 @@ def test_check_pruned_alike(bench):
         bench.check_pruned_alike(model, reference, "2:4", "other")
 
 
+def test_stderr_held_is_shown_only_when_the_body_fails(bench, capsys):
+    """The optional tools' progress bars are held back, and written out when their call raises."""
+    with bench.stderr_held():
+        print("a bar", file=sys.stderr)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(RuntimeError, match="broke"), bench.stderr_held():
+        print("the bars before it broke", file=sys.stderr)
+        raise RuntimeError("broke")
+    assert capsys.readouterr().err == "the bars before it broke\n"
+
+
 def test_compare_without_llmcompressor_says_how_to_install_it(bench, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "llmcompressor", None)  # import llmcompressor raises ImportError
     with pytest.raises(SystemExit, match=r"needs the optional llmcompressor package .*\[compare\]"):
