@@ -110,6 +110,13 @@ def test_linear_forwards_swapped_inside_and_restored_after(onednn, monkeypatch):
     assert all("forward" not in m.__dict__ for m in model.float())
 
 
+def test_only_float32_cpu_linears_are_swapped(onednn):
+    """A bf16 linear keeps torch's forward (oneDNN's float32 op would not apply to it on any call)."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4).to(torch.bfloat16))
+    with cpu_gemm.onednn_linears(model) as swapped:
+        assert swapped == 1 and "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+
+
 def test_no_swap_on_torch_choice(default_gemm):
     model = nn.Sequential(nn.Linear(6, 5))
     with cpu_gemm.onednn_linears(model) as swapped:

@@ -161,3 +161,26 @@ def test_perplexity_of_folder_reads_the_text_first_and_needs_a_tokenizer(tmp_pat
     tiny_llama().save_pretrained(tmp_path / "bare")
     with pytest.raises(ValueError, match="no tokenizer saved in the folder"):
         perplexity_of_folder(tmp_path / "bare", tmp_path / "t.txt")
+
+
+@pytest.mark.parametrize("choice", ["onednn", "torch"])
+def test_perplexity_forwards_run_on_the_cpu_gemm_choice(choice, monkeypatch):
+    """The float32 CPU linears go through cpu_gemm.linear on oneDNN (none on torch), with torch's result within
+    float32 rounding; the forwards are restored afterwards."""
+    from torch import nn
+
+    from vlmsparse.kernels import cpu_gemm
+
+    if choice == "onednn" and not cpu_gemm.onednn_available():
+        pytest.skip("this torch has no working oneDNN linear op")
+    model, tok = tiny_llama(), build_tokenizer()
+    monkeypatch.setenv(cpu_gemm.ENV, "torch")
+    expected = perplexity(model, tok, TEXT, max_length=16)
+    monkeypatch.setenv(cpu_gemm.ENV, choice)
+    calls = []
+    real = cpu_gemm.linear
+    monkeypatch.setattr(cpu_gemm, "linear", lambda *a: calls.append(1) or real(*a))
+    got = perplexity(model, tok, TEXT, max_length=16)
+    assert (len(calls) > 0) == (choice == "onednn")
+    assert got.num_tokens == expected.num_tokens and got.nll == pytest.approx(expected.nll, rel=1e-5)
+    assert all("forward" not in m.__dict__ for m in model.modules() if isinstance(m, nn.Linear))

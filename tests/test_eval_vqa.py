@@ -217,6 +217,26 @@ def vqa_rows(tmp_path_factory):
     return load_vqa_jsonl(export_vqa_jsonl(make_vqa_samples(6, seed=1, split="heldout"), str(out)))
 
 
+@pytest.mark.parametrize("choice", ["onednn", "torch"])
+def test_generate_answers_run_on_the_cpu_gemm_choice(choice, vqa_rows, monkeypatch):
+    """The float32 CPU linears of generation go through cpu_gemm.linear on oneDNN (none on torch), and the
+    forwards are restored afterwards."""
+    from torch import nn
+
+    from vlmsparse.kernels import cpu_gemm
+
+    if choice == "onednn" and not cpu_gemm.onednn_available():
+        pytest.skip("this torch has no working oneDNN linear op")
+    model, processor = _model_and_processor("llava")
+    monkeypatch.setenv(cpu_gemm.ENV, choice)
+    calls = []
+    real = cpu_gemm.linear
+    monkeypatch.setattr(cpu_gemm, "linear", lambda *a: calls.append(1) or real(*a))
+    answers = generate_answers(model, processor, vqa_rows, batch_size=4, max_new_tokens=2)
+    assert (len(calls) > 0) == (choice == "onednn") and len(answers) == len(vqa_rows)
+    assert all("forward" not in m.__dict__ for m in model.modules() if isinstance(m, nn.Linear))
+
+
 @pytest.mark.parametrize("kind", ["llava", "blip2", "instructblip", "blip2_t5", "instructblip_t5"])
 def test_generate_answers_equal_a_greedy_loop_over_logits(kind, vqa_rows):
     """Batched (padded) generate_answers == a per-row greedy decode over the model's logits, for decoder-only and

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..kernels import cpu_gemm
 from ..models import decoder_start_token_id
 
 __all__ = ["PerplexityResult", "perplexity", "perplexity_of_file", "perplexity_of_folder", "language_model_of",
@@ -119,13 +120,15 @@ def perplexity(model: Any, tokenizer: Any, text: str, max_length: int = 128, str
     total_nll, counted, scored_until = 0.0, 0, 1  # token 0 is never predicted
     start = 0
     try:
-        while scored_until < ids.numel():
-            end = min(start + max_length, ids.numel())
-            nll = _window_nll(lm, ids[start:end].to(device), scored_until - start)
-            total_nll += float(nll.sum())
-            counted += nll.numel()
-            scored_until = end
-            start = min(start + stride, end - 1)  # the next window must predict token `end`
+        # float32 CPU linears on oneDNN where it measures faster (SmolLM2-135M, 14.5k tokens, 2 threads: 25 -> 15 s)
+        with cpu_gemm.onednn_linears(lm):
+            while scored_until < ids.numel():
+                end = min(start + max_length, ids.numel())
+                nll = _window_nll(lm, ids[start:end].to(device), scored_until - start)
+                total_nll += float(nll.sum())
+                counted += nll.numel()
+                scored_until = end
+                start = min(start + stride, end - 1)  # the next window must predict token `end`
     finally:
         lm.train(was_training)
     mean = total_nll / counted
