@@ -221,6 +221,24 @@ def test_upper_inverse_factor_matches_the_cholesky_chain(monkeypatch, n, leaf):
     assert_close_to_reference(got32, _former_factor(h32), exact)
 
 
+def test_factor_gemms_run_in_full_float32_precision(monkeypatch):
+    """A caller's lower float32 matmul precision (TF32 on CUDA) does not reach the factor's GEMMs, and is back
+    afterwards."""
+    seen = []
+    real = algorithms.cpu_gemm.linear
+    monkeypatch.setattr(algorithms.cpu_gemm, "linear",
+                        lambda *a: seen.append(torch.get_float32_matmul_precision()) or real(*a))
+    monkeypatch.setattr(algorithms, "FACTOR_LEAF", 4)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        algorithms._inverse_cholesky(_hessian(12, torch.float32), 0.01)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen and set(seen) == {"highest"}
+
+
 @pytest.mark.parametrize("where", [0, -1])
 def test_upper_inverse_factor_refuses_an_indefinite_matrix(monkeypatch, where):
     """A negative pivot in the first or the last half (the Schur complement or the trailing block) gives None."""

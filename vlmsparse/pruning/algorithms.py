@@ -89,7 +89,8 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
     damp = dampening
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     for attempt in range(6):
-        upper = _upper_inverse_factor(hessian + (damp * max(diag_mean, 1e-12)) * eye)
+        with _full_precision_matmuls():
+            upper = _upper_inverse_factor(hessian + (damp * max(diag_mean, 1e-12)) * eye)
         if upper is not None and torch.isfinite(upper).all():
             return upper
         if attempt == 5:
@@ -100,6 +101,18 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
         f"sparsegpt: Cholesky factorisation failed even with dampening {damp:g}; the calibration inputs are "
         "degenerate (too few tokens or NaN/inf)"
     )
+
+
+@contextlib.contextmanager
+def _full_precision_matmuls():
+    """float32 matmuls in full precision inside, whatever the caller allowed with
+    ``torch.set_float32_matmul_precision`` (TF32 on CUDA would put ~1e-3 errors into the factor's GEMMs)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 # Matrices up to this size are factored by LAPACK, larger ones by the recursion. Measured (2 threads, float32,
