@@ -40,6 +40,29 @@ def test_linear_on_onednn_matches_float64(onednn, shape, with_bias):
         assert_close_to_reference(got, nn.functional.linear(x, weight, bias), exact)
 
 
+def test_strided_weights_and_inputs_avoid_onednns_slow_path(onednn, monkeypatch):
+    """oneDNN takes a weight only when it is contiguous or a transpose of a contiguous tensor (other strides ran
+    1000x slower); the Gram's x may have any strides."""
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[1].stride()) or real(*a))
+    x = torch.randn(6, 24)
+    wide = torch.randn(40, 48)
+    for weight, dense in [(wide[:, :24], False), (wide[:, ::2], False), (torch.randn(24, 40).T, True),
+                          (wide[:20, :24].contiguous(), True)]:
+        calls.clear()
+        with torch.no_grad():
+            got = onednn.linear(x, weight)
+        assert bool(calls) == dense, weight.stride()
+        assert_close_to_reference(got, nn.functional.linear(x, weight), nn.functional.linear(x.double(), weight.double()))
+    calls.clear()
+    strided = torch.randn(30, 48)[:, ::2]
+    gram = onednn.gram_add_(torch.zeros(24, 24), strided)
+    assert calls == [(1, 24)]  # the transpose of a contiguous copy
+    exact = strided.double().T @ strided.double()
+    assert_close_to_reference(gram, strided.T @ strided, exact)
+
+
 def test_gram_on_onednn_within_the_float32_sum_bound(onednn):
     """``X^T X`` over 300 tokens. oneDNN sums the 300 products in another order than MKL: on one draw its error
     was 2.2x MKL's (1.9e-4 against 8.5e-5 on entries about 300), so the test holds it to the rounding bound of a
