@@ -239,6 +239,25 @@ def test_factor_gemms_run_in_full_float32_precision(monkeypatch):
     assert seen and set(seen) == {"highest"}
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [129, 1536])
+def test_upper_inverse_factor_on_cuda_with_tf32_allowed(n):
+    """On CUDA, with TF32 allowed by the caller, the factor keeps float32 accuracy (the GEMMs run at full
+    precision inside) against the float64 chain."""
+    from tolerances import assert_close_to_reference
+
+    h64 = _hessian(n, torch.float64)
+    exact = _former_factor(h64)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls
+    try:
+        got = algorithms._inverse_cholesky(h64.float().cuda(), 0.0).cpu()
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(got, got.triu())
+    assert_close_to_reference(got, _former_factor(h64.float()), exact)
+
+
 @pytest.mark.parametrize("where", [0, -1])
 def test_upper_inverse_factor_refuses_an_indefinite_matrix(monkeypatch, where):
     """A negative pivot in the first or the last half (the Schur complement or the trailing block) gives None."""
