@@ -1,4 +1,5 @@
-"""Per-layer pruning algorithms on tensors: magnitude, Wanda, SparseGPT (layer 3: depends on layer 0 only).
+"""Per-layer pruning algorithms on tensors: magnitude, Wanda, SparseGPT (layer 3: depends on layer 0, and on layer
+1's ``cpu_gemm`` and native ``cpu`` kernels).
 
 Every function takes a weight ``W`` ``[out, in]`` and returns ``(new_weight, keep_mask)``; the new weight has
 the input's dtype and holds +0.0 at every pruned position (``torch.where``, never a multiplication by the
@@ -18,7 +19,9 @@ Deliberate differences from the reference code (locuslab/wanda, IST-DASLab/spars
   ``int(c * s)`` per row and the reference magnitude / SparseGPT prune ``int(c * s) + 1`` (``<=`` the sorted
   value at index ``int(c * s)``): 70% of a 64-input row prunes 45 here, 44 in the reference Wanda;
 - ties: equal scores keep the lower index (the reference's stable sort prunes the lower index first);
-- ``N:M`` keeps N of every M (the reference's ``prune_n`` is the number pruned); the same for 2:4 and 4:8.
+- ``N:M`` keeps N of every M (the reference's ``prune_n`` is the number pruned); the same for 2:4 and 4:8;
+- ``U`` comes from a recursion on GEMMs (:func:`_upper_inverse_factor`), not from the reference's
+  cholesky -> cholesky_inverse -> cholesky: the same factor, rounded differently.
 """
 
 from __future__ import annotations
