@@ -259,6 +259,8 @@ def _sparsegpt_columns(
     pruneT = torch.zeros(cols, rows, dtype=torch.bool, device=device)
     nm = SparsityPattern.nm(pattern.n, pattern.m) if pattern.is_nm else None
     native = _native_columns(WT) if nm is None or nm.m <= NATIVE_MAX_M else None
+    if native is None:
+        native = _triton_columns(WT, nm.m if nm else 0, blocksize)
     for c0 in range(0, cols, blocksize):
         c1 = min(c0 + blocksize, cols)
         W1 = WT[c0:c1]  # a view: updated in place
@@ -301,6 +303,20 @@ def _native_columns(WT: torch.Tensor):
     from ..kernels import cpu as native_cpu
 
     return torch.ops.vlmsparse_native.sparsegpt_columns if native_cpu.native_available() else None
+
+
+def _triton_columns(WT: torch.Tensor, nm_m: int, blocksize: int):
+    """The Triton kernel for the column steps of a block (:mod:`vlmsparse.kernels.obs`: the same steps, one launch
+    per block instead of the Python loop's three per column) for a CUDA float32 ``WT`` with blocks of at most
+    :data:`~vlmsparse.kernels.obs.MAX_COUNT` columns and N:M groups of at most
+    :data:`~vlmsparse.kernels.obs.MAX_M`, when Triton is installed; else None. Not yet timed on a GPU."""
+    if WT.device.type != "cuda" or WT.dtype != torch.float32:
+        return None
+    try:
+        from ..kernels import obs
+    except ImportError:  # no triton
+        return None
+    return obs.sparsegpt_columns if blocksize <= obs.MAX_COUNT and nm_m <= obs.MAX_M else None
 
 
 def _columns_of_block(W1: torch.Tensor, Err1: torch.Tensor, U1: torch.Tensor, d1: torch.Tensor, P1: torch.Tensor,
