@@ -258,6 +258,30 @@ def test_upper_inverse_factor_on_cuda_with_tf32_allowed(n):
     assert_close_to_reference(got, _former_factor(h64.float()), exact)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", 0.5])
+def test_triton_column_steps_on_cuda_equal_the_python_loop(pattern, monkeypatch):
+    """On CUDA, sparsegpt_prune runs the Triton column steps (kernels/obs.py); the same masks and, within the
+    table, the same weights as the Python loop on CUDA, against a float64 run."""
+    from tolerances import assert_close_to_reference
+
+    calls = []
+    real = algorithms._triton_columns
+    monkeypatch.setattr(algorithms, "_triton_columns", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(72, 256, generator=g, dtype=torch.float64)  # 2 programs of 32 rows and a partial one
+    x = torch.randn(1000, 256, generator=g, dtype=torch.float64)
+    hessian = 2 * x.T @ x / 1000
+    exact, exact_keep = sparsegpt_prune(weight, hessian, pattern)
+    got, keep = sparsegpt_prune(weight.float().cuda(), hessian.float().cuda(), pattern)
+    assert calls and real(got.T.contiguous(), 4 if pattern == "2:4" else 8, 128) is not None
+    monkeypatch.setattr(algorithms, "_triton_columns", lambda *a: None)
+    loop, loop_keep = sparsegpt_prune(weight.float().cuda(), hessian.float().cuda(), pattern)
+    assert torch.equal(keep, loop_keep)
+    assert_close_to_reference(got.cpu(), loop.cpu(), exact)
+    assert exact_keep.shape == keep.shape
+
+
 @pytest.mark.parametrize("where", [0, -1])
 def test_upper_inverse_factor_refuses_an_indefinite_matrix(monkeypatch, where):
     """A negative pivot in the first or the last half (the Schur complement or the trailing block) gives None."""
