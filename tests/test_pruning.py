@@ -272,14 +272,13 @@ def test_triton_column_steps_on_cuda_equal_the_python_loop(pattern, monkeypatch)
     weight = torch.randn(72, 256, generator=g, dtype=torch.float64)  # 2 programs of 32 rows and a partial one
     x = torch.randn(1000, 256, generator=g, dtype=torch.float64)
     hessian = 2 * x.T @ x / 1000
-    exact, exact_keep = sparsegpt_prune(weight, hessian, pattern)
+    exact, _ = sparsegpt_prune(weight, hessian, pattern)
     got, keep = sparsegpt_prune(weight.float().cuda(), hessian.float().cuda(), pattern)
     assert calls and real(got.T.contiguous(), 4 if pattern == "2:4" else 8, 128) is not None
     monkeypatch.setattr(algorithms, "_triton_columns", lambda *a: None)
     loop, loop_keep = sparsegpt_prune(weight.float().cuda(), hessian.float().cuda(), pattern)
     assert torch.equal(keep, loop_keep)
     assert_close_to_reference(got.cpu(), loop.cpu(), exact)
-    assert exact_keep.shape == keep.shape
 
 
 @pytest.mark.parametrize("where", [0, -1])
