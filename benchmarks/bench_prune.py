@@ -350,7 +350,7 @@ def _text_inputs(args: argparse.Namespace, model_folder: str):
         raise SystemExit("--text PATH needs --eval-text PATH (held-out text for the perplexity); or leave both out "
                          "for python-docs")
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
-    windows = text_calibration_windows(calibration, tokenizer, args.samples, args.seqlen, seed=0)
+    windows = text_calibration_windows(calibration, tokenizer, args.samples, args.seqlen, seed=args.calibration_seed)
     held_out = text_token_ids(held_out_docs, tokenizer)[: args.eval_tokens]
     if len(held_out) < args.eval_seqlen:
         raise SystemExit(f"the held-out text holds {len(held_out)} tokens, fewer than one --eval-seqlen window "
@@ -368,7 +368,8 @@ def _markov_inputs(args: argparse.Namespace, folder: str):
     # 1M tokens: with 65536 the small model overfitted (held-out perplexity 4.7, 2.6 in training; pruning lowered it)
     train = markov_tokens(max(args.samples * args.seqlen * 4, 1_000_000), args.vocab, seed=1)
     held_out = markov_tokens(args.eval_tokens, args.vocab, seed=2)
-    starts = torch.randint(0, len(train) - args.seqlen, (args.samples,), generator=torch.Generator().manual_seed(0))
+    starts = torch.randint(0, len(train) - args.seqlen, (args.samples,),
+                           generator=torch.Generator().manual_seed(args.calibration_seed))
     windows = torch.stack([train[s : s + args.seqlen] for s in starts.tolist()])
     batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in windows.split(args.batch_size)]
     model = build_model(args.layers, args.hidden, args.intermediate, args.vocab, torch.float32, "cpu")
@@ -420,6 +421,7 @@ def _compare(args: argparse.Namespace, device_name: str, tools: list[str], versi
         else:
             batches, held_out, tokenizer, fields = _markov_inputs(args, model_folder)
         common = {"bench": "prune-compare", **fields, "tokens": f"{args.samples}x{args.seqlen}",
+                  "calibration_seed": args.calibration_seed,
                   "batch_size": args.batch_size, "dtype": args.dtype, "eval_tokens": len(held_out),
                   "eval_seqlen": args.eval_seqlen, **versions}
         common["dense_perplexity"] = round(heldout_perplexity(_load_causal_lm(model_folder, args), held_out,
@@ -466,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--calibration-seed", type=int, default=0,
+                        help="comparisons: the seed of the calibration windows (how much the perplexities move "
+                             "with the calibration draw)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--report-error", action="store_true", help="Wanda/magnitude: also accumulate X^T X")

@@ -219,6 +219,25 @@ def test_compare_reference_on_a_model_folder_and_text_files(bench, tmp_path, lla
         assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-3)
 
 
+def test_calibration_seed_draws_other_windows(bench, tmp_path, llama_folder):
+    """--calibration-seed draws other calibration windows of a text; the held-out tokens stay the same."""
+    import argparse
+
+    (tmp_path / "calibration.txt").write_text(_words(400, 1))
+    (tmp_path / "held-out.txt").write_text(_words(300, 2))
+
+    def text_windows(seed):
+        args = argparse.Namespace(text=str(tmp_path / "calibration.txt"), eval_text=str(tmp_path / "held-out.txt"),
+                                  samples=4, seqlen=16, batch_size=2, eval_tokens=16384, eval_seqlen=32,
+                                  calibration_seed=seed, model=str(llama_folder))
+        batches, held_out, _, _ = bench._text_inputs(args, str(llama_folder))
+        return torch.cat([b["input_ids"] for b in batches]), held_out
+
+    (first, held), (again, held_again), (other, held_other) = text_windows(0), text_windows(0), text_windows(1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(held, held_again) and torch.equal(held, held_other)
+
+
 def test_compare_refuses_bad_model_and_text_arguments(bench, tmp_path, llama_folder):
     common = ["--compare-reference", "--samples", "2", "--seqlen", "8", "--device", "cpu", "--out", str(tmp_path)]
     with pytest.raises(SystemExit, match="no such file or folder"):
