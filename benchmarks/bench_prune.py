@@ -293,7 +293,7 @@ def _warm_up(model_folder: str, folder: str, tools: list[str], batches: list, to
     config.num_hidden_layers = 1
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(getattr(torch, args.dtype)).save_pretrained(folder)
-    for method in COMPARE_METHODS:
+    for method in args.methods:
         for tool in tools:
             extra = (tokenizer,) if tool == "llmcompressor" else ()
             PRUNERS[tool](_load_causal_lm(folder, args), method, "2:4", copy.deepcopy(batches[:1]), *extra)
@@ -429,7 +429,7 @@ def _compare(args: argparse.Namespace, device_name: str, tools: list[str], versi
         _warm_up(model_folder, os.path.join(folder, "warm-up"), tools, batches, tokenizer, args)
         print(f"dense held-out perplexity {common['dense_perplexity']:.4f} ({len(held_out)} tokens)", flush=True)
         for pattern in args.sparsity.split(","):
-            for method in COMPARE_METHODS:
+            for method in args.methods:
                 runs: dict[str, list[dict]] = {tool: [] for tool in tools}
                 for _ in range(args.repeats):  # alternated, each on a fresh copy of the model
                     reference, ours = _compare_run("vlmsparse", model_folder, method, pattern, batches, {},
@@ -458,7 +458,8 @@ def _compare(args: argparse.Namespace, device_name: str, tools: list[str], versi
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated (default magnitude,wanda,sparsegpt; wanda,sparsegpt with a comparison)")
     parser.add_argument("--sparsity", default=None,
                         help="comma-separated patterns (default 0.5; 2:4,0.5 with --compare-llmcompressor)")
     parser.add_argument("--layers", type=int, default=30)
@@ -500,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     comparing = args.compare_llmcompressor or args.compare_reference
     if args.sparsity is None:
         args.sparsity = "2:4,0.5" if comparing else "0.5"
+    args.methods = (args.methods or (",".join(COMPARE_METHODS) if comparing else "magnitude,wanda,sparsegpt")).split(",")
+    if comparing and not set(args.methods) <= set(COMPARE_METHODS):
+        parser.error(f"--methods {','.join(args.methods)}: the comparisons run {' and '.join(COMPARE_METHODS)}")
     args.eval_seqlen = args.eval_seqlen or args.seqlen
     if args.model and not comparing:
         parser.error("--model needs --compare-reference or --compare-llmcompressor")
@@ -520,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = compare_tools(args, device_name)
         methods = []
     else:
-        rows, methods = [], args.methods.split(",")
+        rows, methods = [], args.methods
     for method in methods:
         model = build_model(args.layers, args.hidden, args.intermediate, args.vocab, dtype, args.device)
         params = sum(p.numel() for p in model.parameters())

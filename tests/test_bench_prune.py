@@ -238,6 +238,22 @@ def test_calibration_seed_draws_other_windows(bench, tmp_path, llama_folder):
     assert torch.equal(held, held_again) and torch.equal(held, held_other)
 
 
+def test_compare_runs_the_methods_asked_for(bench, tmp_path, llama_folder, capsys):
+    (tmp_path / "calibration.txt").write_text(_words(400, 1))
+    (tmp_path / "held-out.txt").write_text(_words(300, 2))
+    out = tmp_path / "rows"
+    args = ["--compare-reference", "--model", str(llama_folder), "--text", str(tmp_path / "calibration.txt"),
+            "--eval-text", str(tmp_path / "held-out.txt"), "--samples", "4", "--seqlen", "16", "--batch-size", "2",
+            "--eval-seqlen", "32", "--device", "cpu", "--out", str(out)]
+    assert bench.main([*args, "--methods", "sparsegpt", "--sparsity", "2:4"]) == 0
+    (rows_file,) = out.glob("prune-*.jsonl")
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [(r["tool"], r["method"]) for r in rows] == [("vlmsparse", "sparsegpt"), ("reference", "sparsegpt")]
+    with pytest.raises(SystemExit):
+        bench.main([*args, "--methods", "magnitude,wanda"])
+    assert "the comparisons run wanda and sparsegpt" in capsys.readouterr().err
+
+
 def test_compare_refuses_bad_model_and_text_arguments(bench, tmp_path, llama_folder):
     common = ["--compare-reference", "--samples", "2", "--seqlen", "8", "--device", "cpu", "--out", str(tmp_path)]
     with pytest.raises(SystemExit, match="no such file or folder"):
