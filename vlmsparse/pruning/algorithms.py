@@ -1,5 +1,5 @@
 """Per-layer pruning algorithms on tensors: magnitude, Wanda, SparseGPT (layer 3: depends on layer 0, and on layer
-1's ``cpu_gemm`` and native ``cpu`` kernels).
+1's kernels ``cpu_gemm``, ``cpu`` (native) and ``obs`` (Triton)).
 
 Every function takes a weight ``W`` ``[out, in]`` and returns ``(new_weight, keep_mask)``; the new weight has
 the input's dtype and holds +0.0 at every pruned position (``torch.where``, never a multiplication by the
@@ -249,8 +249,9 @@ def _sparsegpt_columns(
     WT: torch.Tensor, U: torch.Tensor, pattern: SparsityPattern, blocksize: int, bounds: list[int]
 ) -> torch.Tensor:
     """The OBS column loop of :func:`sparsegpt_prune` on the transposed weight ``WT`` ``[in, out]`` (float32/64,
-    updated in place); returns the pruned positions ``[in, out]``. The column steps of a block run natively
-    (:func:`_native_columns`) where they can, else in the Python loop :func:`_columns_of_block`. Working on rows of
+    updated in place); returns the pruned positions ``[in, out]``. The column steps of a block run natively on the
+    CPU (:func:`_native_columns`) or in one Triton kernel on CUDA (:func:`_triton_columns`) where they can, else in
+    the Python loop :func:`_columns_of_block`. Working on rows of
     ``WT`` keeps every per-column update contiguous and, in the Python loop, one BLAS call (``addr_``:
     ``WT[j+1:] -= U[j, j+1:] outer err``) run on one thread (:func:`one_thread`). The GEMM of a block's error onto
     the later columns runs on all threads."""
