@@ -23,6 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+# imported for its effect: under TRITON_INTERPRET=1 it lets Triton <= 3.6's interpreter run loops with a runtime
+# bound (fix_interpreter_index); the column loop here is one
+from . import _fused  # noqa: F401
+
 __all__ = ["sparsegpt_columns", "applies", "MAX_COUNT", "MAX_M", "BLOCK_R"]
 
 MAX_COUNT = 128  # columns per block held in registers (SparseGPT's default block size)
