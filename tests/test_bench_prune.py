@@ -197,14 +197,18 @@ def _words(n: int, seed: int) -> str:
     return " ".join(f"w{i}" for i in torch.randint(0, 40, (n,), generator=generator).tolist())
 
 
-def test_compare_reference_on_a_model_folder_and_text_files(bench, tmp_path, llama_folder):
+def _compare_reference_args(tmp_path, llama_folder) -> list[str]:
+    """A --compare-reference run of the tiny Llama folder on word text files, rows to ``tmp_path / "rows"``."""
     (tmp_path / "calibration.txt").write_text(_words(400, 1))
     (tmp_path / "held-out.txt").write_text(_words(300, 2))
-    out = tmp_path / "rows"
-    args = ["--compare-reference", "--model", str(llama_folder), "--text", str(tmp_path / "calibration.txt"),
+    return ["--compare-reference", "--model", str(llama_folder), "--text", str(tmp_path / "calibration.txt"),
             "--eval-text", str(tmp_path / "held-out.txt"), "--samples", "4", "--seqlen", "16", "--batch-size", "2",
-            "--eval-seqlen", "32", "--device", "cpu", "--out", str(out)]
-    assert bench.main(args) == 0
+            "--eval-seqlen", "32", "--device", "cpu", "--out", str(tmp_path / "rows")]
+
+
+def test_compare_reference_on_a_model_folder_and_text_files(bench, tmp_path, llama_folder):
+    out = tmp_path / "rows"
+    assert bench.main(_compare_reference_args(tmp_path, llama_folder)) == 0
     (rows_file,) = out.glob("prune-*.jsonl")
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert [(r["tool"], r["method"], r["sparsity"]) for r in rows] == [
@@ -239,12 +243,8 @@ def test_calibration_seed_draws_other_windows(bench, tmp_path, llama_folder):
 
 
 def test_compare_runs_the_methods_asked_for(bench, tmp_path, llama_folder, capsys):
-    (tmp_path / "calibration.txt").write_text(_words(400, 1))
-    (tmp_path / "held-out.txt").write_text(_words(300, 2))
     out = tmp_path / "rows"
-    args = ["--compare-reference", "--model", str(llama_folder), "--text", str(tmp_path / "calibration.txt"),
-            "--eval-text", str(tmp_path / "held-out.txt"), "--samples", "4", "--seqlen", "16", "--batch-size", "2",
-            "--eval-seqlen", "32", "--device", "cpu", "--out", str(out)]
+    args = _compare_reference_args(tmp_path, llama_folder)
     assert bench.main([*args, "--methods", "sparsegpt", "--sparsity", "2:4"]) == 0
     (rows_file,) = out.glob("prune-*.jsonl")
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
