@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _rows import RESULTS, append_rows, environment, results_machine  # noqa: E402
+
+from vlmsparse.kernels.timing import median_ms  # noqa: E402
 
 SHAPES = {
     "llava7b-qkvo": (4096, 4096),
@@ -57,20 +58,6 @@ CASES = {
 }
 RANK, SCALING = 16, 2.0
 L2_ROTATE_BYTES = 256 << 20  # weight copies cycled so that one pass exceeds any L2
-
-
-def _time_ms(fn, cuda: bool) -> float:
-    if cuda:
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def _layer(n_in: int, n_out: int, dtype: torch.dtype, device: str, copies: int):
@@ -244,7 +231,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                 peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
                             else:
                                 peak_mb = None
-                            ms = _time_ms(fn, cuda)
+                            ms = median_ms(fn, torch.device("cuda" if cuda else "cpu"), repeats=3)
                             error = None
                         except Exception as exc:  # a provider failing must not stop the others
                             ms, peak_mb, error = None, None, f"{type(exc).__name__}: {exc}"[:300]

@@ -12,15 +12,16 @@ import torch
 __all__ = ["median_ms"]
 
 
-def median_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Median time of ``fn`` in ms: ``triton.testing.do_bench`` on CUDA, a few perf_counter runs elsewhere."""
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    """Median time of ``fn`` in ms: ``triton.testing.do_bench`` on CUDA, else ``repeats`` perf_counter runs after
+    one warm-up call."""
     if device.type == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, return_mode="median"))
     fn()
     times = []
-    for _ in range(5):
+    for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
