@@ -37,10 +37,10 @@ BLOCK_R = 32  # weight rows per program
 NUM_WARPS = 8
 
 
-def applies(w: torch.Tensor, nm_m: int) -> bool:
-    """Whether :func:`sparsegpt_columns` takes this block: float32, at most :data:`MAX_COUNT` columns, N:M groups
-    of at most :data:`MAX_M` (0: unstructured)."""
-    return w.dtype == torch.float32 and w.shape[0] <= MAX_COUNT and nm_m <= MAX_M
+def applies(dtype: torch.dtype, count: int, nm_m: int) -> bool:
+    """Whether :func:`sparsegpt_columns` takes blocks of ``count`` columns: float32, at most :data:`MAX_COUNT`
+    columns, N:M groups of at most :data:`MAX_M` (0: unstructured)."""
+    return dtype == torch.float32 and count <= MAX_COUNT and nm_m <= MAX_M
 
 
 def sparsegpt_columns(w: torch.Tensor, err: torch.Tensor, pruned: torch.Tensor, u: torch.Tensor, nm_n: int,
@@ -49,7 +49,7 @@ def sparsegpt_columns(w: torch.Tensor, err: torch.Tensor, pruned: torch.Tensor, 
     same shape), ``pruned [count, rows]`` bool (unstructured ``nm_m == 0``: the given choice; N:M: out), ``u
     [count, count]`` contiguous. The signature of the native op ``vlmsparse_native.sparsegpt_columns``."""
     count, rows = w.shape
-    if not applies(w, nm_m):
+    if not applies(w.dtype, count, nm_m):
         raise ValueError(f"sparsegpt_columns (Triton): float32 blocks of at most {MAX_COUNT} columns and N:M groups "
                          f"of at most {MAX_M}, got {w.dtype}, {count} columns, M={nm_m}")
     if nm_m and count % nm_m:

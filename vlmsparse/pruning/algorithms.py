@@ -308,16 +308,15 @@ def _native_columns(WT: torch.Tensor):
 
 def _triton_columns(WT: torch.Tensor, nm_m: int, blocksize: int):
     """The Triton kernel for the column steps of a block (:mod:`vlmsparse.kernels.obs`: the same steps, one launch
-    per block instead of the Python loop's three per column) for a CUDA float32 ``WT`` with blocks of at most
-    :data:`~vlmsparse.kernels.obs.MAX_COUNT` columns and N:M groups of at most
-    :data:`~vlmsparse.kernels.obs.MAX_M`, when Triton is installed; else None. Not yet timed on a GPU."""
-    if WT.device.type != "cuda" or WT.dtype != torch.float32:
+    per block instead of the Python loop's three per column) for a CUDA ``WT`` whose blocks it takes
+    (:func:`~vlmsparse.kernels.obs.applies`), when Triton is installed; else None. Not yet timed on a GPU."""
+    if WT.device.type != "cuda":
         return None
     try:
         from ..kernels import obs
     except ImportError:  # no triton
         return None
-    return obs.sparsegpt_columns if blocksize <= obs.MAX_COUNT and nm_m <= obs.MAX_M else None
+    return obs.sparsegpt_columns if obs.applies(WT.dtype, blocksize, nm_m) else None
 
 
 def _columns_of_block(W1: torch.Tensor, Err1: torch.Tensor, U1: torch.Tensor, d1: torch.Tensor, P1: torch.Tensor,
