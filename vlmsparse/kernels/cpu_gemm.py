@@ -1,8 +1,9 @@
 """Dense float32 GEMMs on the CPU through oneDNN, where they measure faster than torch's default.
 
 torch runs float32 ``F.linear`` / ``mm`` on the CPU through MKL's sgemm, which on this AMD CPU with AVX-512
-reaches about 200 GFLOPS on 2 cores, what AVX2 FMAs give (MKL is known to pick its code by CPU vendor). oneDNN (``torch.ops.mkldnn._linear_pointwise``, the op torch.compile's CPU
-backend emits) picks its code by the CPU's features. Measured on the 2-core AMD EPYC (Zen 5, AVX-512) of this
+reaches about 200 GFLOPS on 2 cores, what AVX2 FMAs give (MKL is known to pick its code by CPU vendor). oneDNN
+(``torch.ops.mkldnn._linear_pointwise``, the op torch.compile's CPU backend emits) picks its code by the CPU's
+features. Measured on the 2-core AMD EPYC (Zen 5, AVX-512) of this
 project's machine, 2 threads, ``[1024, K] x [N, K]^T`` (GFLOPS, MKL -> oneDNN): 576->1536 185 -> 422,
 1536->576 204 -> 459, 576->192 208 -> 453; the Gram ``X^T X`` of ``[1024, 576]``: 205 -> 368. Both are IEEE
 float32 with float32 accumulation; only the order of the sums differs (relative differences about 1e-6).
@@ -109,8 +110,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def gram_add_(gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``gram += x^T x`` in place (``x [n, in]``, ``gram [in, in]``), on oneDNN as :func:`linear`."""
     if x.shape[0] and _applies(gram, x) and use_onednn():
-        xt = x.contiguous().T  # x^T x = linear(x^T, x^T); x^T is oneDNN's weight: a dense layout (_dense_layout)
-        return gram.add_(torch.ops.mkldnn._linear_pointwise(xt, xt, None, "none", [], ""))
+        xt = x.contiguous().T  # x^T x = linear(x^T, x^T); x^T is the weight there: a dense layout (_dense_layout)
+        return gram.add_(linear(xt, xt))
     return gram.addmm_(x.T, x)
 
 
