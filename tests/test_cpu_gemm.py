@@ -140,6 +140,19 @@ def test_only_float32_cpu_linears_are_swapped(onednn):
         assert swapped == 1 and "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
 
 
+def test_linears_whose_weights_arrive_later_are_swapped(onednn, monkeypatch):
+    """A float32 weight on the meta device on entry (streamed pruning builds the model there) computes through
+    oneDNN once it arrives on the CPU: the same GEMMs as a model loaded whole."""
+    model = nn.Sequential(nn.Linear(6, 5, device="meta"))
+    calls = []
+    real = cpu_gemm.linear
+    monkeypatch.setattr(cpu_gemm, "linear", lambda *a: calls.append(1) or real(*a))
+    with cpu_gemm.onednn_linears(model) as swapped:
+        model.to_empty(device="cpu")
+        model(torch.randn(2, 6))
+    assert swapped == 1 and calls == [1] and "forward" not in model[0].__dict__
+
+
 def test_no_swap_on_torch_choice(default_gemm):
     model = nn.Sequential(nn.Linear(6, 5))
     with cpu_gemm.onednn_linears(model) as swapped:

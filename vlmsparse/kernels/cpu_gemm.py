@@ -125,15 +125,15 @@ def _fast_forward(module: nn.Linear):
 @contextlib.contextmanager
 def onednn_linears(model: nn.Module) -> Iterator[int]:
     """Inside the ``with``, every ``nn.Linear`` of ``model`` (the class itself, not subclasses) whose weight is a
-    float32 CPU tensor on entry computes through :func:`linear`; yields how many were swapped (0 when
-    :func:`use_onednn` is False). An instance swap of ``forward`` undone on exit; hooks still run, and weights
+    float32 CPU tensor on entry, or a float32 meta tensor (a model whose weights arrive block by block: streamed
+    pruning), computes through :func:`linear`; yields how many were swapped (0 when :func:`use_onednn` is False). An instance swap of ``forward`` undone on exit; hooks still run, and weights
     changed inside the ``with`` are used as they are (:func:`linear` falls back to ``F.linear`` for a weight moved
     to another device or dtype)."""
     swapped: list[nn.Linear] = []
     if use_onednn():
         for module in model.modules():
             if (type(module) is nn.Linear and "forward" not in module.__dict__
-                    and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32):
+                    and module.weight.device.type in ("cpu", "meta") and module.weight.dtype == torch.float32):
                 module.forward = _fast_forward(module)
                 swapped.append(module)
     try:
