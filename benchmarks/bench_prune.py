@@ -187,12 +187,12 @@ def check_pruned_alike(model, reference: dict[str, float], pattern: str, tool: s
     return got
 
 
-def _prune_with_vlmsparse(model, method: str, pattern: str, batches: list) -> float:
+def _prune_with_vlmsparse(model, method: str, pattern: str, batches: list, propagate: str = "pruned") -> float:
     from vlmsparse.pipeline.prune import prune_model
 
     start = time.perf_counter()
     prune_model(model, method=method, sparsity=pattern, calibration=batches, progress=False, blocksize=128,
-                dampening=0.01, report_error=method == "sparsegpt")
+                dampening=0.01, report_error=method == "sparsegpt", propagate=propagate)
     return time.perf_counter() - start
 
 
@@ -210,9 +210,11 @@ def stderr_held():
         raise
 
 
-def _prune_with_llmcompressor(model, method: str, pattern: str, batches: list, tokenizer) -> float:
-    """llm-compressor's ``oneshot`` with its sequential pipeline (one decoder block at a time, pruned outputs
-    propagated), every ``Linear`` but ``lm_head``, the batches as given (a DataLoader of ready batches)."""
+def _prune_with_llmcompressor(model, method: str, pattern: str, batches: list, tokenizer,
+                              propagate: str = "pruned") -> float:
+    """llm-compressor's ``oneshot`` with its sequential pipeline (one decoder block at a time; its outputs after
+    pruning propagated, or before with ``propagate="dense"``: ``propagate_error=False``), every ``Linear`` but
+    ``lm_head``, the batches as given (a DataLoader of ready batches)."""
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from torch.utils.data import DataLoader
@@ -227,11 +229,11 @@ def _prune_with_llmcompressor(model, method: str, pattern: str, batches: list, t
     start = time.perf_counter()
     with stderr_held():
         oneshot(model=model, tokenizer=tokenizer, dataset=DataLoader(batches, batch_size=None), recipe=[modifier],
-                pipeline="sequential")
+                pipeline="sequential", propagate_error=propagate == "pruned")
     return time.perf_counter() - start
 
 
-def _prune_with_reference(model, method: str, pattern: str, batches: list) -> float:
+def _prune_with_reference(model, method: str, pattern: str, batches: list, propagate: str = "pruned") -> float:
     """``benchmarks/reference_prune.py`` over the batches' sequences, one per forward."""
     from reference_prune import sequential_prune
 
@@ -241,7 +243,7 @@ def _prune_with_reference(model, method: str, pattern: str, batches: list) -> fl
     sequences = torch.cat([b["input_ids"] for b in batches]).to(model.device)
     start = time.perf_counter()
     sequential_prune(model, sequences, method, None if parsed.is_nm else parsed.sparsity,
-                     (parsed.n, parsed.m) if parsed.is_nm else None, blocksize=128)
+                     (parsed.n, parsed.m) if parsed.is_nm else None, blocksize=128, propagate=propagate)
     return time.perf_counter() - start
 
 
@@ -258,12 +260,13 @@ def _compare_run(tool: str, folder: str, method: str, pattern: str, batches: lis
     dense = linear_sparsities(model)
     load_before = os.getloadavg()[0]
     if tool == "vlmsparse":
-        seconds = _prune_with_vlmsparse(model, method, pattern, copy.deepcopy(batches))
+        seconds = _prune_with_vlmsparse(model, method, pattern, copy.deepcopy(batches), propagate=args.propagate)
         reference = linear_sparsities(model)
     elif tool == "reference":
-        seconds = _prune_with_reference(model, method, pattern, batches)
+        seconds = _prune_with_reference(model, method, pattern, batches, propagate=args.propagate)
     else:
-        seconds = _prune_with_llmcompressor(model, method, pattern, copy.deepcopy(batches), tokenizer)
+        seconds = _prune_with_llmcompressor(model, method, pattern, copy.deepcopy(batches), tokenizer,
+                                            propagate=args.propagate)
     load_after = os.getloadavg()[0]
     sparsities = check_pruned_alike(model, reference, pattern, tool, dense)
     chosen = pruned_names(sparsities, dense)
@@ -296,7 +299,8 @@ def _warm_up(model_folder: str, folder: str, tools: list[str], batches: list, to
     for method in args.methods:
         for tool in tools:
             extra = (tokenizer,) if tool == "llmcompressor" else ()
-            PRUNERS[tool](_load_causal_lm(folder, args), method, "2:4", copy.deepcopy(batches[:1]), *extra)
+            PRUNERS[tool](_load_causal_lm(folder, args), method, "2:4", copy.deepcopy(batches[:1]), *extra,
+                          propagate=args.propagate)
 
 
 def python_docs() -> tuple[list[str], list[str]]:
@@ -421,7 +425,7 @@ def _compare(args: argparse.Namespace, device_name: str, tools: list[str], versi
         else:
             batches, held_out, tokenizer, fields = _markov_inputs(args, model_folder)
         common = {"bench": "prune-compare", **fields, "tokens": f"{args.samples}x{args.seqlen}",
-                  "calibration_seed": args.calibration_seed,
+                  "calibration_seed": args.calibration_seed, "propagate": args.propagate,
                   "batch_size": args.batch_size, "dtype": args.dtype, "eval_tokens": len(held_out),
                   "eval_seqlen": args.eval_seqlen, **versions}
         common["dense_perplexity"] = round(heldout_perplexity(_load_causal_lm(model_folder, args), held_out,
@@ -489,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="comparisons: tokens per held-out perplexity window (default --seqlen)")
     parser.add_argument("--compare-reference", action="store_true",
                         help="Wanda and SparseGPT, vlmsparse vs the independent sequential reference_prune.py")
+    parser.add_argument("--propagate", default="pruned", choices=["pruned", "dense"],
+                        help="comparisons: the next block's calibration inputs are each block's outputs after "
+                             "pruning (default; two forwards per block) or before (one forward per block); passed "
+                             "to every tool (llm-compressor: propagate_error=False for dense)")
     parser.add_argument("--model", default=None,
                         help="comparisons: a local causal LM (Llama architecture) folder or .gguf file instead of "
                              "the Llama built in code")

@@ -88,10 +88,14 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
 
 @torch.no_grad()
 def sequential_prune(model, sequences: torch.Tensor, method: str, sparsity: float | None,
-                     nm: tuple[int, int] | None, blocksize: int = 128) -> dict[str, torch.Tensor]:
+                     nm: tuple[int, int] | None, blocksize: int = 128,
+                     propagate: str = "pruned") -> dict[str, torch.Tensor]:
     """Prune every ``nn.Linear`` of the decoder blocks of ``model`` (a ``LlamaForCausalLM``-like model with
     ``model.model.layers``, ``embed_tokens``, ``rotary_emb``) in place from ``sequences [n, seqlen]``;
-    returns ``{name: keep mask}``. ``lm_head`` stays dense."""
+    returns ``{name: keep mask}``. ``lm_head`` stays dense. ``propagate``: the next block's inputs are the
+    block's outputs after pruning (``"pruned"``, as the reference scripts) or before (``"dense"``)."""
+    if propagate not in ("pruned", "dense"):
+        raise ValueError(f"sequential_prune: propagate must be 'pruned' or 'dense', got {propagate!r}")
     inner = model.model
     position_ids = torch.arange(sequences.shape[1], device=sequences.device).unsqueeze(0)
     hidden_states = [inner.embed_tokens(seq.unsqueeze(0)) for seq in sequences]
@@ -119,8 +123,7 @@ def sequential_prune(model, sequences: torch.Tensor, method: str, sparsity: floa
 
         handles = [m.register_forward_pre_hook(lambda m, a, s=stats[name]: gather(m, a, s))
                    for name, m in linears.items()]
-        for hidden in hidden_states:
-            run(layer, hidden)
+        dense_outputs = [run(layer, hidden) for hidden in hidden_states]
         for handle in handles:
             handle.remove()
         for name, linear in linears.items():
@@ -131,5 +134,8 @@ def sequential_prune(model, sequences: torch.Tensor, method: str, sparsity: floa
                 new, keep = sparsegpt_prune(linear.weight, stats[name]["hessian"], sparsity, nm, blocksize)
                 linear.weight.copy_(new)
             masks[f"model.layers.{index}.{name}"] = keep
-        hidden_states = [run(layer, hidden) for hidden in hidden_states]  # through the pruned block
+        if propagate == "dense":
+            hidden_states = dense_outputs
+        else:
+            hidden_states = [run(layer, hidden) for hidden in hidden_states]  # through the pruned block
     return masks

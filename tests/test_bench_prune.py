@@ -142,9 +142,11 @@ def reference_prune():
     return reference_prune
 
 
-@pytest.mark.parametrize("method,pattern", [("wanda", "2:4"), ("wanda", "0.5"), ("sparsegpt", "2:4"),
-                                            ("sparsegpt", "0.5"), ("sparsegpt", "4:8")])
-def test_reference_prune_equals_the_scalar_reference(reference_prune, method, pattern):
+@pytest.mark.parametrize("method,pattern,propagate", [("wanda", "2:4", "pruned"), ("wanda", "0.5", "pruned"),
+                                                      ("sparsegpt", "2:4", "pruned"), ("sparsegpt", "0.5", "pruned"),
+                                                      ("sparsegpt", "4:8", "pruned"), ("wanda", "2:4", "dense"),
+                                                      ("sparsegpt", "0.5", "dense")])
+def test_reference_prune_equals_the_scalar_reference(reference_prune, method, pattern, propagate):
     """The vectorised reference of the benchmark against the float64 scalar one of the tests (immediate SparseGPT
     updates, masks chosen entry by entry), block by block on a tiny Llama: the same masks and weights."""
     import copy
@@ -159,9 +161,9 @@ def test_reference_prune_equals_the_scalar_reference(reference_prune, method, pa
     scalar = copy.deepcopy(model)
     nm = tuple(map(int, pattern.split(":"))) if ":" in pattern else None
     # blocks of 16 columns x 32 or 64 rows: int(numel s) is the scalar reference's count too
-    expected = ref_sequential_prune(scalar, sequences, method, pattern, blocksize=16)
+    expected = ref_sequential_prune(scalar, sequences, method, pattern, blocksize=16, propagate=propagate)
     got = reference_prune.sequential_prune(model, sequences, method, None if nm else float(pattern), nm,
-                                           blocksize=16)
+                                           blocksize=16, propagate=propagate)
     assert set(got) == set(expected) and len(got) == 14
     for name, keep in expected.items():
         assert torch.equal(got[name], keep), name
@@ -252,6 +254,26 @@ def test_compare_runs_the_methods_asked_for(bench, tmp_path, llama_folder, capsy
     with pytest.raises(SystemExit):
         bench.main([*args, "--methods", "magnitude,wanda"])
     assert "the comparisons run wanda and sparsegpt" in capsys.readouterr().err
+
+
+def test_compare_passes_the_propagation_to_every_tool(bench, tmp_path, llama_folder, monkeypatch):
+    """--propagate dense reaches vlmsparse and the reference (the same masks as each other, so the same
+    perplexity) and is recorded in the rows."""
+    seen = []
+    for tool, pruner in list(bench.PRUNERS.items()):
+        def spy(*args, _pruner=pruner, _tool=tool, **kwargs):
+            seen.append((_tool, kwargs["propagate"]))
+            return _pruner(*args, **kwargs)
+        monkeypatch.setitem(bench.PRUNERS, tool, spy)
+        monkeypatch.setattr(bench, f"_prune_with_{tool}", spy)
+    out = tmp_path / "rows"
+    args = _compare_reference_args(tmp_path, llama_folder)
+    assert bench.main([*args, "--methods", "wanda", "--sparsity", "2:4", "--propagate", "dense"]) == 0
+    assert set(seen) == {("vlmsparse", "dense"), ("reference", "dense")}
+    (rows_file,) = out.glob("prune-*.jsonl")
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [r["propagate"] for r in rows] == ["dense", "dense"]
+    assert rows[0]["perplexity"] == pytest.approx(rows[1]["perplexity"], rel=1e-3)
 
 
 def test_compare_refuses_bad_model_and_text_arguments(bench, tmp_path, llama_folder):

@@ -8,7 +8,7 @@ import pytest
 
 from vlmsparse.cli import build_parser
 from vlmsparse.pipeline.lora import METHODS as FINETUNE_METHODS
-from vlmsparse.pipeline.prune import ALLOCATIONS, SCOPES
+from vlmsparse.pipeline.prune import ALLOCATIONS, PROPAGATIONS, SCOPES
 from vlmsparse.pruning import METHODS as PRUNE_METHODS
 from vlmsparse.training.config import METHODS as CONFIG_METHODS
 
@@ -24,8 +24,9 @@ def test_method_choices_are_the_library_vocabulary(command, methods, capsys):
     assert ", ".join(repr(m) for m in methods) in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option, values", [("--allocation", ALLOCATIONS), ("--scope", SCOPES)])
-def test_prune_allocation_and_scope_choices_are_the_library_vocabulary(option, values, capsys):
+@pytest.mark.parametrize("option, values", [("--allocation", ALLOCATIONS), ("--scope", SCOPES),
+                                            ("--propagate", PROPAGATIONS)])
+def test_prune_allocation_scope_and_propagate_choices_are_the_library_vocabulary(option, values, capsys):
     parser = build_parser()
     for value in values:
         assert getattr(parser.parse_args(["prune", "m", "o", option, value]), option[2:]) == value

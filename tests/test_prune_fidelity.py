@@ -29,8 +29,11 @@ F64 = torch.float64
 
 
 @torch.no_grad()
-def ref_sequential_prune(model, sequences: torch.Tensor, method: str, pattern: str, blocksize: int) -> dict:
-    """Prune ``model`` (a LlamaForCausalLM, float64) in place, block by block; returns ``{name: keep mask}``."""
+def ref_sequential_prune(model, sequences: torch.Tensor, method: str, pattern: str, blocksize: int,
+                         propagate: str = "pruned") -> dict:
+    """Prune ``model`` (a LlamaForCausalLM, float64) in place, block by block; returns ``{name: keep mask}``.
+    ``propagate="dense"``: the next block's inputs are the block's outputs before pruning, so every block's
+    statistics are those of the dense model."""
     nm = tuple(map(int, pattern.split(":"))) if ":" in pattern else None
     sparsity = None if nm else float(pattern)
     inner = model.model
@@ -47,8 +50,7 @@ def ref_sequential_prune(model, sequences: torch.Tensor, method: str, pattern: s
         seen: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
         handles = [m.register_forward_pre_hook(lambda m, a, into=seen[name]: into.append(a[0][0].to(F64)))
                    for name, m in linears.items()]
-        for hidden in inps:
-            run(layer, hidden)
+        dense_outputs = [run(layer, hidden) for hidden in inps]
         for h in handles:
             h.remove()
         for name, linear in linears.items():
@@ -62,7 +64,7 @@ def ref_sequential_prune(model, sequences: torch.Tensor, method: str, pattern: s
                                           _exact_block_count(w.shape[0], sparsity or 0.0))
             linear.weight.copy_(new)
             masks[f"model.layers.{index}.{name}"] = keep
-        inps = [run(layer, hidden) for hidden in inps]  # through the pruned block
+        inps = dense_outputs if propagate == "dense" else [run(layer, hidden) for hidden in inps]
     return masks
 
 
@@ -88,6 +90,26 @@ def test_pipeline_matches_sequential_reference(method, pattern, kv_heads):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():  # and so the same model
         torch.testing.assert_close(model(sequences).logits, reference(sequences).logits, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "2:4"), ("wanda", "0.5"), ("sparsegpt", "2:4"),
+                                            ("sparsegpt", "0.5")])
+def test_dense_propagation_matches_the_reference_and_differs_from_pruned(method, pattern):
+    """``propagate="dense"``: every block's statistics come from the dense model (llm-compressor's
+    ``propagate_error=False``), which gives other masks than the reference order in later blocks."""
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(tiny_llama_config(layers=3)).eval().double()
+    sequences = torch.randint(3, 120, (4, 12), generator=torch.Generator().manual_seed(5))
+    expected = ref_sequential_prune(copy.deepcopy(model), sequences, method, pattern, 16, propagate="dense")
+    sequential = ref_sequential_prune(copy.deepcopy(model), sequences, method, pattern, 16)
+    assert any(not torch.equal(expected[name], sequential[name]) for name in expected)  # the order matters here
+    batches = [{"input_ids": sequences[i:i + 2], "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+               for i in (0, 2)]
+    masks = prune_model(model, method=method, sparsity=pattern, calibration=batches, blocksize=16, progress=False,
+                        propagate="dense")
+    assert set(masks) == set(expected)
+    for name, keep in expected.items():
+        assert torch.equal(masks[name], keep), name
 
 
 def _markov_corpus(n: int, seed: int, vocab: int = 120) -> torch.Tensor:

@@ -400,6 +400,8 @@ def test_bad_input_changes_nothing():
         prune_model(model, method="obs", sparsity=0.5, calibration=[batch])
     with pytest.raises(ValueError, match="unknown part"):
         prune_model(model, allocation={"audio": 0.5}, calibration=[batch])
+    with pytest.raises(ValueError, match="propagate: got 'input'; allowed: pruned, dense"):
+        prune_model(model, method="wanda", sparsity=0.5, calibration=[batch], propagate="input")
     with pytest.raises(TypeError, match=r"unknown option\(s\) nsamples; allowed: .*blocksize"):
         prune_model(model, method="wanda", sparsity=0.5, calibration=[batch], nsamples=4)
     with pytest.raises(TypeError, match=r"calibration is one batch .*e.g. \[batch\]"):
@@ -484,6 +486,40 @@ def test_offloaded_activations_give_the_same_result():
     mb = prune_model(b, method="sparsegpt", sparsity=0.5, calibration=[batch], progress=False, offload=False)
     for name in ma:
         assert torch.equal(ma[name], mb[name])
+
+
+def _q_proj_calls(model, **options) -> list[int]:
+    """How often each decoder block's ``q_proj`` ran while ``model`` was pruned with ``options``."""
+    calls = [0] * len(model.model.layers)
+    handles = [layer.self_attn.q_proj.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, layer in enumerate(model.model.layers)]
+    prune_model(model, progress=False, **options)
+    for h in handles:
+        h.remove()
+    return calls
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_dense_propagation_runs_each_block_once_per_batch(method):
+    model = tiny_llama(layers=3)
+    batches = [text_inputs(model, seed=s) for s in (1, 2)]
+    options = dict(method=method, sparsity="2:4", calibration=batches)
+    assert _q_proj_calls(copy.deepcopy(model), propagate="dense", **options) == [2, 2, 2]
+    # the reference order: statistics, then the pruned block again for the next block's inputs (not after the last)
+    assert _q_proj_calls(model, **options) == [4, 4, 2]
+
+
+def test_dense_propagation_calibrates_the_language_model_on_the_dense_vision_tower():
+    """With ``propagate="dense"`` every stage's inputs are captured before any stage is pruned: the language
+    masks do not depend on whether the vision tower is pruned too (Wanda's masks depend only on the inputs)."""
+    batches = [llava_inputs(seed=s) for s in (1, 2)]
+    options = dict(method="wanda", sparsity=0.5, calibration=batches, progress=False)
+    alone = prune_model(tiny_llava(layers=3), allocation="language", propagate="dense", **options)
+    both = prune_model(tiny_llava(layers=3), allocation="equal", propagate="dense", **options)
+    after_vision = prune_model(tiny_llava(layers=3), allocation="equal", **options)
+    assert set(alone) < set(both)
+    assert all(torch.equal(both[name], alone[name]) for name in alone)
+    assert any(not torch.equal(after_vision[name], alone[name]) for name in alone)
 
 
 def test_t5_blocks_get_their_own_position_bias():

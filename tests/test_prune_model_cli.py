@@ -313,3 +313,14 @@ def test_cli_text_calibration_of_a_blip2_language_part(tmp_path, blip2_folder, f
     assert main(["prune", str(blip2_folder), str(tmp_path / "x"), "--calibration", str(tmp_path / "corpus.txt"),
                  "--seqlen", "16", "--nsamples", "2", "--quiet"]) == 2
     assert "cannot calibrate the vision part" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_cli_propagate_reaches_prune_model(tmp_path, llava_folder, monkeypatch):
+    from vlmsparse.pipeline import prune as prune_package
+
+    seen, real = [], prune_package.prune_model
+    monkeypatch.setattr(prune_package, "prune_model", lambda *a, **k: seen.append(k["propagate"]) or real(*a, **k))
+    flags = ["--method", "wanda", "--nsamples", "2", "--batch-size", "2", "--quiet"]
+    assert main(["prune", str(llava_folder), str(tmp_path / "dense"), *flags, "--propagate", "dense"]) == 0
+    assert main(["prune", str(llava_folder), str(tmp_path / "default"), *flags]) == 0
+    assert seen == ["dense", "pruned"]

@@ -124,6 +124,10 @@ CASES = {
                                   dict(method="sparsegpt", allocation={"vision": "2:4", "language": 0.5,
                                                                        "connector": 0.5})),
     "llava-magnitude": (tiny_llava, None, dict(method="magnitude", sparsity=0.5)),
+    # every stage's inputs captured before any pruning, each block's dense outputs passed on
+    "llava-wanda-dense": (tiny_llava, _llava_batches, dict(method="wanda", sparsity=0.5, propagate="dense")),
+    "llama-sparsegpt-dense": (tiny_llama, _llama_batches, dict(method="sparsegpt", sparsity="2:4",
+                                                               propagate="dense")),
     # query tokens on the root, the Q-Former as the connector block, OPT blocks
     "blip2-wanda-connector": (tiny_blip2, lambda m: [blip2_inputs(seed=1), blip2_inputs(seed=2)],
                               dict(method="wanda", allocation={"vision": 0.5, "language": 0.5, "connector": 0.5})),

@@ -43,6 +43,7 @@ class _LibraryChoices:
 PRUNE_METHODS = _LibraryChoices("vlmsparse.pruning", "METHODS")
 ALLOCATIONS = _LibraryChoices("vlmsparse.pipeline.prune", "ALLOCATIONS")
 SCOPES = _LibraryChoices("vlmsparse.pipeline.prune", "SCOPES")
+PROPAGATIONS = _LibraryChoices("vlmsparse.pipeline.prune", "PROPAGATIONS")
 FINETUNE_METHODS = _LibraryChoices("vlmsparse.pipeline.lora", "METHODS")
 
 
@@ -239,6 +240,10 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default 128)")
     p.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
     p.add_argument("--no-error", action="store_true", help="skip the reconstruction error of magnitude/Wanda")
+    p.add_argument("--propagate", default="pruned", choices=PROPAGATIONS, metavar="FROM",
+                   help="%(choices)s: the next block's calibration inputs are each block's outputs after pruning "
+                   "(default, as the reference Wanda / SparseGPT: two forwards per block) or before (one forward "
+                   "per block, statistics of the dense model)")
     p.add_argument("--device", default=None, help="device to prune on (default: cuda if available, else cpu)")
     p.add_argument("--offload", action="store_true",
                    help="for a model larger than the device's memory: keep the weights on the CPU and move one "
@@ -276,7 +281,7 @@ def _prune(args: argparse.Namespace) -> int:
         vision=args.vision, language=args.language, connector=args.connector, calibration=args.calibration,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
         max_words=args.max_words, image_root=args.image_root, scope=args.scope, blocksize=args.blocksize,
-        dampening=args.dampening, report_error=not args.no_error, device=args.device, dtype=args.dtype,
+        dampening=args.dampening, report_error=not args.no_error, propagate=args.propagate, device=args.device, dtype=args.dtype,
         offload=args.offload, stream=args.stream, overwrite=args.overwrite, progress=not args.quiet,
     )
     if args.json:

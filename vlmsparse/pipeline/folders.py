@@ -164,6 +164,7 @@ def prune_folder(
     blocksize: int = 128,
     dampening: float = 0.01,
     report_error: bool = True,
+    propagate: str = "pruned",
     device: str | None = None,
     dtype: torch.dtype | str | None = None,
     offload: bool = False,
@@ -175,8 +176,8 @@ def prune_folder(
     processor / tokenizer) to ``output``: ``(output path, masks)``. What ``vlmsparse prune`` runs; the per-layer
     report is :func:`~vlmsparse.pipeline.prune.report_of` ``(masks)``.
 
-    What is pruned: ``method``, ``sparsity``, ``allocation``, ``scope``, ``blocksize``, ``dampening`` and
-    ``report_error`` as in :func:`~vlmsparse.pipeline.prune.prune_model`. ``vision`` / ``language`` /
+    What is pruned: ``method``, ``sparsity``, ``allocation``, ``scope``, ``blocksize``, ``dampening``,
+    ``report_error`` and ``propagate`` as in :func:`~vlmsparse.pipeline.prune.prune_model`. ``vision`` / ``language`` /
     ``connector``: one part's pattern on top of ``allocation`` at ``sparsity`` (replacing it for that part, or
     adding the part; ``0`` leaves a part dense, and is ignored for a part the model lacks; see :func:`~vlmsparse.pipeline.prune.allocation_with_parts`).
 
@@ -221,7 +222,7 @@ def prune_folder(
                          "connector, not both")
     needs_calibration = _prune.PruneConfig(
         method=method, sparsity=sparsity, allocation=allocation, scope=scope, blocksize=blocksize,
-        dampening=dampening,
+        dampening=dampening, propagate=propagate,
     ).needs_calibration  # refuses bad options (e.g. sparsegpt with a row scope) before loading
     device = check_device(device)
     dtype = _dtype(dtype)
@@ -250,7 +251,8 @@ def prune_folder(
         batches = calib.build_calibration_batches(samples, processor, batch_size, max_words,
                                                   decoder_start_token_id=models.decoder_start_token_id(loaded))
     options = dict(method=method, sparsity=sparsity, allocation=allocation, calibration=batches, scope=scope,
-                   blocksize=blocksize, dampening=dampening, report_error=report_error, progress=progress)
+                   blocksize=blocksize, dampening=dampening, report_error=report_error, propagate=propagate,
+                   progress=progress)
     if stream:
         return _stream.prune_streamed(loaded, model, output, device=device, processor=processor,
                                      overwrite=overwrite, dtype=dtype, **options)

@@ -11,6 +11,10 @@ Flow, per stage of the model (vision blocks, connector, language blocks; see ``v
    pruned block to get the next block's inputs. Only one block's activations and statistics are resident;
    with ``offload`` they live on the CPU between uses.
 
+With ``propagate="dense"`` the next block's inputs are the block's outputs from the statistics pass, before
+pruning (one forward per block instead of two), and every stage's inputs are captured in step 1 before any stage
+is pruned: every block's statistics are those of the dense model (llm-compressor's ``propagate_error=False``).
+
 With ``device`` (an execution device, e.g. ``cuda``) the weights stay where they are (the CPU): each block is
 moved to ``device`` for its statistics, pruning and outputs, then moved back (:class:`placement._Onload`; the way
 SparseGPT's reference script and llm-compressor's sequential pipeline treat models larger than the GPU). During
@@ -37,8 +41,8 @@ from __future__ import annotations
 
 from .driver import prune_model
 from .placement import WeightSource
-from .plan import ALLOCATIONS, SCOPES, PruneConfig, allocation_with_parts
+from .plan import ALLOCATIONS, PROPAGATIONS, SCOPES, PruneConfig, allocation_with_parts
 from .report import LayerReport, format_report, not_pruned_of, report_of
 
 __all__ = ["PruneConfig", "LayerReport", "WeightSource", "prune_model", "report_of", "format_report", "not_pruned_of",
-           "ALLOCATIONS", "SCOPES", "allocation_with_parts"]
+           "ALLOCATIONS", "SCOPES", "PROPAGATIONS", "allocation_with_parts"]

@@ -105,9 +105,14 @@ def prune_model(
         with torch.no_grad(), cpu_gemm.onednn_linears(model) if on_cpu else contextlib.nullcontext():
             if cfg.use_owl:
                 _apply_owl(model, plan, batches, device, store, cfg, onload)
-            for stage, per_block in plan:
+            # propagate="dense": every stage's inputs come from the dense model, so capture them before any pruning
+            early = [_capture(model, stage, batches, device, store, onload)
+                     if cfg.propagate == "dense" and _needs_data(stage, cfg, batches) else None for stage, _ in plan]
+            for i, (stage, per_block) in enumerate(plan):
+                captured, early[i] = early[i], None  # freed as the stage ends
                 _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups,
-                             onload, dense)
+                             onload, dense, captured)
+                del captured
     except BaseException:
         with torch.no_grad():
             modules = dict(model.named_modules())
@@ -148,13 +153,20 @@ def _check_images(spec, plan, batches: list) -> None:
                          "(allocation='language', or leave those parts dense at 0) or give image-text batches")
 
 
-def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups,
-                 onload: _Onload | None = None, dense: list[dict] | None = None) -> None:
-    # magnitude reports its error only where every batch reaches the stage (text never reaches the vision tower)
+def _needs_data(stage, cfg: PruneConfig, batches: list) -> bool:
+    """Whether pruning ``stage`` runs the calibration batches: Wanda / SparseGPT, and magnitude for its error,
+    which it reports only where every batch reaches the stage (text never reaches the vision tower)."""
     reached = stage.part == "language" or all("pixel_values" in b for b in batches)
-    needs_data = cfg.method != "magnitude" or (cfg.report_error and bool(batches) and reached)
+    return cfg.method != "magnitude" or (cfg.report_error and bool(batches) and reached)
+
+
+def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups,
+                 onload: _Onload | None = None, dense: list[dict] | None = None,
+                 captured: list | None = None) -> None:
+    """Prune one stage block by block. ``captured``: the stage's block inputs, captured already (the
+    ``propagate="dense"`` order); else captured here, from the model as pruned so far."""
     blocks = _progress(list(zip(stage.blocks, per_block)), f"prune {stage.part}", cfg.progress, len(per_block))
-    if not needs_data:
+    if not _needs_data(stage, cfg, batches):
         for block, targets in blocks:
             if targets:
                 with _visit(onload, block):
@@ -162,7 +174,8 @@ def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, 
                     _backup(targets, backups, cfg)
                     _prune_block(targets, {}, {}, cfg, masks, report)
         return
-    captured = _capture(model, stage, batches, device, store, onload)
+    if captured is None:
+        captured = _capture(model, stage, batches, device, store, onload)
     last = len(stage.blocks) - 1
     for index, (block, targets) in enumerate(blocks):
         if not any(b.reaches(index) for b in captured):  # the model's forward skips it: its inputs pass on
@@ -172,13 +185,19 @@ def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, 
         if not targets and index == last:
             continue
         with _visit(onload, block):
+            outputs = None
             if targets:
                 _check_arrived(targets)
-                stats, group_of, _ = _collect_stats(block, index, targets, captured, device, hessian, False, store)
+                keep = cfg.propagate == "dense" and index < last  # the dense outputs are the next block's inputs
+                stats, group_of, outputs = _collect_stats(block, index, targets, captured, device, hessian, keep,
+                                                          store)
                 _backup(targets, backups, cfg)
                 _prune_block(targets, stats, group_of, cfg, masks, report)
                 del stats
-            if index < last:
+            if outputs is not None:
+                for b, out in zip(captured, outputs):
+                    b.hidden = out
+            elif index < last:
                 _advance(block, index, captured, device, store)
 
 

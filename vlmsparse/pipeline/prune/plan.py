@@ -20,6 +20,7 @@ ALLOCATION_PARTS = {"equal": ("vision", "language"), "language": ("language",), 
                     "owl": ("vision", "language")}
 ALLOCATIONS = tuple(ALLOCATION_PARTS)
 SCOPES = ("auto", "row", "matrix")  # magnitude / Wanda comparison group: auto = per matrix in vision, else per row
+PROPAGATIONS = ("pruned", "dense")  # which outputs of a block are the next block's calibration inputs
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class PruneConfig:
       Given: the weights stay where they are (e.g. the CPU, for a model larger than the GPU's memory) and each
       block is moved to ``device`` in turn for calibration and pruning, then moved back.
     - ``stack_shared``: SparseGPT prunes linears that share an input (q/k/v, gate/up) as one stacked weight.
+    - ``propagate``: the next block's calibration inputs are this block's outputs ``"pruned"`` (after pruning, as
+      the reference Wanda / SparseGPT scripts: two forwards per block) or ``"dense"`` (before pruning: one
+      forward per block, and every block's statistics come from the dense model, each stage's inputs captured
+      before any stage is pruned; llm-compressor's ``propagate_error=False``).
     - ``restore_on_error``: keep a CPU copy of each weight before it changes, to restore the model if pruning
       fails half-way (e.g. NaN activations); costs host memory of the pruned weights until the end.
     """
@@ -65,6 +70,7 @@ class PruneConfig:
     stack_shared: bool = True
     progress: bool = True
     restore_on_error: bool = True
+    propagate: str = "pruned"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -95,6 +101,8 @@ class PruneConfig:
                 f"PruneConfig.scope: got {self.scope!r} with method 'sparsegpt', which chooses its mask per column "
                 "block as the reference does (no row / matrix comparison group); allowed: auto"
             )
+        if self.propagate not in PROPAGATIONS:
+            raise ValueError(f"PruneConfig.propagate: got {self.propagate!r}; allowed: {', '.join(PROPAGATIONS)}")
         if not 0.0 <= self.owl_lambda < 0.5:
             raise ValueError(f"PruneConfig.owl_lambda: got {self.owl_lambda}; allowed: [0, 0.5)")
         if self.owl_threshold <= 0:
