@@ -50,7 +50,9 @@ class InputStats:
                     f"InputStats: token_mask shape {tuple(token_mask.shape)} must equal the inputs' leading "
                     f"dims {tuple(x.shape[:-1])}"
                 )
-            flat = flat[token_mask.reshape(-1).to(device=flat.device).bool()]
+            real = token_mask.reshape(-1).to(device=flat.device).bool()
+            if not bool(real.all()):  # no padding (text windows): no copy (0.2-0.3 ms per [1024, 576-1536] bf16)
+                flat = flat[real]
         if self.sum_sq is None:
             self._alloc(flat.device)
         flat = flat.to(device=self.sum_sq.device, dtype=torch.float32)
