@@ -281,8 +281,8 @@ def _prune(args: argparse.Namespace) -> int:
         vision=args.vision, language=args.language, connector=args.connector, calibration=args.calibration,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
         max_words=args.max_words, image_root=args.image_root, scope=args.scope, blocksize=args.blocksize,
-        dampening=args.dampening, report_error=not args.no_error, propagate=args.propagate, device=args.device, dtype=args.dtype,
-        offload=args.offload, stream=args.stream, overwrite=args.overwrite, progress=not args.quiet,
+        dampening=args.dampening, report_error=not args.no_error, propagate=args.propagate, device=args.device,
+        dtype=args.dtype, offload=args.offload, stream=args.stream, overwrite=args.overwrite, progress=not args.quiet,
     )
     if args.json:
         _print_json({"output": str(out), "sparsity": masks.sparsity(), "method": masks.method,

@@ -126,9 +126,9 @@ def _fast_forward(module: nn.Linear):
 def onednn_linears(model: nn.Module) -> Iterator[int]:
     """Inside the ``with``, every ``nn.Linear`` of ``model`` (the class itself, not subclasses) whose weight is a
     float32 CPU tensor on entry, or a float32 meta tensor (a model whose weights arrive block by block: streamed
-    pruning), computes through :func:`linear`; yields how many were swapped (0 when :func:`use_onednn` is False). An instance swap of ``forward`` undone on exit; hooks still run, and weights
-    changed inside the ``with`` are used as they are (:func:`linear` falls back to ``F.linear`` for a weight moved
-    to another device or dtype)."""
+    pruning), computes through :func:`linear`; yields how many were swapped (0 when :func:`use_onednn` is False).
+    An instance swap of ``forward`` undone on exit; hooks still run, and weights changed inside the ``with`` are
+    used as they are (:func:`linear` falls back to ``F.linear`` for a weight moved to another device or dtype)."""
     swapped: list[nn.Linear] = []
     if use_onednn():
         for module in model.modules():

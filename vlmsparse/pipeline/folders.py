@@ -177,8 +177,8 @@ def prune_folder(
     report is :func:`~vlmsparse.pipeline.prune.report_of` ``(masks)``.
 
     What is pruned: ``method``, ``sparsity``, ``allocation``, ``scope``, ``blocksize``, ``dampening``,
-    ``report_error`` and ``propagate`` as in :func:`~vlmsparse.pipeline.prune.prune_model`. ``vision`` / ``language`` /
-    ``connector``: one part's pattern on top of ``allocation`` at ``sparsity`` (replacing it for that part, or
+    ``report_error`` and ``propagate`` as in :func:`~vlmsparse.pipeline.prune.prune_model`. ``vision`` /
+    ``language`` / ``connector``: one part's pattern on top of ``allocation`` at ``sparsity`` (replacing it for that part, or
     adding the part; ``0`` leaves a part dense, and is ignored for a part the model lacks; see :func:`~vlmsparse.pipeline.prune.allocation_with_parts`).
 
     Calibration (needed by every method but magnitude, and by OWL): ``calibration`` is ``"synthetic"`` (coloured

@@ -23,7 +23,8 @@ def _collect_stats(
     hessian: bool, keep_outputs: bool, store: torch.device | None,
 ) -> tuple[dict[str, InputStats], dict[str, int], list[torch.Tensor] | None]:
     """Run every batch through ``block``; return stats per group, group index per target, and the outputs
-    (when ``keep_outputs``, used when the block is not pruned afterwards). A batch whose forward skips ``block``
+    (when ``keep_outputs``: the block's outputs before it is pruned, which the OWL pre-pass and
+    ``propagate="dense"`` pass on). A batch whose forward skips ``block``
     (:meth:`_Batch.reaches`) adds no statistics and its output is its input."""
     group_of: dict[str, int] = {}
     stats: dict[int, InputStats] = {}
