@@ -354,7 +354,8 @@ def test_gpu_offloaded_equals_pruned_on_the_gpu(arch):
 
 
 # ------------------------------------------------------------------------------------------- streaming
-def test_streamed_pruning_writes_the_same_model(tmp_path):
+@pytest.mark.parametrize("propagate", ["pruned", "dense"])
+def test_streamed_pruning_writes_the_same_model(tmp_path, propagate):
     """Weights read from safetensors shards per block and pruned blocks written out: the folder loads as the
     model pruned in memory, bit for bit, with the same masks; the meta model holds no storage afterwards."""
     from vlmsparse.pipeline.stream import empty_model, prune_streamed
@@ -363,7 +364,7 @@ def test_streamed_pruning_writes_the_same_model(tmp_path):
     tiny_llama(layers=3).save_pretrained(source, max_shard_size="20KB")  # several shards, blocks split across
     reference = tiny_llama(layers=3)
     batches = _llama_batches(reference)
-    options = dict(method="sparsegpt", sparsity="2:4", calibration=batches, progress=False)
+    options = dict(method="sparsegpt", sparsity="2:4", calibration=batches, progress=False, propagate=propagate)
     expected = prune_model(reference, **options)
 
     model = empty_model(source)
