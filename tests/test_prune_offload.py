@@ -24,6 +24,7 @@ from factories import (
     tiny_blip2,
     tiny_blip2_t5,
     tiny_llama,
+    tiny_llama_config,
     tiny_llava,
 )
 from test_calibration_text import _text, llama_folder, tokenizer  # noqa: F401  (fixtures)
@@ -375,6 +376,37 @@ def test_streamed_pruning_writes_the_same_model(tmp_path, propagate):
     _assert_same_model(loaded, reference)
     _assert_same_masks(saved_masks, expected)
     assert not list(tmp_path.glob(".out.*"))  # no temporary folder left
+
+
+def test_streamed_pruning_of_a_model_with_tied_embeddings(tmp_path):
+    """An LM head tied to the embedding (SmolLM2, Llama 3.2 1B / 3B, small Qwen2.5, Gemma) is stored once, under
+    the embedding's name: the empty model ties it as from_pretrained does (it was refused: lm_head.weight not in
+    the safetensors files)."""
+    from transformers import LlamaForCausalLM
+
+    from vlmsparse.pipeline.stream import empty_model, prune_streamed
+
+    config = tiny_llama_config(layers=2)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    source_model = LlamaForCausalLM(config).eval()
+    source = tmp_path / "source"
+    source_model.save_pretrained(source)
+    from safetensors import safe_open
+
+    with safe_open(str(source / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    reference = copy.deepcopy(source_model)
+    options = dict(method="wanda", sparsity="2:4", calibration=_llama_batches(reference), progress=False)
+    expected = prune_model(reference, **options)
+
+    model = empty_model(source)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    out, masks = prune_streamed(model, source, tmp_path / "out", **options)
+    _assert_same_masks(masks, expected)
+    loaded, _ = load_pruned(out)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    _assert_same_model(loaded, reference)
 
 
 @pytest.mark.parametrize("kind", ["llava", "mllama"])

@@ -57,7 +57,8 @@ def _source_files(folder: Path) -> dict[str, Path]:
 
 
 def empty_model(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """The model of ``folder``'s config with its parameters on the meta device (no storage) and real buffers."""
+    """The model of ``folder``'s config with its parameters on the meta device (no storage) and real buffers,
+    tied as ``from_pretrained`` ties them (an LM head tied to the embedding is stored once, under one name)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -66,6 +67,7 @@ def empty_model(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> 
     cls = model_class_for(config.model_type)
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+    model.tie_weights()  # _from_config leaves tied parameters apart; from_pretrained ties them after loading
     return model.eval()
 
 
