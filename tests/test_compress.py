@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -104,6 +105,13 @@ def test_compress_takes_negative_zeros_and_warns_when_nothing_is_swapped(tmp_pat
     with caplog.at_level("WARNING", logger="vlmsparse.pipeline.compress"):
         assert compress(dense, backend="packed24", progress=False).not_24 == ["0"]
     assert "1 selected linears are not 2:4" in caplog.text and "e.g. 0" in caplog.text
+    assert "sparse, e.g." not in caplog.text  # packed24 takes 2:4 weights only
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlmsparse.pipeline.compress"):
+        assert compress(dense, progress=False).not_24 == ["0"]  # auto: 2:4, or sparse enough for a bitmask
+    from vlmsparse.modules.sparse_linear import BITMASK_MIN_SPARSITY
+
+    assert f"divisible by 4), nor {BITMASK_MIN_SPARSITY:.0%} sparse, e.g. 0" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="vlmsparse.pipeline.compress"):
         compress(dense, filter_fn=lambda m, n: False, progress=False)
@@ -219,6 +227,10 @@ def test_cli_compress_and_decompress(tmp_path, capsys):
     assert main(["compress", str(tmp_path / "src"), "-o", str(tmp_path / "c"), "--auto", "--tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "MiB dense" in out and "saved to" in out
+    # each planned layer with its measured times per backend, named (not "2:4" for whichever was timed)
+    line = next(li for li in out.splitlines() if li.startswith("model.layers.0.self_attn.q_proj: "))
+    assert re.fullmatch(r"model\.layers\.0\.self_attn\.q_proj: \w+ \(ms at 2 tokens: dense [0-9.]+, "
+                        r"packed24 [0-9.]+(, bitmask [0-9.]+)?\)", line), line
     index = json.loads((tmp_path / "c" / INDEX_FILENAME).read_text())
     assert index["plan"]["counts"] and index["size"]["formats"]["packed24"] == 14
     assert main(["compress", str(tmp_path / "c"), "-o", str(tmp_path / "d"), "--decompress"]) == 0

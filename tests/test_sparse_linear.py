@@ -116,6 +116,17 @@ def test_gpu_auto_follows_the_shipped_measurements_and_dense_below():
 from vlmsparse.modules import sparse_linear as sl  # noqa: E402
 
 
+def test_plan_backend_names_a_path_faster_only_for_short_inputs():
+    """A path faster at decode but slower at prefill: a dense copy (sparse from a threshold up) cannot help; a
+    shorter list of token counts would pick it."""
+    dense, bitmask = {1: 1.0, 512: 10.0}, {1: 0.5, 512: 12.0}
+    for dense_copy in (False, True):
+        name, below, reason = sl.plan_backend({"dense": dense, "bitmask": bitmask}, dense_copy=dense_copy)
+        assert (name, below) == ("dense", 0)
+        assert "bitmask is faster at 1 tokens but slower at 512" in reason and "tokens=(1,)" in reason
+        assert "dense_copy" not in reason
+
+
 def test_plan_backend_never_slower_than_dense_at_a_measured_count():
     dense = {1: 1.0, 128: 2.0, 8192: 100.0}
     torch24 = {1: 14.0, 128: 28.0, 8192: 70.0}  # the H200 shape of the numbers: only long inputs win

@@ -142,19 +142,28 @@ def plan_backend(times: Mapping[str, Mapping[int, float]], dense_copy: bool = Fa
             below = threshold if threshold > tokens[0] else 0
             if total < best[2]:
                 best = (name, below, total)
-        if not dense_copy:
-            wins = [t for t in tokens if cost[t] < dense[t]]
-            if wins and len(wins) < len(tokens):
-                missed.append(f"{name} is faster from {wins[0]} tokens")
+        wins = [t for t in tokens if cost[t] < dense[t]]
+        if wins and len(wins) < len(tokens):
+            slower = [t for t in tokens if cost[t] > dense[t]]
+            if not dense_copy and all(t < wins[0] for t in slower):  # slower only below: a dense copy helps
+                missed.append(f"{name} is faster from {wins[0]} tokens (dense_copy=True would keep both copies "
+                              "and dispatch per call)")
+            elif slower:
+                missed.append(f"{name} is faster at {_counts(wins)} tokens but slower at {_counts(slower)} (a "
+                              "shorter list of token counts, e.g. tokens=(1,) for decode, would pick it)")
     name, below, total = best
     speed = sum(dense.values()) / total if total else 1.0
     if name == "dense":
         reason = "no compressed path is as fast as dense at every measured token count"
         if missed:
-            reason += f" ({'; '.join(missed)}: dense_copy=True would keep both copies and dispatch per call)"
+            reason += f" ({'; '.join(missed)})"
         return "dense", 0, reason
     where = f"dense below {below} tokens, {name} from {below}" if below else f"{name} at every measured token count"
     return name, below, f"{where}: {speed:.2f}x dense over the measured token counts {tokens}"
+
+
+def _counts(tokens: list[int]) -> str:
+    return " / ".join(str(t) for t in tokens)
 
 
 def choose_backend(weight: torch.Tensor, backend: str = "auto") -> tuple[str, str]:

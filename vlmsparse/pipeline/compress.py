@@ -157,12 +157,14 @@ def _why_nothing_swapped(report: CompressReport, backend: str) -> str:
         return "no nn.Linear passed the selection (masks / filter_fn)"
     why = []
     if report.not_24:
+        sparse_enough = "" if backend in ("torch24", "packed24") else f", nor {BITMASK_MIN_SPARSITY:.0%} sparse"
         why.append(f"{len(report.not_24)} selected linears are not 2:4 (more than 2 non-zeros in a group of 4 "
-                   f"consecutive inputs, or in-features not divisible by 4), e.g. {report.not_24[0]}")
+                   f"consecutive inputs, or in-features not divisible by 4){sparse_enough}, e.g. {report.not_24[0]}")
     if report.layers:
         reasons = "; ".join(sorted({d.reason for d in report.layers}))
-        hint = "; backend='packed24' swaps them on any device" if backend == "auto" else ""
-        why.append(f"{len(report.layers)} 2:4 linears stay dense with backend {backend!r}: {reasons}{hint}")
+        hint = ("; backend='packed24' (2:4 weights) or 'bitmask' swaps them on any device" if backend == "auto"
+                else "")
+        why.append(f"{len(report.layers)} sparse linears stay dense with backend {backend!r}: {reasons}{hint}")
     return "; ".join(why)
 
 
