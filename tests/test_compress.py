@@ -146,6 +146,45 @@ def test_compress_auto_times_each_shape():
         compress(model, auto=True, tokens=(0,), progress=False)
 
 
+def test_cold_copies_fill_the_bytes_asked_for_and_compute_the_same():
+    from vlmsparse.pipeline import compress as cp
+
+    dense = nn.Linear(32, 64)
+    _prune24(nn.Sequential(dense), ["0"])
+    layer = SparseLinear(dense.weight.detach(), backend="packed24")
+    nbytes = sum(t.numel() * t.element_size() for t in layer.buffers())
+    copies = cp._cold_copies(layer)
+    assert copies[0] is layer and len(copies) == min(cp.COLD_COPIES, -(-cp.COLD_BYTES // nbytes))
+    x = torch.randn(3, 32)
+    assert all(torch.equal(c(x), layer(x)) for c in copies[:3])
+    assert copies[1].values.data_ptr() != layer.values.data_ptr()
+
+
+def test_compress_auto_on_a_cpu_times_calls_over_copies(monkeypatch):
+    """Each timed call on a CPU reads the next copy (a weight timed alone would be served from the cache)."""
+    from vlmsparse.pipeline import compress as cp
+
+    made, calls = [], {}
+    real = cp._cold_copies
+
+    def counted(layer):
+        copies = real(layer)
+        for c in copies:
+            calls[id(c)] = 0
+            c.register_forward_pre_hook(lambda m, a: calls.__setitem__(id(m), calls[id(m)] + 1))
+        made.append(copies)
+        return copies
+
+    monkeypatch.setattr(cp, "COLD_BYTES", 3 * 32 * 32 * 4)  # three dense fp32 copies
+    monkeypatch.setattr(cp, "_cold_copies", counted)
+    model = nn.Sequential(nn.Linear(32, 32))
+    _prune24(model, ["0"])
+    compress(model, auto=True, backend="packed24", tokens=(2,), progress=False)
+    dense, packed = made  # the dense layer and the packed one
+    assert len(dense) == 3 and len(packed) >= 3
+    assert all(calls[id(c)] >= 1 for c in dense + packed)
+
+
 def test_compress_rejects_mask_weight_mismatch():
     model = nn.Sequential(nn.Linear(16, 8))
     mask = mask_nm(torch.rand(8, 16), 2, 4)

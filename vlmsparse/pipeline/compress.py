@@ -19,6 +19,8 @@ are the non-zero entries (``-0.0`` is zero; NaN is kept), in row-major order.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import logging
 import os
@@ -68,6 +70,12 @@ FORMAT_VERSION = "1"
 WEIGHTS_FILENAME = "model.compressed.safetensors"
 INDEX_FILENAME = "vlmsparse_compressed.json"
 CONFIG_FILENAME = "config.json"
+# On a CPU, ``auto=True`` times each layer over copies of it, this many bytes in all (at most COLD_COPIES of them),
+# taken in turn: one weight timed alone is read from the cache after the first call, which decode never does (a
+# model's weights exceed the last-level cache). SmolLM2-135M's k_proj (576 -> 192, fp32, 2 threads, one token):
+# dense 0.010 ms, packed 2:4 0.012 timed hot (kept dense); 0.035-0.051 and 0.020-0.024 over copies.
+COLD_BYTES = 128 << 20
+COLD_COPIES = 256
 
 
 # ---------------------------------------------------------------------------------------------- swapping
@@ -137,7 +145,8 @@ def compress(
     ``auto=True`` measures instead: for each distinct (shape, dtype, bias) it times dense and every candidate (the
     compressed backends available here for ``backend="auto"``, else the named one) at ``tokens`` rows of input and
     picks by :func:`~vlmsparse.modules.sparse_linear.plan_backend`: never a path slower than dense at one of the
-    token counts, the lowest summed time among the rest (on a CPU, ``tokens=(1,)`` asks for the decode path;
+    token counts, the lowest summed time among the rest (on a CPU each timed call reads the next of
+    :func:`_cold_copies`, the weights not in the cache, as in decode) (on a CPU, ``tokens=(1,)`` asks for the decode path;
     the default ``(1, 512)`` also asks that prefill be no slower). ``dense_copy=True`` also allows a layer to keep
     its dense weight beside the compressed one and dispatch per call on the token count (``dense_below``; 25/16 of
     the dense fp16 bytes instead of 9/16), which is what pays where the sparse path only wins for long inputs.
@@ -245,17 +254,29 @@ def _chosen_ms(times: Mapping[str, Mapping[int, float]], chosen: str, below: int
 @torch.no_grad()
 def _time_candidates(dense: nn.Linear, names: Sequence[str], tokens: Iterable[int]) -> dict[str, dict[int, float]]:
     """``{backend: {tokens: median ms}}`` of the dense layer and of a :class:`SparseLinear` per backend in
-    ``names``, on inputs of ``tokens`` rows (one layer built per backend, timed side by side)."""
+    ``names``, on inputs of ``tokens`` rows (one layer built per backend, timed side by side; on a CPU each call
+    takes the next of :func:`_cold_copies`)."""
     device, dtype = dense.weight.device, dense.weight.dtype
     layers: dict[str, nn.Module] = {"dense": dense}
     for name in names:
         layers[name] = SparseLinear(dense.weight, dense.bias, name)
+    # on CUDA triton's do_bench clears the L2 cache before each call
+    turns = {name: itertools.cycle(_cold_copies(layer) if device.type == "cpu" else [layer])
+             for name, layer in layers.items()}
     times: dict[str, dict[int, float]] = {name: {} for name in layers}
     for t in tokens:
         x = torch.randn(int(t), dense.in_features, device=device, dtype=dtype)
-        for name, layer in layers.items():
-            times[name][int(t)] = median_ms(lambda x=x, layer=layer: layer(x), device)
+        for name, turn in turns.items():
+            times[name][int(t)] = median_ms(lambda x=x, turn=turn: next(turn)(x), device)
     return times
+
+
+def _cold_copies(layer: nn.Module) -> list[nn.Module]:
+    """``layer`` and copies of it, :data:`COLD_BYTES` of parameters and buffers in all (at least ``layer``, at most
+    :data:`COLD_COPIES` layers)."""
+    nbytes = sum(t.numel() * t.element_size() for t in itertools.chain(layer.parameters(), layer.buffers()))
+    count = min(COLD_COPIES, max(1, -(-COLD_BYTES // max(nbytes, 1))))
+    return [layer] + [copy.deepcopy(layer) for _ in range(count - 1)]
 
 
 def _can_hold(weight: torch.Tensor, backend: str) -> bool:
