@@ -149,8 +149,8 @@ def plan_backend(times: Mapping[str, Mapping[int, float]], dense_copy: bool = Fa
                 missed.append(f"{name} is faster from {wins[0]} tokens (dense_copy=True would keep both copies "
                               "and dispatch per call)")
             elif slower:
-                missed.append(f"{name} is faster at {_counts(wins)} tokens but slower at {_counts(slower)} (a "
-                              "shorter list of token counts, e.g. tokens=(1,) for decode, would pick it)")
+                missed.append(f"{name} is faster at {_counts(wins)} tokens but slower at {_counts(slower)} "
+                              f"(tokens={tuple(wins)} would pick it)")
     name, below, total = best
     speed = sum(dense.values()) / total if total else 1.0
     if name == "dense":
