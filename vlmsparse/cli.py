@@ -282,7 +282,8 @@ def _prune(args: argparse.Namespace) -> int:
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
         max_words=args.max_words, image_root=args.image_root, scope=args.scope, blocksize=args.blocksize,
         dampening=args.dampening, report_error=not args.no_error, propagate=args.propagate, device=args.device,
-        dtype=args.dtype, offload=args.offload, stream=args.stream, overwrite=args.overwrite, progress=not args.quiet,
+        dtype=args.dtype, offload=args.offload, stream=args.stream, overwrite=args.overwrite,
+        progress=not args.quiet,
     )
     if args.json:
         _print_json({"output": str(out), "sparsity": masks.sparsity(), "method": masks.method,
@@ -347,7 +348,8 @@ def _measured(layer: dict) -> str:
     if not times:
         return layer["reason"]
     tokens = sorted(times["dense"], key=int)
-    cells = ", ".join(f"{name} " + " / ".join(f"{by_count[t]:.3f}" for t in tokens) for name, by_count in times.items())
+    cells = ", ".join(f"{name} " + " / ".join(f"{by_count[t]:.3f}" for t in tokens)
+                      for name, by_count in times.items())
     below = f"; dense below {layer['dense_below']} tokens" if layer.get("dense_below") else ""
     return f"ms at {' / '.join(str(t) for t in tokens)} tokens: {cells}{below}"
 

@@ -145,9 +145,9 @@ def compress(
     ``auto=True`` measures instead: for each distinct (shape, dtype, bias) it times dense and every candidate (the
     compressed backends available here for ``backend="auto"``, else the named one) at ``tokens`` rows of input and
     picks by :func:`~vlmsparse.modules.sparse_linear.plan_backend`: never a path slower than dense at one of the
-    token counts, the lowest summed time among the rest (on a CPU each timed call reads the next of
-    :func:`_cold_copies`, the weights not in the cache, as in decode) (on a CPU, ``tokens=(1,)`` asks for the decode path;
-    the default ``(1, 512)`` also asks that prefill be no slower). ``dense_copy=True`` also allows a layer to keep
+    token counts, the lowest summed time among the rest. On a CPU each timed call reads the next of
+    :func:`_cold_copies` (weights not in the cache, as in decode), and ``tokens=(1,)`` asks for the decode path;
+    the default ``(1, 512)`` also asks that prefill be no slower. ``dense_copy=True`` also allows a layer to keep
     its dense weight beside the compressed one and dispatch per call on the token count (``dense_below``; 25/16 of
     the dense fp16 bytes instead of 9/16), which is what pays where the sparse path only wins for long inputs.
     ``plan``: ``{name: (backend, dense_below)}`` decided earlier (a stored report), applied as given.

@@ -178,8 +178,9 @@ def prune_folder(
 
     What is pruned: ``method``, ``sparsity``, ``allocation``, ``scope``, ``blocksize``, ``dampening``,
     ``report_error`` and ``propagate`` as in :func:`~vlmsparse.pipeline.prune.prune_model`. ``vision`` /
-    ``language`` / ``connector``: one part's pattern on top of ``allocation`` at ``sparsity`` (replacing it for that part, or
-    adding the part; ``0`` leaves a part dense, and is ignored for a part the model lacks; see :func:`~vlmsparse.pipeline.prune.allocation_with_parts`).
+    ``language`` / ``connector``: one part's pattern on top of ``allocation`` at ``sparsity`` (replacing it for
+    that part, or adding the part; ``0`` leaves a part dense, and is ignored for a part the model lacks; see
+    :func:`~vlmsparse.pipeline.prune.allocation_with_parts`).
 
     Calibration (needed by every method but magnitude, and by OWL): ``calibration`` is ``"synthetic"`` (coloured
     shapes with captions at the vision tower's image size), image-text records (a ``.json`` / ``.jsonl`` file,
