@@ -355,6 +355,44 @@ def test_owl_runs_a_block_without_targets_and_leaves_it_out_of_the_spread():
     assert torch.equal(masks[name], wanda_prune(dense[f"{name}.weight"], norm, target, scope="row")[1])
 
 
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "sparsegpt"])
+def test_reported_errors_wanda_and_magnitude_on_the_first_tokens_sparsegpt_on_all(method, monkeypatch):
+    """Wanda and magnitude keep no X^T X for the error report (on SmolLM2 it cost as much as the pruning): a
+    linear's error is ||X D^T|| / ||X W^T|| over its first ERROR_SAMPLE_TOKENS real calibration tokens. SparseGPT,
+    which needs X^T X, reports it over every token. In the dense order each linear's inputs are the dense model's,
+    so the errors equal those from inputs captured in ordinary forwards of the dense model (padding skipped)."""
+    import vlmsparse.pipeline.prune.driver as driver
+    import vlmsparse.pruning.stats as stats_module
+
+    monkeypatch.setattr(driver, "ERROR_SAMPLE_TOKENS", 23)  # batch 0 holds 22 real tokens: 1 more from batch 1
+    grams = []
+    gram_add = stats_module.gram_add_
+    monkeypatch.setattr(stats_module, "gram_add_", lambda gram, x: grams.append(x.shape) or gram_add(gram, x))
+    model = tiny_llama(layers=2)
+    dense = copy.deepcopy(model)
+    batches = [text_inputs(model, seed=s) for s in (1, 2)]
+    masks = prune_model(model, method=method, sparsity="2:4", calibration=batches, propagate="dense", progress=False)
+    assert bool(grams) == (method == "sparsegpt")
+    inputs: dict[str, list[torch.Tensor]] = {}
+    state = {}
+    modules, pruned = dict(dense.named_modules()), dict(model.named_modules())
+    handles = [modules[name].register_forward_pre_hook(
+        lambda _, args, name=name: inputs.setdefault(name, []).append(args[0][state["mask"]])) for name in masks]
+    with torch.no_grad():
+        for b in batches:
+            state["mask"] = b["attention_mask"].bool()
+            dense(**b, use_cache=False)
+    for h in handles:
+        h.remove()
+    errors = {r.name: r.error for r in report_of(masks)}
+    for name in masks:
+        x = torch.cat(inputs[name]).double()
+        x = x if method == "sparsegpt" else x[:23]
+        w, new = modules[name].weight.double(), pruned[name].weight.double()
+        expected = float((x @ (w - new).T).norm() / (x @ w.T).norm())
+        assert errors[name] == pytest.approx(expected, rel=1e-4), name
+
+
 def test_report_and_mask_round_trip(tmp_path):
     model = tiny_llava()
     masks = prune_model(model, method="sparsegpt", sparsity=0.5, calibration=[llava_inputs()], progress=False)

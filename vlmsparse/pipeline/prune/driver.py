@@ -21,6 +21,7 @@ from ...kernels import cpu_gemm
 from ...masks import MaskSet
 from ...models import get_arch_spec
 from ...pruning import InputStats, check_weight, prune_layer, sparsegpt_prune
+from ...pruning.stats import ERROR_SAMPLE_TOKENS
 from .capture import _advance, _capture, _check_batches
 from .owl import _apply_owl
 from .placement import WeightSource, _model_device, _Onload, _visit
@@ -89,7 +90,8 @@ def prune_model(
     onload = _Onload(model, stages, device, weights) if cfg.device is not None else None
     offload = cfg.offload if cfg.offload is not None else device.type != "cpu"
     store = torch.device("cpu") if offload else None
-    hessian = cfg.method == "sparsegpt" or (cfg.report_error and bool(batches))
+    hessian = cfg.method == "sparsegpt"  # SparseGPT's X^T X also gives its error over every token
+    sample = ERROR_SAMPLE_TOKENS if cfg.report_error and batches and not hessian else 0
 
     masks = MaskSet(method=cfg.method)
     report: list[LayerReport] = []
@@ -110,8 +112,8 @@ def prune_model(
                      if cfg.propagate == "dense" and _needs_data(stage, cfg, batches) else None for stage, _ in plan]
             for i, (stage, per_block) in enumerate(plan):
                 captured, early[i] = early[i], None  # freed as the stage ends
-                _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups,
-                             onload, dense, captured)
+                _prune_stage(model, stage, per_block, batches, device, store, cfg, (hessian, sample), masks, report,
+                             backups, onload, dense, captured)
                 del captured
     except BaseException:
         with torch.no_grad():
@@ -160,11 +162,12 @@ def _needs_data(stage, cfg: PruneConfig, batches: list) -> bool:
     return cfg.method != "magnitude" or (cfg.report_error and bool(batches) and reached)
 
 
-def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, masks, report, backups,
-                 onload: _Onload | None = None, dense: list[dict] | None = None,
+def _prune_stage(model, stage, per_block, batches, device, store, cfg, kept: tuple[bool, int], masks, report,
+                 backups, onload: _Onload | None = None, dense: list[dict] | None = None,
                  captured: list | None = None) -> None:
-    """Prune one stage block by block. ``captured``: the stage's block inputs, captured already (the
-    ``propagate="dense"`` order); else captured here, from the model as pruned so far."""
+    """Prune one stage block by block. ``kept``: ``(hessian, sample_tokens)`` of each ``InputStats``.
+    ``captured``: the stage's block inputs, captured already (the ``propagate="dense"`` order); else captured
+    here, from the model as pruned so far."""
     blocks = _progress(list(zip(stage.blocks, per_block)), f"prune {stage.part}", cfg.progress, len(per_block))
     if not _needs_data(stage, cfg, batches):
         for block, targets in blocks:
@@ -189,7 +192,7 @@ def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, 
             if targets:
                 _check_arrived(targets)
                 keep = cfg.propagate == "dense" and index < last  # the dense outputs are the next block's inputs
-                stats, group_of, outputs = _collect_stats(block, index, targets, captured, device, hessian, keep,
+                stats, group_of, outputs = _collect_stats(block, index, targets, captured, device, *kept, keep,
                                                           store)
                 _backup(targets, backups, cfg)
                 _prune_block(targets, stats, group_of, cfg, masks, report)

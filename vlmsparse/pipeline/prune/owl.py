@@ -45,7 +45,7 @@ def _apply_owl(model, plan, batches, device, store, cfg: PruneConfig, onload: _O
                 continue
             with _visit(onload, block):
                 _check_arrived(targets)
-                stats, _, outputs = _collect_stats(block, index, targets, captured, device, False, True, store)
+                stats, _, outputs = _collect_stats(block, index, targets, captured, device, False, 0, True, store)
                 ratios.append(_outlier_ratio(targets, stats, cfg.owl_threshold))
             for b, out in zip(captured, outputs):
                 b.hidden = out

@@ -39,8 +39,10 @@ class PruneConfig:
     - ``owl``: OWL on top of the allocation (unstructured only); ``owl_lambda`` the sparsity spread around the
       target, ``owl_threshold`` the outlier factor M (score > M x mean).
     - ``blocksize``, ``dampening``: SparseGPT column block and Hessian dampening (fraction of mean diagonal).
-    - ``report_error``: accumulate ``X^T X`` for every layer to report the reconstruction error (always on
-      for SparseGPT; costs about one extra forward for Wanda).
+    - ``report_error``: report each layer's reconstruction error ``||X (W - W')^T|| / ||X W^T||``: SparseGPT's
+      over every calibration token (from the ``X^T X`` it keeps anyway), Wanda's and magnitude's over the first
+      :data:`~vlmsparse.pruning.stats.ERROR_SAMPLE_TOKENS` tokens of each layer (kept for it; two GEMMs per
+      layer, 10-20% of a Wanda run on a CPU).
     - ``offload``: keep calibration activations on the CPU between blocks (``None``: when the execution device
       is an accelerator).
     - ``device``: the execution device (``"cuda"``, ``"cuda:1"``, ``"cpu"``). ``None``: run where the model is.

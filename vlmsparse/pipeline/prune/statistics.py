@@ -20,9 +20,10 @@ def _tensor_key(x: torch.Tensor) -> tuple:
 
 def _collect_stats(
     block: nn.Module, index: int, targets: list[_Target], batches: list[_Batch], device: torch.device,
-    hessian: bool, keep_outputs: bool, store: torch.device | None,
+    hessian: bool, sample_tokens: int, keep_outputs: bool, store: torch.device | None,
 ) -> tuple[dict[str, InputStats], dict[str, int], list[torch.Tensor] | None]:
-    """Run every batch through ``block``; return stats per group, group index per target, and the outputs
+    """Run every batch through ``block``; return stats per group (``InputStats(in, hessian, sample_tokens=)``),
+    group index per target, and the outputs
     (when ``keep_outputs``: the block's outputs before it is pruned, which the OWL pre-pass and
     ``propagate="dense"`` pass on). A batch whose forward skips ``block``
     (:meth:`_Batch.reaches`) adds no statistics and its output is its input."""
@@ -41,7 +42,7 @@ def _collect_stats(
                 gid = state["ids"].get(key)
                 if gid is None:
                     gid = len(stats)
-                    stats[gid] = InputStats(x.shape[-1], hessian=hessian)
+                    stats[gid] = InputStats(x.shape[-1], hessian=hessian, sample_tokens=sample_tokens)
                     state["ids"][key] = gid
                 group_of[target.name] = gid
             state["order"].append(target.name)
