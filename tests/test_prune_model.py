@@ -220,7 +220,7 @@ def test_linears_reading_the_same_input_share_statistics():
     (stage, per_block), = _plan(spec, stages, PruneConfig())
     captured = _capture(model, stage, [_text_only(llava_inputs())], torch.device("cpu"), None)
     stats, group_of, _ = _collect_stats(stage.blocks[0], 0, per_block[0], captured, torch.device("cpu"),
-                                        False, False, None)
+                                        False, 0, False, None)
     p = "model.layers.0."
     assert stats[p + "self_attn.q_proj"] is stats[p + "self_attn.k_proj"] is stats[p + "self_attn.v_proj"]
     assert stats[p + "mlp.gate_proj"] is stats[p + "mlp.up_proj"]
