@@ -478,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
                              "with the calibration draw)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--report-error", action="store_true", help="Wanda/magnitude: also accumulate X^T X")
+    parser.add_argument("--report-error", action="store_true",
+                        help="Wanda/magnitude: also measure the reconstruction error (the CLI's default)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--note", default="", help="free text stored with the rows (e.g. 'shared machine')")
     parser.add_argument("--compare-llmcompressor", action="store_true",
