@@ -3,7 +3,10 @@
 Cases (``--cases``):
 
 - ``fwd``: inference ``y = x @ W.T + b`` with a 2:4 ``W``: providers ``dense`` (F.linear), ``torch24``
-  (torch semi-structured), ``triton24`` (packed 2:4 Triton kernel), ``reference`` (unpack + F.linear).
+  (torch semi-structured), ``cslt`` (``torch._cslt_sparse_mm`` called directly, no tensor subclass, with the
+  algorithm that ``torch._cslt_sparse_mm_search`` picks for this M on the first call; x padded to cuSPARSELt's
+  multiple of 8 rows in each call; issue 13 asks whether this is what makes the ``torch24`` rows slow),
+  ``triton24`` (packed 2:4 Triton kernel), ``reference`` (unpack + F.linear).
 - ``lora_fwd``: SparseLoRA forward ``y = x @ (W*M + s*(B@A)*M).T``: ``dense`` (plain F.linear, the floor),
   ``triton24_lora`` (packed 2:4 + fused adapter), ``triton_lora`` (dense-stored W + bool mask, fused),
   ``reference`` (materialised effective weight).
@@ -52,7 +55,7 @@ SHAPES = {
 TOKENS = (1, 16, 128, 576, 2048, 8192)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CASES = {
-    "fwd": ("dense", "torch24", "triton24", "reference"),
+    "fwd": ("dense", "torch24", "cslt", "triton24", "reference"),
     "lora_fwd": ("dense", "triton24_lora", "triton_lora", "reference"),
     "lora_fwd_bwd": ("dense", "full_ft", "dense_lora", "dense_gemm_lora", "triton24_lora", "triton_lora", "reference"),
 }
@@ -60,8 +63,49 @@ RANK, SCALING = 16, 2.0
 L2_ROTATE_BYTES = 256 << 20  # weight copies cycled so that one pass exceeds any L2
 
 
+def _cslt_compressed(weight: torch.Tensor) -> torch.Tensor | None:
+    """cuSPARSELt's compressed form of a 2:4 weight (``torch._cslt_compress``), None where it cannot take it."""
+    from vlmsparse.sparse24 import semi_structured_support
+
+    if not (weight.is_cuda and torch.backends.cusparselt.is_available()
+            and semi_structured_support(weight, backend="cusparselt")[0]):
+        return None
+    return torch._cslt_compress(weight.contiguous())
+
+
+def _cslt_linear(x: torch.Tensor, layers: list, pick):
+    """``y = x @ W.T + b`` through ``torch._cslt_sparse_mm`` on the copies' compressed weights. The first call
+    searches the algorithm for this M (``torch._cslt_sparse_mm_search``, untimed: the benchmark's warm-up) and
+    checks the result against ``F.linear`` (relative error of the output at most 1e-2), so a wrong result is an
+    error row, not a fast one."""
+    rows = x.shape[0]
+    pad = (-rows) % 8  # cuSPARSELt's dense operand (x^T here) takes a multiple of 8 columns in fp16 / bf16
+    state = {"alg": None}
+
+    def padded() -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+
+    def run():
+        lay = pick()
+        if state["alg"] is None:
+            state["alg"] = int(torch._cslt_sparse_mm_search(lay["cslt"], padded().t(), lay["bias"],
+                                                             transpose_result=True))
+            y = torch._cslt_sparse_mm(lay["cslt"], padded().t(), lay["bias"], transpose_result=True,
+                                      alg_id=state["alg"])[:rows]
+            expected = torch.nn.functional.linear(x, lay["weight"], lay["bias"]).float()
+            error = float((y.float() - expected).norm() / expected.norm())
+            if error > 1e-2:
+                raise RuntimeError(f"torch._cslt_sparse_mm differs from F.linear: relative error {error:.3g}")
+            return y
+        y = torch._cslt_sparse_mm(lay["cslt"], padded().t(), lay["bias"], transpose_result=True, alg_id=state["alg"])
+        return y[:rows] if pad else y
+
+    return run
+
+
 def _layer(n_in: int, n_out: int, dtype: torch.dtype, device: str, copies: int):
-    """``copies`` independent 2:4 layers (weight, packed, mask, A, B, bias, semi-structured or None)."""
+    """``copies`` independent 2:4 layers (weight, packed, mask, A, B, bias, semi-structured or None, cuSPARSELt
+    compressed or None)."""
     from vlmsparse.sparse24 import pack24, semi_structured_support, to_semi_structured
     from vlmsparse.sparsity import mask_nm
 
@@ -74,7 +118,7 @@ def _layer(n_in: int, n_out: int, dtype: torch.dtype, device: str, copies: int):
         del dense
         semi = to_semi_structured(weight) if semi_structured_support(weight)[0] else None
         layers.append(dict(
-            weight=weight, packed=pack24(weight), mask=mask, semi=semi,
+            weight=weight, packed=pack24(weight), mask=mask, semi=semi, cslt=_cslt_compressed(weight),
             A=0.01 * torch.randn(RANK, n_in, device=device, dtype=dtype),
             B=0.01 * torch.randn(n_out, RANK, device=device, dtype=dtype),
             bias=torch.randn(n_out, device=device, dtype=dtype),
@@ -102,6 +146,10 @@ def _make_fn(case: str, provider: str, layers: list, x: torch.Tensor, dy: torch.
             if layers[0]["semi"] is None:
                 return None
             return lambda: ops.torch24_linear(x, (lay := pick())["semi"], lay["bias"])
+        if provider == "cslt":
+            if layers[0]["cslt"] is None:
+                return None
+            return _cslt_linear(x, layers, pick)
         if provider == "triton24":
             if not triton_ok:
                 return None

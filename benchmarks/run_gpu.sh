@@ -53,7 +53,7 @@ fi
 if wanted linear; then
   stage "layer benchmark"
   if [ "$QUICK" = "1" ]; then
-    linear_args="--quick --cases fwd lora_fwd_bwd --providers torch24 triton24 full_ft dense_lora dense_gemm_lora triton_lora triton24_lora"
+    linear_args="--quick --cases fwd lora_fwd_bwd --providers torch24 cslt triton24 full_ft dense_lora dense_gemm_lora triton_lora triton24_lora"
   else
     linear_args=""
   fi

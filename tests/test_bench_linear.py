@@ -83,3 +83,47 @@ def test_run_gpu_without_a_gpu_records_the_environment(tmp_path):
     assert f"torch {torch.__version__}" in recorded and "no CUDA device" in recorded
     for package in ("transformers", "numpy", "pytest"):
         assert f"\n{package} " in recorded
+
+
+def _bench_linear():
+    spec = importlib.util.spec_from_file_location("bench_linear", ROOT / "benchmarks" / "bench_linear.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("tokens", [3, 16])
+def test_cslt_provider_pads_searches_once_and_checks_its_result(monkeypatch, tokens):
+    """The ``cslt`` provider (``torch._cslt_sparse_mm`` called directly) with cuSPARSELt's ops replaced by a fake
+    that computes the same product on the CPU: x is padded to a multiple of 8 rows and the padding cut off, the
+    algorithm is searched once (on the first call) and reused, and a wrong first result raises instead of being
+    timed. Without CUDA the provider is absent."""
+    bench = _bench_linear()
+    layers = bench._layer(16, 24, torch.float32, "cpu", copies=2)
+    x, dy = torch.randn(tokens, 16), torch.randn(tokens, 24)
+    assert all(lay["cslt"] is None for lay in layers) and bench._make_fn("fwd", "cslt", layers, x, dy) is None
+    for lay in layers:
+        lay["cslt"] = lay["weight"]  # the fake's "compressed" weight is the weight itself
+    seen = {"search": [], "mm": []}
+
+    def search(compressed, dense_b, bias=None, transpose_result=False):
+        seen["search"].append(tuple(dense_b.shape))
+        return 7
+
+    def mm(compressed, dense_b, bias=None, transpose_result=False, alg_id=0):
+        seen["mm"].append((tuple(dense_b.shape), alg_id, transpose_result))
+        return torch.nn.functional.linear(dense_b.t(), compressed, bias)
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", search, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", mm, raising=False)
+    fn = bench._make_fn("fwd", "cslt", layers, x, dy)
+    outputs = [fn() for _ in range(3)]
+    padded = (16, -(-tokens // 8) * 8)
+    assert seen["search"] == [padded] and seen["mm"] == [(padded, 7, True)] * 3
+    chosen = [layers[1], layers[0], layers[1]]  # the copies in turn
+    for y, lay in zip(outputs, chosen):
+        assert y.shape == (tokens, 24)
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, lay["weight"], lay["bias"]))
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda *a, **k: 2 * mm(*a, **k), raising=False)
+    with pytest.raises(RuntimeError, match="differs from F.linear"):
+        bench._make_fn("fwd", "cslt", layers, x, dy)()
