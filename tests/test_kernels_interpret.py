@@ -316,5 +316,5 @@ def test_bench_linear_triton_providers_run(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     ran = {(r["case"], r["provider"]) for r in rows}
     for case in ("fwd", "lora_fwd", "lora_fwd_bwd"):
-        assert {(case, p) for p in bench.CASES[case] if p != "torch24"} <= ran
+        assert {(case, p) for p in bench.CASES[case] if p not in ("torch24", "cslt")} <= ran  # those two: CUDA only
     assert all(r["error"] is None and r["ms"] > 0 for r in rows)
