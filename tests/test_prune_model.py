@@ -356,15 +356,15 @@ def test_owl_runs_a_block_without_targets_and_leaves_it_out_of_the_spread():
 
 
 @pytest.mark.parametrize("method", ["wanda", "magnitude", "sparsegpt"])
-def test_reported_errors_wanda_and_magnitude_on_the_first_tokens_sparsegpt_on_all(method, monkeypatch):
+def test_reported_errors_wanda_and_magnitude_on_a_sample_sparsegpt_on_all(method, monkeypatch):
     """Wanda and magnitude keep no X^T X for the error report (on SmolLM2 it cost as much as the pruning): a
-    linear's error is ||X D^T|| / ||X W^T|| over its first ERROR_SAMPLE_TOKENS real calibration tokens. SparseGPT,
-    which needs X^T X, reports it over every token. In the dense order each linear's inputs are the dense model's,
-    so the errors equal those from inputs captured in ordinary forwards of the dense model (padding skipped)."""
+    linear's error is ||X D^T|| / ||X W^T|| over the first whole calibration sequences that hold ERROR_SAMPLE_TOKENS
+    real tokens. SparseGPT, which needs X^T X, reports it over every token. In the dense order each linear's inputs are the dense model's, so the errors equal those from
+    inputs captured in ordinary forwards of the dense model (padding skipped)."""
     import vlmsparse.pipeline.prune.driver as driver
     import vlmsparse.pruning.stats as stats_module
 
-    monkeypatch.setattr(driver, "ERROR_SAMPLE_TOKENS", 23)  # batch 0 holds 22 real tokens: 1 more from batch 1
+    monkeypatch.setattr(driver, "ERROR_SAMPLE_TOKENS", 23)  # batch 0's 12 + 10 real tokens, batch 1's first 12
     grams = []
     gram_add = stats_module.gram_add_
     monkeypatch.setattr(stats_module, "gram_add_", lambda gram, x: grams.append(x.shape) or gram_add(gram, x))
@@ -386,8 +386,7 @@ def test_reported_errors_wanda_and_magnitude_on_the_first_tokens_sparsegpt_on_al
         h.remove()
     errors = {r.name: r.error for r in report_of(masks)}
     for name in masks:
-        x = torch.cat(inputs[name]).double()
-        x = x if method == "sparsegpt" else x[:23]
+        x = torch.cat(inputs[name] if method == "sparsegpt" else [inputs[name][0], inputs[name][1][:12]]).double()
         w, new = modules[name].weight.detach().double(), pruned[name].weight.detach().double()
         expected = float((x @ (w - new).T).norm() / (x @ w.T).norm())
         assert errors[name] == pytest.approx(expected, rel=1e-4), name

@@ -147,40 +147,46 @@ def test_statistics_accumulate_over_batches():
     torch.testing.assert_close(a.norm, x.square().mean(0).sqrt())
 
 
-def test_error_sample_keeps_the_first_real_tokens():
-    """``sample_tokens``: the first real tokens (padding skipped) over the batches, in the inputs' dtype, copied
-    (not a view that would keep the batch alive); never more than asked."""
+def test_error_sample_holds_whole_sequences():
+    """``sample_tokens``: the first whole sequences (rows of x, padding skipped) until the sample holds at least
+    that many tokens, so each position of a sequence (the first ones carry outlier activations) is as frequent as in
+    the data; a 2-D x is single tokens. In the inputs' dtype, copied (not a view that keeps the batch alive)."""
     x = torch.randn(2, 5, 16)
     mask = torch.tensor([[1, 1, 0, 0, 1], [1, 1, 1, 1, 1]])
     stats = InputStats(16, sample_tokens=9)
-    stats.add_batch(x, token_mask=mask)
-    stats.add_batch(x[1] * 2)  # 8 real tokens so far; of 5 more, 1 fits
-    real = torch.cat([x[0, [0, 1, 4]], x[1], 2 * x[1, :1]])
-    assert stats.sample.shape == (9, 16) and torch.equal(stats.sample, real)
+    stats.add_batch(x, token_mask=mask)  # 3 + 5 real tokens: both sequences
+    stats.add_batch(2 * x)  # 8 < 9: the next whole sequence (5 tokens), then 13 >= 9
+    stats.add_batch(3 * x)  # full: nothing
+    expected = torch.cat([x[0, [0, 1, 4]], x[1], 2 * x[0]])
+    assert stats.sample.shape == (13, 16) and torch.equal(stats.sample, expected)
     assert stats.sample.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
-    half = InputStats(16, sample_tokens=4)
-    half.add_batch(x[1].bfloat16())
-    assert half.sample.dtype == torch.bfloat16 and torch.equal(half.sample, x[1, :4].bfloat16())
+    flat = InputStats(16, sample_tokens=4)
+    flat.add_batch(x[1].bfloat16())  # 2-D: tokens
+    assert flat.sample.dtype == torch.bfloat16 and torch.equal(flat.sample, x[1, :4].bfloat16())
     assert InputStats(16).sample is None  # not asked: nothing kept
     with pytest.raises(ValueError, match="sample_tokens must be an int >= 0"):
         InputStats(16, sample_tokens=-1)
+    with pytest.raises(ValueError, match="token_mask shape"):
+        InputStats(16, sample_tokens=4).add_batch(x, token_mask=mask[:, :4])
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
 def test_error_from_the_sample_without_the_gram_matrix(method):
-    """Without X^T X (Wanda, magnitude) the reported error is ||X D^T|| / ||X W^T|| over the sampled tokens;
-    with it (SparseGPT) over every token; with neither, None."""
+    """Without X^T X (Wanda, magnitude) the reported error is ||X D^T|| / ||X W^T|| over the sampled tokens (here
+    the first 4 sequences of 30 tokens: 120 >= 100); with X^T X (SparseGPT) over every token; with neither, None."""
     torch.manual_seed(7)
     w = torch.randn(24, 32)
     x = _correlated_inputs(n=300, d=32, seed=8)
+    skewed = x.clone()
+    skewed[120:] = 100 * torch.randn(180, 32)  # tokens outside the sample: other data entirely
     stats = InputStats(32, sample_tokens=100)
-    for chunk in x.split(64):
-        stats.add_batch(chunk)
+    for batch in skewed.reshape(10, 30, 32).split(3):
+        stats.add_batch(batch)
     res = prune_layer(w, stats, method, "2:4")
-    assert stats.gram is None
-    expected = _rel_error(x[:100].double(), w.double(), res.weight.double())
+    assert stats.gram is None and stats.sample.shape == (120, 32)
+    expected = _rel_error(x[:120].double(), w.double(), res.weight.double())
     assert res.error == pytest.approx(expected, rel=1e-5)
-    assert res.error != pytest.approx(_rel_error(x, w, res.weight), rel=1e-3)  # not over all 300
+    assert abs(_rel_error(skewed, w, res.weight) - expected) > 0.01  # over all 300 it would differ
     # bfloat16 inputs: the GEMMs run in bf16, their squares summed in float32
     low = InputStats(32, sample_tokens=100)
     low.add_batch(x.bfloat16())

@@ -240,8 +240,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default 128)")
     p.add_argument("--dampening", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
     p.add_argument("--no-error", action="store_true",
-                   help="skip the reconstruction error of magnitude/Wanda (two GEMMs per layer over its first "
-                   "calibration tokens; SparseGPT's comes with its Hessian, over all of them)")
+                   help="skip the reconstruction error of magnitude/Wanda (two GEMMs per layer over the first "
+                   "calibration sequences; SparseGPT's comes with its Hessian, over all of them)")
     p.add_argument("--propagate", default="pruned", choices=PROPAGATIONS, metavar="FROM",
                    help="%(choices)s: the next block's calibration inputs are each block's outputs after pruning "
                    "(default, as the reference Wanda / SparseGPT: two forwards per block) or before (one forward "

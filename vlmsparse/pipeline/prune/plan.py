@@ -41,8 +41,8 @@ class PruneConfig:
     - ``blocksize``, ``dampening``: SparseGPT column block and Hessian dampening (fraction of mean diagonal).
     - ``report_error``: report each layer's reconstruction error ``||X (W - W')^T|| / ||X W^T||``: SparseGPT's
       over every calibration token (from the ``X^T X`` it keeps anyway), Wanda's and magnitude's over the first
-      :data:`~vlmsparse.pruning.stats.ERROR_SAMPLE_TOKENS` tokens of each layer (kept for it; two GEMMs per
-      layer, 10-20% of a Wanda run on a CPU).
+      whole calibration sequences that hold :data:`~vlmsparse.pruning.stats.ERROR_SAMPLE_TOKENS` tokens (kept for
+      it; two GEMMs per layer, 10-20% of a Wanda run on a CPU).
     - ``offload``: keep calibration activations on the CPU between blocks (``None``: when the execution device
       is an accelerator).
     - ``device``: the execution device (``"cuda"``, ``"cuda:1"``, ``"cpu"``). ``None``: run where the model is.
