@@ -36,7 +36,10 @@ def test_bench_e2e_tiny_rows_and_goal_table(tmp_path):
     by = {(r["metric"], r["variant"]): r for r in rows}
     assert by[("decode_tokens_per_s", "dense")]["speedup"] == 1.0
     assert by[("decode_tokens_per_s", "packed24")]["swapped"] == {"packed24": 14}  # 7 linears x 2 blocks
-    assert by[("decode_tokens_per_s", "auto")]["note"] == "all layers kept dense"  # no fast 2:4 path on a CPU
+    # compress(auto=True) decides by timing on this machine (the native kernels win on some CPUs, at some loads):
+    # either nothing was swapped and the dense rows are reused with a note, or the swapped model was timed
+    auto = by[("decode_tokens_per_s", "auto")]
+    assert (auto.get("note") == "all layers kept dense") == (set(auto["swapped"]) <= {"dense"}), auto
     packed, plain = by[("train_step_ms", "sparselora_packed")], by[("train_step_ms", "sparselora")]
     assert 0 < packed["model_mb"] < plain["model_mb"]  # the frozen 2:4 weights packed, no bool masks
     goals = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "goals.py"), str(out)], capture_output=True,
