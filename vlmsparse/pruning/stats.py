@@ -151,7 +151,7 @@ class InputStats:
             gram = self.gram
             num = (delta * linear(delta, gram)).sum().clamp_min(0)  # gram is symmetric: linear(D, G) = D @ G
             den = (dense * linear(dense, gram)).sum()
-        else:  # GEMMs in the inputs' dtype, as the model's forward runs them (bf16: 2x faster than fp32 here)
+        else:  # GEMMs in the inputs' dtype, as the model's forward runs them (bf16: 1.3-1.9x faster than fp32 here)
             x = self.sample
             num = linear(x, delta.to(x.dtype)).float().square().sum()
             den = linear(x, dense.to(x.dtype)).float().square().sum()
