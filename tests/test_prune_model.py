@@ -385,6 +385,9 @@ def test_reported_errors_wanda_and_magnitude_on_a_sample_sparsegpt_on_all(method
     for h in handles:
         h.remove()
     errors = {r.name: r.error for r in report_of(masks)}
+    over = ("every calibration token" if method == "sparsegpt"
+            else "the first whole calibration sequences reaching 23 tokens (all, when fewer)")
+    assert f"error: ||X (W - W')^T|| / ||X W^T|| over {over}" in format_report(masks).splitlines()
     for name in masks:
         x = torch.cat(inputs[name] if method == "sparsegpt" else [inputs[name][0], inputs[name][1][:12]]).double()
         w, new = modules[name].weight.detach().double(), pruned[name].weight.detach().double()

@@ -46,7 +46,8 @@ def prune_model(
     ``calibration``: an iterable of model-input dicts (``input_ids``, ``attention_mask``, ``pixel_values``,
     ...), each one batch; not needed for magnitude pruning without OWL. ``options``: the other fields of
     :class:`PruneConfig` (``scope``, ``owl``, ``blocksize``, ``dampening``, ``report_error``, ``offload``...).
-    The per-layer report is in ``masks.info["report"]`` (JSON; see :func:`report_of`). A block the model's
+    The per-layer report is in ``masks.info["report"]`` (JSON; see :func:`report_of`), and which tokens its errors
+    cover in ``masks.info["error_over"]`` (see ``report_error`` in :class:`PruneConfig`). A block the model's
     forward skips on every calibration batch (Mllama's cross-attention layers on text without ``pixel_values``)
     gets no inputs: Wanda / SparseGPT leave its linears dense, with a warning, and list it in
     ``masks.info["not_pruned"]`` (:func:`~vlmsparse.pipeline.prune.not_pruned_of`); magnitude, which needs no
@@ -139,6 +140,9 @@ def prune_model(
     )
     if dense:
         masks.info["not_pruned"] = json.dumps(dense)
+    if any(r.error is not None for r in report):
+        masks.info["error_over"] = ("every calibration token" if hessian else
+                                    f"the first whole calibration sequences reaching {sample} tokens (all, when fewer)")
     log.info("pruned %d linears of %s with %s in %.1f s (overall sparsity %.4f)", len(masks), spec.name,
              cfg.method, total, masks.sparsity())
     return masks

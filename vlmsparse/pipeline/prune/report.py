@@ -49,6 +49,8 @@ def format_report(masks: MaskSet) -> str:
                      f"{r.seconds:>7.3f}")
     lines.append(f"overall sparsity of pruned layers: {masks.sparsity():.4f}; method {masks.method}; "
                  f"{masks.info.get('seconds', '?')} s")
+    if "error_over" in masks.info:
+        lines.append(f"error: ||X (W - W')^T|| / ||X W^T|| over {masks.info['error_over']}")
     for row in not_pruned_of(masks):
         lines.append(f"left dense: {row['block']} ({len(row['linears'])} {row['part']} linears): {row['reason']}")
     if "stages" in masks.info:
