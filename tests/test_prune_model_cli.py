@@ -109,6 +109,7 @@ def test_cli_prune_end_to_end(tmp_path, llava_folder, capsys):
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["method"] == "sparsegpt" and len(report["layers"]) == 26
+    assert report["error_over"] == "every calibration token"  # SparseGPT's Hessian: the error over all of them
     model, masks = load_pruned(out)
     assert list(masks) == prunable_linear_names(model)
     assert {masks.patterns[n] for n in prunable_linear_names(model, parts="vision")} == {"2:4"}

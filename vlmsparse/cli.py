@@ -289,7 +289,8 @@ def _prune(args: argparse.Namespace) -> int:
     )
     if args.json:
         _print_json({"output": str(out), "sparsity": masks.sparsity(), "method": masks.method,
-                     "layers": [vars(r) for r in report_of(masks)], "not_pruned": not_pruned_of(masks)})
+                     "layers": [vars(r) for r in report_of(masks)], "not_pruned": not_pruned_of(masks),
+                     "error_over": masks.info.get("error_over")})
     elif not args.quiet:
         print(format_report(masks))
         print(f"saved to {out}")
