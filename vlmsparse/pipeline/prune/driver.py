@@ -113,7 +113,7 @@ def prune_model(
                      if cfg.propagate == "dense" and _needs_data(stage, cfg, batches) else None for stage, _ in plan]
             for i, (stage, per_block) in enumerate(plan):
                 captured, early[i] = early[i], None  # freed as the stage ends
-                _prune_stage(model, stage, per_block, batches, device, store, cfg, (hessian, sample), masks, report,
+                _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian, sample, masks, report,
                              backups, onload, dense, captured)
                 del captured
     except BaseException:
@@ -166,10 +166,10 @@ def _needs_data(stage, cfg: PruneConfig, batches: list) -> bool:
     return cfg.method != "magnitude" or (cfg.report_error and bool(batches) and reached)
 
 
-def _prune_stage(model, stage, per_block, batches, device, store, cfg, kept: tuple[bool, int], masks, report,
-                 backups, onload: _Onload | None = None, dense: list[dict] | None = None,
+def _prune_stage(model, stage, per_block, batches, device, store, cfg, hessian: bool, sample_tokens: int, masks,
+                 report, backups, onload: _Onload | None = None, dense: list[dict] | None = None,
                  captured: list | None = None) -> None:
-    """Prune one stage block by block. ``kept``: ``(hessian, sample_tokens)`` of each ``InputStats``.
+    """Prune one stage block by block. ``hessian``, ``sample_tokens``: those of each ``InputStats``.
     ``captured``: the stage's block inputs, captured already (the ``propagate="dense"`` order); else captured
     here, from the model as pruned so far."""
     blocks = _progress(list(zip(stage.blocks, per_block)), f"prune {stage.part}", cfg.progress, len(per_block))
@@ -196,8 +196,8 @@ def _prune_stage(model, stage, per_block, batches, device, store, cfg, kept: tup
             if targets:
                 _check_arrived(targets)
                 keep = cfg.propagate == "dense" and index < last  # the dense outputs are the next block's inputs
-                stats, group_of, outputs = _collect_stats(block, index, targets, captured, device, *kept, keep,
-                                                          store)
+                stats, group_of, outputs = _collect_stats(block, index, targets, captured, device, hessian,
+                                                          sample_tokens, keep, store)
                 _backup(targets, backups, cfg)
                 _prune_block(targets, stats, group_of, cfg, masks, report)
                 del stats
