@@ -9,7 +9,7 @@ from setuptools import find_packages, setup
 
 NATIVE_SOURCES = ["csrc/sparse_cpu/ops.cpp", "csrc/sparse_cpu/kernels_scalar.cpp"]
 NATIVE_X86_SOURCES = ["csrc/sparse_cpu/kernels_avx2.cpp", "csrc/sparse_cpu/kernels_avx512.cpp",
-                      "csrc/sparse_cpu/kernels_avx512bf16.cpp"]
+                      "csrc/sparse_cpu/kernels_avx512bf16.cpp", "csrc/sparse_cpu/kernels_amx.cpp"]
 
 
 def _import_target_torch() -> bool:

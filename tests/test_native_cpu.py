@@ -19,7 +19,7 @@ from vlmsparse.modules.sparse_linear import SparseLinear, choose_backend
 from vlmsparse.sparse24 import pack24
 from vlmsparse.sparsity import mask_nm
 
-ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 
 
 def _weight24(out_features: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
@@ -133,6 +133,29 @@ def test_bitmask_expanded_tiles(isa, native, in_features, rows):
     _check(native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets, bias), x, weight, bias)
 
 
+@pytest.mark.parametrize("isa", ["amx"], indirect=True)
+@pytest.mark.parametrize("fmt", ["packed24", "bitmask"])
+@pytest.mark.parametrize("in_features", [4, 28, 32, 36, 260, 1000])  # a part of a tile, one, a rest; chunks of 256
+@pytest.mark.parametrize("rows", [3, 4, 7, 8, 16, 17, 48, 49, 100])  # below and at the thresholds (8 packed, 4
+def test_amx_tiles(isa, native, fmt, in_features, rows):                # bitmask), blocks of 16, passes of 48
+    """bf16 weights on AMX tiles: 37 weight rows (two panels of 16 and one of 5); bitmask with an empty row and a
+    full one (the last: its values end where the padding starts)."""
+    if fmt == "packed24":
+        weight = _weight24(37, in_features, torch.bfloat16)
+        packed = pack24(weight)
+        run = lambda x, b: native.packed24_matmul(x, packed.values, packed.meta, b)  # noqa: E731
+    else:
+        weight = _weight_unstructured(37, in_features, torch.bfloat16)
+        weight[5] = 0
+        row = torch.randn(in_features).bfloat16()
+        weight[36] = torch.where(row == 0, 1.0, row)
+        bm = pack_bitmask_weight(weight)
+        run = lambda x, b: native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets, b)  # noqa: E731
+    bias = torch.randn(37).bfloat16() if rows % 2 else None
+    x = torch.randn(rows, in_features).bfloat16()
+    _check(run(x, bias), x, weight, bias)
+
+
 def _packed_pairs_product(x, values, meta):
     """``y[t, r] = sum_g values[r, 2g] * x[t, 4g + i0] + values[r, 2g + 1] * x[t, 4g + i1]`` in float64 for any
     nibbles (also i0 >= i1, which no packing writes)."""
@@ -202,9 +225,9 @@ def test_every_row_count_across_the_thresholds(native, dtype, monkeypatch):
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_dense_path_threshold_follows_the_tier(isa, native):
-    """bf16 prefill goes to dense GEMMs from 256 rows of x only on the avx512bf16 tier (elsewhere torch's bf16 GEMMs
-    are slow: from 4096); fp32 from 1024 on every tier."""
-    bf16 = 256 if isa == "avx512bf16" else native.DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16
+    """bf16 prefill goes to dense GEMMs from 256 rows of x only on the avx512bf16 and amx tiers (elsewhere torch's
+    bf16 GEMMs are slow: from 4096); fp32 from 1024 on every tier."""
+    bf16 = 256 if isa in ("avx512bf16", "amx") else native.DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16
     assert native.dense_from_rows(torch.bfloat16) == bf16
     assert native.dense_from_rows(torch.float32) == native.DENSE_FROM_ROWS[torch.float32] == 1024
 
@@ -258,7 +281,7 @@ def test_bitmask_format_round_trip():
 
 def test_isa_selection(native):
     assert native.isa() in native.supported_isas() and native.supported_isas()[0] == "scalar"
-    with pytest.raises(RuntimeError, match="unknown ISA level 'sse9'.*allowed: scalar, avx2, avx512, avx512bf16"):
+    with pytest.raises(RuntimeError, match="unknown ISA level 'sse9'.*allowed: scalar, avx2, avx512, avx512bf16, amx"):
         native.set_isa("sse9")
     code = "from vlmsparse.kernels import cpu; print(cpu.isa())"
     env = {**os.environ, "VLMSPARSE_CPU_ISA": "scalar"}
@@ -400,7 +423,8 @@ PATHS_WITH_BUFFERS = [
     ("avx512", "bitmask", torch.float32, 20),  # column pass (bitmask fp32)
     ("avx512bf16", "bitmask", torch.bfloat16, 1), ("avx512bf16", "packed24", torch.bfloat16, 12),  # token lanes
     ("avx512bf16", "bitmask", torch.bfloat16, 8),  # expanded tiles
-]
+    ("amx", "packed24", torch.bfloat16, 8), ("amx", "bitmask", torch.bfloat16, 4),  # AMX tiles (avx512bf16 asks
+]                                                                                   # no buffer for these)
 
 
 @pytest.mark.parametrize("isa,fmt,dtype,rows", PATHS_WITH_BUFFERS, indirect=["isa"])

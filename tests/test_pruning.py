@@ -451,7 +451,7 @@ def _sparsegpt_both(weight, hessian, pattern, monkeypatch, segments=None):
     return native, python
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512bf16", "amx"])
 @pytest.mark.parametrize("pattern,segments", [("2:4", None), ("4:8", None), (0.5, [24, 40]), (0.7, None)])
 def test_native_column_steps_equal_the_python_loop(native, isa, pattern, segments, monkeypatch):
     """The C++ column steps (csrc/sparse_cpu/obs.h, each ISA tier) choose the same masks as the Python loop and

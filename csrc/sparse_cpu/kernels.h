@@ -75,5 +75,6 @@ void rows_scalar(const SparseWeight&, const Input&, const float*, float*, int64_
 void rows_avx2(const SparseWeight&, const Input&, const float*, float*, int64_t, int64_t);
 void rows_avx512(const SparseWeight&, const Input&, const float*, float*, int64_t, int64_t);
 void rows_avx512bf16(const SparseWeight&, const Input&, const float*, float*, int64_t, int64_t);
+void rows_amx(const SparseWeight&, const Input&, const float*, float*, int64_t, int64_t);
 
 }  // namespace vlmsparse_cpu

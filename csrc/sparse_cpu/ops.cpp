@@ -16,12 +16,35 @@
 
 #include "kernels.h"
 
+#if defined(__x86_64__) && defined(VLMSPARSE_X86_TIERS)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace vlmsparse_cpu {
 namespace {
 
-const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512bf16"};
-constexpr int kIsaCount = 4;
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512bf16", "amx"};
+constexpr int kIsaCount = 5;
 constexpr int kIsaBf16 = 3;  // bf16 weights and inputs through VDPBF16PS
+constexpr int kIsaAmx = 4;   // the same, and from a few rows of x on AMX tiles (kernels_amx.cpp)
+
+#if defined(__x86_64__) && defined(VLMSPARSE_X86_TIERS)
+// AMX-TILE and AMX-BF16 in CPUID, and Linux's permission to use tile data (asked once; a kernel without AMX
+// support, or before 5.16, refuses, and the tier is not offered).
+bool amx_usable() {
+  static const bool usable = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
+    if (!amx_bf16 || !amx_tile) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, ...)
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+#endif
 
 bool cpu_has(int isa) {
 #if defined(__x86_64__) && defined(VLMSPARSE_X86_TIERS)
@@ -30,9 +53,9 @@ bool cpu_has(int isa) {
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   if (isa == 2) return avx512;
-  if (isa == kIsaBf16) {
-    return avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2");
-  }
+  const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2");
+  if (isa == kIsaBf16) return bf16;
+  if (isa == kIsaAmx) return bf16 && amx_usable();
 #endif
   return isa == 0;
 }
@@ -42,7 +65,7 @@ int isa_index(const std::string& name) {
     if (name == kIsaNames[i]) return i;
   }
   TORCH_CHECK(false, "vlmsparse native CPU kernels: unknown ISA level '", name,
-              "'; allowed: scalar, avx2, avx512, avx512bf16");
+              "'; allowed: scalar, avx2, avx512, avx512bf16, amx");
   return 0;
 }
 
@@ -69,6 +92,7 @@ std::atomic<int>& current_isa() {
 
 RowsFn rows_fn(int isa) {
 #if defined(__x86_64__) && defined(VLMSPARSE_X86_TIERS)
+  if (isa == kIsaAmx) return rows_amx;
   if (isa == kIsaBf16) return rows_avx512bf16;
   if (isa == 2) return rows_avx512;
   if (isa == 1) return rows_avx2;
@@ -113,8 +137,8 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& values,
 at::Tensor run(SparseWeight w, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
   const int64_t k = w.k, n = w.n;
   const int isa = current_isa().load();
-  // The bf16 tier reads bf16 inputs as they are; every other path reads them in fp32.
-  const bool bf16_inputs = isa == kIsaBf16 && x.scalar_type() == at::kBFloat16;
+  // The bf16 tiers read bf16 inputs as they are; every other path reads them in fp32.
+  const bool bf16_inputs = isa >= kIsaBf16 && x.scalar_type() == at::kBFloat16;
   const at::Tensor x2 = bf16_inputs ? x.reshape({-1, k}).contiguous() : x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t m = x2.size(0);
   at::Tensor y = at::empty({m, n}, x2.options().dtype(at::kFloat));
@@ -341,7 +365,7 @@ at::Tensor bitmask_linear_dense(const at::Tensor& x, const at::Tensor& values, c
 
 ObsFn obs_fn(int isa) {
 #if defined(__x86_64__) && defined(VLMSPARSE_X86_TIERS)
-  if (isa >= 2) return obs_avx512;  // the avx512bf16 tier has no bf16 work here: its AVX-512 code
+  if (isa >= 2) return obs_avx512;  // the avx512bf16 and amx tiers have no bf16 work here: their AVX-512 code
   if (isa == 1) return obs_avx2;
 #endif
   return obs_scalar;

@@ -19,7 +19,9 @@ with the row's stored values). A column pass (x transposed into blocks of 8 or 1
 broadcast times its column: no products with the pruned zeros) runs on the AVX2 tier from 8 rows of x (12 for
 packed 2:4 bf16) and on the AVX-512 tiers for bitmask fp32 weights from 12 rows of x (16 rows a block).
 Packed 2:4 bf16 on the avx512bf16 tier from 12 rows of x puts the rows of x in the vector lanes instead (one
-VDPBF16PS per stored pair and 16 rows of x, the pairs of x looked up by the pair's 2-bit indices).
+VDPBF16PS per stored pair and 16 rows of x, the pairs of x looked up by the pair's 2-bit indices). The ``amx``
+tier runs bf16 weights from 8 rows of x (packed 2:4) or 4 (bitmask) on AMX tiles: each panel of 16 weight rows
+expanded to dense bf16 in L2, then TDPBF16PS against 16 rows of x at a time; fewer rows go to avx512bf16's paths.
 Rows are split over torch's intra-op threads. From :func:`dense_from_rows` rows of x on (prefill: ``DENSE_FROM_ROWS``
 by dtype, 1024 fp32 and 256 bf16, 4096 bf16 on tiers without AVX-512 BF16, whose bf16 GEMMs are slow),
 :func:`packed24_matmul` and :func:`bitmask_matmul` instead run dense GEMMs (``packed24_linear_dense`` /
@@ -28,8 +30,8 @@ the call reuses, and each block is one ``addmm`` into its columns of y (bit for 
 no full-size dense copy, no page faults of a fresh full-size allocation per call). ``packed24_to_dense`` /
 ``bitmask_to_dense`` give the whole dense weight. ISA tiers: ``scalar``, ``avx2`` (AVX2 + FMA), ``avx512`` (F,
 BW, VL, DQ), ``avx512bf16`` (also AVX512_BF16 and VBMI2: bf16 weights times bf16 inputs with VDPBF16PS, exact
-products summed in fp32; bf16 denormal inputs count as zero): the best the CPU has, or ``$VLMSPARSE_CPU_ISA``, or
-:func:`set_isa`.
+products summed in fp32; bf16 denormal inputs count as zero), ``amx`` (also AMX-TILE and AMX-BF16, with Linux's
+permission for tile data): the best the CPU has, or ``$VLMSPARSE_CPU_ISA``, or :func:`set_isa`.
 
 :func:`packed24_matmul` / :func:`bitmask_matmul` check their arguments in Python (clear ``ValueError``); the
 ``*_unchecked`` twins, which :mod:`vlmsparse.ops` runs after its own checks (or a module's at construction), skip
@@ -51,6 +53,7 @@ __all__ = [
     "NATIVE_DTYPES",
     "DENSE_FROM_ROWS",
     "DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16",
+    "BF16_TIERS",
     "dense_from_rows",
     "native_available",
     "unavailable_reason",
@@ -65,8 +68,8 @@ __all__ = [
 ]
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
-# Rows of x from which the dense-GEMM path runs, by dtype; for bf16 also by whether the tier in use is avx512bf16
-# (torch's bf16 GEMMs are fast only with AVX-512 BF16). The crossovers measured by benchmarks/bench_cpu.py --prefill
+# Rows of x from which the dense-GEMM path runs, by dtype; for bf16 also by whether the tier in use has AVX-512 BF16
+# (avx512bf16 or amx: torch's bf16 GEMMs are fast only there). The crossovers measured by benchmarks/bench_cpu.py --prefill
 # (4096->11008, 1 thread, thread CPU time, 2026-12-07, after the faster expansion; row kernels vs dense path, ms):
 # packed 2:4 fp32 306 vs 466 at 512 rows, 1185 vs 986 at 1024; 70% bitmask fp32 909 vs 1020 at 1024, 2898 vs 1991
 # at 2048; packed 2:4 bf16 32 vs 42 at 128, 64 vs 65 at 256, 146 vs 124 at 512; 70% bitmask bf16 45 vs 45 at 128,
@@ -75,6 +78,7 @@ NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 # bf16 GEMM: packed 2:4 3974 vs 6625 ms at 2048).
 DENSE_FROM_ROWS = {torch.float32: 1024, torch.bfloat16: 256}
 DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16 = 4096
+BF16_TIERS = ("avx512bf16", "amx")  # the tiers that multiply bf16 weights by bf16 inputs as they are
 _MODULE = "vlmsparse._native_cpu"
 
 
@@ -163,7 +167,7 @@ _dense_from: dict[torch.dtype, int] = {}
 def _set_dense_from(tier: str) -> None:
     _dense_from.clear()
     _dense_from.update(DENSE_FROM_ROWS)
-    if tier != "avx512bf16":
+    if tier not in BF16_TIERS:
         _dense_from[torch.bfloat16] = DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16
 
 
@@ -174,7 +178,7 @@ def dense_from_rows(dtype: torch.dtype) -> int:
 
 
 def isa() -> str:
-    """The ISA tier in use: ``scalar``, ``avx2``, ``avx512`` or ``avx512bf16``."""
+    """The ISA tier in use: ``scalar``, ``avx2``, ``avx512``, ``avx512bf16`` or ``amx``."""
     return _ops().isa()
 
 
