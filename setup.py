@@ -9,7 +9,8 @@ from setuptools import find_packages, setup
 
 NATIVE_SOURCES = ["csrc/sparse_cpu/ops.cpp", "csrc/sparse_cpu/kernels_scalar.cpp"]
 NATIVE_X86_SOURCES = ["csrc/sparse_cpu/kernels_avx2.cpp", "csrc/sparse_cpu/kernels_avx512.cpp",
-                      "csrc/sparse_cpu/kernels_avx512bf16.cpp", "csrc/sparse_cpu/kernels_amx.cpp"]
+                      "csrc/sparse_cpu/kernels_avx512bf16.cpp"]
+NATIVE_AMX_SOURCE = "csrc/sparse_cpu/kernels_amx.cpp"  # only where the compiler knows AMX (GCC >= 11, clang >= 12)
 
 
 def _import_target_torch() -> bool:
@@ -40,6 +41,19 @@ def _import_target_torch() -> bool:
     return True
 
 
+def _compiler_knows_amx() -> bool:
+    """Whether the C++ compiler (``$CXX``, else ``c++``) compiles AMX intrinsics; an older one builds every other
+    tier, and the amx tier is then not offered."""
+    code = '#include <immintrin.h>\n__attribute__((target("amx-tile,amx-bf16"))) void f() { _tile_release(); }\n'
+    compiler = os.environ.get("CXX", "c++").split()
+    try:
+        probe = subprocess.run([*compiler, "-x", "c++", "-c", "-", "-o", os.devnull], input=code, text=True,
+                               capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0
+
+
 def _native_build() -> dict:
     """setup() arguments for the native CPU kernels (csrc/), or none when they cannot be built here.
 
@@ -55,20 +69,23 @@ def _native_build() -> dict:
     class LenientBuild(BuildExtension):
         """A compiler failure leaves the pure-torch paths instead of failing the install."""
 
-        def build_extension(self, ext):
+        def run(self):
             try:
-                super().build_extension(ext)
-            except Exception as error:  # noqa: BLE001 -- any compiler failure
+                super().run()
+            except Exception as error:  # noqa: BLE001 -- any compiler or linker failure
                 print(f"vlmsparse: native CPU kernels not built ({error}); using pure-torch paths",
                       file=sys.stderr)
+                self.extensions = []  # nothing built: nothing for an editable or wheel install to copy
 
     x86 = platform.machine().lower() in ("x86_64", "amd64")
+    amx = x86 and _compiler_knows_amx()
     extension = CppExtension(
         "vlmsparse._native_cpu",
-        NATIVE_SOURCES + (NATIVE_X86_SOURCES if x86 else []),
+        NATIVE_SOURCES + (NATIVE_X86_SOURCES if x86 else []) + ([NATIVE_AMX_SOURCE] if amx else []),
         # -fopenmp: at::parallel_for is an OpenMP loop in torch's headers (serial without it); the library links
         # libgomp.so.1, the soname torch's own copy has, so one OpenMP runtime (and torch.set_num_threads) rules.
-        extra_compile_args=["-O3", "-std=c++20", "-fopenmp"] + (["-DVLMSPARSE_X86_TIERS"] if x86 else []),
+        extra_compile_args=["-O3", "-std=c++20", "-fopenmp"] + (["-DVLMSPARSE_X86_TIERS"] if x86 else [])
+        + (["-DVLMSPARSE_AMX"] if amx else []),
         extra_link_args=["-fopenmp"],
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": LenientBuild}}

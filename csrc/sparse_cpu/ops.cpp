@@ -30,7 +30,7 @@ constexpr int kIsaCount = 5;
 constexpr int kIsaBf16 = 3;  // bf16 weights and inputs through VDPBF16PS
 constexpr int kIsaAmx = 4;   // the same, and from a few rows of x on AMX tiles (kernels_amx.cpp)
 
-#if defined(__x86_64__) && defined(VLMSPARSE_X86_TIERS)
+#if defined(__x86_64__) && defined(VLMSPARSE_X86_TIERS) && defined(VLMSPARSE_AMX)
 // AMX-TILE and AMX-BF16 in CPUID, and Linux's permission to use tile data (asked once; a kernel without AMX
 // support, or before 5.16, refuses, and the tier is not offered).
 bool amx_usable() {
@@ -55,7 +55,9 @@ bool cpu_has(int isa) {
   if (isa == 2) return avx512;
   const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2");
   if (isa == kIsaBf16) return bf16;
+#if defined(VLMSPARSE_AMX)  // setup.py: the compiler knows AMX
   if (isa == kIsaAmx) return bf16 && amx_usable();
+#endif
 #endif
   return isa == 0;
 }
@@ -92,7 +94,9 @@ std::atomic<int>& current_isa() {
 
 RowsFn rows_fn(int isa) {
 #if defined(__x86_64__) && defined(VLMSPARSE_X86_TIERS)
+#if defined(VLMSPARSE_AMX)
   if (isa == kIsaAmx) return rows_amx;
+#endif
   if (isa == kIsaBf16) return rows_avx512bf16;
   if (isa == 2) return rows_avx512;
   if (isa == 1) return rows_avx2;
