@@ -75,7 +75,10 @@ NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 # at 2048; packed 2:4 bf16 32 vs 42 at 128, 64 vs 65 at 256, 146 vs 124 at 512; 70% bitmask bf16 45 vs 45 at 128,
 # 123 vs 70 at 256. On the AVX2 tier (bench_cpu.py --emulate-avx2 --prefill, 1 thread, load 5-6, 2026-12-06) fp32
 # crosses between 512 and 1024 rows (packed 2:4 471 vs 503 ms at 512, 1939 vs 1094 at 1024), bf16 above 2048 (no
-# bf16 GEMM: packed 2:4 3974 vs 6625 ms at 2048).
+# bf16 GEMM: packed 2:4 3974 vs 6625 ms at 2048). On an Intel Xeon with AMX (amx tier, --prefill, 1 thread, 2026-12-07)
+# bf16 crosses between 128 and 256 rows too (packed 2:4 20 vs 39 ms at 128, 63 vs 51 at 256; 70% bitmask 21 vs 53,
+# 60 vs 65), but fp32 already at 128 (packed 2:4 61 vs 96 ms at 64, 169 vs 142 at 128, 1020 vs 456 at 512): its fp32
+# row kernels are about 3x slower than on the AMD EPYC, a difference not yet understood, so fp32 keeps 1024.
 DENSE_FROM_ROWS = {torch.float32: 1024, torch.bfloat16: 256}
 DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16 = 4096
 BF16_TIERS = ("avx512bf16", "amx")  # the tiers that multiply bf16 weights by bf16 inputs as they are
