@@ -5,7 +5,9 @@ bf16}, thread count in {1, all}, tokens M in {1, 16}: the time of dense F.linear
 of the two is the baseline, whatever the sparse weight's dtype), and of the native kernel for the weight in the
 same dtype as packed 2:4, bitmask at 50% and at 70% sparsity. ``speedup`` = faster dense / sparse, measured side
 by side in one run; ``limit`` = the byte limit at M = 1 (dense bytes of the baseline / sparse bytes);
-``gbps`` = weight bytes read per second.
+``gbps`` = weight bytes read per second. ``--isas TIER ...`` times the sparse layer on each of those native tiers in
+turn beside the same dense timings (a row per tier, ``isa`` says which; e.g. ``--isas amx avx512bf16`` shows what
+the AMX tier adds); the goal table counts the tier in use.
 
 End-to-end row (``--e2e``): a Llama built from a config (TinyLlama widths: hidden 2048, intermediate 5632, 32
 heads, 4 KV heads; 8 layers, vocab 4096; random weights), every decoder linear pruned 2:4 by magnitude. Greedy
@@ -112,9 +114,16 @@ def _sparse_weight(in_features: int, out_features: int, fmt: str, generator: tor
     return torch.where(keep, weight, 0.0)
 
 
-def bench_layers(shapes: dict, tokens: tuple[int, ...], threads: list[int], repeats: int, env: dict) -> list[dict]:
+def bench_layers(shapes: dict, tokens: tuple[int, ...], threads: list[int], repeats: int, env: dict,
+                 tiers: tuple[str, ...] = ()) -> list[dict]:
+    """Layer rows: each sparse format and dtype against dense fp32 and bf16 ``F.linear``. With ``tiers``, the sparse
+    layer is timed on each of those native tiers in turn beside the same dense timings (one row per tier);
+    otherwise on the tier in use."""
     from vlmsparse.kernels import cpu
     from vlmsparse.modules.sparse_linear import SparseLinear
+
+    in_use = cpu.isa()
+    tiers = tiers or (in_use,)
 
     rows = []
     generator = torch.Generator().manual_seed(0)
@@ -135,28 +144,35 @@ def bench_layers(shapes: dict, tokens: tuple[int, ...], threads: list[int], repe
                         dense_ms = {name: _median_ms(_Rotating(torch.nn.functional.linear, x.to(dense[name].dtype),
                                                                dense_copies[name]), repeats)
                                     for name in dense}
-                        sparse_ms = _median_ms(_Rotating(lambda xs, layer: layer(xs), x.to(dtype), sparse_copies),
-                                               repeats)
                         best = min(dense_ms, key=dense_ms.get)
                         dense_bytes = dense[best].numel() * dense[best].element_size()
-                        rows.append({
+                        for tier in tiers:
+                            cpu.set_isa(tier)
+                            try:
+                                sparse_ms = _median_ms(_Rotating(lambda xs, layer: layer(xs), x.to(dtype),
+                                                                 sparse_copies), repeats)
+                            finally:
+                                cpu.set_isa(in_use)
+                            rows.append({
                             "bench": "cpu_layer", "shape": shape_name, "in": in_features, "out": out_features,
-                            "format": fmt, "dtype": dtype_name, "threads": n_threads, "tokens": m,
-                            "dense_fp32_ms": round(dense_ms["fp32"], 4), "dense_bf16_ms": round(dense_ms["bf16"], 4),
-                            "baseline": f"dense {best}", "sparse_ms": round(sparse_ms, 4),
-                            "speedup": round(dense_ms[best] / sparse_ms, 3),
-                            "dense_bytes": dense_bytes, "sparse_bytes": sparse.weight_bytes(),
-                            "limit": round(dense_bytes / sparse.weight_bytes(), 3),
-                            "gbps": round(sparse.weight_bytes() / sparse_ms / 1e6, 2),
-                            "dense_gbps": round(dense_bytes / dense_ms[best] / 1e6, 2),
-                            "isa": cpu.isa(), "load": [round(v, 2) for v in os.getloadavg()], **env,
-                        })
-                        print(_layer_line(rows[-1]), flush=True)
+                                "format": fmt, "dtype": dtype_name, "threads": n_threads, "tokens": m,
+                                "dense_fp32_ms": round(dense_ms["fp32"], 4),
+                                "dense_bf16_ms": round(dense_ms["bf16"], 4),
+                                "baseline": f"dense {best}", "sparse_ms": round(sparse_ms, 4),
+                                "speedup": round(dense_ms[best] / sparse_ms, 3),
+                                "dense_bytes": dense_bytes, "sparse_bytes": sparse.weight_bytes(),
+                                "limit": round(dense_bytes / sparse.weight_bytes(), 3),
+                                "gbps": round(sparse.weight_bytes() / sparse_ms / 1e6, 2),
+                                "dense_gbps": round(dense_bytes / dense_ms[best] / 1e6, 2),
+                                "load": [round(v, 2) for v in os.getloadavg()], **env, "isa": tier,
+                            })
+                            print(_layer_line(rows[-1]), flush=True)
     return rows
 
 
 def _layer_line(row: dict) -> str:
-    return (f"{row['shape']:12s} {row['format']:9s} {row['dtype']} t={row['threads']} M={row['tokens']:<3d} "
+    return (f"{row['shape']:12s} {row['format']:9s} {row['dtype']} {row['isa']} t={row['threads']} "
+            f"M={row['tokens']:<3d} "
             f"dense fp32 {row['dense_fp32_ms']:8.3f} bf16 {row['dense_bf16_ms']:8.3f} ms | sparse "
             f"{row['sparse_ms']:8.3f} ms = {row['speedup']:.2f}x (byte limit {row['limit']:.2f}x; "
             f"{row['gbps']:.1f} GB/s vs dense {row['dense_gbps']:.1f})")
@@ -319,13 +335,14 @@ def first_divergence(dense, ids: torch.Tensor, dense_tokens: list[int], sparse_t
             "dense_top2_gap_rel": round(gap / max(abs(float(top2[0])), 1e-12), 6)}
 
 
-def goal_table(rows: list[dict]) -> list[tuple[str, str, bool]]:
-    """(goal, measured, met) per goal of issue 14 over the rows of this run."""
+def goal_table(rows: list[dict], tier: str | None = None) -> list[tuple[str, str, bool]]:
+    """(goal, measured, met) per goal of issue 14 over the rows of this run (the layer rows of ``tier`` only, when
+    given: the tier in use, not the ones timed beside it for comparison)."""
     table = []
     for (fmt, m), need in GOALS.items():
         for dtype in DTYPES:
             picked = [r for r in rows if r["bench"] == "cpu_layer" and r["format"] == fmt and r["tokens"] == m
-                      and r["dtype"] == dtype]
+                      and r["dtype"] == dtype and tier in (None, r["isa"])]
             if picked:
                 worst = min(r["speedup"] for r in picked)
                 limit = min(r["limit"] for r in picked)
@@ -358,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="cpu: the calling thread's CPU time (needs --threads 1)")
+    parser.add_argument("--isas", nargs="+", default=None, metavar="TIER",
+                        help="time the sparse layers on each of these native tiers beside the same dense timings "
+                        "(default: the tier in use); the goal table counts the tier in use")
     parser.add_argument("--emulate-avx2", action="store_true",
                         help="re-run with the native AVX2 tier and torch's dense kernels limited to AVX2 (AVX2_ENV)")
     args = parser.parse_args(argv)
@@ -386,11 +406,18 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         env["note"] = "AVX2 tier, dense restricted to AVX2, load {load}"
+    if args.isas:
+        unknown = [tier for tier in args.isas if tier not in cpu.supported_isas()]
+        if unknown:
+            parser.error(f"--isas: this CPU or build has no tier {', '.join(unknown)}; it has "
+                         f"{', '.join(cpu.supported_isas())}")
+        if env["isa"] not in args.isas:
+            parser.error(f"--isas must include the tier in use, {env['isa']} (the goal table counts it)")
     threads = args.threads or sorted({1, torch.get_num_threads()})
     rows = []
     if not args.no_layers:
         shapes = QUICK_SHAPES if args.quick else {name: SHAPES[name] for name in args.shapes or SHAPES}
-        rows += bench_layers(shapes, tuple(args.tokens), threads, args.repeats, env)
+        rows += bench_layers(shapes, tuple(args.tokens), threads, args.repeats, env, tuple(args.isas or ()))
     if args.prefill:
         shape = (512, 1024) if args.quick else tuple(args.prefill_shape)
         rows += bench_prefill(shape, tuple(args.prefill_tokens), threads, args.repeats, env)
@@ -404,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             row["note"] = row["note"].format(load=row.get("load", os.getloadavg())[0])
     append_rows(out, rows)
     print(f"\n{len(rows)} rows appended to {out}\n\n| goal | measured | met |\n|---|---|---|")
-    for goal, measured, met in goal_table(rows):
+    for goal, measured, met in goal_table(rows, env["isa"]):
         print(f"| {goal} | {measured} | {'yes' if met else 'NO'} |")
     return 0
 

@@ -45,6 +45,37 @@ def test_bench_cpu_quick_rows(tmp_path, capsys, native):
     assert "| goal | measured | met |" in printed and "packed24 bf16 weights, M=1" in printed and "end to end" in printed
 
 
+def test_isas_time_each_tier_beside_the_same_dense_timings(tmp_path, capsys, native):
+    """--isas: one layer row per tier with the same dense timings; the goal table counts only the tier in use."""
+    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    in_use = native.isa()
+    if in_use == "scalar":
+        pytest.skip("needs a tier beside scalar")
+    out = tmp_path / "rows.jsonl"
+    assert bench.main(["--quick", "--isas", in_use, "scalar", "--tokens", "1", "--threads", "1", "--repeats", "1",
+                       "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 * len(bench.FORMATS) * len(bench.DTYPES)
+    by_tier = {tier: [r for r in rows if r["isa"] == tier] for tier in (in_use, "scalar")}
+    for ours, scalar in zip(by_tier[in_use], by_tier["scalar"], strict=True):
+        assert (ours["format"], ours["dtype"]) == (scalar["format"], scalar["dtype"])
+        assert (ours["dense_fp32_ms"], ours["dense_bf16_ms"]) == (scalar["dense_fp32_ms"], scalar["dense_bf16_ms"])
+    assert native.isa() == in_use  # restored
+    goals = bench.goal_table(rows, in_use)
+    assert goals and all("over 1 rows" in measured for _, measured, _ in goals)  # one shape, one thread
+    assert all("over 2 rows" in measured for _, measured, _ in bench.goal_table(rows))  # both tiers
+    printed = capsys.readouterr().out
+    assert f" {in_use} t=1 " in printed and " scalar t=1 " in printed
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--isas", "sse9", "--out", str(out)])
+    assert "--isas: this CPU or build has no tier sse9" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--isas", "scalar", "--out", str(out)])
+    assert f"--isas must include the tier in use, {in_use}" in capsys.readouterr().err
+
+
 def test_crossover_is_the_first_m_from_which_dense_always_wins():
     spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
     bench = importlib.util.module_from_spec(spec)
