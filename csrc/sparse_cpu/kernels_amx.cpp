@@ -45,6 +45,8 @@ constexpr int kMaxBlocks = 3;       // blocks of x per pass over the weight (two
 // thread CPU time, median of 15 calls, weights rotated over 512 MiB; 4096->11008 / 11008->4096 / 4096->4096, ms):
 // packed 2:4 4 rows 6.13 -> 7.58 / 6.39 -> 7.69 / 2.51 -> 2.80, 8 rows 9.37 -> 7.43 / 10.83 -> 8.03 / 4.14 -> 3.08;
 // 70% bitmask 2 rows 7.04 -> 6.28 / 5.40 -> 6.63 / 2.65 -> 2.43, 4 rows 8.78 -> 6.69 / 7.11 -> 6.73 / 3.34 -> 2.31.
+// Again in bench_cpu.py --isas amx avx512bf16 (11008->4096 / 4096->11008 / 4096->4096, 4 rows): 70% bitmask 8.8 ->
+// 9.0 / 8.6 -> 7.1 / 3.6 -> 3.1, 50% 7.9 -> 9.4 / 10.5 -> 8.9 / 3.8 -> 3.5: a small gain in all, kept.
 constexpr int64_t kAmxFromRowsPacked24 = 8;
 constexpr int64_t kAmxFromRowsBitmask = 4;
 constexpr int64_t kChunkTiles = 8;   // tiles of inputs of a packed 2:4 row whose masks are made at once
