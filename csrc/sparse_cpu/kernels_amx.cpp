@@ -16,7 +16,9 @@
 // to the AVX-512 BF16 tier.
 // Tried: expanding 256 inputs of the 16 rows at a time into an L1 buffer, each chunk's products right after it (16
 // interleaved read streams, and no overlap of reads with products): slower for 70% bitmask (8.72 against 6.92 ms,
-// 4096->11008, 16 rows of x, weights rotated over only 150 MiB of this machine's 480 MiB L3).
+// 4096->11008, 16 rows of x, weights rotated over only 150 MiB of this machine's 480 MiB L3). Also tried: the next
+// panel expanded between the current panel's pairs of tile products (two panel buffers), so that the core's expand
+// work overlaps the tile unit's: slower (70% bitmask 8.9 against 6.3-6.5 ms, packed 2:4 7.95 against 7.5-7.8).
 #if defined(__clang__)
 #pragma clang attribute push(                                                                                 \
     __attribute__((target(                                                                                     \
@@ -46,7 +48,8 @@ constexpr int kMaxBlocks = 3;       // blocks of x per pass over the weight (two
 // packed 2:4 4 rows 6.13 -> 7.58 / 6.39 -> 7.69 / 2.51 -> 2.80, 8 rows 9.37 -> 7.43 / 10.83 -> 8.03 / 4.14 -> 3.08;
 // 70% bitmask 2 rows 7.04 -> 6.28 / 5.40 -> 6.63 / 2.65 -> 2.43, 4 rows 8.78 -> 6.69 / 7.11 -> 6.73 / 3.34 -> 2.31.
 // Again in bench_cpu.py --isas amx avx512bf16 (11008->4096 / 4096->11008 / 4096->4096, 4 rows): 70% bitmask 8.8 ->
-// 9.0 / 8.6 -> 7.1 / 3.6 -> 3.1, 50% 7.9 -> 9.4 / 10.5 -> 8.9 / 3.8 -> 3.5: a small gain in all, kept.
+// 9.0 / 8.6 -> 7.1 / 3.6 -> 3.1, 50% 7.9 -> 9.4 / 10.5 -> 8.9 / 3.8 -> 3.5: summed over the shapes a small gain
+// (21.0 -> 19.2, 22.2 -> 21.8 ms), kept.
 constexpr int64_t kAmxFromRowsPacked24 = 8;
 constexpr int64_t kAmxFromRowsBitmask = 4;
 constexpr int64_t kChunkTiles = 8;   // tiles of inputs of a packed 2:4 row whose masks are made at once
@@ -101,7 +104,8 @@ VLMSPARSE_INLINE bool p24_masks(const MetaTables& t, const uint8_t* meta, int64_
   }
   const __m256i lo = _mm256_and_si256(m, _mm256_set1_epi8(0x0F));
   const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(m, 4), _mm256_set1_epi8(0x0F));
-  const __m256i ordered = _mm256_and_si256(_mm256_shuffle_epi8(t.ordered_lo, lo), _mm256_shuffle_epi8(t.ordered_hi, hi));
+  const __m256i ordered =
+      _mm256_and_si256(_mm256_shuffle_epi8(t.ordered_lo, lo), _mm256_shuffle_epi8(t.ordered_hi, hi));
   if (_mm256_movemask_epi8(ordered) != -1) return false;
   const __m256i bits = _mm256_or_si256(_mm256_shuffle_epi8(t.mask_lo, lo), _mm256_shuffle_epi8(t.mask_hi, hi));
   alignas(32) uint32_t all[8];
@@ -110,14 +114,15 @@ VLMSPARSE_INLINE bool p24_masks(const MetaTables& t, const uint8_t* meta, int64_
   return true;
 }
 
-// The products of the panel (A tile c at a + 32c, rows `stride` apart) with NB blocks of x (B tile of block b and
-// tile c at xv + (b * tiles + c) * 512): even tiles into C tile 2 + 2b, odd ones into 3 + 2b. (Tile numbers are
-// immediates, hence the unrolled blocks.)
+// Two byte ranges (the next panel's stored values and its meta) fetched into L2 during a panel's products.
 struct Prefetch {
-  const char* begin[2];  // two byte ranges (the next panel's values and its meta) fetched into L2
+  const char* begin[2];
   int64_t bytes[2];
 };
 
+// The products of the panel (A tile c at a + 32c, rows `stride` apart) with NB blocks of x (B tile of block b and
+// tile c at xv + (b * tiles + c) * 512): even tiles into C tile 2 + 2b, odd ones into 3 + 2b. (Tile numbers are
+// immediates, hence the unrolled blocks.) `next` is fetched a few lines per pair of tiles.
 template <int NB>
 VLMSPARSE_INLINE void panel_products(const uint16_t* a, int64_t stride, const uint16_t* xv, int64_t tiles,
                                      const Prefetch& next) {
@@ -329,7 +334,8 @@ bool amx_rows(const SparseWeight& w, const uint16_t* values, const uint16_t* x, 
     if (r1 < r2) {
       const int64_t v1 = w.format == kPacked24 ? r1 * (k / 2) : w.row_offsets[r1];
       const int64_t v2 = w.format == kPacked24 ? r2 * (k / 2) : w.row_offsets[r2];
-      next = Prefetch{{reinterpret_cast<const char*>(values + v1), reinterpret_cast<const char*>(w.meta + r1 * w.meta_stride)},
+      next = Prefetch{{reinterpret_cast<const char*>(values + v1),
+                       reinterpret_cast<const char*>(w.meta + r1 * w.meta_stride)},
                       {(v2 - v1) * 2, (r2 - r1) * w.meta_stride}};
     }
     for (int64_t b = 0; b < blocks; b += kMaxBlocks) {
