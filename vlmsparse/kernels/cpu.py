@@ -69,8 +69,9 @@ __all__ = [
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 # Rows of x from which the dense-GEMM path runs, by dtype; for bf16 also by whether the tier in use has AVX-512 BF16
-# (avx512bf16 or amx: torch's bf16 GEMMs are fast only there). The crossovers measured by benchmarks/bench_cpu.py --prefill
-# (4096->11008, 1 thread, thread CPU time, 2026-12-07, after the faster expansion; row kernels vs dense path, ms):
+# (avx512bf16 or amx: torch's bf16 GEMMs are fast only there). The crossovers measured by benchmarks/bench_cpu.py
+# --prefill (4096->11008, 1 thread, thread CPU time, 2026-12-07, after the faster expansion; row kernels vs dense
+# path, ms):
 # packed 2:4 fp32 306 vs 466 at 512 rows, 1185 vs 986 at 1024; 70% bitmask fp32 909 vs 1020 at 1024, 2898 vs 1991
 # at 2048; packed 2:4 bf16 32 vs 42 at 128, 64 vs 65 at 256, 146 vs 124 at 512; 70% bitmask bf16 45 vs 45 at 128,
 # 123 vs 70 at 256. On the AVX2 tier (bench_cpu.py --emulate-avx2 --prefill, 1 thread, load 5-6, 2026-12-06) fp32
