@@ -325,6 +325,17 @@ def test_opcheck_both_ops(native):
                           (x, bm.values, bm.bitmask, bm.row_offsets, None, 32))
 
 
+@pytest.mark.parametrize("isa", ["amx"], indirect=True)
+def test_opcheck_where_the_amx_tiles_run(isa, native):
+    """bf16 with 16 rows of x: the ops under opcheck on the path that runs AMX tiles (test_opcheck_both_ops uses
+    fp32 and 3 rows of x, which never reach them)."""
+    packed = pack24(_weight24(16, 64, torch.bfloat16))
+    bm = pack_bitmask_weight(_weight_unstructured(16, 64, torch.bfloat16))
+    x, bias = torch.randn(16, 64).bfloat16(), torch.randn(16).bfloat16()
+    torch.library.opcheck(torch.ops.vlmsparse_native.packed24_linear, (x, packed.values, packed.meta, bias))
+    torch.library.opcheck(torch.ops.vlmsparse_native.bitmask_linear, (x, bm.values, bm.bitmask, bm.row_offsets, None))
+
+
 @pytest.mark.parametrize("backend", ["packed24", "bitmask"])
 def test_sparse_linear_compiles_fullgraph(native, backend):
     weight = _weight24(32, 64, torch.float32)
