@@ -154,7 +154,7 @@ def bench_layers(shapes: dict, tokens: tuple[int, ...], threads: list[int], repe
                             finally:
                                 cpu.set_isa(in_use)
                             rows.append({
-                            "bench": "cpu_layer", "shape": shape_name, "in": in_features, "out": out_features,
+                                "bench": "cpu_layer", "shape": shape_name, "in": in_features, "out": out_features,
                                 "format": fmt, "dtype": dtype_name, "threads": n_threads, "tokens": m,
                                 "dense_fp32_ms": round(dense_ms["fp32"], 4),
                                 "dense_bf16_ms": round(dense_ms["bf16"], 4),
