@@ -152,8 +152,8 @@ bool column_rows(const SparseWeight& w, const V* values, const float* x, int64_t
   constexpr int64_t L = NV * Tier::kLanes;
   const int64_t n = w.n, k = w.k;
   const int64_t blocks = (m + L - 1) / L, chunks = (k + kChunk - 1) / kChunk;
-  float* xt = static_cast<float*>(kernel_buffer(sizeof(float) * blocks * k * L));
-  int32_t* cols = static_cast<int32_t*>(kernel_buffer(sizeof(int32_t) * kPanelRows * (k + 2 * Tier::kLanes)));
+  float* xt = static_cast<float*>(kernel_buffer(sizeof(float) * blocks * k * L, 64));
+  int32_t* cols = static_cast<int32_t*>(kernel_buffer(sizeof(int32_t) * kPanelRows * (k + 2 * Tier::kLanes), 64));
   float* vals = static_cast<float*>(kernel_buffer(sizeof(float) * kPanelRows * (k + 2 * Tier::kLanes)));
   int64_t* starts = static_cast<int64_t*>(kernel_buffer(sizeof(int64_t) * kPanelRows * (chunks + 1)));
   if (xt == nullptr || cols == nullptr || vals == nullptr || starts == nullptr) {
