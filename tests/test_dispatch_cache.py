@@ -217,7 +217,7 @@ def _refuse(*args, **kwargs):
 @pytest.mark.parametrize("backend", ["packed24", "bitmask"])
 def test_sparse_linear_reaches_the_native_op_without_per_call_checks(native, monkeypatch, dtype, backend):
     """Checks ran at construction; forward goes to the native op with none of the Python checks, and keeps the
-    switch to the dense-GEMM path from dense_from_rows(dtype) rows of x on (bit for bit F.linear there)."""
+    switch to the dense-GEMM path from dense_from_rows(backend, dtype) rows of x on (bit for bit F.linear there)."""
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
     weight = _weight24(dtype=dtype)
     bias = torch.randn(24).to(dtype)
@@ -235,7 +235,7 @@ def test_sparse_linear_reaches_the_native_op_without_per_call_checks(native, mon
     assert_close_to_reference(y, nn.functional.linear(x, weight, bias),
                               nn.functional.linear(x.double(), weight.double(), bias.double()))
     assert spy.names == [op]
-    x = torch.randn(2, native.dense_from_rows(dtype) // 2, 64).to(dtype)  # dense_from_rows rows in all
+    x = torch.randn(2, native.dense_from_rows(backend, dtype) // 2, 64).to(dtype)  # dense_from_rows rows in all
     with torch.no_grad():
         y = layer(x)
     assert torch.equal(y, nn.functional.linear(x, weight, bias)) and spy.names == [op, f"{op}_dense"]

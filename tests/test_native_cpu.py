@@ -156,6 +156,62 @@ def test_amx_tiles(isa, native, fmt, in_features, rows):                # bitmas
     _check(run(x, bias), x, weight, bias)
 
 
+@pytest.fixture
+def x_chunk_bytes(native):
+    """Sets the bytes of x per kernel call (the ``set_x_chunk_bytes`` test hook); the default restored after."""
+    ops = native._ops()
+    yield ops.set_x_chunk_bytes
+    ops.set_x_chunk_bytes(0)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("fmt", ["packed24", "bitmask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [16, 31, 32, 47, 100])  # one chunk, one with its short rest, two, two and a rest
+def test_rows_of_x_in_chunks(isa, native, x_chunk_bytes, fmt, dtype, rows):
+    """Rows of x in chunks of 16 (the smallest; a rest of fewer than 16 rows joins the last chunk): every chunk's
+    rows of y come from its own rows of x, on every tier and path (AMX tiles, column passes, token lanes)."""
+    x_chunk_bytes(1)
+    if fmt == "packed24":
+        weight = _weight24(37, 260, dtype)
+        packed = pack24(weight)
+        run = lambda x, b: native.packed24_matmul(x, packed.values, packed.meta, b)  # noqa: E731
+    else:
+        weight = _weight_unstructured(37, 260, dtype)
+        bm = pack_bitmask_weight(weight)
+        run = lambda x, b: native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets, b)  # noqa: E731
+    bias = torch.randn(37).to(dtype)
+    x = torch.randn(rows, 260).to(dtype)
+    _check(run(x, bias), x, weight, bias)
+
+
+@pytest.mark.parametrize("isa", ["avx512"], indirect=True)
+@pytest.mark.parametrize("chunk_bytes,calls", [(0, 1), (1, 6), (32 * 1024, 3), (47 * 1024, 3), (48 * 1024, 2)])
+def test_chunks_of_rows_of_x_follow_the_budget(isa, native, x_chunk_bytes, one_thread, chunk_bytes, calls):
+    """100 rows of fp32 x with 256 inputs (1 KiB a row): a kernel call per chunk of as many rows as the budget
+    holds, rounded down to a multiple of 16, at least 16, the rest of fewer than 16 rows in the last chunk; the
+    default (0: half of L2, at least 256 KiB here) takes all 100 in one call. Counted through the avx512 bitmask
+    column pass, which asks for 4 buffers per call (refused here: the row pass then computes the rows)."""
+    ops = native._ops()
+    weight = _weight_unstructured(37, 256, torch.float32)
+    bm = pack_bitmask_weight(weight)
+    x = torch.randn(100, 256)
+    x_chunk_bytes(chunk_bytes)
+    ops.refuse_buffers(False)
+    ops.refuse_buffers(True)
+    try:
+        result = native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets)
+    finally:
+        refused = ops.refuse_buffers(False)
+    assert refused == 4 * calls
+    _check(result, x, weight, None)
+
+
+def test_chunk_budget_refuses_negative_bytes(native, x_chunk_bytes):
+    with pytest.raises(RuntimeError, match="bytes must be >= 0"):
+        x_chunk_bytes(-1)
+
+
 def _packed_pairs_product(x, values, meta):
     """``y[t, r] = sum_g values[r, 2g] * x[t, 4g + i0] + values[r, 2g + 1] * x[t, 4g + i1]`` in float64 for any
     nibbles (also i0 >= i1, which no packing writes)."""
@@ -193,27 +249,29 @@ def test_packed24_any_nibble(isa, native, rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_rows_go_through_the_dense_expansion(native, dtype, monkeypatch):
-    """From DENSE_FROM_ROWS rows of x on the weight is expanded (bit for bit) and F.linear runs."""
+    """From DENSE_FROM_ROWS rows of x on (per format) the weight is expanded (bit for bit) and F.linear runs."""
     weight24, weight_bm = _weight24(24, 64, dtype), _weight_unstructured(24, 64, dtype)
     packed, bm = pack24(weight24), pack_bitmask_weight(weight_bm)
     assert torch.equal(torch.ops.vlmsparse_native.packed24_to_dense(packed.values, packed.meta), weight24)
     assert torch.equal(torch.ops.vlmsparse_native.bitmask_to_dense(bm.values, bm.bitmask, bm.row_offsets, 64),
                        weight_bm)
-    x = torch.randn(native.dense_from_rows(dtype), 64).to(dtype)
-    assert torch.equal(native.packed24_matmul(x, packed.values, packed.meta), nn.functional.linear(x, weight24))
-    assert torch.equal(native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets),
-                       nn.functional.linear(x, weight_bm))
-    kernel_rows = native.dense_from_rows(dtype) - 1  # the row kernels, up to the threshold
-    _check(native.packed24_matmul(x[:kernel_rows], packed.values, packed.meta), x[:kernel_rows], weight24, None)
-    monkeypatch.setitem(native._dense_from, dtype, 1 << 30)  # the row kernels for every size
-    _check(native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets), x, weight_bm, None)
+    x24 = torch.randn(native.dense_from_rows("packed24", dtype), 64).to(dtype)
+    x_bm = torch.randn(native.dense_from_rows("bitmask", dtype), 64).to(dtype)
+    assert torch.equal(native.packed24_matmul(x24, packed.values, packed.meta), nn.functional.linear(x24, weight24))
+    assert torch.equal(native.bitmask_matmul(x_bm, bm.values, bm.bitmask, bm.row_offsets),
+                       nn.functional.linear(x_bm, weight_bm))
+    kernel_rows = native.dense_from_rows("packed24", dtype) - 1  # the row kernels, up to the threshold
+    _check(native.packed24_matmul(x24[:kernel_rows], packed.values, packed.meta), x24[:kernel_rows], weight24, None)
+    monkeypatch.setitem(native._dense_from, ("bitmask", dtype), 1 << 30)  # the row kernels for every size
+    _check(native.bitmask_matmul(x_bm, bm.values, bm.bitmask, bm.row_offsets), x_bm, weight_bm, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_row_count_across_the_thresholds(native, dtype, monkeypatch):
     """M = 1 .. 40 rows of x (decode, the row kernels' blocks, DENSE_FROM_ROWS moved to 24 and the dense GEMM
     path) against float64; 67 weight rows (groups of 4 and remainders)."""
-    monkeypatch.setitem(native._dense_from, dtype, 24)
+    for fmt in native.FORMATS:
+        monkeypatch.setitem(native._dense_from, (fmt, dtype), 24)
     weight24, weight_bm = _weight24(67, 136, dtype), _weight_unstructured(67, 136, dtype)
     packed, bm = pack24(weight24), pack_bitmask_weight(weight_bm)
     bias = torch.randn(67).to(dtype)
@@ -224,12 +282,38 @@ def test_every_row_count_across_the_thresholds(native, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
-def test_dense_path_threshold_follows_the_tier(isa, native):
-    """bf16 prefill goes to dense GEMMs from 256 rows of x only on the avx512bf16 and amx tiers (elsewhere torch's
-    bf16 GEMMs are slow: from 4096); fp32 from 1024 on every tier."""
-    bf16 = 256 if isa in ("avx512bf16", "amx") else native.DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16
-    assert native.dense_from_rows(torch.bfloat16) == bf16
-    assert native.dense_from_rows(torch.float32) == native.DENSE_FROM_ROWS[torch.float32] == 1024
+def test_dense_path_threshold_follows_the_tier_and_format(isa, native, monkeypatch):
+    """fp32 prefill goes to dense GEMMs from 1024 rows of x (packed 2:4) / 2048 (bitmask) on every tier; bf16 from
+    256 on avx512bf16, 512 / 1024 on amx, 4096 elsewhere (torch's bf16 GEMMs are slow there). Each format's
+    operation reads its own threshold: one row below it the row kernel runs, at it the dense path."""
+    bf16 = {"avx512bf16": {"packed24": 256, "bitmask": 256}, "amx": {"packed24": 512, "bitmask": 1024}}.get(
+        isa, dict.fromkeys(native.FORMATS, native.DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16))
+    for fmt in native.FORMATS:
+        assert native.dense_from_rows(fmt, torch.bfloat16) == bf16[fmt]
+    assert native.dense_from_rows("packed24", torch.float32) == 1024
+    assert native.dense_from_rows("bitmask", torch.float32) == 2048
+    with pytest.raises(ValueError, match="format must be one of"):
+        native.dense_from_rows("csr", torch.float32)
+    with pytest.raises(ValueError, match="dtype one of"):
+        native.dense_from_rows("packed24", torch.float16)
+    calls = []
+    ops_ = native._ops()
+
+    class _Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ops_, name)
+
+    monkeypatch.setattr(native, "_ops", lambda: _Spy())
+    monkeypatch.setitem(native._dense_from, ("packed24", torch.float32), 20)
+    monkeypatch.setitem(native._dense_from, ("bitmask", torch.float32), 30)
+    packed, bm = pack24(_weight24(8, 16, torch.float32)), pack_bitmask_weight(_weight_unstructured(8, 16, torch.float32))
+    for rows in (19, 20, 29, 30):
+        x = torch.randn(rows, 16)
+        native.packed24_matmul(x, packed.values, packed.meta)
+        native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets)
+    assert calls == ["packed24_linear", "bitmask_linear", "packed24_linear_dense", "bitmask_linear",
+                     "packed24_linear_dense", "bitmask_linear", "packed24_linear_dense", "bitmask_linear_dense"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -239,7 +323,8 @@ def test_dense_gemm_path_is_flinear_bit_for_bit(native, dtype, block_rows, with_
     """The prefill path (weight rows expanded block by block into one reused buffer, one addmm per block) gives
     exactly F.linear(x, dense W, b) from 12 rows of x on (below that torch's fp32 GEMM picks kernels by the
     number of output columns, so blocks could differ in the last bit; the path starts at DENSE_FROM_ROWS)."""
-    assert min(native.DENSE_FROM_ROWS.values()) >= 12 and native.DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16 >= 12
+    assert min(*native.DENSE_FROM_ROWS.values(), *native.DENSE_FROM_ROWS_AMX.values(),
+               native.DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16) >= 12
     ops_ = torch.ops.vlmsparse_native
     weight24, weight_bm = _weight24(197, 264, dtype), _weight_unstructured(197, 264, dtype)
     packed, bm = pack24(weight24), pack_bitmask_weight(weight_bm)
@@ -350,8 +435,9 @@ def test_tiny_llama_with_sparse_linears_compiles_inductor_fullgraph(native, one_
     """A tiny Llama whose decoder linears are SparseLinear on the native kernels (packed 2:4 and bitmask) compiles
     with inductor in one graph and gives eager's logits, on the row kernels (2 tokens) and on the dense-GEMM path
     (18 tokens, DENSE_FROM_ROWS moved to 16: the custom op reads it when it runs)."""
-    monkeypatch.setitem(native._dense_from, torch.float32, 16)
-    monkeypatch.setitem(native._dense_from, torch.bfloat16, 16)
+    for fmt in native.FORMATS:
+        monkeypatch.setitem(native._dense_from, (fmt, torch.float32), 16)
+        monkeypatch.setitem(native._dense_from, (fmt, torch.bfloat16), 16)
     from factories import tiny_llama
 
     from vlmsparse.pipeline.compress import compress

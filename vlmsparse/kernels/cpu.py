@@ -22,8 +22,10 @@ Packed 2:4 bf16 on the avx512bf16 tier from 12 rows of x puts the rows of x in t
 VDPBF16PS per stored pair and 16 rows of x, the pairs of x looked up by the pair's 2-bit indices). The ``amx``
 tier runs bf16 weights from 8 rows of x (packed 2:4) or 4 (bitmask) on AMX tiles: each panel of 16 weight rows
 expanded to dense bf16 in L2, then TDPBF16PS against 16 rows of x at a time; fewer rows go to avx512bf16's paths.
-Rows are split over torch's intra-op threads. From :func:`dense_from_rows` rows of x on (prefill: ``DENSE_FROM_ROWS``
-by dtype, 1024 fp32 and 256 bf16, 4096 bf16 on tiers without AVX-512 BF16, whose bf16 GEMMs are slow),
+Rows of x go to the kernels in chunks that fill half of L2 (each kernel re-reads its rows of x for every group of
+weight rows), and weight rows are split over torch's intra-op threads. From :func:`dense_from_rows` rows of x on
+(prefill: ``DENSE_FROM_ROWS`` by format and dtype: packed 2:4 1024 fp32 and 256 bf16, bitmask 2048 fp32 and 256
+bf16; bf16 512 / 1024 on the amx tier and 4096 on tiers without AVX-512 BF16, whose bf16 GEMMs are slow),
 :func:`packed24_matmul` and :func:`bitmask_matmul` instead run dense GEMMs (``packed24_linear_dense`` /
 ``bitmask_linear_dense``): the weight is expanded block by block of rows (about 16 MB each) into one buffer that
 the call reuses, and each block is one ``addmm`` into its columns of y (bit for bit ``F.linear(x, dense W, b)``;
@@ -51,7 +53,9 @@ from .checks import check_bias, check_bitmask, check_features, check_packed
 
 __all__ = [
     "NATIVE_DTYPES",
+    "FORMATS",
     "DENSE_FROM_ROWS",
+    "DENSE_FROM_ROWS_AMX",
     "DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16",
     "BF16_TIERS",
     "dense_from_rows",
@@ -68,19 +72,26 @@ __all__ = [
 ]
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
-# Rows of x from which the dense-GEMM path runs, by dtype; for bf16 also by whether the tier in use has AVX-512 BF16
-# (avx512bf16 or amx: torch's bf16 GEMMs are fast only there). The crossovers measured by benchmarks/bench_cpu.py
-# --prefill (4096->11008, 1 thread, thread CPU time, 2026-12-07, after the faster expansion; row kernels vs dense
-# path, ms):
-# packed 2:4 fp32 306 vs 466 at 512 rows, 1185 vs 986 at 1024; 70% bitmask fp32 909 vs 1020 at 1024, 2898 vs 1991
-# at 2048; packed 2:4 bf16 32 vs 42 at 128, 64 vs 65 at 256, 146 vs 124 at 512; 70% bitmask bf16 45 vs 45 at 128,
-# 123 vs 70 at 256. On the AVX2 tier (bench_cpu.py --emulate-avx2 --prefill, 1 thread, load 5-6, 2026-12-06) fp32
-# crosses between 512 and 1024 rows (packed 2:4 471 vs 503 ms at 512, 1939 vs 1094 at 1024), bf16 above 2048 (no
-# bf16 GEMM: packed 2:4 3974 vs 6625 ms at 2048). On an Intel Xeon with AMX (amx tier, --prefill, 1 thread, 2026-12-07)
-# bf16 crosses between 128 and 256 rows too (packed 2:4 20 vs 39 ms at 128, 63 vs 51 at 256; 70% bitmask 21 vs 53,
-# 60 vs 65), but fp32 already at 128 (packed 2:4 61 vs 96 ms at 64, 169 vs 142 at 128, 1020 vs 456 at 512): its fp32
-# row kernels are about 3x slower than on the AMD EPYC, a difference not yet understood, so fp32 keeps 1024.
-DENSE_FROM_ROWS = {torch.float32: 1024, torch.bfloat16: 256}
+FORMATS = ("packed24", "bitmask")
+# Rows of x from which the dense-GEMM path runs, by (format, dtype): DENSE_FROM_ROWS on every tier, but for bf16 on
+# the amx tier DENSE_FROM_ROWS_AMX (the tiles keep up with torch's AMX GEMMs longer) and on the tiers without
+# AVX-512 BF16 DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16 (torch's bf16 GEMMs are slow there). Crossovers measured by
+# benchmarks/bench_cpu.py --prefill (4096->11008, 1 thread, thread CPU time; row kernels vs dense path, ms):
+# - Intel Xeon with AMX, 2026-12-07, after rows of x went in chunks of half of L2 (csrc/sparse_cpu/ops.cpp): packed
+#   2:4 fp32 100 vs 116 at 128 rows, 209 vs 200 at 256, 430 vs 343 at 512, 908 vs 650 at 1024; 70% bitmask fp32 558
+#   vs 655 at 1024, 1199 vs 1326 at 2048; amx tier: packed 2:4 bf16 37 vs 45 at 256, 78 vs 68 at 512; 70% bitmask
+#   bf16 68 vs 73 at 512, 147 vs 122 at 1024.
+# - AMD EPYC, 2026-12-07, before the chunks (its fp32 and avx512bf16 rows not re-measured since): packed 2:4 fp32
+#   306 vs 466 at 512, 1185 vs 986 at 1024; 70% bitmask fp32 909 vs 1020 at 1024, 2898 vs 1991 at 2048; packed 2:4
+#   bf16 32 vs 42 at 128, 64 vs 65 at 256, 146 vs 124 at 512; 70% bitmask bf16 45 vs 45 at 128, 123 vs 70 at 256.
+# - AVX2 tier (bench_cpu.py --emulate-avx2 --prefill, AMD EPYC, load 5-6, 2026-12-06): fp32 crosses between 512
+#   and 1024 rows (packed 2:4 471 vs 503 ms at 512, 1939 vs 1094 at 1024), bf16 above 2048 (no bf16 GEMM: packed
+#   2:4 3974 vs 6625 ms at 2048).
+# Packed 2:4 fp32 keeps 1024, where the AMD machine's rows won at 512: on the Intel one the dense path is faster
+# from 256 rows (up to 1.4x at 1023), since its row pass is bound by one permute per product (one port).
+DENSE_FROM_ROWS = {("packed24", torch.float32): 1024, ("bitmask", torch.float32): 2048,
+                   ("packed24", torch.bfloat16): 256, ("bitmask", torch.bfloat16): 256}
+DENSE_FROM_ROWS_AMX = {("packed24", torch.bfloat16): 512, ("bitmask", torch.bfloat16): 1024}
 DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16 = 4096
 BF16_TIERS = ("avx512bf16", "amx")  # the tiers that multiply bf16 weights by bf16 inputs as they are
 _MODULE = "vlmsparse._native_cpu"
@@ -164,21 +175,27 @@ def _ops():
     return torch.ops.vlmsparse_native
 
 
-# DENSE_FROM_ROWS for the tier in use (set at load and by set_isa; read on every call)
-_dense_from: dict[torch.dtype, int] = {}
+# DENSE_FROM_ROWS for the tier in use, by (format, dtype) (set at load and by set_isa; read on every call)
+_dense_from: dict[tuple[str, torch.dtype], int] = {}
 
 
 def _set_dense_from(tier: str) -> None:
     _dense_from.clear()
     _dense_from.update(DENSE_FROM_ROWS)
-    if tier not in BF16_TIERS:
-        _dense_from[torch.bfloat16] = DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16
+    if tier == "amx":
+        _dense_from.update(DENSE_FROM_ROWS_AMX)
+    elif tier not in BF16_TIERS:
+        for fmt in FORMATS:
+            _dense_from[fmt, torch.bfloat16] = DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16
 
 
-def dense_from_rows(dtype: torch.dtype) -> int:
-    """Rows of x from which :func:`packed24_matmul` / :func:`bitmask_matmul` run the dense-GEMM path for
-    ``dtype`` on the tier in use (``DENSE_FROM_ROWS``)."""
-    return _dense_from[dtype]
+def dense_from_rows(fmt: str, dtype: torch.dtype) -> int:
+    """Rows of x from which :func:`packed24_matmul` (``fmt`` "packed24") / :func:`bitmask_matmul` ("bitmask") run
+    the dense-GEMM path for ``dtype`` on the tier in use (``DENSE_FROM_ROWS``)."""
+    if (fmt, dtype) not in _dense_from:
+        raise ValueError(f"dense_from_rows: format must be one of {FORMATS} and dtype one of {NATIVE_DTYPES}, got "
+                         f"{fmt!r}, {dtype}")
+    return _dense_from[fmt, dtype]
 
 
 def isa() -> str:
@@ -209,9 +226,9 @@ def _check(x: torch.Tensor, values: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: needs CPU tensors, got {x.device} and {values.device}")
 
 
-def _dense_rows(x: torch.Tensor) -> bool:
+def _dense_rows(fmt: str, x: torch.Tensor) -> bool:
     """Whether ``x [..., in]`` has :func:`dense_from_rows` rows or more (prefill: the dense-GEMM path)."""
-    return x.dim() > 0 and x.numel() >= _dense_from[x.dtype] * x.shape[-1]
+    return x.dim() > 0 and x.numel() >= _dense_from[fmt, x.dtype] * x.shape[-1]
 
 
 def packed24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
@@ -232,7 +249,7 @@ def packed24_matmul_unchecked(x: torch.Tensor, values: torch.Tensor, meta: torch
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     # .default: the overload itself, ~1 us less per call than the overload packet (which picks one per call)
-    if _dense_rows(x):
+    if _dense_rows("packed24", x):
         return _ops().packed24_linear_dense.default(x, values, meta, bias)
     return _ops().packed24_linear.default(x, values, meta, bias)
 
@@ -253,6 +270,6 @@ def bitmask_matmul_unchecked(x: torch.Tensor, values: torch.Tensor, bitmask: tor
     op checks the row offsets against ``values`` on every call)."""
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if _dense_rows(x):
+    if _dense_rows("bitmask", x):
         return _ops().bitmask_linear_dense.default(x, values, bitmask, row_offsets, bias)
     return _ops().bitmask_linear.default(x, values, bitmask, row_offsets, bias)
