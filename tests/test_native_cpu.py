@@ -157,21 +157,21 @@ def test_amx_tiles(isa, native, fmt, in_features, rows):                # bitmas
 
 
 @pytest.fixture
-def x_chunk_bytes(native):
-    """Sets the bytes of x per kernel call (the ``set_x_chunk_bytes`` test hook); the default restored after."""
+def l2_bytes(native):
+    """Sets the L2 size that the chunks of x assume (the ``set_l2_bytes`` test hook); this CPU's restored after."""
     ops = native._ops()
-    yield ops.set_x_chunk_bytes
-    ops.set_x_chunk_bytes(0)
+    yield ops.set_l2_bytes
+    ops.set_l2_bytes(0)
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("fmt", ["packed24", "bitmask"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [16, 31, 32, 47, 100])  # one chunk, one with its short rest, two, two and a rest
-def test_rows_of_x_in_chunks(isa, native, x_chunk_bytes, fmt, dtype, rows):
-    """Rows of x in chunks of 16 (the smallest; a rest of fewer than 16 rows joins the last chunk): every chunk's
-    rows of y come from its own rows of x, on every tier and path (AMX tiles, column passes, token lanes)."""
-    x_chunk_bytes(1)
+@pytest.mark.parametrize("rows", [15, 16, 17, 32, 47, 100])  # one chunk, one and a short rest, two, three, seven
+def test_rows_of_x_in_chunks(isa, native, l2_bytes, fmt, dtype, rows):
+    """Rows of x in chunks of 16 (an L2 of 1 byte: the smallest chunks), the last one shorter: every chunk's rows of
+    y come from its own rows of x, on every tier and path (AMX tiles, column passes, token lanes)."""
+    l2_bytes(1)
     if fmt == "packed24":
         weight = _weight24(37, 260, dtype)
         packed = pack24(weight)
@@ -185,18 +185,27 @@ def test_rows_of_x_in_chunks(isa, native, x_chunk_bytes, fmt, dtype, rows):
     _check(run(x, bias), x, weight, bias)
 
 
+# (assumed L2 in KiB, kernel calls) for 108 rows of 1 KiB of x
+CHUNKS = [(0, 1),      # this CPU's L2 (>= 144 KiB anywhere): all 108 rows fit 3/4 of it
+          (144, 1),    # 3/4 of it: 108 rows
+          (140, 2),    # 105: chunks of at most 70 rows (half of L2), 2 of 54 -> 64 and 44
+          (100, 3),    # 50 rows, 3 of 36 -> 48, 48 and 12
+          (64, 4),     # 32 rows, 4 of 27 -> 32, 32, 32 and 12
+          (0.001, 7)]  # 1 byte: chunks of 1 row -> 16, six of them and 12
+
+
 @pytest.mark.parametrize("isa", ["avx512"], indirect=True)
-@pytest.mark.parametrize("chunk_bytes,calls", [(0, 1), (1, 6), (32 * 1024, 3), (47 * 1024, 3), (48 * 1024, 2)])
-def test_chunks_of_rows_of_x_follow_the_budget(isa, native, x_chunk_bytes, one_thread, chunk_bytes, calls):
-    """100 rows of fp32 x with 256 inputs (1 KiB a row): a kernel call per chunk of as many rows as the budget
-    holds, rounded down to a multiple of 16, at least 16, the rest of fewer than 16 rows in the last chunk; the
-    default (0: half of L2, at least 256 KiB here) takes all 100 in one call. Counted through the avx512 bitmask
-    column pass, which asks for 4 buffers per call (refused here: the row pass then computes the rows)."""
+@pytest.mark.parametrize("l2_kib,calls", CHUNKS)
+def test_chunks_of_rows_of_x_follow_the_l2_size(isa, native, l2_bytes, one_thread, l2_kib, calls):
+    """108 rows of fp32 x with 256 inputs (1 KiB a row): one kernel call while x fills at most 3/4 of L2, else as
+    few chunks of at most half of L2 as that takes, of equal rows rounded up to a multiple of 16. Counted through
+    the avx512 bitmask column pass, which asks for 4 buffers per call from 12 rows of x on (refused here: the row
+    pass then computes the rows)."""
     ops = native._ops()
     weight = _weight_unstructured(37, 256, torch.float32)
     bm = pack_bitmask_weight(weight)
-    x = torch.randn(100, 256)
-    x_chunk_bytes(chunk_bytes)
+    x = torch.randn(108, 256)
+    l2_bytes(int(l2_kib * 1024))
     ops.refuse_buffers(False)
     ops.refuse_buffers(True)
     try:
@@ -207,9 +216,9 @@ def test_chunks_of_rows_of_x_follow_the_budget(isa, native, x_chunk_bytes, one_t
     _check(result, x, weight, None)
 
 
-def test_chunk_budget_refuses_negative_bytes(native, x_chunk_bytes):
+def test_l2_hook_refuses_negative_bytes(native, l2_bytes):
     with pytest.raises(RuntimeError, match="bytes must be >= 0"):
-        x_chunk_bytes(-1)
+        l2_bytes(-1)
 
 
 def _packed_pairs_product(x, values, meta):

@@ -138,31 +138,40 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& values,
   }
 }
 
-// Rows of x a kernel call takes at a time: as many as fill half of this core's L2 (a multiple of 16, at least 16).
-// Every kernel walks its weight rows in groups and re-reads all the rows of x it was given for each group, so x
-// must stay in L2; the weight is read once per chunk. Measured (4096->11008, 1 thread, thread CPU time, Intel Xeon
-// with 2 MiB L2, median of 3), all rows of x at once -> chunks of 1 MiB: packed 2:4 fp32 M = 256 443 -> 186-220 ms,
-// M = 512 881 -> 391-437; 70% bitmask fp32 M = 512 555 -> 262-407; packed 2:4 bf16 (amx) M = 512 132 -> 65-71,
-// 70% bitmask bf16 134 -> 58-63. Chunks of 256 KiB, 512 KiB, 768 KiB, 1.5 MiB and 2 MiB were slower than 1 MiB.
-constexpr int64_t kMinChunkRows = 16;
+// Rows of x a kernel call takes at a time. Every kernel walks its weight rows in groups and re-reads all the rows
+// of x it was given for each group, so x must stay in L2; but each call also reads (and decodes or expands) the
+// whole weight once. So all rows at once while x fills at most 3/4 of L2, else chunks of at most half of L2 (as
+// few as that takes, of equal rows rounded up to 16, the kernels' blocks; the last one shorter). Measured side by
+// side (thread CPU time, 1 thread, Intel Xeon with 2 MiB L2, weights rotated over 512 MiB, median of >= 4 calls),
+// all rows at once -> chunks of 1 MiB:
+// - 4096->11008: packed 2:4 fp32 M = 128 135 -> 105 ms, M = 256 431 -> 214, M = 512 881 -> 415-449; 70% bitmask
+//   fp32 M = 256 276 -> 133; packed 2:4 bf16 (amx) M = 256 52 -> 34, M = 512 132 -> 65-71;
+// - 11008->4096: packed 2:4 fp32 M = 64 97 -> 60, M = 128 214 -> 121; bf16 M = 128 34 -> 30;
+// - but chunks cost where x still fits: 11008->4096 bf16 M = 48 (1 MiB of x) 10.2 -> 15.8 ms (packed 2:4), 70%
+//   bitmask fp32 M = 32 24.8 -> 32.4. Chunks of 1.5 MiB instead were 10-20% slower at 512-1024 rows (packed 2:4
+//   fp32 M = 512 490 ms, bf16 M = 1024 182 against 138-150).
+std::atomic<int64_t> g_l2_bytes{0};  // set_l2_bytes (a test hook); 0: this CPU's (sysconf)
 
-std::atomic<int64_t> g_x_chunk_bytes{0};  // set_x_chunk_bytes (a test hook); 0: half of L2
-
-int64_t x_chunk_rows(int64_t x_row_bytes) {
-  static const int64_t half_l2 = [] {
+int64_t x_chunk_rows(int64_t m, int64_t x_row_bytes) {
+  static const int64_t cpu_l2 = [] {
     const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);  // 0 or -1 where unknown
-    return l2 > 0 ? static_cast<int64_t>(l2) / 2 : int64_t{512} << 10;
+    return l2 > 0 ? static_cast<int64_t>(l2) : int64_t{1} << 20;
   }();
-  const int64_t set = g_x_chunk_bytes.load(std::memory_order_relaxed);
-  const int64_t budget = set > 0 ? set : half_l2;
-  return std::max<int64_t>(kMinChunkRows, budget / std::max<int64_t>(x_row_bytes, 1) / 16 * 16);
+  const int64_t set = g_l2_bytes.load(std::memory_order_relaxed);
+  const int64_t l2 = set > 0 ? set : cpu_l2;
+  const int64_t row_bytes = std::max<int64_t>(x_row_bytes, 1);
+  if (m * row_bytes <= l2 / 4 * 3) return std::max<int64_t>(m, 1);
+  const int64_t fit = std::max<int64_t>(l2 / 2 / row_bytes, 1);
+  const int64_t chunks = (m + fit - 1) / fit;
+  const int64_t rows = (m + chunks - 1) / chunks;
+  return (rows + 15) / 16 * 16;
 }
 
-// A test hook: the bytes of x per chunk (0: half of L2), so that tests reach several chunks with small shapes.
-// Returns the previous setting.
-int64_t set_x_chunk_bytes(int64_t bytes) {
-  TORCH_CHECK(bytes >= 0, "set_x_chunk_bytes: bytes must be >= 0 (0: half of L2), got ", bytes);
-  return g_x_chunk_bytes.exchange(bytes);
+// A test hook: the L2 bytes that x_chunk_rows assumes (0: this CPU's), so that tests reach several chunks with
+// small shapes. Returns the previous setting.
+int64_t set_l2_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "set_l2_bytes: bytes must be >= 0 (0: this CPU's L2), got ", bytes);
+  return g_l2_bytes.exchange(bytes);
 }
 
 // y [..., n] = x [..., k] @ W.T + bias for the sparse weight `w` (its pointers filled in by the caller), the rows
@@ -183,9 +192,9 @@ at::Tensor run(SparseWeight w, const at::Tensor& x, const std::optional<at::Tens
   float* out = y.data_ptr<float>();
   const RowsFn fn = rows_fn(isa);
   if (n > 0) {
-    const int64_t chunk = x_chunk_rows(k * (bf16_inputs ? 2 : 4));
+    const int64_t chunk = x_chunk_rows(m, k * (bf16_inputs ? 2 : 4));
     for (int64_t m0 = 0; m0 < m;) {
-      const int64_t rows = m - m0 < chunk + kMinChunkRows ? m - m0 : chunk;  // no chunk of fewer than 16 rows
+      const int64_t rows = std::min(chunk, m - m0);
       const Input part{in.x ? in.x + m0 * k : nullptr, in.x_bf16 ? in.x_bf16 + m0 * k : nullptr, rows};
       float* part_out = out + m0 * n;
       // Weight rows in chunks of >= 16 (a chunk reads >= 16 rows of weights, KBs, before a thread moves on).
@@ -474,7 +483,7 @@ TORCH_LIBRARY(vlmsparse_native, m) {
   m.def("set_isa(str name) -> str", &vlmsparse_cpu::set_isa);
   m.def("supported_isas() -> str[]", &vlmsparse_cpu::supported_isas);
   m.def("refuse_buffers(bool refuse) -> int", &vlmsparse_cpu::refuse_buffers);  // a test hook (kernels.h)
-  m.def("set_x_chunk_bytes(int bytes) -> int", &vlmsparse_cpu::set_x_chunk_bytes);  // a test hook (run)
+  m.def("set_l2_bytes(int bytes) -> int", &vlmsparse_cpu::set_l2_bytes);  // a test hook (x_chunk_rows)
 }
 
 TORCH_LIBRARY_IMPL(vlmsparse_native, CPU, m) {

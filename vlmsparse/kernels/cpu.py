@@ -22,8 +22,9 @@ Packed 2:4 bf16 on the avx512bf16 tier from 12 rows of x puts the rows of x in t
 VDPBF16PS per stored pair and 16 rows of x, the pairs of x looked up by the pair's 2-bit indices). The ``amx``
 tier runs bf16 weights from 8 rows of x (packed 2:4) or 4 (bitmask) on AMX tiles: each panel of 16 weight rows
 expanded to dense bf16 in L2, then TDPBF16PS against 16 rows of x at a time; fewer rows go to avx512bf16's paths.
-Rows of x go to the kernels in chunks that fill half of L2 (each kernel re-reads its rows of x for every group of
-weight rows), and weight rows are split over torch's intra-op threads. From :func:`dense_from_rows` rows of x on
+Rows of x go to the kernels all at once while they fill at most 3/4 of L2, else in chunks of at most half of it
+(each kernel re-reads its rows of x for every group of weight rows), and weight rows are split over torch's
+intra-op threads. From :func:`dense_from_rows` rows of x on
 (prefill: ``DENSE_FROM_ROWS`` by format and dtype: packed 2:4 1024 fp32 and 256 bf16, bitmask 2048 fp32 and 256
 bf16; bf16 512 / 1024 on the amx tier and 4096 on tiers without AVX-512 BF16, whose bf16 GEMMs are slow),
 :func:`packed24_matmul` and :func:`bitmask_matmul` instead run dense GEMMs (``packed24_linear_dense`` /
@@ -77,7 +78,7 @@ FORMATS = ("packed24", "bitmask")
 # the amx tier DENSE_FROM_ROWS_AMX (the tiles keep up with torch's AMX GEMMs longer) and on the tiers without
 # AVX-512 BF16 DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16 (torch's bf16 GEMMs are slow there). Crossovers measured by
 # benchmarks/bench_cpu.py --prefill (4096->11008, 1 thread, thread CPU time; row kernels vs dense path, ms):
-# - Intel Xeon with AMX, 2026-12-07, after rows of x went in chunks of half of L2 (csrc/sparse_cpu/ops.cpp): packed
+# - Intel Xeon with AMX, 2026-12-07, after rows of x went in chunks of L2 (csrc/sparse_cpu/ops.cpp): packed
 #   2:4 fp32 100 vs 116 at 128 rows, 209 vs 200 at 256, 430 vs 343 at 512, 908 vs 650 at 1024; 70% bitmask fp32 558
 #   vs 655 at 1024, 1199 vs 1326 at 2048; amx tier: packed 2:4 bf16 37 vs 45 at 256, 78 vs 68 at 512; 70% bitmask
 #   bf16 68 vs 73 at 512, 147 vs 122 at 1024.
