@@ -99,8 +99,9 @@ class _Rotating:
         return self.fn(self.x, self.copies[self.i])
 
 
-def _copies(make, nbytes: int) -> list:
-    return [make() for _ in range(max(1, -(-ROTATE_BYTES // max(nbytes, 1))))]
+def _copies(make, nbytes: int, rotate_bytes: int) -> list:
+    """At least ``rotate_bytes`` of copies (``make()`` each, ``nbytes`` a copy); one copy at the least."""
+    return [make() for _ in range(max(1, -(-rotate_bytes // max(nbytes, 1))))]
 
 
 def _sparse_weight(in_features: int, out_features: int, fmt: str, generator: torch.Generator) -> torch.Tensor:
@@ -115,10 +116,10 @@ def _sparse_weight(in_features: int, out_features: int, fmt: str, generator: tor
 
 
 def bench_layers(shapes: dict, tokens: tuple[int, ...], threads: list[int], repeats: int, env: dict,
-                 tiers: tuple[str, ...] = ()) -> list[dict]:
-    """Layer rows: each sparse format and dtype against dense fp32 and bf16 ``F.linear``. With ``tiers``, the sparse
-    layer is timed on each of those native tiers in turn beside the same dense timings (one row per tier);
-    otherwise on the tier in use."""
+                 tiers: tuple[str, ...] = (), rotate_bytes: int = ROTATE_BYTES) -> list[dict]:
+    """Layer rows: each sparse format and dtype against dense fp32 and bf16 ``F.linear``, each call on the next of
+    copies of the weight that hold ``rotate_bytes`` in all. With ``tiers``, the sparse layer is timed on each of
+    those native tiers in turn beside the same dense timings (one row per tier); otherwise on the tier in use."""
     from vlmsparse.kernels import cpu
     from vlmsparse.modules.sparse_linear import SparseLinear
 
@@ -134,9 +135,11 @@ def bench_layers(shapes: dict, tokens: tuple[int, ...], threads: list[int], repe
                 weight = master.to(dtype)
                 backend = "packed24" if fmt == "packed24" else "bitmask"
                 sparse = SparseLinear(weight, backend=backend)
-                sparse_copies = _copies(lambda w=weight, b=backend: SparseLinear(w, backend=b), sparse.weight_bytes())
+                sparse_copies = _copies(lambda w=weight, b=backend: SparseLinear(w, backend=b), sparse.weight_bytes(),
+                                        rotate_bytes)
                 dense = {name: master.to(d) for name, d in DTYPES.items()}
-                dense_copies = {name: _copies(w.clone, w.numel() * w.element_size()) for name, w in dense.items()}
+                dense_copies = {name: _copies(w.clone, w.numel() * w.element_size(), rotate_bytes)
+                                for name, w in dense.items()}
                 for n_threads in threads:
                     torch.set_num_threads(n_threads)
                     for m in tokens:
@@ -358,7 +361,8 @@ def goal_table(rows: list[dict], tier: str | None = None) -> list[tuple[str, str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="JSONL file the rows are appended to")
-    parser.add_argument("--quick", action="store_true", help="one small shape, tiny e2e model (a smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one small shape (its weight not rotated), tiny e2e model (a smoke test)")
     parser.add_argument("--no-layers", action="store_true", help="skip the layer rows")
     parser.add_argument("--e2e", action="store_true", help="also the end-to-end greedy decoding row")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
@@ -417,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if not args.no_layers:
         shapes = QUICK_SHAPES if args.quick else {name: SHAPES[name] for name in args.shapes or SHAPES}
-        rows += bench_layers(shapes, tuple(args.tokens), threads, args.repeats, env, tuple(args.isas or ()))
+        # --quick is a smoke test: its one small weight is not rotated (hundreds of copies would take most of its time)
+        rows += bench_layers(shapes, tuple(args.tokens), threads, args.repeats, env, tuple(args.isas or ()),
+                             rotate_bytes=0 if args.quick else ROTATE_BYTES)
     if args.prefill:
         shape = (512, 1024) if args.quick else tuple(args.prefill_shape)
         rows += bench_prefill(shape, tuple(args.prefill_tokens), threads, args.repeats, env)

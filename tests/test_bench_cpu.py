@@ -156,3 +156,16 @@ def test_e2e_on_a_checkpoint_folder(tmp_path, native):
     assert torch.equal(dense.model.layers[1].mlp.down_proj.weight, down)
     with pytest.raises(SystemExit):  # argparse: --e2e-model without --e2e
         bench.main(["--no-layers", "--e2e-model", str(tmp_path / "tiny"), "--out", str(out)])
+
+
+def test_rotation_copies_hold_at_least_the_bytes_asked():
+    """Layer rows rotate over copies of the weight holding at least ``rotate_bytes`` (so no weight is served from
+    the last-level cache); one copy when asked for none (--quick)."""
+    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "benchmarks" / "bench_cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    made = []
+    copies = bench._copies(lambda: made.append(1) or len(made), 10, 25)
+    assert copies == [1, 2, 3]
+    assert bench._copies(lambda: "w", 10, 0) == ["w"]
+    assert len(bench._copies(lambda: "w", 10, bench.ROTATE_BYTES)) == -(-bench.ROTATE_BYTES // 10)

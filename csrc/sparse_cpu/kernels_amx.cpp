@@ -35,6 +35,7 @@
 #include <immintrin.h>
 
 #include "decode.h"
+#include "expand_bf16.h"
 
 namespace vlmsparse_cpu {
 namespace {
@@ -219,27 +220,6 @@ VLMSPARSE_INLINE bool expand_p24_row(const MetaTables& tables, const uint16_t* v
   return true;
 }
 
-// One bitmask row expanded to its columns into out [tiles * 32]. The values hold 32 entries of padding after the
-// last row, so every 32-value load stays inside; mask bits past k are dropped.
-VLMSPARSE_INLINE void expand_bitmask_row(const uint16_t* v, const uint8_t* meta, int64_t k, int64_t tiles,
-                                         uint16_t* out) {
-  for (int64_t c = 0; c < tiles; ++c) {
-    const int64_t col = c * kTileInputs;
-    uint32_t bits;
-    if (k - col >= kTileInputs) {
-      std::memcpy(&bits, meta + col / 8, sizeof(bits));
-    } else {  // the last 1-31 inputs
-      const int rest = static_cast<int>(k - col);
-      bits = 0;
-      std::memcpy(&bits, meta + col / 8, static_cast<size_t>((rest + 7) / 8));
-      bits &= (1u << rest) - 1;
-    }
-    _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetchBytes, _MM_HINT_T0);
-    _mm512_store_si512(out + col, _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v)));
-    v += popcount(bits);
-  }
-}
-
 struct Buffers {
   uint16_t* xv;     // x in B tiles: [blocks][tiles][16 pairs of inputs][16 rows of x][2]
   uint16_t* panel;  // the panel's rows expanded: [16][stride]
@@ -317,7 +297,7 @@ bool amx_rows(const SparseWeight& w, const uint16_t* values, const uint16_t* x, 
       if (w.format == kPacked24) {
         ordered = expand_p24_row(tables, values + (r0 + i) * (k / 2), meta, k, tiles, out);
       } else {
-        expand_bitmask_row(values + w.row_offsets[r0 + i], meta, k, tiles, out);
+        expand_bitmask_row<kPrefetchBytes>(values + w.row_offsets[r0 + i], meta, k, out);
       }
     }
     if (!ordered) {  // a packed nibble with i0 >= i1: this panel by the AVX-512 BF16 tier

@@ -22,6 +22,7 @@
 #include <immintrin.h>
 
 #include "decode.h"
+#include "expand_bf16.h"
 
 namespace vlmsparse_cpu {
 namespace {
@@ -385,27 +386,6 @@ constexpr int64_t kTileRows = 8;      // weight rows expanded per panel: two reg
 constexpr int64_t kTileChunk = 256;   // inputs per chunk: 4 KB of the tile and 8 KB of 16 rows of x in L1
 constexpr int64_t kTileTokens = 16;   // rows of x whose block sums are kept per pass over the chunks
 
-// The stored values of one bitmask row, expanded to its k columns (bf16 bits, zeros where pruned) into out
-// [kpad = k rounded up to 32]. The values hold 32 entries of padding after the last row (checked_offsets), so
-// every 32-value load is whole; the mask bits past k are dropped.
-VLMSPARSE_INLINE void expand_bitmask_row(const uint16_t* v, const uint8_t* meta, int64_t k, uint16_t* out) {
-  int64_t c = 0;
-  for (; c + 32 <= k; c += 32) {
-    uint32_t bits;
-    std::memcpy(&bits, meta + c / 8, sizeof(bits));
-    _mm_prefetch(reinterpret_cast<const char*>(v + 1024), _MM_HINT_T0);
-    _mm512_storeu_si512(out + c, _mm512_maskz_expand_epi16(static_cast<__mmask32>(bits), load32(v)));
-    v += popcount(bits);
-  }
-  if (c < k) {
-    const int rest = static_cast<int>(k - c);
-    uint32_t bits = 0;
-    std::memcpy(&bits, meta + c / 8, static_cast<size_t>((rest + 7) / 8));
-    bits &= (1u << rest) - 1;
-    _mm512_storeu_si512(out + c, _mm512_maskz_expand_epi16(static_cast<__mmask32>(bits), load32(v)));
-  }
-}
-
 // sums[16] (row i, row of x t at i * 4 + t) += the products of 4 tile rows and 4 rows of x (both `stride` apart)
 // over inputs [c0, c1).
 VLMSPARSE_INLINE void tile_block(const uint16_t* tile, const uint16_t* x, int64_t stride, int64_t c0, int64_t c1,
@@ -453,7 +433,9 @@ bool bitmask_tile_rows(const SparseWeight& w, const uint16_t* values, const uint
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kTileRows) {
     const int64_t rows = row_end - r0 < kTileRows ? row_end - r0 : kTileRows;
     for (int64_t i = 0; i < rows; ++i) {
-      expand_bitmask_row(values + w.row_offsets[r0 + i], w.meta + (r0 + i) * w.meta_stride, k, tile + i * stride);
+      // values 2 KiB ahead (the amx tier fetches 1 KiB ahead: its own measurement)
+      expand_bitmask_row<2048>(values + w.row_offsets[r0 + i], w.meta + (r0 + i) * w.meta_stride, k,
+                               tile + i * stride);
     }
     const int64_t groups = (rows + 3) / 4;
     for (int64_t i = rows; i < groups * 4; ++i) std::memset(tile + i * stride, 0, sizeof(uint16_t) * kpad);
