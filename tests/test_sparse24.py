@@ -7,6 +7,7 @@ import torch
 
 from vlmsparse.sparse24 import (
     Packed24,
+    group_counts,
     pack24,
     semi_structured_support,
     to_semi_structured,
@@ -59,6 +60,33 @@ def test_all_zero_and_sparser_rows():
     weight = torch.zeros(2, 8)
     weight[1, 5] = 7.0
     assert _bits_equal(unpack24(pack24(weight)), weight)
+
+
+def test_every_group_keeps_the_stable_sort_choice():
+    """Every group a 2:4 weight can hold (each entry a non-zero, -0.0 or +0.0, at most 2 non-zeros: 72 kinds)
+    keeps what a stable descending sort of (non-zero 2, -0.0 1, +0.0 0) picks, the lower position first among
+    equals: pack24 looks the pair up in a table instead, so this compares it with torch.sort over all of them."""
+    import itertools
+
+    kinds = [g for g in itertools.product((0, 1, 2), repeat=4) if sum(p == 2 for p in g) <= 2]
+    assert len(kinds) == 72
+    entry = {0: 0.0, 1: -0.0, 2: 3.5}
+    weight = torch.tensor([[entry[p] for p in g] for g in kinds])  # one group per row
+    priority = torch.tensor(kinds, dtype=torch.int8)
+    order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
+    want = torch.sort(order[:, :2], dim=-1).values
+    packed = pack24(weight)
+    got = torch.stack([packed.meta[:, 0] & 3, (packed.meta[:, 0] >> 2) & 3], dim=1).long()
+    assert torch.equal(got, want)
+    assert _bits_equal(packed.values, torch.gather(weight, 1, want))
+    mask = torch.zeros(len(kinds), 4, dtype=torch.bool).scatter_(1, want, True)  # the same pairs as a mask
+    assert torch.equal(unpack24_mask(pack24(weight * mask, mask)), mask)
+
+
+def test_group_counts_count_each_group_of_four():
+    flags = torch.rand(7, 40, generator=torch.Generator().manual_seed(0)) < 0.5
+    assert torch.equal(group_counts(flags), flags.reshape(7, 10, 4).sum(-1).int())
+    assert torch.equal(group_counts(flags.t().contiguous().t()), group_counts(flags))  # any layout
 
 
 def test_pack_with_mask_keeps_mask_positions_even_for_zero_values():

@@ -41,7 +41,7 @@ from torch import nn
 
 from .. import ops
 from ..bitmask import BitmaskWeight, pack_bitmask_weight, unpack_bitmask_weight
-from ..sparse24 import Packed24, pack24, semi_structured_support, to_semi_structured, unpack24
+from ..sparse24 import Packed24, group_counts, pack24, semi_structured_support, to_semi_structured, unpack24
 
 __all__ = ["SparseLinear", "SPARSE_LINEAR_BACKENDS", "SHIPPED_SPEEDUPS", "BITMASK_MIN_SPARSITY", "is_24",
            "sparsity_of", "choose_backend", "plan_backend", "sparse_candidates"]
@@ -88,8 +88,7 @@ def is_24(weight: torch.Tensor) -> bool:
     entries comes back as ``+0.0`` (see :mod:`vlmsparse.sparse24`)."""
     if weight.dim() != 2 or weight.shape[1] % 4 or not weight.is_floating_point():
         return False
-    nonzero = weight != 0
-    return bool((nonzero.reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all())
+    return bool((group_counts(weight != 0) <= 2).all())
 
 
 def sparse_candidates(weight: torch.Tensor) -> dict[str, str]:
