@@ -44,7 +44,7 @@ from ..modules.sparse_linear import (
     sparse_candidates,
     sparsity_of,
 )
-from ..sparse24 import Packed24, pack24, unpack24
+from ..sparse24 import Packed24, group_counts, pack24, unpack24
 from .guards import check_masks, check_output_folder
 from .guards import model_source_dirs as _source_dirs
 
@@ -119,7 +119,7 @@ class CompressReport:
 
 
 def _mask_is_24(mask: torch.Tensor) -> bool:
-    return mask.dim() == 2 and mask.shape[1] % 4 == 0 and bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) <= 2).all())
+    return mask.dim() == 2 and mask.shape[1] % 4 == 0 and bool((group_counts(mask) <= 2).all())
 
 
 def compress(

@@ -45,6 +45,7 @@ from torch import nn
 
 from .._io import atomic_write, write_folder_atomically
 from ..masks import MASKS_FILENAME, MaskSet
+from ..sparse24 import group_counts
 from .config import FinetuneConfig
 
 __all__ = ["finetune", "FinetuneError", "mask_violations", "RECORD_FILENAME", "MERGED_DIRNAME", "ADAPTER_DIRNAME"]
@@ -291,7 +292,7 @@ def _pack_bases(model: nn.Module, masks: MaskSet, config: FinetuneConfig) -> Non
 
     part_of = _part_of(model)
     two_four = {n: m for n, m in masks.items() if part_of(n) in config.parts and m.shape[1] % 4 == 0
-                and bool((m.reshape(m.shape[0], -1, 4).sum(-1) == 2).all())}
+                and bool((group_counts(m) == 2).all())}
     if not two_four:
         raise ValueError(f"packed_base=True: no adapted linear (parts {config.parts}) has a 2:4 mask; the packed "
                          "base is the 2:4 format")
