@@ -60,6 +60,23 @@ def without_native(monkeypatch):
     yield
 
 
+class _OpSpy:
+    """Stands for torch.ops.vlmsparse_native: records the name of each op looked up on it (``names``)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def __getattr__(self, name):
+        self.names.append(name)
+        return getattr(torch.ops.vlmsparse_native, name)
+
+
+@pytest.fixture
+def op_spy(native):
+    """A fresh :class:`_OpSpy`, for a test to put in place of ``vlmsparse.kernels.cpu._ops``."""
+    return _OpSpy()
+
+
 @pytest.fixture
 def native():
     """The native CPU kernels (vlmsparse.kernels.cpu); skips where they are not built, fails instead when

@@ -198,31 +198,20 @@ def _weight24(out=24, inp=64, dtype=torch.float32, seed=0):
     return (w * mask_nm(w.abs(), 2, 4)).to(dtype)
 
 
-class _Spy:
-    """Stands for torch.ops.vlmsparse_native in vlmsparse.kernels.cpu: records which op ran."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def __getattr__(self, name):
-        self.names.append(name)
-        return getattr(torch.ops.vlmsparse_native, name)
-
-
 def _refuse(*args, **kwargs):
     raise AssertionError("a per-call Python argument check ran")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["packed24", "bitmask"])
-def test_sparse_linear_reaches_the_native_op_without_per_call_checks(native, monkeypatch, dtype, backend):
+def test_sparse_linear_reaches_the_native_op_without_per_call_checks(native, op_spy, monkeypatch, dtype, backend):
     """Checks ran at construction; forward goes to the native op with none of the Python checks, and keeps the
     switch to the dense-GEMM path from dense_from_rows(backend, dtype) rows of x on (bit for bit F.linear there)."""
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
     weight = _weight24(dtype=dtype)
     bias = torch.randn(24).to(dtype)
     layer = SparseLinear(weight, bias, backend=backend)
-    spy = _Spy()
+    spy = op_spy
     monkeypatch.setattr(native, "_ops", lambda: spy)
     for name in ("check_features", "check_packed", "check_bitmask", "check_bias", "_check"):
         monkeypatch.setattr(native, name, _refuse)

@@ -291,7 +291,7 @@ def test_every_row_count_across_the_thresholds(native, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
-def test_dense_path_threshold_follows_the_tier_and_format(isa, native, monkeypatch):
+def test_dense_path_threshold_follows_the_tier_and_format(isa, native, op_spy, monkeypatch):
     """fp32 prefill goes to dense GEMMs from 1024 rows of x (packed 2:4) / 2048 (bitmask) on every tier; bf16 from
     256 on avx512bf16, 512 / 1024 on amx, 4096 elsewhere (torch's bf16 GEMMs are slow there). Each format's
     operation reads its own threshold: one row below it the row kernel runs, at it the dense path."""
@@ -305,15 +305,7 @@ def test_dense_path_threshold_follows_the_tier_and_format(isa, native, monkeypat
         native.dense_from_rows("csr", torch.float32)
     with pytest.raises(ValueError, match="dtype one of"):
         native.dense_from_rows("packed24", torch.float16)
-    calls = []
-    ops_ = native._ops()
-
-    class _Spy:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(ops_, name)
-
-    monkeypatch.setattr(native, "_ops", lambda: _Spy())
+    monkeypatch.setattr(native, "_ops", lambda: op_spy)
     monkeypatch.setitem(native._dense_from, ("packed24", torch.float32), 20)
     monkeypatch.setitem(native._dense_from, ("bitmask", torch.float32), 30)
     packed, bm = pack24(_weight24(8, 16, torch.float32)), pack_bitmask_weight(_weight_unstructured(8, 16, torch.float32))
@@ -321,7 +313,7 @@ def test_dense_path_threshold_follows_the_tier_and_format(isa, native, monkeypat
         x = torch.randn(rows, 16)
         native.packed24_matmul(x, packed.values, packed.meta)
         native.bitmask_matmul(x, bm.values, bm.bitmask, bm.row_offsets)
-    assert calls == ["packed24_linear", "bitmask_linear", "packed24_linear_dense", "bitmask_linear",
+    assert op_spy.names == ["packed24_linear", "bitmask_linear", "packed24_linear_dense", "bitmask_linear",
                      "packed24_linear_dense", "bitmask_linear", "packed24_linear_dense", "bitmask_linear_dense"]
 
 

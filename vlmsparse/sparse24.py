@@ -127,7 +127,7 @@ def pack24(weight: torch.Tensor, mask: torch.Tensor | None = None) -> Packed24:
         negative_zero = (weight == 0) & torch.signbit(weight)
         priority = nonzero.to(torch.int8) * 2 + negative_zero.to(torch.int8)
     # each group's 4 priorities (0-2) as one byte index into _KEPT_PAIRS: the two kept positions of a stable
-    # descending sort, looked up instead of sorted (4096x11008: two torch.sort calls took most of pack24's time)
+    # descending sort, looked up instead of sorted (two torch.sort calls did this; 5632x2048 bf16: 237 -> 74 ms)
     word = _group_words(priority)
     index = sum(((word >> shift) & 3) << (2 * j) for j, shift in enumerate(_ENTRY_SHIFTS))
     table = torch.tensor(_KEPT_PAIRS, device=weight.device)
