@@ -495,6 +495,100 @@ def test_load_compressed_as_sparse_warns_when_nothing_is_swapped(tmp_path, caplo
     assert any(isinstance(m, SparseLinear) for m in sparse.modules()) and "none of the" not in caplog.text
 
 
+def _mixed_sparse_llama(dtype: torch.dtype) -> tuple[nn.Module, list[str], list[str]]:
+    """A tiny Llama in ``dtype`` whose attention linears are 2:4 and whose MLP linears are 70% unstructured;
+    returns (model, 2:4 names, unstructured names)."""
+    from factories import tiny_llama
+
+    model = tiny_llama(0).to(dtype).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "layers" in n]
+    two_four = [n for n in names if "self_attn" in n]
+    unstructured = [n for n in names if "mlp" in n]
+    _prune24(model, two_four)
+    with torch.no_grad():
+        for name in unstructured:
+            weight = model.get_submodule(name).weight
+            weight.masked_fill_(torch.rand(weight.shape, generator=torch.Generator().manual_seed(len(name))) < 0.7, 0)
+    return model, two_four, unstructured
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_compressed_builds_the_sparse_linears_from_the_stored_parts(native, tmp_path, monkeypatch, dtype):
+    """On a CPU with the native kernels, as_sparse=True puts the stored values / meta / bitmask in the SparseLinear
+    buffers: no layer is unpacked to dense nor packed again, and every buffer and output is bit for bit what
+    compress() of the dense load gives. A backend that is not the stored format still goes through the dense
+    weight."""
+    from vlmsparse import ops
+    from vlmsparse.modules import sparse_linear as sl
+
+    model, two_four, unstructured = _mixed_sparse_llama(dtype)
+    save_compressed(model, tmp_path / "ckpt")
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    want = {}
+    for backend in ("auto", "bitmask"):
+        reference = load_compressed(tmp_path / "ckpt")
+        compress(reference, backend=backend, progress=False)
+        with torch.no_grad():
+            want[backend] = (dict(reference.named_buffers()), reference(ids).logits)
+
+    unpacked, packed = [], []
+    real_unpack = ops.unpack_weight
+    monkeypatch.setattr(ops, "unpack_weight", lambda stored: unpacked.append(stored.shape) or real_unpack(stored))
+    for fn in ("pack24", "pack_bitmask_weight"):
+        real = getattr(sl, fn)
+        monkeypatch.setattr(sl, fn, lambda w, *a, real=real, fn=fn: packed.append(fn) or real(w, *a))
+    loaded = load_compressed(tmp_path / "ckpt", as_sparse=True)
+    assert unpacked == [] and packed == []
+    backends = {n: m.backend for n, m in loaded.named_modules() if isinstance(m, SparseLinear)}
+    assert backends == {**dict.fromkeys(two_four, "packed24"), **dict.fromkeys(unstructured, "bitmask")}
+    buffers, logits = want["auto"]
+    assert dict(loaded.named_buffers()).keys() == buffers.keys()
+    for key, value in loaded.named_buffers():
+        assert _bits_equal(value, buffers[key]), key
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+
+    # the 2:4 layers as bitmask: unpacked once each, then packed in the other format; the bitmask ones direct
+    loaded = load_compressed(tmp_path / "ckpt", as_sparse=True, backend="bitmask")
+    assert len(unpacked) == len(two_four) and packed == ["pack_bitmask_weight"] * len(two_four)
+    assert {m.backend for m in loaded.modules() if isinstance(m, SparseLinear)} == {"bitmask"}
+    buffers, logits = want["bitmask"]
+    for key, value in loaded.named_buffers():
+        assert _bits_equal(value, buffers[key]), key
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+
+
+@pytest.mark.parametrize("as_sparse", [False, True])
+def test_load_compressed_fills_every_parameter_and_keeps_ties(native, tmp_path, as_sparse):
+    """The model is built with its parameters on the meta device and filled from the checkpoint: none is left
+    there, a tied LM head is the embedding again, and a swapped linear holds no dense weight."""
+    from factories import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "layers" in n]
+    _prune24(model, names)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    save_compressed(model, tmp_path / "ckpt")
+    loaded = load_compressed(tmp_path / "ckpt", as_sparse=as_sparse)
+    assert not any(p.is_meta for p in loaded.parameters()) and not any(b.is_meta for b in loaded.buffers())
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    held = {k for k, _ in loaded.named_parameters()} | {k for k, _ in loaded.named_buffers()}
+    assert {f"{n}.weight" for n in names} <= held if not as_sparse else not {f"{n}.weight" for n in names} & held
+    with torch.no_grad():
+        got = loaded(ids).logits
+    if as_sparse:
+        torch.testing.assert_close(got, want)  # the packed kernel sums in another order
+    else:
+        assert torch.equal(got, want)
+
+
 def test_compress_auto_decides_per_layer_from_timings(monkeypatch):
     """The auto decision fed fake timings: dense where the compressed path loses at a token count; with
     dense_copy a per-call threshold; the stored plan is what load_compressed applies."""
@@ -561,6 +655,6 @@ def test_load_compressed_applies_the_stored_plan(monkeypatch, tmp_path):
     from vlmsparse.modules import sparse_linear as sl
 
     monkeypatch.setattr(cp, "sparse_candidates", lambda w: {})
-    monkeypatch.setattr(sl, "_native_cpu", lambda w: (False, "no native kernel (simulated)"))
+    monkeypatch.setattr(sl, "native_cpu_support", lambda w: (False, "no native kernel (simulated)"))
     loaded = load_compressed(tmp_path / "ckpt", as_sparse=True)
     assert not any(isinstance(mod, SparseLinear) for mod in loaded.modules())

@@ -365,6 +365,47 @@ def test_bitmask_format_round_trip():
     assert torch.equal(unpack_bitmask_weight(packed), masked)
 
 
+def test_bitmask_weight_from_the_stored_parts():
+    """What a compressed checkpoint stores (entries without padding, bitmask) gives back the packed weight: row
+    offsets from the bitmask's popcounts (bits past in_features in a row's last byte not counted)."""
+    from vlmsparse.bitmask import bitmask_weight, row_counts
+
+    weight = _weight_unstructured(9, 20, torch.float32)
+    packed = pack_bitmask_weight(weight)
+    count = int(packed.row_offsets[-1])
+    rebuilt = bitmask_weight(packed.values[:count], packed.bitmask, 20)
+    for part in ("values", "bitmask", "row_offsets"):
+        assert torch.equal(getattr(rebuilt, part), getattr(packed, part)), part
+    stray = packed.bitmask.clone()
+    stray[:, -1] |= 0xF0  # columns 20-23 of a 20-wide row
+    assert torch.equal(row_counts(stray, 20), (weight != 0).sum(1))
+    with pytest.raises(ValueError, match=f"the bitmask sets {count} entries, values hold {count - 1}"):
+        bitmask_weight(packed.values[: count - 1], packed.bitmask, 20)
+    with pytest.raises(ValueError, match="bitmask must be uint8 \\[out, 3\\] for 20 input features"):
+        bitmask_weight(packed.values[:count], packed.bitmask[:, :2], 20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unpack_weight_native_equals_torch(native, dtype, op_spy, monkeypatch):
+    """ops.unpack_weight gives bit for bit unpack24 / unpack_bitmask_weight (a stored -0.0 included); the native
+    ops do it for float32 / bfloat16, torch for the rest."""
+    from vlmsparse import ops
+    from vlmsparse.sparse24 import unpack24
+
+    weight24 = _weight24(24, 64, dtype)
+    weight24[0, int(weight24[0, :4].nonzero()[0])] = -0.0  # a stored -0.0
+    packed, bm = pack24(weight24), pack_bitmask_weight(_weight_unstructured(24, 64, dtype))
+    bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
+    assert torch.equal(ops.unpack_weight(packed).view(bits), unpack24(packed).view(bits))
+    assert torch.equal(ops.unpack_weight(bm).view(bits), unpack_bitmask_weight(bm).view(bits))
+    monkeypatch.setattr(native, "_ops", lambda: op_spy)
+    for stored in (packed, bm):
+        ops.unpack_weight(stored)
+    assert op_spy.names == (["packed24_to_dense", "bitmask_to_dense"] if dtype in native.NATIVE_DTYPES else [])
+    with pytest.raises(ValueError, match="needs a Packed24 or BitmaskWeight, got Tensor"):
+        ops.unpack_weight(weight24)
+
+
 def test_isa_selection(native):
     assert native.isa() in native.supported_isas() and native.supported_isas()[0] == "scalar"
     with pytest.raises(RuntimeError, match="unknown ISA level 'sse9'.*allowed: scalar, avx2, avx512, avx512bf16, amx"):

@@ -153,7 +153,7 @@ def test_auto_follows_the_shipped_measurements(monkeypatch):
     """Where both compressed paths exist (a GPU), auto without a measurement of its own keeps dense: the H200
     numbers show neither as fast as dense at every token count."""
     monkeypatch.setattr(sl, "sparse_candidates", lambda w: {"torch24": "supported", "packed24": "kernel"})
-    monkeypatch.setattr(sl, "_native_cpu", lambda w: (False, "not a CPU weight (cuda)"))
+    monkeypatch.setattr(sl, "native_cpu_support", lambda w: (False, "not a CPU weight (cuda)"))
     name, reason = choose_backend(_linear24().weight.detach())
     assert name == "dense" and "shipped H200" in reason and "torch24 is faster from 8192 tokens" in reason
     shipped = {"torch24": {1: 0.5, 8192: 2.0}, "packed24": {1: 2.0, 2048: 1.1, 8192: 1.3}}
@@ -181,3 +181,51 @@ def test_dense_below_dispatches_per_call_on_tokens(monkeypatch):
         SparseLinear.from_linear(lin, backend="dense", dense_below=8)
     with pytest.raises(ValueError, match="dense_below must be an int >= 0"):
         SparseLinear.from_linear(lin, backend="packed24", dense_below=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_from_stored_parts_equals_from_the_dense_weight(dtype):
+    """A Packed24 / BitmaskWeight given to SparseLinear becomes its buffers as they are (no copy): the same buffers
+    and outputs as the module built from the dense weight; with dense_below the dense copy is the unpacked weight."""
+    from vlmsparse.bitmask import pack_bitmask_weight
+    from vlmsparse.sparse24 import pack24
+
+    torch.manual_seed(0)
+    lin = _linear24(dtype=dtype)
+    x = torch.randn(3, 64).to(dtype)
+    sparse70 = lin.weight.detach() * (torch.rand(32, 64) < 0.3)
+    for weight, stored, backend in ((lin.weight.detach(), pack24(lin.weight.detach()), "packed24"),
+                                    (sparse70, pack_bitmask_weight(sparse70), "bitmask")):
+        for below in (0, 4):
+            from_dense = SparseLinear(weight, lin.bias, backend, dense_below=below)
+            from_stored = SparseLinear(stored, lin.bias, dense_below=below)
+            assert (from_stored.backend, from_stored.reason) == (backend, "stored compressed")
+            assert from_stored.values is stored.values  # used as given
+            assert from_dense.state_dict().keys() == from_stored.state_dict().keys()
+            for key, value in from_stored.state_dict().items():
+                assert torch.equal(value, from_dense.state_dict()[key]), key
+            with torch.no_grad():
+                assert torch.equal(from_stored(x), from_dense(x))
+                assert torch.equal(from_stored(x[:1]), from_dense(x[:1]))  # below dense_below: the dense copy
+
+
+def test_from_stored_parts_refuses_another_backend_and_bad_parts():
+    from vlmsparse.bitmask import BitmaskWeight, pack_bitmask_weight
+    from vlmsparse.sparse24 import Packed24, pack24
+
+    weight = _linear24().weight.detach()
+    packed, bitmask = pack24(weight), pack_bitmask_weight(weight)
+    with pytest.raises(ValueError, match="runs on backend 'packed24'.*got 'bitmask'"):
+        SparseLinear(packed, backend="bitmask")
+    with pytest.raises(ValueError, match="runs on backend 'bitmask'.*got 'dense'"):
+        SparseLinear(bitmask, backend="dense")
+    with pytest.raises(ValueError, match="meta must be uint8"):
+        SparseLinear(Packed24(packed.values, packed.meta[:, :-1], 64))
+    offsets = bitmask.row_offsets.clone()
+    offsets[1] += 1  # row 0 said to hold one entry more than its bits set
+    with pytest.raises(ValueError, match="row_offsets do not match"):
+        SparseLinear(BitmaskWeight(bitmask.values, bitmask.bitmask, offsets, 64))
+    with pytest.raises(ValueError, match="need .* padding"):
+        SparseLinear(BitmaskWeight(bitmask.values[:-1], bitmask.bitmask, bitmask.row_offsets, 64))
+    with pytest.raises(ValueError, match="a Packed24 or a BitmaskWeight"):
+        SparseLinear([[1.0]])

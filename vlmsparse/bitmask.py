@@ -21,7 +21,8 @@ import torch
 
 from .masks import pack_bitmask, unpack_bitmask
 
-__all__ = ["BitmaskWeight", "PADDING", "pack_bitmask_weight", "unpack_bitmask_weight"]
+__all__ = ["BitmaskWeight", "PADDING", "pack_bitmask_weight", "unpack_bitmask_weight", "bitmask_weight",
+           "row_counts", "check_row_offsets"]
 
 PADDING = 32  # kBitmaskPadding in csrc/sparse_cpu/kernels.h
 
@@ -55,6 +56,48 @@ def pack_bitmask_weight(weight: torch.Tensor) -> BitmaskWeight:
     row_offsets = torch.zeros(weight.shape[0] + 1, dtype=torch.int64, device=weight.device)
     torch.cumsum(stored.sum(1), 0, out=row_offsets[1:])
     return BitmaskWeight(values, pack_bitmask(stored), row_offsets, weight.shape[1])
+
+
+def row_counts(bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Stored entries per row, int64 ``[out]``, of a ``bitmask [out, ceil(in/8)]`` uint8 (bits past ``in_features``
+    in a row's last byte are not counted): a popcount table per byte, no ``[out, in]`` mask made."""
+    if bitmask.dtype != torch.uint8 or bitmask.dim() != 2 or bitmask.shape[1] != (in_features + 7) // 8:
+        raise ValueError(f"bitmask must be uint8 [out, {(in_features + 7) // 8}] for {in_features} input features, "
+                         f"got {bitmask.dtype} {tuple(bitmask.shape)}")
+    if in_features % 8 and bitmask.shape[1]:
+        bitmask = bitmask.clone()
+        bitmask[:, -1] &= (1 << (in_features % 8)) - 1
+    table = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64, device=bitmask.device)
+    return table[bitmask.long()].sum(1)
+
+
+def bitmask_weight(values: torch.Tensor, bitmask: torch.Tensor, in_features: int) -> BitmaskWeight:
+    """The :class:`BitmaskWeight` of stored parts, as a compressed checkpoint holds them: ``values`` 1-D, the
+    entries alone (no padding), and ``bitmask [out, ceil(in/8)]`` uint8. Row offsets come from the bitmask's
+    popcounts; ``ValueError`` when it sets another number of entries than ``values`` holds."""
+    if values.dim() != 1 or not values.is_floating_point():
+        raise ValueError(f"bitmask weight: values must be a 1-D float tensor, got {values.dtype} "
+                         f"{tuple(values.shape)}")
+    counts = row_counts(bitmask, in_features)
+    row_offsets = torch.zeros(bitmask.shape[0] + 1, dtype=torch.int64, device=bitmask.device)
+    torch.cumsum(counts, 0, out=row_offsets[1:])
+    if int(row_offsets[-1]) != values.numel():
+        raise ValueError(f"bitmask weight: the bitmask sets {int(row_offsets[-1])} entries, values hold "
+                         f"{values.numel()}")
+    return BitmaskWeight(torch.cat([values, values.new_zeros(PADDING)]), bitmask, row_offsets, in_features)
+
+
+def check_row_offsets(packed: BitmaskWeight) -> None:
+    """``ValueError`` unless ``packed.row_offsets`` are the bitmask's running row counts (what the kernels read
+    by) and ``values`` hold them plus ``PADDING``."""
+    counts = row_counts(packed.bitmask, packed.in_features)
+    offsets = packed.row_offsets
+    if offsets.shape != (counts.numel() + 1,) or int(offsets[0]) != 0 or not torch.equal(
+            offsets[1:] - offsets[:-1], counts.to(offsets.device)):
+        raise ValueError("bitmask weight: row_offsets do not match the bitmask's entries per row")
+    if packed.values.numel() < int(offsets[-1]) + PADDING:
+        raise ValueError(f"bitmask weight: values hold {packed.values.numel()} entries, need {int(offsets[-1])} "
+                         f"stored + {PADDING} padding")
 
 
 def unpack_bitmask_weight(packed: BitmaskWeight) -> torch.Tensor:

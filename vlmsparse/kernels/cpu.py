@@ -274,3 +274,11 @@ def bitmask_matmul_unchecked(x: torch.Tensor, values: torch.Tensor, bitmask: tor
     if _dense_rows("bitmask", x):
         return _ops().bitmask_linear_dense.default(x, values, bitmask, row_offsets, bias)
     return _ops().bitmask_linear.default(x, values, bitmask, row_offsets, bias)
+
+
+def unpack_weight(stored) -> torch.Tensor:
+    """The dense weight of a :class:`~vlmsparse.sparse24.Packed24` or :class:`~vlmsparse.bitmask.BitmaskWeight` of
+    float32 / bfloat16 CPU tensors (shapes checked by the caller; the C++ ops check them too)."""
+    if hasattr(stored, "meta"):
+        return _ops().packed24_to_dense.default(stored.values, stored.meta)
+    return _ops().bitmask_to_dense.default(stored.values, stored.bitmask, stored.row_offsets, stored.in_features)

@@ -40,11 +40,12 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..bitmask import BitmaskWeight, pack_bitmask_weight, unpack_bitmask_weight
-from ..sparse24 import Packed24, group_counts, pack24, semi_structured_support, to_semi_structured, unpack24
+from ..bitmask import BitmaskWeight, check_row_offsets, pack_bitmask_weight
+from ..kernels.checks import check_bitmask, check_packed
+from ..sparse24 import Packed24, group_counts, pack24, semi_structured_support, to_semi_structured
 
 __all__ = ["SparseLinear", "SPARSE_LINEAR_BACKENDS", "SHIPPED_SPEEDUPS", "BITMASK_MIN_SPARSITY", "is_24",
-           "sparsity_of", "choose_backend", "plan_backend", "sparse_candidates"]
+           "sparsity_of", "choose_backend", "plan_backend", "sparse_candidates", "native_cpu_support"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ SHIPPED_SPEEDUPS: dict[str, dict[int, float]] = {
 }
 
 
-def _native_cpu(weight: torch.Tensor) -> tuple[bool, str]:
+def native_cpu_support(weight: torch.Tensor) -> tuple[bool, str]:
     """Whether the native CPU kernels can run this weight, and why not."""
     if weight.device.type != "cpu":
         return False, f"not a CPU weight ({weight.device.type})"
@@ -104,7 +105,7 @@ def sparse_candidates(weight: torch.Tensor) -> dict[str, str]:
             out["torch24"] = reason
         if weight.device.type == "cuda" and ops.triton_available():
             out["packed24"] = "packed Triton kernel"
-    native, reason = _native_cpu(weight)
+    native, reason = native_cpu_support(weight)
     if native:
         if two_four:
             out["packed24"] = reason
@@ -183,7 +184,7 @@ def choose_backend(weight: torch.Tensor, backend: str = "auto") -> tuple[str, st
         raise ValueError(f"SparseLinear backend 'bitmask' needs a float weight, got {weight.dtype}")
     if backend != "auto":
         return backend, "requested"
-    native, native_reason = _native_cpu(weight)
+    native, native_reason = native_cpu_support(weight)
     if native:  # CPU: fewer bytes and faster decode (module docstring); prefill expands the weight in the kernel
         if two_four:
             return "packed24", native_reason
@@ -204,27 +205,51 @@ def choose_backend(weight: torch.Tensor, backend: str = "auto") -> tuple[str, st
     return name, f"shipped H200 measurements: {reason}"
 
 
+def _stored_backend(stored: Packed24 | BitmaskWeight, backend: str) -> tuple[str, str]:
+    """``(backend, reason)`` for an already compressed weight: it keeps its format (``"auto"`` or that format's
+    name; anything else is refused). Shapes, dtypes and a bitmask's row offsets are checked here."""
+    fmt = "packed24" if isinstance(stored, Packed24) else "bitmask"
+    if backend not in ("auto", fmt):
+        raise ValueError(f"SparseLinear: a {type(stored).__name__} weight runs on backend {fmt!r} ('auto' picks it), "
+                         f"got {backend!r}; unpack it (ops.unpack_weight) for another backend")
+    if fmt == "packed24":
+        check_packed(stored.values, stored.meta, stored.in_features, "SparseLinear")
+    else:
+        check_bitmask(stored.values, stored.bitmask, stored.row_offsets, stored.in_features, "SparseLinear")
+        check_row_offsets(stored)
+    if not stored.values.is_floating_point():
+        raise ValueError(f"SparseLinear: stored values must be float, got {stored.values.dtype}")
+    return fmt, "stored compressed"
+
+
 class SparseLinear(nn.Module):
     """Inference-only linear ``y [..., out] = x [..., in] @ W.T + b`` with ``W`` stored per ``backend``.
 
     ``dense_below`` (sparse backends only): inputs of fewer tokens run on a dense copy of the weight, kept
-    beside the compressed one (see the module docstring). Shapes and backend are checked here, once; ``forward``
-    calls the unchecked op.
+    beside the compressed one (see the module docstring). ``weight`` may come compressed already, a
+    :class:`~vlmsparse.sparse24.Packed24` or :class:`~vlmsparse.bitmask.BitmaskWeight` (its buffers are used as
+    they are, no dense copy made): it keeps its format, so ``backend`` must be ``"auto"`` or that format.
+    Shapes and backend are checked here, once; ``forward`` calls the unchecked op.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "auto",
-                 dense_below: int = 0) -> None:
+    def __init__(self, weight: torch.Tensor | Packed24 | BitmaskWeight, bias: torch.Tensor | None = None,
+                 backend: str = "auto", dense_below: int = 0) -> None:
         super().__init__()
-        if weight.dim() != 2:
-            raise ValueError(f"SparseLinear needs a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+        stored = weight if isinstance(weight, (Packed24, BitmaskWeight)) else None
+        if stored is None and (not isinstance(weight, torch.Tensor) or weight.dim() != 2):
+            got = f"shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise ValueError(f"SparseLinear needs a 2-D [out, in] weight, a Packed24 or a BitmaskWeight, got {got}")
         if isinstance(dense_below, bool) or not isinstance(dense_below, int) or dense_below < 0:
             raise ValueError(f"SparseLinear: dense_below must be an int >= 0 (tokens), got {dense_below!r}")
-        weight = weight.detach()
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = stored.shape if stored is not None else weight.shape
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"SparseLinear: bias must be None or of shape ({self.out_features},), got "
                              f"{tuple(bias.shape)}")
-        self.backend, self.reason = choose_backend(weight, backend)
+        if stored is not None:
+            self.backend, self.reason = _stored_backend(stored, backend)
+        else:
+            weight = weight.detach()
+            self.backend, self.reason = choose_backend(weight, backend)
         if dense_below and self.backend == "dense":
             raise ValueError("SparseLinear: dense_below needs a sparse backend (torch24, packed24 or bitmask); "
                              f"this one is dense ({self.reason})")
@@ -233,16 +258,16 @@ class SparseLinear(nn.Module):
         if self.backend == "torch24":
             self._semi = to_semi_structured(weight)
         elif self.backend == "packed24":
-            packed = pack24(weight)
+            packed = stored if stored is not None else pack24(weight)
             self.register_buffer("values", packed.values)
             self.register_buffer("meta", packed.meta)
         elif self.backend == "bitmask":
-            stored = pack_bitmask_weight(weight)
-            self.register_buffer("values", stored.values)
-            self.register_buffer("bitmask", stored.bitmask)
-            self.register_buffer("row_offsets", stored.row_offsets)
+            packed = stored if stored is not None else pack_bitmask_weight(weight)
+            self.register_buffer("values", packed.values)
+            self.register_buffer("bitmask", packed.bitmask)
+            self.register_buffer("row_offsets", packed.row_offsets)
         if self.backend == "dense" or dense_below:
-            self.register_buffer("weight", weight.clone())
+            self.register_buffer("weight", ops.unpack_weight(stored) if stored is not None else weight.clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
@@ -260,8 +285,8 @@ class SparseLinear(nn.Module):
         if self.backend == "torch24":
             return self._semi.to_dense()
         if self.backend == "bitmask":
-            return unpack_bitmask_weight(self._bitmask_weight())
-        return unpack24(Packed24(self.values, self.meta, self.in_features))
+            return ops.unpack_weight(self._bitmask_weight())
+        return ops.unpack_weight(Packed24(self.values, self.meta, self.in_features))
 
     def to_linear(self) -> nn.Linear:
         """The inverse swap: an ``nn.Linear`` with the same (dense) weight and bias."""

@@ -32,9 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import ops
 from .._io import write_folder_atomically
+from ..bitmask import BitmaskWeight, bitmask_weight
 from ..kernels.timing import median_ms
 from ..masks import MASKS_FILENAME, MaskSet, pack_bitmask, unpack_bitmask
+from ..modules import sparse_linear
 from ..modules.sparse_linear import (
     BITMASK_MIN_SPARSITY,
     SparseLinear,
@@ -44,7 +47,7 @@ from ..modules.sparse_linear import (
     sparse_candidates,
     sparsity_of,
 )
-from ..sparse24 import Packed24, group_counts, pack24, unpack24
+from ..sparse24 import Packed24, group_counts, pack24
 from .guards import check_masks, check_output_folder
 from .guards import model_source_dirs as _source_dirs
 
@@ -446,6 +449,13 @@ def _read_index(path: Path) -> dict:
     return index
 
 
+def _stored_sparse(stored, key: str, entry: dict) -> Packed24 | BitmaskWeight:
+    """The compressed form of the packed 2:4 or bitmask tensor ``key`` of an open safetensors file."""
+    if entry["format"] == "packed24":
+        return Packed24(stored.get_tensor(f"{key}.values"), stored.get_tensor(f"{key}.meta"), entry["shape"][1])
+    return bitmask_weight(stored.get_tensor(f"{key}.values"), stored.get_tensor(f"{key}.bitmask"), entry["shape"][1])
+
+
 def iter_compressed_tensors(path: str | os.PathLike, aliases: bool = True,
                             ) -> Iterator[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
     """``(key, shape, load)`` for every tensor stored in a compressed checkpoint folder, in stored order;
@@ -466,15 +476,8 @@ def iter_compressed_tensors(path: str | os.PathLike, aliases: bool = True,
                 return load(entry["of"])
             if fmt == "dense":
                 return stored.get_tensor(key)
-            if fmt == "packed24":
-                return unpack24(Packed24(stored.get_tensor(f"{key}.values"), stored.get_tensor(f"{key}.meta"),
-                                         entry["shape"][1]))
-            if fmt == "bitmask":
-                mask = unpack_bitmask(stored.get_tensor(f"{key}.bitmask"), entry["shape"][1])
-                values = stored.get_tensor(f"{key}.values")
-                dense = torch.zeros(entry["shape"], dtype=values.dtype)
-                dense[mask] = values
-                return dense
+            if fmt in ("packed24", "bitmask"):
+                return ops.unpack_weight(_stored_sparse(stored, key, entry))
             raise ValueError(f"{path}: tensor {key!r} has unknown format {fmt!r}")
 
         for key, entry in entries.items():
@@ -484,19 +487,24 @@ def iter_compressed_tensors(path: str | os.PathLike, aliases: bool = True,
             yield key, shape, lambda key=key: load(key)
 
 
-def load_compressed_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The dense state dict stored in a compressed checkpoint folder (tied tensors share storage)."""
+def load_compressed_state_dict(path: str | os.PathLike, skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """The dense state dict stored in a compressed checkpoint folder (tied tensors share storage); the keys in
+    ``skip`` (and the aliases of those keys) are neither read nor returned."""
+    skip = set(skip)
     state: dict[str, torch.Tensor] = {}
     aliases = {}
     index = _read_index(Path(path))
     for key, _, load in iter_compressed_tensors(path):
         entry = index["tensors"][key]
+        if key in skip:
+            continue
         if entry["format"] == "alias":
             aliases[key] = entry["of"]
         else:
             state[key] = load()
     for key, original in aliases.items():
-        state[key] = state[original]
+        if original not in skip:
+            state[key] = state[original]
     return state
 
 
@@ -509,46 +517,90 @@ def load_compressed(
     """Rebuild the Hugging Face model saved by :func:`save_compressed` (from its ``config.json``; nothing is
     downloaded) with the stored weights, bit for bit, moved to ``device``. ``as_sparse``: swap the linears
     stored as 2:4 or bitmask (only those the stored ``auto`` plan kept sparse, if there is one) for :class:`SparseLinear`
-    (``backend`` as in :func:`compress`)."""
+    (``backend`` as in :func:`compress`). A linear that keeps its stored format there (on a CPU with the native
+    kernels) is built from the stored parts, never unpacked: loading holds the compressed bytes, not the dense ones."""
     import transformers
+    from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     path = Path(path)
     index = _read_index(path)
+    entries = index["tensors"]
     cls = getattr(transformers, index["model_class"], None)
     if cls is None:
         raise ValueError(f"{path}: model class {index['model_class']!r} is not in this transformers version")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from contextlib import nullcontext as no_init_weights
-    with no_init_weights():
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device, until the state is assigned
         model = cls(config)
-    state = load_compressed_state_dict(path)
+    sparse: dict[str, str] = {}  # module name -> key of its weight, stored packed 2:4 or bitmask
+    plan: dict[str, dict] | None = None
+    direct: dict[str, tuple[Packed24 | BitmaskWeight, str, int]] = {}  # built from the stored parts
+    if as_sparse:
+        sparse = {key[: -len(".weight")]: key for key, e in entries.items()
+                  if e["format"] in ("packed24", "bitmask") and key.endswith(".weight")}
+        if index.get("plan"):
+            plan = {layer["name"]: layer for layer in index["plan"]["layers"]}
+            sparse = {name: key for name, key in sparse.items() if name in plan and plan[name]["backend"] != "dense"}
+        direct = _stored_linears(model, path, index, sparse, plan, backend, device)
+    state = load_compressed_state_dict(path, skip=[sparse[name] for name in direct])
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [key for key in missing if key[: -len(".weight")] not in direct]
     if unexpected or missing:
         raise ValueError(f"{path}: checkpoint does not match {index['model_class']}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.eval()
+    for name, (stored, chosen, below) in direct.items():  # before the move: their linears' weights are on meta
+        model.set_submodule(name, SparseLinear(stored, model.get_submodule(name).bias, chosen, below))
     if device is not None:
         model.to(device)
-    if as_sparse:
-        packed = {key[: -len(".weight")] for key, e in index["tensors"].items()
-                  if e["format"] in ("packed24", "bitmask") and key.endswith(".weight")}
+    rest = set(sparse) - set(direct)
+    if as_sparse and (rest or not direct):
         planned = None
-        if index.get("plan"):
-            layers = {layer["name"]: layer for layer in index["plan"]["layers"]}
-            packed &= {name for name, layer in layers.items() if layer["backend"] != "dense"}
-            if backend == "auto":  # the measured decisions, where this device can hold them
-                planned = {name: (layers[name]["backend"], int(layers[name].get("dense_below", 0))) for name in packed
-                           if _can_hold(model.get_submodule(name).weight, layers[name]["backend"])}
-        report = _swap_linears(model, None, False, backend, lambda _m, name: name in packed, (1,), False,
+        if plan is not None and backend == "auto":  # the measured decisions, where this device can hold them
+            planned = {name: (plan[name]["backend"], int(plan[name].get("dense_below", 0))) for name in rest
+                       if _can_hold(model.get_submodule(name).weight, plan[name]["backend"])}
+        report = _swap_linears(model, None, False, backend, lambda _m, name: name in rest, (1,), False,
                                plan=planned)
-        if not report.swapped:
-            why = _why_nothing_swapped(report, backend) if packed else "no weight is stored as packed 2:4 or bitmask"
+        if not report.swapped and not direct:
+            why = _why_nothing_swapped(report, backend) if sparse else "no weight is stored as packed 2:4 or bitmask"
             logger.warning("load_compressed(as_sparse=True): none of the %d sparse layers was swapped for SparseLinear "
-                           "(backend %r on %s): %s", len(packed), backend, device or "cpu", why)
+                           "(backend %r on %s): %s", len(sparse), backend, device or "cpu", why)
     return model
+
+
+def _stored_linears(model: nn.Module, path: Path, index: dict, sparse: Mapping[str, str],
+                    plan: Mapping[str, dict] | None, backend: str, device: str | torch.device | None,
+                    ) -> dict[str, tuple[Packed24 | BitmaskWeight, str, int]]:
+    """``{name: (stored parts, backend, dense_below)}`` of the linears in ``sparse`` whose ``SparseLinear`` keeps
+    the stored format: on a CPU with the native kernels for the dtype, where the (planned) backend is ``"auto"`` or
+    that format, and a bitmask weight is at least ``BITMASK_MIN_SPARSITY`` sparse. It is what
+    :func:`_swap_linears` would choose from the unpacked weight there; the others take that path."""
+    from safetensors import safe_open
+
+    if device is not None and torch.device(device).type != "cpu":
+        return {}
+    entries = index["tensors"]
+    aliased = {e["of"] for e in entries.values() if e["format"] == "alias"}
+    direct = {}
+    with safe_open(str(path / index["weights"]), framework="pt") as stored:
+        for name, key in sparse.items():
+            entry, module = entries[key], model.get_submodule(name)
+            if type(module) is not nn.Linear or key in aliased or list(module.weight.shape) != entry["shape"]:
+                continue
+            dtype = getattr(torch, entry["dtype"])
+            if not sparse_linear.native_cpu_support(torch.empty(0, dtype=dtype))[0]:
+                continue
+            wanted, below = backend, 0
+            if plan is not None and backend == "auto":
+                wanted, below = plan[name]["backend"], int(plan[name].get("dense_below", 0))
+            if wanted not in ("auto", entry["format"]):
+                continue
+            parts = _stored_sparse(stored, key, entry)
+            if isinstance(parts, BitmaskWeight):
+                kept = int(parts.row_offsets[-1])
+                if 1.0 - kept / max(entry["shape"][0] * entry["shape"][1], 1) < BITMASK_MIN_SPARSITY:
+                    continue
+            direct[name] = (parts, entry["format"], below)
+    return direct
