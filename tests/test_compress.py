@@ -589,6 +589,40 @@ def test_load_compressed_fills_every_parameter_and_keeps_ties(native, tmp_path, 
         assert torch.equal(got, want)
 
 
+def test_save_compressed_writes_a_sparse_linear_as_it_holds_it(native, tmp_path, monkeypatch):
+    """Saving a compressed model writes each SparseLinear's values / meta / bitmask as they are (no unpack, no
+    repack): the same file tensors and index as saving the dense model. A bitmask layer the dense way would store
+    otherwise (2:4, or under min_sparsity) goes through its dense weight."""
+    from safetensors.torch import load_file
+
+    from vlmsparse import ops
+    from vlmsparse.pipeline import compress as cp
+
+    model, two_four, unstructured = _mixed_sparse_llama(torch.bfloat16)
+    save_compressed(model, tmp_path / "dense")
+    compress(model, progress=False)
+    model.set_submodule(two_four[0], SparseLinear(model.get_submodule(two_four[0]).dense_weight(), None, "bitmask"))
+    calls = []
+    for fn in ("pack24", "pack_bitmask"):
+        real = getattr(cp, fn)
+        monkeypatch.setattr(cp, fn, lambda w, *a, real=real, fn=fn: calls.append(fn) or real(w, *a))
+    real_unpack = ops.unpack_weight
+    monkeypatch.setattr(ops, "unpack_weight", lambda stored: calls.append("unpack") or real_unpack(stored))
+    save_compressed(model, tmp_path / "sparse")
+    assert calls == ["unpack", "pack24"]  # the 2:4 layer held as a bitmask only
+    want, got = load_file(tmp_path / "dense" / cp.WEIGHTS_FILENAME), load_file(tmp_path / "sparse" / cp.WEIGHTS_FILENAME)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert _bits_equal(got[key], want[key]), key
+    index = [json.loads((tmp_path / d / INDEX_FILENAME).read_text()) for d in ("dense", "sparse")]
+    assert index[0]["tensors"] == index[1]["tensors"] and index[0]["size"] == index[1]["size"]
+    calls.clear()
+    save_compressed(model, tmp_path / "high", min_sparsity=0.9)  # the 70% layers: dense entries now
+    assert sorted(calls) == ["pack24"] + ["unpack"] * (len(unstructured) + 1)
+    assert {json.loads((tmp_path / "high" / INDEX_FILENAME).read_text())["tensors"][f"{n}.weight"]["format"]
+            for n in unstructured} == {"dense"}
+
+
 def test_compress_auto_decides_per_layer_from_timings(monkeypatch):
     """The auto decision fed fake timings: dense where the compressed path loses at a token count; with
     dense_copy a per-call threshold; the stored plan is what load_compressed applies."""

@@ -284,9 +284,16 @@ class SparseLinear(nn.Module):
             return self.weight
         if self.backend == "torch24":
             return self._semi.to_dense()
+        return ops.unpack_weight(self.stored_weight())
+
+    def stored_weight(self) -> Packed24 | BitmaskWeight | None:
+        """The compressed weight this module computes with, over its own buffers (no copy): a ``Packed24`` for
+        ``packed24``, a ``BitmaskWeight`` for ``bitmask``; None for the other backends."""
+        if self.backend == "packed24":
+            return Packed24(self.values, self.meta, self.in_features)
         if self.backend == "bitmask":
-            return ops.unpack_weight(self._bitmask_weight())
-        return ops.unpack_weight(Packed24(self.values, self.meta, self.in_features))
+            return self._bitmask_weight()
+        return None
 
     def to_linear(self) -> nn.Linear:
         """The inverse swap: an ``nn.Linear`` with the same (dense) weight and bias."""

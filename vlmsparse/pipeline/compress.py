@@ -297,8 +297,9 @@ def decompress(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- formats
-def _dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every ``SparseLinear`` given back as a dense ``weight`` (+ ``bias``)."""
+def _state_to_store(model: nn.Module) -> dict[str, torch.Tensor | Packed24 | BitmaskWeight]:
+    """The model's state dict with every ``SparseLinear`` given back as ``weight`` (+ ``bias``): its compressed form
+    (:meth:`SparseLinear.stored_weight`) where it has one, else its dense weight."""
     sparse = {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
     state = {}
     for key, value in model.state_dict().items():
@@ -308,7 +309,8 @@ def _dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state[key] = value
     for name, module in sparse.items():
         prefix = f"{name}." if name else ""
-        state[prefix + "weight"] = module.dense_weight()
+        stored = module.stored_weight()
+        state[prefix + "weight"] = stored if stored is not None else module.dense_weight()
         if module.bias is not None:
             state[prefix + "bias"] = module.bias
     return state
@@ -381,7 +383,22 @@ def write_compressed(model: nn.Module, path: Path, min_sparsity: float, plan: Co
     entries: dict[str, dict] = {}
     seen: dict[tuple, str] = {}
     dense_bytes = 0
-    for key, value in _dense_state_dict(model).items():
+    for key, value in _state_to_store(model).items():
+        if isinstance(value, (Packed24, BitmaskWeight)):
+            stored = _stored_as(value, min_sparsity)
+            if stored is not None:  # a SparseLinear's buffers, written as they are (no unpack, no repack)
+                entry = {"format": stored, "shape": list(value.shape),
+                         "dtype": str(value.values.dtype).replace("torch.", "")}
+                dense_bytes += value.shape[0] * value.shape[1] * value.values.element_size()
+                tensors[f"{key}.values"] = value.values.detach().cpu()
+                if stored == "packed24":
+                    tensors[f"{key}.meta"] = value.meta.detach().cpu()
+                else:
+                    tensors[f"{key}.values"] = tensors[f"{key}.values"][: int(value.row_offsets[-1])].clone()
+                    tensors[f"{key}.bitmask"] = value.bitmask.detach().cpu()
+                entries[key] = entry
+                continue
+            value = ops.unpack_weight(value)
         value = value.detach().cpu()
         ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
                  value.dtype)
@@ -435,6 +452,28 @@ def write_compressed(model: nn.Module, path: Path, min_sparsity: float, plan: Co
     }
     (path / INDEX_FILENAME).write_text(json.dumps(index, indent=1), encoding="utf-8")
     return report
+
+
+def _stored_as(stored: Packed24 | BitmaskWeight, min_sparsity: float) -> str | None:
+    """The format :func:`write_compressed` gives a compressed weight's dense form when that is the format it has
+    (``"packed24"`` / ``"bitmask"``), else None (the dense weight then goes the dense way): a packed 2:4 weight is
+    2:4; a bitmask one is stored as such unless it is 2:4, under ``min_sparsity`` or no smaller than dense."""
+    if isinstance(stored, Packed24):
+        return "packed24"
+    out_features, in_features = stored.shape
+    kept = int(stored.row_offsets[-1])
+    element = stored.values.element_size()
+    if in_features % 4 == 0 and bool((_NIBBLE_BITS[stored.bitmask.long()] <= 2).all()):
+        return None  # 2:4 (at most 2 of each group of 4 inputs stored): packed instead
+    if 1.0 - kept / max(out_features * in_features, 1) < min_sparsity:
+        return None
+    if kept * element + stored.bitmask.numel() >= out_features * in_features * element:
+        return None
+    return "bitmask"
+
+
+# bitmask byte -> the larger count of set bits of its two nibbles (two groups of 4 inputs)
+_NIBBLE_BITS = torch.tensor([max(bin(b & 15).count("1"), bin(b >> 4).count("1")) for b in range(256)])
 
 
 def _read_index(path: Path) -> dict:
