@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -195,20 +195,26 @@ def _check_scores(scores: torch.Tensor) -> None:
         raise ValueError(f"scores hold {bad} NaN/inf values; cannot build a mask from them")
 
 
-def mask_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep mask ``[out, in]``: every row prunes ``round(in * sparsity)`` of its lowest scores."""
+# select(scores [rows, cols], keep) -> bool mask of the keep largest of each row, ties kept from the lowest index
+Selection = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def mask_per_row(scores: torch.Tensor, sparsity: float, select: Selection | None = None) -> torch.Tensor:
+    """Keep mask ``[out, in]``: every row prunes ``round(in * sparsity)`` of its lowest scores. ``select``: another
+    implementation of the selection with the same result (the native CPU one), else torch's."""
     _check_scores(scores)
     pattern = parse_pattern(sparsity)
     keep = scores.shape[1] - num_pruned(scores.shape[1], pattern.sparsity)
-    return _keep_top(scores, keep)
+    return (select or _keep_top)(scores, keep)
 
 
-def mask_per_matrix(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep mask ``[out, in]``: the whole matrix prunes ``round(numel * sparsity)`` of its lowest scores."""
+def mask_per_matrix(scores: torch.Tensor, sparsity: float, select: Selection | None = None) -> torch.Tensor:
+    """Keep mask ``[out, in]``: the whole matrix prunes ``round(numel * sparsity)`` of its lowest scores
+    (``select`` as in :func:`mask_per_row`)."""
     _check_scores(scores)
     pattern = parse_pattern(sparsity)
     keep = scores.numel() - num_pruned(scores.numel(), pattern.sparsity)
-    return _keep_top(scores.reshape(1, -1), keep).reshape(scores.shape)
+    return (select or _keep_top)(scores.reshape(1, -1), keep).reshape(scores.shape)
 
 
 def mask_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -223,17 +229,17 @@ def mask_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def build_mask(
-    scores: torch.Tensor, pattern: str | float | SparsityPattern, scope: str = "row"
+    scores: torch.Tensor, pattern: str | float | SparsityPattern, scope: str = "row", select: Selection | None = None
 ) -> torch.Tensor:
     """Keep mask for ``pattern`` from ``scores`` ``[out, in]``; ``scope`` is ``row`` or ``matrix``
-    for unstructured patterns (N:M is always per group of M inputs)."""
+    for unstructured patterns (N:M is always per group of M inputs); ``select`` as in :func:`mask_per_row`."""
     pattern = parse_pattern(pattern)
     if pattern.is_nm:
         return mask_nm(scores, pattern.n, pattern.m)
     if scope == "row":
-        return mask_per_row(scores, pattern.sparsity)
+        return mask_per_row(scores, pattern.sparsity, select)
     if scope == "matrix":
-        return mask_per_matrix(scores, pattern.sparsity)
+        return mask_per_matrix(scores, pattern.sparsity, select)
     raise ValueError(f"scope must be 'row' or 'matrix', got {scope!r}")
 
 

@@ -9,6 +9,10 @@ Ops, in the torch.library namespace ``vlmsparse_native`` (defined in C++, fake i
 - ``sparsegpt_columns(w!, err!, pruned!, u, n, m)``: SparseGPT's per-column OBS steps of one block of columns,
   in place (``csrc/sparse_cpu/obs.h``; called by :mod:`vlmsparse.pruning.algorithms`, whose Python loop is the
   fallback and the semantics).
+- ``keep_top_rows(scores [rows, cols] float32, keep) -> bool [rows, cols]``: the ``keep`` largest of each row
+  (ties kept from the lowest index), one selection per row: the unstructured masks of Wanda and magnitude
+  (:mod:`vlmsparse.pruning.algorithms`; :func:`vlmsparse.sparsity.build_mask`'s torch selection is the fallback and
+  the semantics).
 
 x and values are float32 or bfloat16 (the same dtype); arithmetic is fp32, the result has x's dtype. Each weight
 row is read once per call and serves blocks of 4 rows of x (decode, small batches). One row of x (decode) has its
@@ -142,6 +146,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("vlmsparse_native::sparsegpt_columns")
     def _(w, err, pruned, u, n, m):  # in place: w, err, pruned
         return None
+
+    @torch.library.register_fake("vlmsparse_native::keep_top_rows")
+    def _(scores, keep):
+        return scores.new_empty(scores.shape, dtype=torch.bool)
 
 
 # Loaded when this module is imported (a prebuilt library, milliseconds; vlmsparse imports this module only
@@ -282,3 +290,10 @@ def unpack_weight(stored) -> torch.Tensor:
     if hasattr(stored, "meta"):
         return _ops().packed24_to_dense.default(stored.values, stored.meta)
     return _ops().bitmask_to_dense.default(stored.values, stored.bitmask, stored.row_offsets, stored.in_features)
+
+
+def keep_top_rows(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Bool mask ``[rows, cols]`` of the ``keep`` largest entries of each row of ``scores`` (ties at the threshold
+    kept from the lowest index), as :func:`vlmsparse.sparsity.build_mask`'s torch selection gives it; ``scores``
+    float32 (other float dtypes are converted, exactly for bf16 / fp16) on the CPU, without NaN."""
+    return _ops().keep_top_rows.default(scores.float(), keep)

@@ -32,7 +32,15 @@ import logging
 import torch
 
 from ..kernels import cpu_gemm
-from ..sparsity import SparsityPattern, all_finite, build_mask, keep_top_dim0, num_pruned, parse_pattern
+from ..sparsity import (
+    Selection,
+    SparsityPattern,
+    all_finite,
+    build_mask,
+    keep_top_dim0,
+    num_pruned,
+    parse_pattern,
+)
 
 __all__ = ["magnitude_prune", "wanda_prune", "sparsegpt_prune", "check_weight", "one_thread"]
 
@@ -56,6 +64,17 @@ def _work_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+def _selection(scores: torch.Tensor) -> Selection | None:
+    """The native CPU selection of the kept entries (``cpu.keep_top_rows``) where it runs ``scores`` (the
+    extension built, CPU scores), else None (torch's, in :mod:`vlmsparse.sparsity`): the same mask either way.
+    Wanda 50% on SmolLM2-135M, bf16, 2 threads, Intel Xeon: the 210 selections took 0.83 s with torch."""
+    if scores.device.type != "cpu" or scores.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    from ..kernels import cpu  # loads the extension: only once a CPU selection is asked for
+
+    return cpu.keep_top_rows if cpu.native_available() else None
+
+
 def _apply(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), mask
 
@@ -69,7 +88,8 @@ def magnitude_prune(
     vision encoder (Wanda's comparison group), ``scope="matrix"`` gives the reference's group."""
     pattern = parse_pattern(pattern)
     check_weight(weight, pattern)
-    return _apply(weight, build_mask(weight.abs(), pattern, scope))
+    scores = weight.abs()
+    return _apply(weight, build_mask(scores, pattern, scope, _selection(scores)))
 
 
 def wanda_prune(
@@ -82,7 +102,7 @@ def wanda_prune(
         raise ValueError(f"wanda: norm must have shape ({weight.shape[1]},), got {tuple(norm.shape)}")
     dtype = _work_dtype(weight)
     scores = weight.abs().to(dtype) * norm.to(weight.device, dtype).unsqueeze(0)
-    return _apply(weight, build_mask(scores, pattern, scope))
+    return _apply(weight, build_mask(scores, pattern, scope, _selection(scores)))
 
 
 def _inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
