@@ -406,6 +406,63 @@ def test_unpack_weight_native_equals_torch(native, dtype, op_spy, monkeypatch):
         ops.unpack_weight(weight24)
 
 
+SELECTION_SCORES = {  # the kinds of rows a selection must get right
+    "ties": lambda g, shape: torch.randint(0, 5, shape, generator=g).float(),
+    "uniform": lambda g, shape: torch.rand(shape, generator=g),
+    "signs and scales": lambda g, shape: torch.randn(shape, generator=g) * torch.logspace(-30, 30, shape[1]),
+    "signed zeros": lambda g, shape: torch.where(torch.rand(shape, generator=g) < 0.5, -0.0, 0.0),
+    "infinities": lambda g, shape: torch.where(torch.rand(shape, generator=g) < 0.3, torch.inf,
+                                               torch.where(torch.rand(shape, generator=g) < 0.3, -torch.inf, 1.0)),
+}
+
+
+@pytest.mark.parametrize("kind", list(SELECTION_SCORES))
+@pytest.mark.parametrize("shape", [(7, 33), (5, 1), (3, 8), (40, 600)])
+def test_keep_top_rows_equals_the_torch_selection(native, kind, shape):
+    """For every keep from 0 to the row length: the same mask as sparsity's kthvalue path (ties at the threshold
+    kept from the lowest index; -0.0 equals +0.0)."""
+    from vlmsparse.sparsity import _keep_top
+
+    scores = SELECTION_SCORES[kind](torch.Generator().manual_seed(shape[1]), shape)
+    keeps = range(shape[1] + 1) if shape[1] <= 33 else [0, 1, 2, 299, 300, 301, 599, 600]
+    for keep in keeps:
+        got = native.keep_top_rows(scores, keep)
+        assert got.dtype == torch.bool and torch.equal(got, _keep_top(scores, keep)), keep
+        assert bool((got.sum(1) == keep).all())
+
+
+def test_keep_top_rows_refuses_bad_input(native):
+    scores = torch.rand(3, 9)
+    scores[1, 4] = float("nan")
+    with pytest.raises(RuntimeError, match="row 1 holds NaN"):
+        native.keep_top_rows(scores, 4)
+    with pytest.raises(RuntimeError, match="keep must be in \\[0, 9\\], got 10"):
+        native.keep_top_rows(torch.rand(3, 9), 10)
+    with pytest.raises(RuntimeError, match="2-D float32 CPU tensor"):
+        torch.ops.vlmsparse_native.keep_top_rows(torch.rand(9), 4)
+    assert torch.equal(native.keep_top_rows(torch.tensor([[1.0, 3.0, 2.0]]).bfloat16(), 2),
+                       torch.tensor([[False, True, True]]))  # other float dtypes converted
+
+
+@pytest.mark.parametrize("pattern,scope", [("0.5", "row"), ("0.7", "row"), ("0.5", "matrix")])
+def test_unstructured_masks_take_the_native_selection(native, op_spy, monkeypatch, pattern, scope):
+    """Wanda and magnitude on a CPU select through keep_top_rows, with the masks of the torch path."""
+    from vlmsparse.pruning import magnitude_prune, wanda_prune
+
+    weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(0)).bfloat16()
+    weight[0, :8] = 0.0  # ties among the lowest scores
+    norm = torch.rand(96, generator=torch.Generator().manual_seed(1)) + 0.1
+    native_masks = [wanda_prune(weight, norm, pattern, scope)[1], magnitude_prune(weight, pattern, scope)[1]]
+    monkeypatch.setattr(native, "_ops", lambda: op_spy)
+    wanda_prune(weight, norm, pattern, scope)
+    assert op_spy.names == ["keep_top_rows"]
+    monkeypatch.setattr(native, "_LOAD_RESULT", "not built (simulated by the test)")
+    torch_masks = [wanda_prune(weight, norm, pattern, scope)[1], magnitude_prune(weight, pattern, scope)[1]]
+    assert op_spy.names == ["keep_top_rows"]
+    for got, want in zip(native_masks, torch_masks):
+        assert torch.equal(got, want)
+
+
 def test_isa_selection(native):
     assert native.isa() in native.supported_isas() and native.supported_isas()[0] == "scalar"
     with pytest.raises(RuntimeError, match="unknown ISA level 'sse9'.*allowed: scalar, avx2, avx512, avx512bf16, amx"):
