@@ -532,11 +532,11 @@ def test_load_compressed_builds_the_sparse_linears_from_the_stored_parts(native,
             want[backend] = (dict(reference.named_buffers()), reference(ids).logits)
 
     unpacked, packed = [], []
-    real_unpack = ops.unpack_weight
+    real_unpack, real_pack = ops.unpack_weight, ops.pack24_weight
     monkeypatch.setattr(ops, "unpack_weight", lambda stored: unpacked.append(stored.shape) or real_unpack(stored))
-    for fn in ("pack24", "pack_bitmask_weight"):
-        real = getattr(sl, fn)
-        monkeypatch.setattr(sl, fn, lambda w, *a, real=real, fn=fn: packed.append(fn) or real(w, *a))
+    monkeypatch.setattr(ops, "pack24_weight", lambda w: packed.append("pack24") or real_pack(w))
+    real_bitmask = sl.pack_bitmask_weight
+    monkeypatch.setattr(sl, "pack_bitmask_weight", lambda w: packed.append("pack_bitmask_weight") or real_bitmask(w))
     loaded = load_compressed(tmp_path / "ckpt", as_sparse=True)
     assert unpacked == [] and packed == []
     backends = {n: m.backend for n, m in loaded.named_modules() if isinstance(m, SparseLinear)}
@@ -603,9 +603,9 @@ def test_save_compressed_writes_a_sparse_linear_as_it_holds_it(native, tmp_path,
     compress(model, progress=False)
     model.set_submodule(two_four[0], SparseLinear(model.get_submodule(two_four[0]).dense_weight(), None, "bitmask"))
     calls = []
-    for fn in ("pack24", "pack_bitmask"):
-        real = getattr(cp, fn)
-        monkeypatch.setattr(cp, fn, lambda w, *a, real=real, fn=fn: calls.append(fn) or real(w, *a))
+    real_pack, real_bitmask = ops.pack24_weight, cp.pack_bitmask
+    monkeypatch.setattr(ops, "pack24_weight", lambda w: calls.append("pack24") or real_pack(w))
+    monkeypatch.setattr(cp, "pack_bitmask", lambda w: calls.append("pack_bitmask") or real_bitmask(w))
     real_unpack = ops.unpack_weight
     monkeypatch.setattr(ops, "unpack_weight", lambda stored: calls.append("unpack") or real_unpack(stored))
     save_compressed(model, tmp_path / "sparse")

@@ -463,6 +463,36 @@ def test_unstructured_masks_take_the_native_selection(native, op_spy, monkeypatc
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_features", [4, 12, 64])
+def test_pack24_weight_native_equals_torch(native, dtype, in_features, op_spy, monkeypatch):
+    """ops.pack24_weight gives sparse24.pack24's values and meta bit for bit (groups with 0-2 non-zeros, -0.0 and
+    +0.0 among kept and pruned entries, a NaN, an odd number of groups) through the native op for float32 /
+    bfloat16, and refuses a weight that is not 2:4 with pack24's message."""
+    from vlmsparse import ops
+    from vlmsparse.sparse24 import pack24
+
+    g = torch.Generator().manual_seed(in_features)
+    weight = torch.randn(40, in_features, generator=g)
+    weight = torch.where(mask_nm(weight.abs(), 2, 4), weight, 0.0)
+    pick = torch.rand(weight.shape, generator=g)
+    weight = torch.where(pick < 0.15, -0.0, torch.where(pick < 0.25, 0.0, weight))  # kept or pruned, signed zeros
+    weight[3, 0], weight[3, 1:4] = float("nan"), 0.0
+    weight = weight.to(dtype)
+    bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
+    monkeypatch.setattr(native, "_ops", lambda: op_spy)
+    got, want = ops.pack24_weight(weight), pack24(weight)
+    assert op_spy.names == (["dense_to_packed24"] if dtype in native.NATIVE_DTYPES else [])
+    assert torch.equal(got.values.view(bits), want.values.view(bits)) and torch.equal(got.meta, want.meta)
+    assert got.in_features == in_features
+    weight[5, :3] = 1.0  # three non-zeros in one group
+    weight[7, :4] = 2.0
+    with pytest.raises(ValueError, match="pack24: 2 groups of 4 consecutive inputs hold more than 2 non-zeros"):
+        ops.pack24_weight(weight)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ops.pack24_weight(torch.zeros(2, 6, dtype=dtype))
+
+
 def test_isa_selection(native):
     assert native.isa() in native.supported_isas() and native.supported_isas()[0] == "scalar"
     with pytest.raises(RuntimeError, match="unknown ISA level 'sse9'.*allowed: scalar, avx2, avx512, avx512bf16, amx"):
@@ -507,6 +537,11 @@ def test_opcheck_both_ops(native):
     torch.library.opcheck(torch.ops.vlmsparse_native.packed24_linear_dense, (x, packed.values, packed.meta, bias))
     torch.library.opcheck(torch.ops.vlmsparse_native.bitmask_linear_dense,
                           (x, bm.values, bm.bitmask, bm.row_offsets, None, 32))
+    torch.library.opcheck(torch.ops.vlmsparse_native.keep_top_rows, (torch.rand(16, 32), 12))
+    from vlmsparse.sparse24 import kept_pairs_table
+
+    torch.library.opcheck(torch.ops.vlmsparse_native.dense_to_packed24,
+                          (_weight24(16, 32, torch.float32), kept_pairs_table()))
 
 
 @pytest.mark.parametrize("isa", ["amx"], indirect=True)

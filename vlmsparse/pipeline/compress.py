@@ -47,7 +47,7 @@ from ..modules.sparse_linear import (
     sparse_candidates,
     sparsity_of,
 )
-from ..sparse24 import Packed24, group_counts, pack24
+from ..sparse24 import Packed24, group_counts
 from .guards import check_masks, check_output_folder
 from .guards import model_source_dirs as _source_dirs
 
@@ -411,7 +411,7 @@ def write_compressed(model: nn.Module, path: Path, min_sparsity: float, plan: Co
         entry = {"format": "dense", "shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
         if value.dim() == 2 and value.is_floating_point() and value.numel():
             if is_24(value):
-                packed = pack24(value)
+                packed = ops.pack24_weight(value)
                 tensors[f"{key}.values"], tensors[f"{key}.meta"] = packed.values, packed.meta
                 entries[key] = {**entry, "format": "packed24"}
                 continue
