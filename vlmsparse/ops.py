@@ -686,9 +686,9 @@ def unpack_weight(stored: Packed24 | BitmaskWeight) -> torch.Tensor:
 
 def pack24_weight(weight: torch.Tensor) -> Packed24:
     """:func:`vlmsparse.sparse24.pack24` of a weight (no mask), bit for bit: the native CPU kernel for float32 /
-    bfloat16 CPU weights where it is built (bf16, 2 threads: 5632 x 2048 86 -> 17 ms, 11008 x 4096 700 -> 65 ms), else
-    torch. Raises
-    ``ValueError`` as ``pack24`` does for a shape that cannot be packed or a weight that is not 2:4."""
+    bfloat16 CPU weights where it is built (bf16, 2 threads: 5632 x 2048 86 -> 17 ms, 11008 x 4096 700 -> 65 ms),
+    else torch. Raises ``ValueError`` as ``pack24`` does for a shape that cannot be packed or a weight that is not
+    2:4."""
     if weight.dim() != 2 or weight.shape[1] % 4 or _native_problem(weight.device, weight.dtype) is not None:
         return pack24(weight)
     from .kernels import cpu
