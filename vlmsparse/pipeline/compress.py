@@ -583,7 +583,7 @@ def load_compressed(
         direct = _stored_linears(model, path, index, sparse, plan, backend, device)
     state = load_compressed_state_dict(path, skip=[sparse[name] for name in direct])
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [key for key in missing if key[: -len(".weight")] not in direct]
+    missing = [key for key in missing if not (key.endswith(".weight") and key[: -len(".weight")] in direct)]
     if unexpected or missing:
         raise ValueError(f"{path}: checkpoint does not match {index['model_class']}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
