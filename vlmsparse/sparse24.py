@@ -138,7 +138,7 @@ def pack24(weight: torch.Tensor, mask: torch.Tensor | None = None) -> Packed24:
     # descending sort, looked up instead of sorted (two torch.sort calls did this; 5632x2048 bf16: 237 -> 74 ms)
     word = _group_words(priority)
     index = sum(((word >> shift) & 3) << (2 * j) for j, shift in enumerate(_ENTRY_SHIFTS))
-    table = torch.tensor(_KEPT_PAIRS, device=weight.device)
+    table = kept_pairs_table().to(device=weight.device, dtype=torch.long)
     kept = torch.nn.functional.embedding(index.long(), table)  # [out, groups, 2], i0 < i1
     values = torch.gather(weight.reshape(out_features, groups, 4), -1, kept).reshape(out_features, in_features // 2)
     nibbles = (kept[..., 0] | (kept[..., 1] << 2)).to(torch.uint8)  # [out, groups]

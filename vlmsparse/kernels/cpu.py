@@ -57,6 +57,8 @@ import importlib.util
 
 import torch
 
+from ..bitmask import BitmaskWeight
+from ..sparse24 import Packed24
 from .checks import check_bias, check_bitmask, check_features, check_packed
 
 __all__ = [
@@ -293,10 +295,10 @@ def bitmask_matmul_unchecked(x: torch.Tensor, values: torch.Tensor, bitmask: tor
     return _ops().bitmask_linear.default(x, values, bitmask, row_offsets, bias)
 
 
-def unpack_weight(stored) -> torch.Tensor:
+def unpack_weight(stored: Packed24 | BitmaskWeight) -> torch.Tensor:
     """The dense weight of a :class:`~vlmsparse.sparse24.Packed24` or :class:`~vlmsparse.bitmask.BitmaskWeight` of
     float32 / bfloat16 CPU tensors (shapes checked by the caller; the C++ ops check them too)."""
-    if hasattr(stored, "meta"):
+    if isinstance(stored, Packed24):
         return _ops().packed24_to_dense.default(stored.values, stored.meta)
     return _ops().bitmask_to_dense.default(stored.values, stored.bitmask, stored.row_offsets, stored.in_features)
 

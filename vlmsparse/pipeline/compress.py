@@ -390,11 +390,11 @@ def write_compressed(model: nn.Module, path: Path, min_sparsity: float, plan: Co
                 entry = {"format": stored, "shape": list(value.shape),
                          "dtype": str(value.values.dtype).replace("torch.", "")}
                 dense_bytes += value.shape[0] * value.shape[1] * value.values.element_size()
-                tensors[f"{key}.values"] = value.values.detach().cpu()
                 if stored == "packed24":
+                    tensors[f"{key}.values"] = value.values.detach().cpu()
                     tensors[f"{key}.meta"] = value.meta.detach().cpu()
-                else:
-                    tensors[f"{key}.values"] = tensors[f"{key}.values"][: int(value.row_offsets[-1])].clone()
+                else:  # the entries without the padding, in storage of their own (safetensors refuses shared)
+                    tensors[f"{key}.values"] = value.values.detach()[: int(value.row_offsets[-1])].cpu().clone()
                     tensors[f"{key}.bitmask"] = value.bitmask.detach().cpu()
                 entries[key] = entry
                 continue
