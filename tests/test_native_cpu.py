@@ -417,10 +417,11 @@ SELECTION_SCORES = {  # the kinds of rows a selection must get right
 
 
 @pytest.mark.parametrize("kind", list(SELECTION_SCORES))
-@pytest.mark.parametrize("shape", [(7, 33), (5, 1), (3, 8), (40, 600)])
+@pytest.mark.parametrize("shape", [(7, 33), (5, 1), (3, 8), (40, 600), (300, 4), (9, 6)])
 def test_keep_top_rows_equals_the_torch_selection(native, kind, shape):
     """For every keep from 0 to the row length: the same mask as sparsity's kthvalue path (ties at the threshold
-    kept from the lowest index; -0.0 equals +0.0)."""
+    kept from the lowest index; -0.0 equals +0.0); rows of up to 8 entries (N:M groups) take the rank path in C++
+    and its pairwise counterpart in torch."""
     from vlmsparse.sparsity import _keep_top
 
     scores = SELECTION_SCORES[kind](torch.Generator().manual_seed(shape[1]), shape)
@@ -442,16 +443,24 @@ def test_keep_top_rows_refuses_bad_input(native):
         torch.ops.vlmsparse_native.keep_top_rows(torch.rand(9), 4)
     assert torch.equal(native.keep_top_rows(torch.tensor([[1.0, 3.0, 2.0]]).bfloat16(), 2),
                        torch.tensor([[False, True, True]]))  # other float dtypes converted
+    groups = torch.rand(5000, 4)  # the rank path (rows of <= 8), threads over rows: the first NaN row is named
+    groups[3170, 2] = groups[4000, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="row 3170 holds NaN"):
+        native.keep_top_rows(groups, 2)
 
 
-@pytest.mark.parametrize("pattern,scope", [("0.5", "row"), ("0.7", "row"), ("0.5", "matrix")])
-def test_unstructured_masks_take_the_native_selection(native, op_spy, monkeypatch, pattern, scope):
-    """Wanda and magnitude on a CPU select through keep_top_rows, with the masks of the torch path."""
+@pytest.mark.parametrize("pattern,scope", [("0.5", "row"), ("0.7", "row"), ("0.5", "matrix"), ("2:4", "row"),
+                                           ("4:8", "row")])
+def test_masks_take_the_native_selection(native, op_spy, monkeypatch, pattern, scope):
+    """Wanda and magnitude on a CPU select through keep_top_rows (N:M: one group per row), with the masks of the
+    torch path."""
     from vlmsparse.pruning import magnitude_prune, wanda_prune
 
     weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(0)).bfloat16()
     weight[0, :8] = 0.0  # ties among the lowest scores
+    weight[1, 8:16] = weight[1, 16]  # ties among equal scores of a group (Wanda: the same norm in each column)
     norm = torch.rand(96, generator=torch.Generator().manual_seed(1)) + 0.1
+    norm[8:16] = norm[16]
     native_masks = [wanda_prune(weight, norm, pattern, scope)[1], magnitude_prune(weight, pattern, scope)[1]]
     monkeypatch.setattr(native, "_ops", lambda: op_spy)
     wanda_prune(weight, norm, pattern, scope)
@@ -461,6 +470,65 @@ def test_unstructured_masks_take_the_native_selection(native, op_spy, monkeypatc
     assert op_spy.names == ["keep_top_rows"]
     for got, want in zip(native_masks, torch_masks):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 5), (64, 256), (200, 600), (0, 7)])
+def test_column_square_sums(native, dtype, shape):
+    """float64 column sums of squares within a few float32 roundings of the exact ones (blocks of 64 rows and 256
+    columns cut through), the same with one thread as with two, of a non-contiguous x too."""
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, shape[1])).to(dtype)
+    want = x.double().square().sum(0)
+    got = native.column_square_sums(x)
+    assert got.dtype == torch.float64 and got.shape == (shape[1],)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0), float(((got - want).abs() / want).max())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(native.column_square_sums(x), got)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(native.column_square_sums(x.T.contiguous().T), got)
+
+
+def test_column_square_sums_refuses_bad_input(native):
+    with pytest.raises(RuntimeError, match="2-D float32 or bfloat16 CPU tensor, got Half"):
+        native.column_square_sums(torch.randn(4, 4).half())
+    with pytest.raises(RuntimeError, match="2-D float32 or bfloat16 CPU tensor"):
+        native.column_square_sums(torch.randn(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_input_stats_take_the_native_square_sums(native, op_spy, monkeypatch, dtype):
+    """Wanda's statistics on a CPU sum through column_square_sums for float32 / bfloat16 inputs (torch for float16),
+    padding dropped first; the norms equal the torch path's within float32 roundings, NaN is refused either way."""
+    from vlmsparse.pruning import InputStats
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(3, 50, 96, generator=g) * 4).to(dtype) for _ in range(3)]
+    token_mask = torch.ones(3, 50, dtype=torch.bool)
+    token_mask[1, 30:] = False
+
+    def norms():
+        stats = InputStats(96)
+        for x in batches:
+            stats.add_batch(x, token_mask)
+        return stats
+
+    monkeypatch.setattr(native, "_ops", lambda: op_spy)
+    fast = norms()
+    assert op_spy.names == (["column_square_sums"] * 3 if dtype in native.NATIVE_DTYPES else [])
+    assert fast.count == 3 * 130
+    monkeypatch.setattr(native, "_LOAD_RESULT", "not built (simulated by the test)")
+    slow = norms()
+    assert len(op_spy.names) == (3 if dtype in native.NATIVE_DTYPES else 0)
+    want = torch.cat([x[token_mask] for x in batches]).double().square().mean(0).sqrt().float()
+    assert torch.allclose(fast.norm, want, rtol=1e-6, atol=0) and torch.allclose(slow.norm, want, rtol=1e-6, atol=0)
+    monkeypatch.undo()
+    bad = batches[0].clone()
+    bad[2, 7, 5] = float("nan")
+    with pytest.raises(ValueError, match="hold 1 NaN/inf values"):
+        InputStats(96).add_batch(bad, token_mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -538,6 +606,8 @@ def test_opcheck_both_ops(native):
     torch.library.opcheck(torch.ops.vlmsparse_native.bitmask_linear_dense,
                           (x, bm.values, bm.bitmask, bm.row_offsets, None, 32))
     torch.library.opcheck(torch.ops.vlmsparse_native.keep_top_rows, (torch.rand(16, 32), 12))
+    torch.library.opcheck(torch.ops.vlmsparse_native.keep_top_rows, (torch.rand(16, 4), 2))
+    torch.library.opcheck(torch.ops.vlmsparse_native.column_square_sums, (torch.randn(70, 300),))
     from vlmsparse.sparse24 import kept_pairs_table
 
     torch.library.opcheck(torch.ops.vlmsparse_native.dense_to_packed24,

@@ -33,11 +33,12 @@ def _rel_error(x, w, w2) -> float:
     return float((x @ w.T - x @ w2.T).norm() / (x @ w.T).norm())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_exact_sparsity_and_positive_zeros(method, pattern):
+def test_exact_sparsity_and_positive_zeros(method, pattern, dtype):
     torch.manual_seed(1)
-    w = torch.randn(48, 64)
+    w = torch.randn(48, 64).to(dtype)
     x = _correlated_inputs()
     res = prune_layer(w, _stats(x) if method != "magnitude" else None, method, pattern)
     assert res.mask.dtype == torch.bool and res.mask.shape == w.shape

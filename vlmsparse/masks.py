@@ -86,7 +86,7 @@ class MaskSet:
     def sparsity(self) -> float:
         """Overall fraction of pruned entries over all masks."""
         total = sum(m.numel() for m in self.masks.values())
-        kept = sum(int(m.sum()) for m in self.masks.values())
+        kept = sum(int(torch.count_nonzero(m)) for m in self.masks.values())
         return 1.0 - kept / total if total else 0.0
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -217,15 +217,16 @@ def mask_per_matrix(scores: torch.Tensor, sparsity: float, select: Selection | N
     return (select or _keep_top)(scores.reshape(1, -1), keep).reshape(scores.shape)
 
 
-def mask_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep mask ``[out, in]``: in every group of ``m`` consecutive inputs of a row keep the ``n`` best."""
+def mask_nm(scores: torch.Tensor, n: int, m: int, select: Selection | None = None) -> torch.Tensor:
+    """Keep mask ``[out, in]``: in every group of ``m`` consecutive inputs of a row keep the ``n`` best (``select``
+    as in :func:`mask_per_row`, given one group per row)."""
     _check_scores(scores)
     SparsityPattern.nm(n, m)
     out_features, in_features = scores.shape
     if in_features % m:
         raise ValueError(f"{n}:{m} sparsity needs in-features divisible by {m}, got {in_features}")
-    groups = scores.reshape(out_features, in_features // m, m)
-    return _keep_top(groups, n).reshape(out_features, in_features)
+    groups = scores.reshape(-1, m)
+    return (select or _keep_top)(groups, n).reshape(out_features, in_features)
 
 
 def build_mask(
@@ -235,7 +236,7 @@ def build_mask(
     for unstructured patterns (N:M is always per group of M inputs); ``select`` as in :func:`mask_per_row`."""
     pattern = parse_pattern(pattern)
     if pattern.is_nm:
-        return mask_nm(scores, pattern.n, pattern.m)
+        return mask_nm(scores, pattern.n, pattern.m, select)
     if scope == "row":
         return mask_per_row(scores, pattern.sparsity, select)
     if scope == "matrix":

@@ -571,6 +571,40 @@ int32_t kth_largest_key(int32_t* keys, int64_t n, int64_t keep, int32_t lo, int3
   return static_cast<int32_t>(answer ^ 0x80000000u);
 }
 
+// Rows of kCols <= 8 entries (the groups of an N:M pattern, one per row): an entry's rank is the number of entries
+// that beat it (a larger score, or an equal one at a lower index) and it is kept when its rank is below `keep`:
+// sparsity.keep_top_dim0's rule, which gives the selection's mask. Returns whether a row held NaN.
+template <int kCols>
+bool keep_top_short_rows(const float* src, bool* dst, int64_t rows, int64_t keep) {
+  bool nan = false;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * kCols;
+    int rank[kCols] = {};
+    for (int i = 0; i < kCols; ++i) {
+      nan |= s[i] != s[i];
+      for (int j = 0; j < i; ++j) {
+        const bool j_wins = s[j] >= s[i];
+        rank[i] += j_wins;
+        rank[j] += !j_wins;
+      }
+    }
+    for (int i = 0; i < kCols; ++i) dst[r * kCols + i] = rank[i] < keep;
+  }
+  return nan;
+}
+
+using ShortRowsFn = bool (*)(const float*, bool*, int64_t, int64_t);
+constexpr ShortRowsFn kShortRows[] = {nullptr,
+                                      keep_top_short_rows<1>,
+                                      keep_top_short_rows<2>,
+                                      keep_top_short_rows<3>,
+                                      keep_top_short_rows<4>,
+                                      keep_top_short_rows<5>,
+                                      keep_top_short_rows<6>,
+                                      keep_top_short_rows<7>,
+                                      keep_top_short_rows<8>};
+constexpr int64_t kShortRowMax = 8;
+
 // The `keep` largest entries of each row of float32 `scores [rows, cols]` as a bool mask, ties at the threshold kept
 // from the lowest index: what vlmsparse.sparsity's torch selection gives (kthvalue, then comparisons, and a
 // cumulative count where a row has more ties than places). NaN is refused (it has no place in the order; the
@@ -592,6 +626,18 @@ at::Tensor keep_top_rows(const at::Tensor& scores, int64_t keep) {
   const float* src = s.data_ptr<float>();
   bool* dst = out.data_ptr<bool>();
   const int64_t grain = std::max<int64_t>(1, 65536 / cols);  // >= 64K entries per task
+  if (cols <= kShortRowMax) {  // N:M groups (2:4 of [1536, 576] scores, 2 threads: torch 3.3 ms, this 0.95 ms)
+    std::atomic<bool> nan{false};
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      if (kShortRows[cols](src + begin * cols, dst + begin * cols, end - begin, keep)) nan.store(true);
+    });
+    if (nan.load()) {
+      int64_t r = 0;
+      while (r < rows && std::none_of(src + r * cols, src + (r + 1) * cols, [](float v) { return v != v; })) ++r;
+      TORCH_CHECK(false, op, ": row ", r, " holds NaN");
+    }
+    return out;
+  }
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> keys(static_cast<size_t>(cols));
     // NaNs lie outside [lowest, highest]
@@ -634,6 +680,62 @@ at::Tensor keep_top_rows(const at::Tensor& scores, int64_t keep) {
   return out;
 }
 
+// x's entry as a float: a float32, or a bfloat16's bits (the upper half of a float32's)
+inline float entry_float(const float* x, int64_t i) { return x[i]; }
+inline float entry_float(const uint16_t* x, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(x[i]) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// Adds the sums of squares of columns [c0, c1) of x [rows, cols] to sums[c0..c1). Squares add up in float32 over
+// 64 rows (vectorised across the columns), and those partial sums in float64: about 64 float32 roundings per term
+// at most, where one float32 sum over a batch of 16K tokens could drift by 1e-3.
+template <typename T>
+void add_column_square_sums(const T* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1, double* sums) {
+  constexpr int64_t kBlockCols = 256, kBlockRows = 64;
+  float part[kBlockCols];
+  for (int64_t cb = c0; cb < c1; cb += kBlockCols) {
+    const int64_t width = std::min(kBlockCols, c1 - cb);
+    for (int64_t rb = 0; rb < rows; rb += kBlockRows) {
+      std::fill(part, part + width, 0.0f);
+      for (int64_t r = rb; r < std::min(rows, rb + kBlockRows); ++r) {
+        const T* row = x + r * cols + cb;
+        for (int64_t j = 0; j < width; ++j) {
+          const float v = entry_float(row, j);
+          part[j] += v * v;
+        }
+      }
+      for (int64_t j = 0; j < width; ++j) sums[cb + j] += part[j];
+    }
+  }
+}
+
+// Sum of squares of each column of x [rows, cols] (float32 or bfloat16), float64 [cols]: Wanda's ||X_j||^2 over a
+// batch of calibration inputs. Threads take blocks of columns, so the sums do not depend on the thread count.
+// [1024, 1536] bf16, 2 threads, Intel Xeon: torch's float copy, square and sum 0.58 ms, this 0.12 ms.
+at::Tensor column_square_sums(const at::Tensor& x) {
+  const char* op = "vlmsparse_native::column_square_sums";
+  const bool float_type = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && float_type, op,
+              ": x must be a 2-D float32 or bfloat16 CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ",
+              x.device());
+  const at::Tensor c = x.contiguous();
+  const int64_t rows = c.size(0), cols = c.size(1);
+  at::Tensor sums = at::zeros({cols}, c.options().dtype(at::kDouble));
+  double* out = sums.data_ptr<double>();
+  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(rows, 1));
+  at::parallel_for(0, cols, grain, [&](int64_t begin, int64_t end) {
+    if (c.scalar_type() == at::kFloat) {
+      add_column_square_sums(c.data_ptr<float>(), rows, cols, begin, end, out);
+    } else {
+      add_column_square_sums(static_cast<const uint16_t*>(c.data_ptr()), rows, cols, begin, end, out);
+    }
+  });
+  return sums;
+}
+
 std::atomic<bool> g_refuse_buffers{false};
 std::atomic<int64_t> g_refused_buffers{0};
 
@@ -664,6 +766,7 @@ TORCH_LIBRARY(vlmsparse_native, m) {
         "int block_rows=0) -> Tensor");
   m.def("sparsegpt_columns(Tensor(a!) w, Tensor(b!) err, Tensor(c!) pruned, Tensor u, int n, int m) -> ()");
   m.def("keep_top_rows(Tensor scores, int keep) -> Tensor");
+  m.def("column_square_sums(Tensor x) -> Tensor");
   m.def("dense_to_packed24(Tensor weight, Tensor kept_pairs) -> (Tensor, Tensor, Tensor)");
   m.def("isa() -> str", &vlmsparse_cpu::isa);
   m.def("set_isa(str name) -> str", &vlmsparse_cpu::set_isa);
@@ -681,5 +784,6 @@ TORCH_LIBRARY_IMPL(vlmsparse_native, CPU, m) {
   m.impl("bitmask_linear_dense", &vlmsparse_cpu::bitmask_linear_dense);
   m.impl("sparsegpt_columns", &vlmsparse_cpu::sparsegpt_columns);
   m.impl("keep_top_rows", &vlmsparse_cpu::keep_top_rows);
+  m.impl("column_square_sums", &vlmsparse_cpu::column_square_sums);
   m.impl("dense_to_packed24", &vlmsparse_cpu::dense_to_packed24);
 }

@@ -15,7 +15,9 @@ Ops, in the torch.library namespace ``vlmsparse_native`` (defined in C++, fake i
 - ``keep_top_rows(scores [rows, cols] float32, keep) -> bool [rows, cols]``: the ``keep`` largest of each row
   (ties kept from the lowest index), one selection per row: the unstructured masks of Wanda and magnitude
   (:mod:`vlmsparse.pruning.algorithms`; :func:`vlmsparse.sparsity.build_mask`'s torch selection is the fallback and
-  the semantics).
+  the semantics); rows of up to 8 entries (the groups of an N:M pattern) rank each entry by comparisons instead;
+- ``column_square_sums(x [rows, cols]) -> float64 [cols]``: the sum of squares of each column (Wanda's input
+  statistics, :class:`vlmsparse.pruning.InputStats`, whose torch sum is the fallback).
 
 x and values are float32 or bfloat16 (the same dtype); arithmetic is fp32, the result has x's dtype. Each weight
 row is read once per call and serves blocks of 4 rows of x (decode, small batches). One row of x (decode) has its
@@ -155,6 +157,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("vlmsparse_native::keep_top_rows")
     def _(scores, keep):
         return scores.new_empty(scores.shape, dtype=torch.bool)
+
+    @torch.library.register_fake("vlmsparse_native::column_square_sums")
+    def _(x):
+        return x.new_empty((x.shape[1],), dtype=torch.float64)
 
     @torch.library.register_fake("vlmsparse_native::dense_to_packed24")
     def _(weight, kept_pairs):
@@ -308,6 +314,12 @@ def keep_top_rows(scores: torch.Tensor, keep: int) -> torch.Tensor:
     kept from the lowest index), as :func:`vlmsparse.sparsity.build_mask`'s torch selection gives it; ``scores``
     float32 (other float dtypes are converted, exactly for bf16 / fp16) on the CPU, without NaN."""
     return _ops().keep_top_rows.default(scores.float(), keep)
+
+
+def column_square_sums(x: torch.Tensor) -> torch.Tensor:
+    """``sum_t x[t, j]^2``, float64 ``[cols]``, of a float32 / bfloat16 CPU ``x [rows, cols]`` (Wanda's input
+    statistics; float32 partial sums over 64 rows, added in float64)."""
+    return _ops().column_square_sums.default(x)
 
 
 def pack24(weight: torch.Tensor, kept_pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -75,8 +75,19 @@ def _selection(scores: torch.Tensor) -> Selection | None:
     return cpu.keep_top_rows if cpu.native_available() else None
 
 
+# The integer type of each float dtype's width: a weight times its mask as integers keeps a kept entry's bits and
+# gives +0.0 for a pruned one (a float product would give -0.0 for negative ones). On the CPU, [1536, 576] bf16:
+# torch.where 1.5 ms, the float product 0.46 ms, the integer one 0.11 ms (2 threads, Intel Xeon).
+_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+                   torch.float16: torch.int16}
+
+
 def _apply(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), mask
+    """``(weight where mask else +0.0, mask)``."""
+    bits = _SAME_WIDTH_INT.get(weight.dtype)
+    if bits is None:
+        return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), mask
+    return (weight.view(bits) * mask).view(weight.dtype), mask
 
 
 def magnitude_prune(

@@ -33,6 +33,18 @@ __all__ = ["InputStats", "ERROR_SAMPLE_TOKENS"]
 ERROR_SAMPLE_TOKENS = 1024
 
 
+def _square_sums(flat: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``sum_t flat[t, j]^2``, float64 ``[in]`` on ``device``: the native CPU op for float32 / bfloat16 inputs on a
+    CPU when the extension is built, else torch's float32 sum. SmolLM2-135M, Wanda 2:4, bf16, 2 threads, Intel Xeon:
+    the 480 batches' statistics took 0.25 s with torch (a float32 copy, its square, the sum), 0.09 s native."""
+    if flat.device.type == "cpu" and device.type == "cpu" and flat.dtype in (torch.float32, torch.bfloat16):
+        from ..kernels import cpu  # loads the extension: only once CPU statistics are asked for
+
+        if cpu.native_available():
+            return cpu.column_square_sums(flat)
+    return flat.to(device=device, dtype=torch.float32).square().sum(dim=0).to(torch.float64)
+
+
 class InputStats:
     """Accumulated input statistics of one linear layer (or of several that read the same input)."""
 
@@ -77,17 +89,16 @@ class InputStats:
             self._alloc(flat.device)
         if flat.shape[0] == 0:
             return
-        flat = flat.to(device=self.sum_sq.device, dtype=torch.float32)
         if self.gram is not None:  # sum of squares = diag(X^T X): one product gives both
-            gram_add_(self.gram, flat)
+            gram_add_(self.gram, flat.to(device=self.gram.device, dtype=torch.float32))
             batch_sq = self.gram.diagonal()
         else:
-            batch_sq = flat.square().sum(dim=0)
+            batch_sq = _square_sums(flat, self.sum_sq.device)
         if not bool(torch.isfinite(batch_sq).all()):  # any NaN/inf input makes its column's sum non-finite
             bad = int((~torch.isfinite(flat)).sum())
             raise ValueError(f"InputStats: calibration activations hold {bad} NaN/inf values")
         if self.gram is None:
-            self.sum_sq += batch_sq.to(torch.float64)
+            self.sum_sq += batch_sq
         self.count += flat.shape[0]
 
     def _add_sample(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
