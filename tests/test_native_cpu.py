@@ -292,14 +292,14 @@ def test_every_row_count_across_the_thresholds(native, dtype, monkeypatch):
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_dense_path_threshold_follows_the_tier_and_format(isa, native, op_spy, monkeypatch):
-    """fp32 prefill goes to dense GEMMs from 1024 rows of x (packed 2:4) / 2048 (bitmask) on every tier; bf16 from
-    256 on avx512bf16, 512 / 1024 on amx, 4096 elsewhere (torch's bf16 GEMMs are slow there). Each format's
+    """fp32 prefill goes to dense GEMMs from 1024 rows of x (packed 2:4; 256 on amx) / 2048 (bitmask) on every tier;
+    bf16 from 256 on avx512bf16, 512 / 1024 on amx, 4096 elsewhere (torch's bf16 GEMMs are slow there). Each format's
     operation reads its own threshold: one row below it the row kernel runs, at it the dense path."""
     bf16 = {"avx512bf16": {"packed24": 256, "bitmask": 256}, "amx": {"packed24": 512, "bitmask": 1024}}.get(
         isa, dict.fromkeys(native.FORMATS, native.DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16))
     for fmt in native.FORMATS:
         assert native.dense_from_rows(fmt, torch.bfloat16) == bf16[fmt]
-    assert native.dense_from_rows("packed24", torch.float32) == 1024
+    assert native.dense_from_rows("packed24", torch.float32) == (256 if isa == "amx" else 1024)
     assert native.dense_from_rows("bitmask", torch.float32) == 2048
     with pytest.raises(ValueError, match="format must be one of"):
         native.dense_from_rows("csr", torch.float32)

@@ -99,11 +99,14 @@ FORMATS = ("packed24", "bitmask")
 # - AVX2 tier (bench_cpu.py --emulate-avx2 --prefill, AMD EPYC, load 5-6, 2026-12-06): fp32 crosses between 512
 #   and 1024 rows (packed 2:4 471 vs 503 ms at 512, 1939 vs 1094 at 1024), bf16 above 2048 (no bf16 GEMM: packed
 #   2:4 3974 vs 6625 ms at 2048).
-# Packed 2:4 fp32 keeps 1024, where the AMD machine's rows won at 512: on the Intel one the dense path is faster
-# from 256 rows (up to 1.4x at 1023), since its row pass is bound by one permute per product (one port).
+# Packed 2:4 fp32 keeps 1024, where the AMD machine's rows won at 512, but 256 on the amx tier: on the Intel Xeon
+# the dense path is faster from 256 rows (up to 1.4x at 1023), since its row pass is bound by one permute per
+# product (one port; 2026-12-08, 2 threads, wall clock: 63 vs 62 ms at 128 rows, 120 vs 95 at 256, 255 vs 185 at
+# 512). The tier stands for that CPU: the AMX CPUs measured are that one.
 DENSE_FROM_ROWS = {("packed24", torch.float32): 1024, ("bitmask", torch.float32): 2048,
                    ("packed24", torch.bfloat16): 256, ("bitmask", torch.bfloat16): 256}
-DENSE_FROM_ROWS_AMX = {("packed24", torch.bfloat16): 512, ("bitmask", torch.bfloat16): 1024}
+DENSE_FROM_ROWS_AMX = {("packed24", torch.bfloat16): 512, ("bitmask", torch.bfloat16): 1024,
+                       ("packed24", torch.float32): 256}
 DENSE_FROM_ROWS_BF16_WITHOUT_AVX512BF16 = 4096
 BF16_TIERS = ("avx512bf16", "amx")  # the tiers that multiply bf16 weights by bf16 inputs as they are
 _MODULE = "vlmsparse._native_cpu"
