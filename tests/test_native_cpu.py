@@ -385,6 +385,19 @@ def test_bitmask_weight_from_the_stored_parts():
         bitmask_weight(packed.values[:count], packed.bitmask[:, :2], 20)
 
 
+def test_nibble_and_row_counts_of_every_byte():
+    """nibble_counts gives each nibble's set bits for all 256 bytes; row_counts sums them per row."""
+    from vlmsparse.bitmask import nibble_counts, row_counts
+
+    every = torch.arange(256, dtype=torch.uint8).reshape(8, 32)
+    nibbles = nibble_counts(every)
+    for byte in range(256):
+        want = bin(byte & 15).count("1") | bin(byte >> 4).count("1") << 4
+        assert int(nibbles.reshape(-1)[byte]) == want, byte
+    assert row_counts(every, 256).tolist() == [sum(bin(b).count("1") for b in range(32 * r, 32 * r + 32))
+                                               for r in range(8)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_unpack_weight_native_equals_torch(native, dtype, op_spy, monkeypatch):
     """ops.unpack_weight gives bit for bit unpack24 / unpack_bitmask_weight (a stored -0.0 included); the native

