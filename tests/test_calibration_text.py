@@ -214,9 +214,11 @@ def test_cli_a_part_at_0_that_a_language_model_lacks_is_ignored(tmp_path, llama_
     assert "has no vision part to prune" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-def test_cli_prune_turns_transformers_progress_bars_off_while_it_runs(tmp_path, llama_folder, monkeypatch):
+def test_cli_prune_and_compress_turn_transformers_progress_bars_off_while_they_run(tmp_path, llama_folder,
+                                                                                    monkeypatch):
     from transformers.utils import logging as hf_logging
 
+    import vlmsparse.pipeline.folders as folders
     import vlmsparse.pipeline.save as save
 
     seen = []
@@ -227,9 +229,12 @@ def test_cli_prune_turns_transformers_progress_bars_off_while_it_runs(tmp_path, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(save, "load_model", spy)
+    monkeypatch.setattr(folders, "load_model", spy)
     hf_logging.enable_progress_bar()
     assert main(["prune", str(llama_folder), str(tmp_path / "out"), "--method", "magnitude", "--quiet"]) == 0
     assert seen == [False] and hf_logging.is_progress_bar_enabled()  # off during the run, restored after
+    assert main(["compress", str(tmp_path / "out"), str(tmp_path / "compressed")]) == 0
+    assert seen == [False, False] and hf_logging.is_progress_bar_enabled()
 
 
 def test_counts_are_refused_before_the_source_is_read(tmp_path, tokenizer):

@@ -45,3 +45,29 @@ def test_top_level_help_imports_no_torch():
            "sys.stdout.flush()\nprint('torch' in sys.modules, file=sys.stderr)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stderr.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("command", [["prune", "m"], ["finetune", "m", "--data", "d"], ["compress", "m"]])
+def test_output_folder_positional_or_by_option(command, capsys):
+    """prune, finetune and compress take MODEL OUTPUT or MODEL -o OUTPUT, OUTPUT before or after the options;
+    neither or two different ones are usage errors that name both forms, an unknown option one too."""
+    from vlmsparse.cli import _parse, _resolve_output
+
+    parser = build_parser()
+    for extra in (["out"], ["-o", "out"], ["--output", "out"], ["out", "-o", "out"]):
+        args = _parse(parser, [*command[:2], *extra, *command[2:]])
+        _resolve_output(args)
+        assert args.output == "out", extra
+        args = _parse(parser, ["-v", *command, *extra])
+        _resolve_output(args)
+        assert args.output == "out" and args.verbose, extra
+    with pytest.raises(SystemExit):
+        _parse(parser, [*command, "out", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+    for extra, message in (([], "the output folder is required: vlmsparse {} MODEL OUTPUT (or -o OUTPUT)"),
+                           (["a", "-o", "b"], "two output folders given ('a' and -o 'b'); give one")):
+        args = _parse(parser, [*command, *extra])
+        with pytest.raises(SystemExit) as stopped:
+            _resolve_output(args)
+        assert stopped.value.code == 2
+        assert message.format(command[0]) in capsys.readouterr().err

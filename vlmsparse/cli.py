@@ -87,6 +87,26 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_output(p: argparse.ArgumentParser, help_text: str) -> None:
+    """The output folder of prune / finetune / compress: ``MODEL OUTPUT`` or ``MODEL -o OUTPUT``, either way in each
+    (resolved by :func:`_resolve_output`)."""
+    p.add_argument("output", nargs="?", default=None, help=f"{help_text}; or give it as -o OUTPUT")
+    p.add_argument("-o", "--output", dest="output_option", default=None, metavar="OUTPUT", help="the output folder")
+    p.set_defaults(_parser=p)
+
+
+def _resolve_output(args: argparse.Namespace) -> None:
+    """``args.output`` from the positional folder or ``-o``; a usage error when neither or two different ones."""
+    if not hasattr(args, "output_option"):
+        return
+    given = [f for f in (args.output, args.output_option) if f is not None]
+    if not given:
+        args._parser.error(f"the output folder is required: vlmsparse {args.command} MODEL OUTPUT (or -o OUTPUT)")
+    if len(set(given)) > 1:
+        args._parser.error(f"two output folders given ({given[0]!r} and -o {given[1]!r}); give one")
+    args.output = given[0]
+
+
 # --------------------------------------------------------------------------------------------- finetune
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -102,7 +122,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                    help="a .json LLaVA conversation file, a .jsonl caption file, synthetic / synthetic:N, or for "
                         "language modelling text: a .txt file, a folder of .txt files or a datasets folder, cut into "
                         "windows of --max-length tokens (default 512), every token scored")
-    p.add_argument("-o", "--output", required=True, help="output folder (checkpoints, merged model, record)")
+    _add_output(p, "output folder (checkpoints, merged model, record)")
     p.add_argument("--image-root", default=None, help="folder the data's image paths are relative to (default: the data file's)")
     p.add_argument("--method", default="sparselora", choices=FINETUNE_METHODS, metavar="METHOD",
                    help="%(choices)s (default %(default)s)")
@@ -202,7 +222,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         "vlmsparse prune blip2 out --sparsity 2:4 --connector 0.5 (vision and language 2:4, Q-Former 50%%)",
     )
     p.add_argument("model", help="local model folder (config.json + weights, processor files)")
-    p.add_argument("output", help="output folder (written atomically; never the input folder)")
+    _add_output(p, "output folder (written atomically; never the input folder)")
     p.add_argument("--method", default="wanda", choices=PRUNE_METHODS, metavar="METHOD",
                    help="%(choices)s (default %(default)s)")
     p.add_argument("--sparsity", default="0.5",
@@ -261,20 +281,26 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars, no report table")
 
 
+def _without_hf_bars(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` with transformers' own progress bars (weight loading) off, as they were after it."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            return run(args)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    return wrapped
+
+
+@_without_hf_bars
 def _run_prune(args: argparse.Namespace) -> int:
-    """``vlmsparse prune`` with transformers' own progress bars (weight loading) off: one bar per pruned stage."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        return _prune(args)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _prune(args: argparse.Namespace) -> int:
+    """``vlmsparse prune``: one progress bar per pruned stage, none for the weight loading."""
     from .pipeline.folders import prune_folder
     from .pipeline.prune import format_report, not_pruned_of, report_of
 
@@ -309,7 +335,7 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
         "folder back into a plain Hugging Face folder.",
     )
     p.add_argument("model", help="model folder (or, with --decompress, a compressed folder)")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    _add_output(p, "output folder")
     p.add_argument("--decompress", action="store_true", help="compressed folder -> dense Hugging Face folder")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
     p.add_argument("--auto", action="store_true", help="time 2:4 vs dense per layer shape; keep 2:4 where faster")
@@ -320,6 +346,7 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+@_without_hf_bars
 def _run_compress(args: argparse.Namespace) -> int:
     from .pipeline.folders import compress_folder, decompress_folder
     from .pipeline.guards import check_device
@@ -521,13 +548,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser``'s namespace; a command with an output folder parses its own arguments intermixed, so that OUTPUT
+    may follow options (``prune MODEL --method wanda OUTPUT``), as a required positional could before it became
+    optional beside ``-o``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extras = parser.parse_known_args(argv)
+    command_parser = getattr(args, "_parser", None)
+    if command_parser is None:
+        if extras:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return args
+    rest = argv[argv.index(args.command) + 1:]  # top-level options (-v) take no values
+    command_args = command_parser.parse_intermixed_args(rest)
+    for name, value in vars(args).items():
+        if not hasattr(command_args, name):
+            setattr(command_args, name, value)
+    return command_args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
         parser.print_help()
         return 0
+    _resolve_output(args)
     run = {name: run for name, _, run in _COMMANDS}[args.command]
     try:
         return run(args)
