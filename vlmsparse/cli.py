@@ -87,6 +87,23 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _without_hf_bars(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` with transformers' own progress bars (weight loading) off, as they were after it."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            return run(args)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    return wrapped
+
+
 def _add_output(p: argparse.ArgumentParser, help_text: str) -> None:
     """The output folder of prune / finetune / compress: ``MODEL OUTPUT`` or ``MODEL -o OUTPUT``, either way in each
     (resolved by :func:`_resolve_output`)."""
@@ -174,6 +191,7 @@ def _end_distributed() -> None:
         dist.destroy_process_group()
 
 
+@_without_hf_bars
 def _run_finetune(args: argparse.Namespace) -> int:
     from .training.config import FinetuneConfig
     from .training.finetune import finetune
@@ -279,23 +297,6 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no report table")
-
-
-def _without_hf_bars(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """``run`` with transformers' own progress bars (weight loading) off, as they were after it."""
-
-    def wrapped(args: argparse.Namespace) -> int:
-        from transformers.utils import logging as hf_logging
-
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            return run(args)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
-
-    return wrapped
 
 
 @_without_hf_bars
