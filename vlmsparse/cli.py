@@ -88,18 +88,13 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _without_hf_bars(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """``run`` with transformers' own progress bars (weight loading) off, as they were after it."""
+    """``run`` inside :func:`vlmsparse.pipeline.save.transformers_bars_off`."""
 
     def wrapped(args: argparse.Namespace) -> int:
-        from transformers.utils import logging as hf_logging
+        from .pipeline.save import transformers_bars_off
 
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
+        with transformers_bars_off():
             return run(args)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
 
     return wrapped
 

@@ -171,16 +171,10 @@ def _row(report: VQAReport) -> dict:
 # ------------------------------------------------------------------------------------------------- the run
 def run_demo(config: DemoConfig, progress: bool = True) -> dict:
     """Run the grid of ``config`` and return the results (also written by :func:`write_report`)."""
-    from transformers.utils import logging as hf_logging
+    from vlmsparse.pipeline.save import transformers_bars_off
 
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    # one bar per stage (ours, with progress); transformers' own load / save bars would print inside them
-    hf_logging.disable_progress_bar()
-    try:
+    with transformers_bars_off():  # one bar per stage (ours, with progress)
         return _run_grid(config, progress)
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
 
 
 def _run_grid(config: DemoConfig, progress: bool) -> dict:

@@ -8,9 +8,11 @@ the model was loaded from is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,27 @@ __all__ = [
     "load_pruned",
     "load_model",
     "load_processor",
+    "transformers_bars_off",
     "check_masks",
     "check_output_folder",
 ]
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """transformers' own progress bars (weight loading, shard writing) off inside, as they were after: the CLI
+    commands and the demo draw one bar per stage of their own, and these would print inside them."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def save_pruned(
